@@ -1,0 +1,15 @@
+//! The orders-center domain: the seed's order types, their validation and the
+//! history rules. No I/O lives here.
+
+pub mod history;
+pub mod order;
+pub mod task;
+pub mod validation;
+
+pub use history::{Change, HistoryEntry, HistoryKind, Tracked};
+pub use order::{
+    CardPaymentData, CreditData, Order, OrderFull, OrderItem, OrderSummary, OrderView, Payment,
+    PaymentType,
+};
+pub use task::{SyncStatus, TaskState};
+pub use validation::{FieldError, OrderId, StatusChange, ValidOrder, ValidationErrors};

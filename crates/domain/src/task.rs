@@ -1,0 +1,82 @@
+//! Delivery tasks of the `onec_tasks` outbox, as the API reports them.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Where a delivery task is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Waiting to be claimed, possibly after a backoff (`run_at`).
+    Pending,
+    /// Claimed by a relay and being delivered.
+    Running,
+    /// Delivered to 1C.
+    Done,
+    /// Skipped because a newer version of the same order was delivered instead.
+    Superseded,
+    /// Failed permanently or too many times; kept with its last error.
+    Dead,
+}
+
+impl TaskState {
+    /// Every state, in life order.
+    pub const ALL: [TaskState; 5] = [
+        Self::Pending,
+        Self::Running,
+        Self::Done,
+        Self::Superseded,
+        Self::Dead,
+    ];
+
+    /// The wire and database name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Done => "done",
+            Self::Superseded => "superseded",
+            Self::Dead => "dead",
+        }
+    }
+
+    /// Parses the wire and database name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+}
+
+/// The 1C delivery state of an order's latest saved version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SyncStatus {
+    /// The outbox task carrying that version.
+    pub task_id: i64,
+    /// The order version the task carries.
+    pub version: i64,
+    /// The task's state.
+    pub state: TaskState,
+    /// Delivery attempts so far.
+    pub attempts: i32,
+    /// The last delivery error, if any.
+    pub last_error: Option<String>,
+    /// When the task last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_round_trip_through_their_names() {
+        for s in TaskState::ALL {
+            assert_eq!(TaskState::parse(s.as_str()), Some(s));
+            assert_eq!(
+                serde_json::to_value(s).unwrap(),
+                serde_json::json!(s.as_str())
+            );
+        }
+        assert_eq!(TaskState::parse("lost"), None);
+    }
+}

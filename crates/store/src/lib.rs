@@ -1,0 +1,78 @@
+//! PostgreSQL access for orders-center: the order repository, the `onec_tasks`
+//! outbox writes and the embedded migrator. All SQL of the service lives here.
+
+mod error;
+mod idempotency;
+mod orders;
+mod outbox;
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+pub use error::{Error, Result};
+pub use idempotency::{CreateOutcome, IdempotencyKey, RequestHash};
+pub use orders::{Cursor, ListFilter, Page, Precondition, SaveContext, Saved};
+pub use outbox::{SyncStats, NOTIFY_CHANNEL};
+
+/// The schema migrations from `migrations/`, embedded at build time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// Pool settings the roles choose from their config.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Most connections the pool opens.
+    pub max_connections: u32,
+    /// How long a request waits for a connection before the database counts
+    /// as unavailable (503), instead of hanging.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Opens a pool lazily: a role starts even while the database is down and
+/// reports it through `/readyz`.
+pub fn connect_lazy(url: &str, config: &PoolConfig) -> Result<PgPool> {
+    let options: PgConnectOptions = url.parse().map_err(Error::from)?;
+    Ok(PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(config.acquire_timeout)
+        .connect_lazy_with(options.application_name("orders-center")))
+}
+
+/// Applies every pending migration.
+pub async fn migrate(pool: &PgPool) -> Result<()> {
+    MIGRATOR.run(pool).await.map_err(Error::Migrate)
+}
+
+/// The repository every role shares; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Wraps a pool.
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// The underlying pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Round-trips a trivial query, for readiness checks.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,562 @@
+//! The order repository. A save writes the order, its lines, its history and
+//! its outbox task in one transaction, so 1C can never miss a committed save.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use domain::{
+    history, HistoryEntry, Order, OrderFull, OrderId, OrderSummary, OrderView, StatusChange,
+    SyncStatus, TaskState, ValidOrder,
+};
+use sqlx::types::Json;
+use sqlx::{PgConnection, Postgres, QueryBuilder};
+use uuid::Uuid;
+
+use crate::{outbox, Error, Result, Store};
+
+/// What the caller requires of the order's current state before a save.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precondition {
+    /// No requirement (plain PUT).
+    None,
+    /// The order exists at exactly this version (`If-Match: "<v>"`).
+    Version(i64),
+    /// The order exists at any version (`If-Match: *`).
+    Exists,
+    /// The order does not exist yet (`If-None-Match: *`, and every create).
+    Absent,
+}
+
+/// Request facts a save records alongside the order.
+#[derive(Debug, Clone, Default)]
+pub struct SaveContext {
+    /// Who saves; written to history rows.
+    pub user_id: String,
+    /// W3C `traceparent` of the saving request, stored in the outbox task.
+    pub traceparent: Option<String>,
+}
+
+/// The result of a save.
+#[derive(Debug, Clone)]
+pub struct Saved {
+    /// The order as committed, with its new version and pending sync state.
+    pub view: OrderView,
+    /// Whether this save created the order.
+    pub created: bool,
+}
+
+/// Filters of the order list. Every filter narrows; absent ones do not.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Exact status.
+    pub status: Option<String>,
+    /// Exact city.
+    pub city: Option<String>,
+    /// Orders updated at or after this instant.
+    pub updated_since: Option<DateTime<Utc>>,
+}
+
+/// An opaque position in the order list.
+///
+/// It wraps the immutable insertion sequence of the last order returned, so a
+/// page never repeats or skips an order already present when the walk began,
+/// however many orders are inserted or updated meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor(i64);
+
+impl Cursor {
+    const PREFIX: &'static str = "s1:";
+
+    /// Encodes the cursor for a URL.
+    pub fn encode(self) -> String {
+        URL_SAFE_NO_PAD.encode(format!("{}{}", Self::PREFIX, self.0))
+    }
+
+    /// Decodes a cursor this service issued.
+    pub fn decode(s: &str) -> Result<Self> {
+        let raw = URL_SAFE_NO_PAD
+            .decode(s)
+            .map_err(|_| Error::InvalidCursor)?;
+        std::str::from_utf8(&raw)
+            .ok()
+            .and_then(|t| t.strip_prefix(Self::PREFIX))
+            .and_then(|n| n.parse::<i64>().ok())
+            .filter(|n| *n >= 0)
+            .map(Self)
+            .ok_or(Error::InvalidCursor)
+    }
+}
+
+/// One page of the order list.
+#[derive(Debug, Clone)]
+pub struct Page {
+    /// Orders in insertion order.
+    pub orders: Vec<OrderSummary>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<Cursor>,
+}
+
+#[derive(sqlx::FromRow)]
+struct OrderRow {
+    id: String,
+    #[sqlx(rename = "type")]
+    kind: String,
+    status: String,
+    city: String,
+    subdivision: String,
+    price: f64,
+    platform: String,
+    general_id: Uuid,
+    order_number: String,
+    executor: String,
+    version: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl OrderRow {
+    fn into_order(self) -> (Order, i64) {
+        let order = Order {
+            id: self.id,
+            kind: self.kind,
+            status: self.status,
+            city: self.city,
+            subdivision: self.subdivision,
+            price: self.price,
+            platform: self.platform,
+            general_id: self.general_id,
+            order_number: self.order_number,
+            executor: self.executor,
+            created_at: Some(self.created_at),
+            updated_at: Some(self.updated_at),
+        };
+        (order, self.version)
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct FullRow {
+    #[sqlx(flatten)]
+    order: OrderRow,
+    items: Json<Vec<domain::OrderItem>>,
+    payments: Json<Vec<domain::Payment>>,
+    history: Json<Vec<HistoryEntry>>,
+    sync: Option<Json<SyncStatus>>,
+}
+
+const ORDER_COLUMNS: &str = "o.id, o.type, o.status, o.city, o.subdivision, o.price::float8 AS price, \
+     o.platform, o.general_id, o.order_number, o.executor, o.version, o.created_at, o.updated_at";
+
+/// The whole OrderFull in one round trip and one snapshot, so a read never
+/// mixes lines of two versions.
+fn load_sql() -> String {
+    format!(
+        "SELECT {ORDER_COLUMNS},
+            COALESCE((SELECT json_agg(i ORDER BY i.position) FROM order_items i
+                      WHERE i.order_id = o.id), '[]') AS items,
+            COALESCE((SELECT json_agg(p ORDER BY p.position) FROM order_payments p
+                      WHERE p.order_id = o.id), '[]') AS payments,
+            COALESCE((SELECT json_agg(h ORDER BY h.id) FROM order_history h
+                      WHERE h.order_id = o.id), '[]') AS history,
+            (SELECT row_to_json(t) FROM (
+                SELECT id AS task_id, order_version AS version, state, attempts,
+                       last_error, updated_at
+                FROM onec_tasks WHERE order_id = o.id
+                ORDER BY order_version DESC LIMIT 1) t) AS sync
+         FROM orders o WHERE o.id = $1"
+    )
+}
+
+async fn load(conn: &mut PgConnection, id: &OrderId) -> Result<Option<OrderView>> {
+    let row: Option<FullRow> = sqlx::query_as(&load_sql())
+        .bind(id.as_str())
+        .fetch_optional(conn)
+        .await?;
+    Ok(row.map(|r| {
+        let (order, version) = r.order.into_order();
+        OrderView {
+            full: OrderFull {
+                order,
+                items: r.items.0,
+                payments: r.payments.0,
+                history: r.history.0,
+            },
+            version,
+            sync: r.sync.map(|s| s.0),
+        }
+    }))
+}
+
+struct Current {
+    version: i64,
+    tracked: history::Tracked,
+}
+
+async fn lock(conn: &mut PgConnection, id: &OrderId) -> Result<Option<Current>> {
+    let row: Option<(i64, String, f64)> = sqlx::query_as(
+        "SELECT version, status, price::float8 FROM orders WHERE id = $1 FOR UPDATE",
+    )
+    .bind(id.as_str())
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|(version, status, price)| Current {
+        version,
+        tracked: history::Tracked { status, price },
+    }))
+}
+
+fn check(pre: Precondition, id: &OrderId, current: Option<i64>) -> Result<()> {
+    match (pre, current) {
+        (Precondition::None, _)
+        | (Precondition::Exists, Some(_))
+        | (Precondition::Absent, None) => Ok(()),
+        (Precondition::Version(v), Some(c)) if v == c => Ok(()),
+        (Precondition::Absent, Some(_)) => Err(Error::AlreadyExists(id.clone())),
+        (Precondition::Version(expected), current) => Err(Error::VersionMismatch {
+            id: id.clone(),
+            expected,
+            current,
+        }),
+        (Precondition::Exists, None) => Err(Error::NotFound(id.clone())),
+    }
+}
+
+/// Writes one save inside the caller's transaction: order row, lines, history,
+/// outbox task and wake-up. Any failure aborts the whole transaction.
+pub(crate) async fn save_in(
+    conn: &mut PgConnection,
+    order: &ValidOrder,
+    pre: Precondition,
+    ctx: &SaveContext,
+) -> Result<Saved> {
+    let id = order.id();
+    let o = &order.get().order;
+    // A concurrent first save of the same id can win the insert between our
+    // lookup and our insert; then its row exists and a second lookup locks it.
+    let mut attempts = 0;
+    let (before, created) = loop {
+        attempts += 1;
+        let current = lock(conn, id).await?;
+        check(pre, id, current.as_ref().map(|c| c.version))?;
+        if let Some(current) = current {
+            sqlx::query(
+                "UPDATE orders SET type = $2, status = $3, city = $4, subdivision = $5,
+                     price = $6, platform = $7, general_id = $8, order_number = $9,
+                     executor = $10, version = version + 1, updated_at = now()
+                 WHERE id = $1",
+            )
+            .bind(id.as_str())
+            .bind(&o.kind)
+            .bind(&o.status)
+            .bind(&o.city)
+            .bind(&o.subdivision)
+            .bind(o.price)
+            .bind(&o.platform)
+            .bind(o.general_id)
+            .bind(&o.order_number)
+            .bind(&o.executor)
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query(
+                "WITH items AS (DELETE FROM order_items WHERE order_id = $1)
+                 DELETE FROM order_payments WHERE order_id = $1",
+            )
+            .bind(id.as_str())
+            .execute(&mut *conn)
+            .await?;
+            break (Some(current), false);
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO orders (id, type, status, city, subdivision, price, platform,
+                                 general_id, order_number, executor, version)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id.as_str())
+        .bind(&o.kind)
+        .bind(&o.status)
+        .bind(&o.city)
+        .bind(&o.subdivision)
+        .bind(o.price)
+        .bind(&o.platform)
+        .bind(o.general_id)
+        .bind(&o.order_number)
+        .bind(&o.executor)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        if inserted == 1 {
+            break (None, true);
+        }
+        if attempts >= 2 {
+            // The row that beat us vanished again; only a concurrent delete
+            // could do that, and orders are never deleted.
+            return Err(Error::Database(sqlx::Error::RowNotFound));
+        }
+    };
+
+    insert_lines(conn, order).await?;
+    let version = before.as_ref().map_or(1, |b| b.version + 1);
+    let after = history::Tracked {
+        status: o.status.clone(),
+        price: o.price,
+    };
+    insert_history(conn, id, version, ctx, history::changes(before.map(|b| b.tracked).as_ref(), &after))
+        .await?;
+
+    let mut view = load(conn, id)
+        .await?
+        .ok_or_else(|| Error::NotFound(id.clone()))?;
+    let task = outbox::enqueue(conn, id, view.version, &view.full, ctx.traceparent.as_deref()).await?;
+    view.sync = Some(SyncStatus {
+        task_id: task.id,
+        version: view.version,
+        state: TaskState::Pending,
+        attempts: 0,
+        last_error: None,
+        updated_at: task.created_at,
+    });
+    Ok(Saved { view, created })
+}
+
+async fn insert_lines(conn: &mut PgConnection, order: &ValidOrder) -> Result<()> {
+    let full = order.get();
+    let id = order.id().as_str();
+    if !full.items.is_empty() {
+        let items = &full.items;
+        let col = |f: fn(&domain::OrderItem) -> &str| -> Vec<&str> { items.iter().map(f).collect() };
+        let num = |f: fn(&domain::OrderItem) -> f64| -> Vec<f64> { items.iter().map(f).collect() };
+        sqlx::query(
+            "INSERT INTO order_items (order_id, position, product_id, external_id, status,
+                 base_price, price, earned_bonuses, spent_bonuses, gift, owner_id,
+                 delivery_id, shop_assistant, warehouse)
+             SELECT $1, * FROM UNNEST($2::int4[], $3::text[], $4::text[], $5::text[],
+                 $6::float8[], $7::float8[], $8::float8[], $9::float8[], $10::bool[],
+                 $11::text[], $12::text[], $13::text[], $14::text[])",
+        )
+        .bind(id)
+        .bind((0..items.len() as i32).collect::<Vec<_>>())
+        .bind(col(|i| &i.product_id))
+        .bind(col(|i| &i.external_id))
+        .bind(col(|i| &i.status))
+        .bind(num(|i| i.base_price))
+        .bind(num(|i| i.price))
+        .bind(num(|i| i.earned_bonuses))
+        .bind(num(|i| i.spent_bonuses))
+        .bind(items.iter().map(|i| i.gift).collect::<Vec<_>>())
+        .bind(col(|i| &i.owner_id))
+        .bind(col(|i| &i.delivery_id))
+        .bind(col(|i| &i.shop_assistant))
+        .bind(col(|i| &i.warehouse))
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !full.payments.is_empty() {
+        let pays = &full.payments;
+        let col = |f: fn(&domain::Payment) -> &str| -> Vec<&str> { pays.iter().map(f).collect() };
+        let json = |v: Option<serde_json::Value>| v.unwrap_or(serde_json::Value::Null);
+        sqlx::query(
+            "INSERT INTO order_payments (order_id, position, id, type, sum, payed, info,
+                 credit_data, contract_number, card_payment_data, external_id)
+             SELECT $1, u.position, u.id, u.type, u.sum, u.payed, u.info,
+                    NULLIF(u.credit_data, 'null'::jsonb), u.contract_number,
+                    NULLIF(u.card_payment_data, 'null'::jsonb), u.external_id
+             FROM UNNEST($2::int4[], $3::uuid[], $4::text[], $5::float8[], $6::bool[],
+                 $7::text[], $8::jsonb[], $9::text[], $10::jsonb[], $11::text[])
+                 AS u(position, id, type, sum, payed, info, credit_data, contract_number,
+                      card_payment_data, external_id)",
+        )
+        .bind(id)
+        .bind((0..pays.len() as i32).collect::<Vec<_>>())
+        .bind(pays.iter().map(|p| p.id).collect::<Vec<_>>())
+        .bind(pays.iter().map(|p| p.kind.as_str()).collect::<Vec<_>>())
+        .bind(pays.iter().map(|p| p.sum).collect::<Vec<_>>())
+        .bind(pays.iter().map(|p| p.payed).collect::<Vec<_>>())
+        .bind(col(|p| &p.info))
+        .bind(
+            pays.iter()
+                .map(|p| json(p.credit_data.as_ref().map(|c| serde_json::json!(c))))
+                .collect::<Vec<_>>(),
+        )
+        .bind(col(|p| &p.contract_number))
+        .bind(
+            pays.iter()
+                .map(|p| json(p.card_payment_data.as_ref().map(|c| serde_json::json!(c))))
+                .collect::<Vec<_>>(),
+        )
+        .bind(col(|p| &p.external_id))
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn insert_history(
+    conn: &mut PgConnection,
+    id: &OrderId,
+    version: i64,
+    ctx: &SaveContext,
+    changes: Vec<history::Change>,
+) -> Result<()> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO order_history (order_id, type, type_id, old_value, value, user_id, version)
+         SELECT $1, u.type, u.type_id, NULLIF(u.old_value, 'null'::jsonb), u.value, $2, $3
+         FROM UNNEST($4::text[], $5::int4[], $6::jsonb[], $7::jsonb[])
+             AS u(type, type_id, old_value, value)",
+    )
+    .bind(id.as_str())
+    .bind(&ctx.user_id)
+    .bind(version)
+    .bind(changes.iter().map(|c| c.kind.as_str()).collect::<Vec<_>>())
+    .bind(changes.iter().map(|c| c.kind.type_id()).collect::<Vec<_>>())
+    .bind(changes.iter().map(|c| c.old_value.clone()).collect::<Vec<_>>())
+    .bind(changes.iter().map(|c| c.value.clone()).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+impl Store {
+    /// Saves a whole order (create or replace) and queues its delivery to 1C.
+    pub async fn save_order(
+        &self,
+        order: &ValidOrder,
+        pre: Precondition,
+        ctx: &SaveContext,
+    ) -> Result<Saved> {
+        let mut tx = self.pool.begin().await?;
+        let saved = save_in(&mut tx, order, pre, ctx).await?;
+        tx.commit().await?;
+        Ok(saved)
+    }
+
+    /// Changes only the status of an existing order; the rest is kept as is,
+    /// and the change is saved, recorded and delivered like any other save.
+    pub async fn change_status(
+        &self,
+        id: &OrderId,
+        change: &StatusChange,
+        pre: Precondition,
+        ctx: &SaveContext,
+    ) -> Result<Saved> {
+        let mut tx = self.pool.begin().await?;
+        // Lock before reading, so the lines we write back are the latest ones.
+        let current = lock(&mut tx, id).await?;
+        check(pre, id, current.map(|c| c.version))?;
+        let mut full = load(&mut tx, id)
+            .await?
+            .ok_or_else(|| Error::NotFound(id.clone()))?
+            .full;
+        full.order.status.clone_from(&change.status);
+        let order = full.validate(Some(id)).map_err(|e| {
+            // Stored orders always validate, and the status was validated
+            // by the caller; reaching here means the rules changed under data.
+            Error::Database(sqlx::Error::Protocol(format!("stored order {id} fails validation: {e}")))
+        })?;
+        let saved = save_in(&mut tx, &order, Precondition::None, ctx).await?;
+        tx.commit().await?;
+        Ok(saved)
+    }
+
+    /// The order with its items, payments, history, version and sync state.
+    pub async fn get_order(&self, id: &OrderId) -> Result<OrderView> {
+        let mut conn = self.pool.acquire().await?;
+        load(&mut conn, id)
+            .await?
+            .ok_or_else(|| Error::NotFound(id.clone()))
+    }
+
+    /// The order's history, oldest first.
+    pub async fn order_history(&self, id: &OrderId) -> Result<Vec<HistoryEntry>> {
+        let row: Option<(Json<Vec<HistoryEntry>>,)> = sqlx::query_as(
+            "SELECT COALESCE((SELECT json_agg(h ORDER BY h.id) FROM order_history h
+                              WHERE h.order_id = o.id), '[]')
+             FROM orders o WHERE o.id = $1",
+        )
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| r.0 .0)
+            .ok_or_else(|| Error::NotFound(id.clone()))
+    }
+
+    /// One page of orders matching `filter`, after `after`, in insertion order.
+    pub async fn list_orders(
+        &self,
+        filter: &ListFilter,
+        after: Option<Cursor>,
+        limit: u32,
+    ) -> Result<Page> {
+        let mut q: QueryBuilder<Postgres> = QueryBuilder::new(format!(
+            "SELECT {ORDER_COLUMNS}, o.seq FROM orders o WHERE o.seq > "
+        ));
+        q.push_bind(after.map_or(0, |c| c.0));
+        if let Some(status) = &filter.status {
+            q.push(" AND o.status = ").push_bind(status);
+        }
+        if let Some(city) = &filter.city {
+            q.push(" AND o.city = ").push_bind(city);
+        }
+        if let Some(since) = filter.updated_since {
+            q.push(" AND o.updated_at >= ").push_bind(since);
+        }
+        // One extra row tells whether another page follows.
+        q.push(" ORDER BY o.seq LIMIT ").push_bind(i64::from(limit) + 1);
+
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            #[sqlx(flatten)]
+            order: OrderRow,
+            seq: i64,
+        }
+        let mut rows: Vec<Row> = q.build_query_as().fetch_all(&self.pool).await?;
+        let more = rows.len() > limit as usize;
+        rows.truncate(limit as usize);
+        let next = more.then(|| Cursor(rows.last().map_or(0, |r| r.seq)));
+        let orders = rows
+            .into_iter()
+            .map(|r| {
+                let (order, version) = r.order.into_order();
+                OrderSummary { order, version }
+            })
+            .collect();
+        Ok(Page { orders, next })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_reject_forgeries() {
+        let c = Cursor(42);
+        assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
+        for bad in ["", "!!", &URL_SAFE_NO_PAD.encode("s1:-5"), &URL_SAFE_NO_PAD.encode("x:5")] {
+            assert!(matches!(Cursor::decode(bad), Err(Error::InvalidCursor)), "{bad}");
+        }
+    }
+
+    #[test]
+    fn preconditions_compare_against_the_current_version() {
+        let id = OrderId::parse("A").unwrap();
+        assert!(check(Precondition::None, &id, None).is_ok());
+        assert!(check(Precondition::Version(3), &id, Some(3)).is_ok());
+        assert!(matches!(
+            check(Precondition::Version(2), &id, Some(3)),
+            Err(Error::VersionMismatch { current: Some(3), .. })
+        ));
+        assert!(matches!(
+            check(Precondition::Version(1), &id, None),
+            Err(Error::VersionMismatch { current: None, .. })
+        ));
+        assert!(matches!(
+            check(Precondition::Absent, &id, Some(1)),
+            Err(Error::AlreadyExists(_))
+        ));
+        assert!(matches!(check(Precondition::Exists, &id, None), Err(Error::NotFound(_))));
+    }
+}

@@ -1,0 +1,82 @@
+//! Writes to the `onec_tasks` outbox and the backlog figures read from it.
+//! Claiming and completing tasks belong to the relay.
+
+use chrono::{DateTime, Utc};
+use domain::{OrderFull, OrderId};
+use serde::Serialize;
+use sqlx::types::Json;
+use sqlx::PgConnection;
+
+use crate::{Result, Store};
+
+/// The channel the saving transaction notifies and the relays listen on.
+pub const NOTIFY_CHANNEL: &str = "onec_tasks";
+
+pub(crate) struct Enqueued {
+    pub id: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Queues delivery of one order version and wakes the relays. Runs inside the
+/// saving transaction: the task exists exactly when the save commits, and
+/// PostgreSQL delivers the notification only on commit.
+pub(crate) async fn enqueue(
+    conn: &mut PgConnection,
+    order: &OrderId,
+    version: i64,
+    snapshot: &OrderFull,
+    traceparent: Option<&str>,
+) -> Result<Enqueued> {
+    let (id, created_at): (i64, DateTime<Utc>) = sqlx::query_as(
+        "INSERT INTO onec_tasks (order_id, order_version, snapshot, traceparent)
+         VALUES ($1, $2, $3, $4)
+         RETURNING id, created_at",
+    )
+    .bind(order.as_str())
+    .bind(version)
+    .bind(Json(snapshot))
+    .bind(traceparent)
+    .fetch_one(&mut *conn)
+    .await?;
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(NOTIFY_CHANNEL)
+        .execute(conn)
+        .await?;
+    Ok(Enqueued { id, created_at })
+}
+
+/// Backlog figures of the outbox.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SyncStats {
+    /// Tasks waiting for delivery.
+    pub pending: i64,
+    /// Tasks being delivered right now.
+    pub running: i64,
+    /// Tasks that failed for good.
+    pub dead: i64,
+    /// Age of the oldest pending task in seconds; 0 when none is pending.
+    pub oldest_pending_age_seconds: f64,
+}
+
+impl Store {
+    /// Counts the backlog. Reads only rows the partial indexes cover, so the
+    /// cost does not grow with delivered history.
+    pub async fn sync_stats(&self) -> Result<SyncStats> {
+        let (pending, running, dead, oldest): (i64, i64, i64, f64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE state = 'pending'),
+                    count(*) FILTER (WHERE state = 'running'),
+                    count(*) FILTER (WHERE state = 'dead'),
+                    COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)
+                        FILTER (WHERE state = 'pending')), 0)::float8
+             FROM onec_tasks WHERE state IN ('pending', 'running', 'dead')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(SyncStats {
+            pending,
+            running,
+            dead,
+            oldest_pending_age_seconds: oldest,
+        })
+    }
+}
