@@ -11,5 +11,5 @@ pub use order::{
     CardPaymentData, CreditData, Order, OrderFull, OrderItem, OrderSummary, OrderView, Payment,
     PaymentType,
 };
-pub use task::{SyncStatus, TaskState};
+pub use task::{SyncStats, SyncStatus, TaskState};
 pub use validation::{FieldError, OrderId, StatusChange, ValidOrder, ValidationErrors};

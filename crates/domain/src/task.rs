@@ -64,6 +64,19 @@ pub struct SyncStatus {
     pub updated_at: DateTime<Utc>,
 }
 
+/// Backlog figures of the outbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SyncStats {
+    /// Tasks waiting for delivery.
+    pub pending: i64,
+    /// Tasks being delivered right now.
+    pub running: i64,
+    /// Tasks that failed for good.
+    pub dead: i64,
+    /// Age of the oldest pending task in seconds; 0 when none is pending.
+    pub oldest_pending_age_seconds: f64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

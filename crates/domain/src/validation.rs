@@ -208,7 +208,10 @@ impl OrderFull {
         let mut seen = HashSet::with_capacity(self.payments.len());
         for (i, p) in self.payments.iter().enumerate() {
             if !seen.insert(p.id) {
-                errs.push(format!("payments[{i}].id"), "duplicates another payment's id");
+                errs.push(
+                    format!("payments[{i}].id"),
+                    "duplicates another payment's id",
+                );
             }
             payment(&mut errs, i, p);
             same_order(
@@ -242,7 +245,12 @@ fn payment(errs: &mut ValidationErrors, i: usize, p: &Payment) {
     }
     money(errs, at("sum"), p.sum);
     text(errs, at("info"), &p.info, MAX_NOTE_LEN);
-    text(errs, at("contract_number"), &p.contract_number, MAX_TEXT_LEN);
+    text(
+        errs,
+        at("contract_number"),
+        &p.contract_number,
+        MAX_TEXT_LEN,
+    );
     text(errs, at("external_id"), &p.external_id, MAX_TEXT_LEN);
     match (&p.credit_data, p.kind) {
         (None, PaymentType::Credit) => errs.push(at("credit_data"), "is required for credit"),
@@ -255,11 +263,16 @@ fn payment(errs: &mut ValidationErrors, i: usize, p: &Payment) {
             if !(1..=360).contains(&c.number_of_months) {
                 errs.push(at("credit_data.number_of_months"), "must be 1 to 360");
             }
-            money(errs, at("credit_data.pay_sum_per_month"), c.pay_sum_per_month);
+            money(
+                errs,
+                at("credit_data.pay_sum_per_month"),
+                c.pay_sum_per_month,
+            );
             if c.broker_id < 0 {
                 errs.push(at("credit_data.broker_id"), "must not be negative");
             }
-            if !c.iin.is_empty() && !(c.iin.len() == 12 && c.iin.bytes().all(|b| b.is_ascii_digit()))
+            if !c.iin.is_empty()
+                && !(c.iin.len() == 12 && c.iin.bytes().all(|b| b.is_ascii_digit()))
             {
                 errs.push(at("credit_data.iin"), "must be empty or 12 digits");
             }
@@ -273,7 +286,12 @@ fn payment(errs: &mut ValidationErrors, i: usize, p: &Payment) {
                 "is allowed only for card and card_online",
             );
         }
-        text(errs, at("card_payment_data.provider"), &card.provider, MAX_TEXT_LEN);
+        text(
+            errs,
+            at("card_payment_data.provider"),
+            &card.provider,
+            MAX_TEXT_LEN,
+        );
         text(
             errs,
             at("card_payment_data.transaction_id"),

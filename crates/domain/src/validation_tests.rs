@@ -104,7 +104,10 @@ fn every_broken_rule_is_reported_at_once() {
 fn payment_details_must_fit_the_payment_type() {
     let mut v = sample();
     v["payments"][0]["type"] = json!("cash_at_shop");
-    v["payments"][1].as_object_mut().unwrap().remove("credit_data");
+    v["payments"][1]
+        .as_object_mut()
+        .unwrap()
+        .remove("credit_data");
     let err = parse(v).validate(None).unwrap_err();
     assert_eq!(
         fields(err),

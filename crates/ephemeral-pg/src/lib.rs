@@ -115,7 +115,16 @@ impl EphemeralPostgres {
         let data = dir.join("data");
         let out = user
             .command(&bin.join("initdb"))
-            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"])
+            .args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
             .arg("-D")
             .arg(&data)
             .stdin(Stdio::null())
@@ -133,7 +142,12 @@ impl EphemeralPostgres {
             .arg(&data)
             .args(["-p", &port.to_string(), "-k"])
             .arg(dir)
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "max_connections=300"]);
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "max_connections=300",
+            ]);
         if !options.durable {
             server.args(["-c", "fsync=off", "-c", "synchronous_commit=off"]);
             server.args(["-c", "full_page_writes=off"]);

@@ -78,14 +78,17 @@ impl Store {
             .rows_affected()
                 == 1;
             if !claimed {
-                let (stored_hash, status, body): (Vec<u8>, Option<i16>, Option<Json<serde_json::Value>>) =
-                    sqlx::query_as(
-                        "SELECT request_hash, response_status, response_body
+                let (stored_hash, status, body): (
+                    Vec<u8>,
+                    Option<i16>,
+                    Option<Json<serde_json::Value>>,
+                ) = sqlx::query_as(
+                    "SELECT request_hash, response_status, response_body
                          FROM idempotency_keys WHERE key = $1",
-                    )
-                    .bind(&key.0)
-                    .fetch_one(&mut *tx)
-                    .await?;
+                )
+                .bind(&key.0)
+                .fetch_one(&mut *tx)
+                .await?;
                 if stored_hash != hash.0 {
                     return Err(Error::IdempotencyKeyReused(key.0.clone()));
                 }
@@ -134,6 +137,9 @@ mod tests {
         let a = serde_json::json!({"a": 1, "b": [1, 2]});
         let b: serde_json::Value = serde_json::from_str(r#"{ "a":1,  "b":[1,2] }"#).unwrap();
         assert_eq!(RequestHash::of(&a), RequestHash::of(&b));
-        assert_ne!(RequestHash::of(&a), RequestHash::of(&serde_json::json!({"a": 2})));
+        assert_ne!(
+            RequestHash::of(&a),
+            RequestHash::of(&serde_json::json!({"a": 2}))
+        );
     }
 }

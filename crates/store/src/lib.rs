@@ -14,7 +14,7 @@ use sqlx::PgPool;
 pub use error::{Error, Result};
 pub use idempotency::{CreateOutcome, IdempotencyKey, RequestHash};
 pub use orders::{Cursor, ListFilter, Page, Precondition, SaveContext, Saved};
-pub use outbox::{SyncStats, NOTIFY_CHANNEL};
+pub use outbox::NOTIFY_CHANNEL;
 
 /// The schema migrations from `migrations/`, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");

@@ -144,7 +144,8 @@ struct FullRow {
     sync: Option<Json<SyncStatus>>,
 }
 
-const ORDER_COLUMNS: &str = "o.id, o.type, o.status, o.city, o.subdivision, o.price::float8 AS price, \
+const ORDER_COLUMNS: &str =
+    "o.id, o.type, o.status, o.city, o.subdivision, o.price::float8 AS price, \
      o.platform, o.general_id, o.order_number, o.executor, o.version, o.created_at, o.updated_at";
 
 /// The whole OrderFull in one round trip and one snapshot, so a read never
@@ -301,13 +302,26 @@ pub(crate) async fn save_in(
         status: o.status.clone(),
         price: o.price,
     };
-    insert_history(conn, id, version, ctx, history::changes(before.map(|b| b.tracked).as_ref(), &after))
-        .await?;
+    insert_history(
+        conn,
+        id,
+        version,
+        ctx,
+        history::changes(before.map(|b| b.tracked).as_ref(), &after),
+    )
+    .await?;
 
     let mut view = load(conn, id)
         .await?
         .ok_or_else(|| Error::NotFound(id.clone()))?;
-    let task = outbox::enqueue(conn, id, view.version, &view.full, ctx.traceparent.as_deref()).await?;
+    let task = outbox::enqueue(
+        conn,
+        id,
+        view.version,
+        &view.full,
+        ctx.traceparent.as_deref(),
+    )
+    .await?;
     view.sync = Some(SyncStatus {
         task_id: task.id,
         version: view.version,
@@ -324,7 +338,8 @@ async fn insert_lines(conn: &mut PgConnection, order: &ValidOrder) -> Result<()>
     let id = order.id().as_str();
     if !full.items.is_empty() {
         let items = &full.items;
-        let col = |f: fn(&domain::OrderItem) -> &str| -> Vec<&str> { items.iter().map(f).collect() };
+        let col =
+            |f: fn(&domain::OrderItem) -> &str| -> Vec<&str> { items.iter().map(f).collect() };
         let num = |f: fn(&domain::OrderItem) -> f64| -> Vec<f64> { items.iter().map(f).collect() };
         sqlx::query(
             "INSERT INTO order_items (order_id, position, product_id, external_id, status,
@@ -412,7 +427,12 @@ async fn insert_history(
     .bind(version)
     .bind(changes.iter().map(|c| c.kind.as_str()).collect::<Vec<_>>())
     .bind(changes.iter().map(|c| c.kind.type_id()).collect::<Vec<_>>())
-    .bind(changes.iter().map(|c| c.old_value.clone()).collect::<Vec<_>>())
+    .bind(
+        changes
+            .iter()
+            .map(|c| c.old_value.clone())
+            .collect::<Vec<_>>(),
+    )
     .bind(changes.iter().map(|c| c.value.clone()).collect::<Vec<_>>())
     .execute(conn)
     .await?;
@@ -454,7 +474,9 @@ impl Store {
         let order = full.validate(Some(id)).map_err(|e| {
             // Stored orders always validate, and the status was validated
             // by the caller; reaching here means the rules changed under data.
-            Error::Database(sqlx::Error::Protocol(format!("stored order {id} fails validation: {e}")))
+            Error::Database(sqlx::Error::Protocol(format!(
+                "stored order {id} fails validation: {e}"
+            )))
         })?;
         let saved = save_in(&mut tx, &order, Precondition::None, ctx).await?;
         tx.commit().await?;
@@ -504,7 +526,8 @@ impl Store {
             q.push(" AND o.updated_at >= ").push_bind(since);
         }
         // One extra row tells whether another page follows.
-        q.push(" ORDER BY o.seq LIMIT ").push_bind(i64::from(limit) + 1);
+        q.push(" ORDER BY o.seq LIMIT ")
+            .push_bind(i64::from(limit) + 1);
 
         #[derive(sqlx::FromRow)]
         struct Row {
@@ -535,8 +558,16 @@ mod tests {
     fn cursors_round_trip_and_reject_forgeries() {
         let c = Cursor(42);
         assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
-        for bad in ["", "!!", &URL_SAFE_NO_PAD.encode("s1:-5"), &URL_SAFE_NO_PAD.encode("x:5")] {
-            assert!(matches!(Cursor::decode(bad), Err(Error::InvalidCursor)), "{bad}");
+        for bad in [
+            "",
+            "!!",
+            &URL_SAFE_NO_PAD.encode("s1:-5"),
+            &URL_SAFE_NO_PAD.encode("x:5"),
+        ] {
+            assert!(
+                matches!(Cursor::decode(bad), Err(Error::InvalidCursor)),
+                "{bad}"
+            );
         }
     }
 
@@ -547,7 +578,10 @@ mod tests {
         assert!(check(Precondition::Version(3), &id, Some(3)).is_ok());
         assert!(matches!(
             check(Precondition::Version(2), &id, Some(3)),
-            Err(Error::VersionMismatch { current: Some(3), .. })
+            Err(Error::VersionMismatch {
+                current: Some(3),
+                ..
+            })
         ));
         assert!(matches!(
             check(Precondition::Version(1), &id, None),
@@ -557,6 +591,9 @@ mod tests {
             check(Precondition::Absent, &id, Some(1)),
             Err(Error::AlreadyExists(_))
         ));
-        assert!(matches!(check(Precondition::Exists, &id, None), Err(Error::NotFound(_))));
+        assert!(matches!(
+            check(Precondition::Exists, &id, None),
+            Err(Error::NotFound(_))
+        ));
     }
 }

@@ -2,8 +2,7 @@
 //! Claiming and completing tasks belong to the relay.
 
 use chrono::{DateTime, Utc};
-use domain::{OrderFull, OrderId};
-use serde::Serialize;
+use domain::{OrderFull, OrderId, SyncStats};
 use sqlx::types::Json;
 use sqlx::PgConnection;
 
@@ -43,19 +42,6 @@ pub(crate) async fn enqueue(
         .execute(conn)
         .await?;
     Ok(Enqueued { id, created_at })
-}
-
-/// Backlog figures of the outbox.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct SyncStats {
-    /// Tasks waiting for delivery.
-    pub pending: i64,
-    /// Tasks being delivered right now.
-    pub running: i64,
-    /// Tasks that failed for good.
-    pub dead: i64,
-    /// Age of the oldest pending task in seconds; 0 when none is pending.
-    pub oldest_pending_age_seconds: f64,
 }
 
 impl Store {

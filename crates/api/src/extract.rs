@@ -1,0 +1,226 @@
+//! Extractors whose rejections are [`ApiError`]s, and the request headers the
+//! order endpoints understand.
+
+use axum::extract::rejection::{BytesRejection, JsonRejection};
+use axum::extract::{FromRef, FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::HeaderMap;
+use domain::OrderId;
+use serde::de::DeserializeOwned;
+use store::{IdempotencyKey, Precondition};
+
+use crate::error::ApiError;
+use crate::AppState;
+
+/// `axum::Json` with problem+json rejections.
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    AppState: FromRef<S>,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Self(v)),
+            Err(JsonRejection::JsonDataError(e)) => Err(ApiError::UnprocessableBody(e.body_text())),
+            Err(JsonRejection::JsonSyntaxError(e)) => Err(ApiError::BadRequest(e.body_text())),
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::UnsupportedMediaType(
+                "expected Content-Type: application/json".into(),
+            )),
+            Err(JsonRejection::BytesRejection(BytesRejection::FailedToBufferBody(e)))
+                if matches!(
+                    e,
+                    axum::extract::rejection::FailedToBufferBody::LengthLimitError(_)
+                ) =>
+            {
+                Err(ApiError::PayloadTooLarge(
+                    AppState::from_ref(state).config.body_limit,
+                ))
+            }
+            Err(e) => Err(ApiError::BadRequest(e.body_text())),
+        }
+    }
+}
+
+/// The `{id}` path segment of the order routes, checked against the id rules.
+#[derive(Debug)]
+pub struct OrderPath(pub OrderId);
+
+impl<S: Send + Sync> FromRequestParts<S> for OrderPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let axum::extract::Path(raw) =
+            axum::extract::Path::<String>::from_request_parts(parts, state)
+                .await
+                .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+        OrderId::parse(&raw)
+            .map(Self)
+            .map_err(|m| ApiError::BadRequest(format!("order id in the path {m}")))
+    }
+}
+
+/// `axum::extract::Query` with problem+json rejections.
+#[derive(Debug)]
+pub struct QueryParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| Self(q.0))
+            .map_err(|e| ApiError::BadRequest(e.body_text()))
+    }
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
+    headers
+        .get(name)
+        .map(|v| {
+            v.to_str()
+                .map(str::trim)
+                .map_err(|_| ApiError::BadRequest(format!("{name} must be visible ASCII")))
+        })
+        .transpose()
+}
+
+/// The save precondition from `If-Match` (`"<version>"`, `W/"<version>"`,
+/// a bare number, or `*`) and `If-None-Match: *`.
+pub fn precondition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
+    let if_match = header_str(headers, "if-match")?;
+    let if_none_match = header_str(headers, "if-none-match")?;
+    match (if_match, if_none_match) {
+        (Some(_), Some(_)) => Err(ApiError::BadRequest(
+            "send either If-Match or If-None-Match, not both".into(),
+        )),
+        (Some("*"), None) => Ok(Precondition::Exists),
+        (Some(tag), None) => {
+            let v = tag.strip_prefix("W/").unwrap_or(tag);
+            let v = v
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(v);
+            v.parse::<i64>()
+                .ok()
+                .filter(|v| *v > 0)
+                .map(Precondition::Version)
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "If-Match must be an order version such as \"3\", got {tag:?}"
+                    ))
+                })
+        }
+        (None, Some("*")) => Ok(Precondition::Absent),
+        (None, Some(other)) => Err(ApiError::BadRequest(format!(
+            "only If-None-Match: * is supported, got {other:?}"
+        ))),
+        (None, None) => Ok(Precondition::None),
+    }
+}
+
+/// Who is saving, from `X-User-Id`; empty when absent.
+pub fn user_id(headers: &HeaderMap) -> Result<String, ApiError> {
+    let id = header_str(headers, "x-user-id")?.unwrap_or_default();
+    domain::validation::validate_user_id(id)?;
+    Ok(id.to_owned())
+}
+
+/// A well-formed W3C `traceparent`, if the request carries one. A malformed
+/// one is dropped rather than refused, as the trace context spec asks.
+pub fn traceparent(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get("traceparent")?.to_str().ok()?.trim();
+    let parts: Vec<&str> = v.split('-').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let ok = parts.len() == 4
+        && hex(parts[0], 2)
+        && parts[0] != "ff"
+        && hex(parts[1], 32)
+        && parts[1].bytes().any(|b| b != b'0')
+        && hex(parts[2], 16)
+        && parts[2].bytes().any(|b| b != b'0')
+        && hex(parts[3], 2);
+    ok.then(|| v.to_ascii_lowercase())
+}
+
+/// The optional `Idempotency-Key` of a create.
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
+    header_str(headers, "idempotency-key")?
+        .map(|k| {
+            IdempotencyKey::parse(k)
+                .map_err(|m| ApiError::BadRequest(format!("Idempotency-Key {m}")))
+        })
+        .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn if_match_accepts_etags_and_bare_versions() {
+        for v in ["\"3\"", "W/\"3\"", "3"] {
+            assert_eq!(
+                precondition(&headers(&[("if-match", v)])).unwrap(),
+                Precondition::Version(3)
+            );
+        }
+        assert_eq!(
+            precondition(&headers(&[("if-match", "*")])).unwrap(),
+            Precondition::Exists
+        );
+        assert_eq!(
+            precondition(&headers(&[("if-none-match", "*")])).unwrap(),
+            Precondition::Absent
+        );
+        assert_eq!(precondition(&HeaderMap::new()).unwrap(), Precondition::None);
+    }
+
+    #[test]
+    fn malformed_preconditions_are_bad_requests() {
+        for h in [
+            headers(&[("if-match", "\"abc\"")]),
+            headers(&[("if-match", "0")]),
+            headers(&[("if-none-match", "\"1\"")]),
+            headers(&[("if-match", "1"), ("if-none-match", "*")]),
+        ] {
+            assert!(matches!(precondition(&h), Err(ApiError::BadRequest(_))));
+        }
+    }
+
+    #[test]
+    fn only_well_formed_traceparents_are_kept() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            traceparent(&headers(&[("traceparent", good)])).as_deref(),
+            Some(good)
+        );
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "zz-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "garbage",
+        ] {
+            assert_eq!(
+                traceparent(&headers(&[("traceparent", bad)])),
+                None,
+                "{bad}"
+            );
+        }
+    }
+}

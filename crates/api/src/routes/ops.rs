@@ -1,0 +1,67 @@
+//! Health, readiness, metrics and backlog figures.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use domain::SyncStats;
+
+use crate::{ApiError, AppState};
+
+/// A liveness or readiness answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// `ok` or `ready`.
+    pub status: &'static str,
+}
+
+/// The process is alive.
+#[utoipa::path(get, path = "/healthz", tag = "ops",
+    responses((status = 200, description = "Alive", body = Health)))]
+pub async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// The process can serve: the database answers within two seconds.
+#[utoipa::path(get, path = "/readyz", tag = "ops", responses(
+    (status = 200, description = "Ready", body = Health),
+    (status = 503, description = "Database unavailable", body = crate::Problem,
+        content_type = "application/problem+json")))]
+pub async fn readyz(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
+    match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
+        Ok(Ok(())) => Ok(Json(Health { status: "ready" })),
+        // Any failure of a trivial query means this process cannot serve.
+        Ok(Err(e)) => Err(ApiError::Unavailable(e)),
+        Err(_) => Err(ApiError::Unavailable(store::Error::Unavailable(
+            sqlx::Error::PoolTimedOut,
+        ))),
+    }
+}
+
+/// Prometheus metrics in the text exposition format.
+#[utoipa::path(get, path = "/metrics", tag = "ops",
+    responses((status = 200, description = "Metrics", body = String, content_type = "text/plain")))]
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+}
+
+/// Backlog figures of the outbox: pending, running and dead tasks, and the
+/// age of the oldest pending one.
+#[utoipa::path(get, path = "/api/v1/sync/stats", tag = "sync", responses(
+    (status = 200, description = "Backlog figures", body = SyncStats),
+    (status = 503, description = "Database unavailable", body = crate::Problem,
+        content_type = "application/problem+json")))]
+pub async fn sync_stats(State(state): State<AppState>) -> Result<Json<SyncStats>, ApiError> {
+    Ok(Json(state.store.sync_stats().await?))
+}
