@@ -244,7 +244,7 @@ fn payment(errs: &mut ValidationErrors, i: usize, p: &Payment) {
         errs.push(at("id"), "must not be the nil UUID");
     }
     money(errs, at("sum"), p.sum);
-    text(errs, at("info"), &p.info, MAX_NOTE_LEN);
+    note(errs, at("info"), &p.info);
     text(
         errs,
         at("contract_number"),
@@ -307,15 +307,29 @@ fn required(errs: &mut ValidationErrors, field: impl Into<String>, value: &str) 
     }
 }
 
-/// PostgreSQL rejects NUL in text and other control characters only cause
-/// trouble downstream, so both are refused here rather than failing later.
+/// Single-line text. PostgreSQL rejects NUL, and other control characters
+/// only cause trouble downstream, so both are refused here.
 fn text(errs: &mut ValidationErrors, field: impl Into<String>, value: &str, max: usize) {
+    checked_text(errs, field, value, max, |_| false);
+}
+
+/// Free-form text: like [`text`], but tabs and line breaks are allowed.
+fn note(errs: &mut ValidationErrors, field: impl Into<String>, value: &str) {
+    checked_text(errs, field, value, MAX_NOTE_LEN, |c| {
+        matches!(c, '\t' | '\n' | '\r')
+    });
+}
+
+fn checked_text(
+    errs: &mut ValidationErrors,
+    field: impl Into<String>,
+    value: &str,
+    max: usize,
+    allowed_control: fn(char) -> bool,
+) {
     if value.chars().count() > max {
         errs.push(field, format!("must be at most {max} characters"));
-    } else if value
-        .chars()
-        .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
-    {
+    } else if value.chars().any(|c| c.is_control() && !allowed_control(c)) {
         errs.push(field, "must not contain control characters");
     }
 }

@@ -1,0 +1,8 @@
+//! Integration tests of the API on real PostgreSQL, one database per test.
+
+mod bad_input;
+mod create;
+mod ops;
+mod read;
+mod save;
+mod support;
