@@ -1,7 +1,7 @@
 //! Extractors whose rejections are [`ApiError`]s, and the request headers the
 //! order endpoints understand.
 
-use axum::extract::rejection::{BytesRejection, JsonRejection};
+use axum::extract::rejection::{BytesRejection, FailedToBufferBody, JsonRejection};
 use axum::extract::{FromRef, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::HeaderMap;
@@ -32,16 +32,11 @@ where
             Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::UnsupportedMediaType(
                 "expected Content-Type: application/json".into(),
             )),
-            Err(JsonRejection::BytesRejection(BytesRejection::FailedToBufferBody(e)))
-                if matches!(
-                    e,
-                    axum::extract::rejection::FailedToBufferBody::LengthLimitError(_)
-                ) =>
-            {
-                Err(ApiError::PayloadTooLarge(
-                    AppState::from_ref(state).config.body_limit,
-                ))
-            }
+            Err(JsonRejection::BytesRejection(BytesRejection::FailedToBufferBody(
+                FailedToBufferBody::LengthLimitError(_),
+            ))) => Err(ApiError::PayloadTooLarge(
+                AppState::from_ref(state).config.body_limit,
+            )),
             Err(e) => Err(ApiError::BadRequest(e.body_text())),
         }
     }

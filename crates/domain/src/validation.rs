@@ -271,9 +271,9 @@ fn payment(errs: &mut ValidationErrors, i: usize, p: &Payment) {
             if c.broker_id < 0 {
                 errs.push(at("credit_data.broker_id"), "must not be negative");
             }
-            if !c.iin.is_empty()
-                && !(c.iin.len() == 12 && c.iin.bytes().all(|b| b.is_ascii_digit()))
-            {
+            let iin_ok = c.iin.is_empty()
+                || (c.iin.len() == 12 && c.iin.bytes().all(|b| b.is_ascii_digit()));
+            if !iin_ok {
                 errs.push(at("credit_data.iin"), "must be empty or 12 digits");
             }
         }

@@ -43,7 +43,7 @@ impl RequestHash {
 #[derive(Debug, Clone)]
 pub enum CreateOutcome {
     /// This request created the order.
-    Created(OrderView),
+    Created(Box<OrderView>),
     /// An earlier request with this key already did; here is its response.
     Replayed {
         /// HTTP status of the first response.
@@ -112,11 +112,11 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
-            return Ok(CreateOutcome::Created(saved.view));
+            return Ok(CreateOutcome::Created(Box::new(saved.view)));
         }
         let saved = save_in(&mut tx, order, Precondition::Absent, ctx).await?;
         tx.commit().await?;
-        Ok(CreateOutcome::Created(saved.view))
+        Ok(CreateOutcome::Created(Box::new(saved.view)))
     }
 }
 

@@ -76,6 +76,15 @@ pub async fn database() -> TestDb {
     let template = TEMPLATE
         .get_or_init(|| prepare_template(&server.admin_url))
         .await;
+    create_database(server, template).await
+}
+
+/// A new database without the schema, for testing migrations themselves.
+pub async fn unmigrated_database() -> TestDb {
+    create_database(server(), "template0").await
+}
+
+async fn create_database(server: &Server, template: &str) -> TestDb {
     let name = format!(
         "oc_test_{}_{}",
         std::process::id(),

@@ -1,0 +1,117 @@
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::{
+    line_containing, lines, orders_center, stop, url_in, wait_healthy, workspace_root,
+};
+
+const README_BASE: &str = "http://127.0.0.1:8080";
+
+/// The curl commands between the README's tour markers, one per line.
+fn readme_tour() -> Vec<String> {
+    let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
+    let start = readme
+        .find("<!-- tour:start -->")
+        .expect("tour start marker");
+    let end = readme.find("<!-- tour:end -->").expect("tour end marker");
+    readme[start..end]
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("curl "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A new user's first run: `orders-center dev` with no DATABASE_URL starts its
+/// own PostgreSQL, serves /healthz within 30 s, the README's curl tour works
+/// against it, and Ctrl-C stops everything and removes the throwaway files.
+#[tokio::test]
+async fn dev_mode_serves_within_30s_runs_the_readme_tour_and_cleans_up_on_ctrl_c() {
+    let started = Instant::now();
+    let mut dev = orders_center(&["dev", "--listen", "127.0.0.1:0"])
+        .spawn()
+        .unwrap();
+    let mut out = lines(dev.stdout.take());
+    let api_line = line_containing(&mut out, "API ", Duration::from_secs(30)).await;
+    let base = url_in(&api_line)
+        .trim_end_matches("/api/v1/orders")
+        .to_owned();
+    let pg_line = line_containing(&mut out, "PostgreSQL", Duration::from_secs(5)).await;
+    let throwaway = pg_line
+        .split("throwaway in ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .expect("dev started its own PostgreSQL")
+        .to_owned();
+    assert!(std::path::Path::new(&throwaway).is_dir());
+
+    wait_healthy(
+        &format!("{base}/healthz"),
+        started + Duration::from_secs(30),
+    )
+    .await;
+
+    let tour = readme_tour();
+    assert!(
+        tour.len() >= 8,
+        "the README tour has {} curl commands",
+        tour.len()
+    );
+    let mut outputs = Vec::new();
+    for command in &tour {
+        let out = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(command.replace(README_BASE, &base))
+            .current_dir(workspace_root())
+            .output()
+            .await
+            .expect("curl is installed");
+        assert!(
+            out.status.success(),
+            "{command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        outputs.push(String::from_utf8(out.stdout).unwrap());
+    }
+    let all = outputs.join("\n");
+    assert!(
+        all.contains(r#""status":412"#),
+        "the tour shows a stale If-Match: {all}"
+    );
+    assert!(
+        all.contains(r#""status":422"#),
+        "the tour shows a validation problem: {all}"
+    );
+
+    let order: Value = reqwest::get(format!("{base}/api/v1/orders/ORD-1001"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let example: Value = serde_json::from_str(
+        &std::fs::read_to_string(workspace_root().join("examples/order.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(order["order"]["general_id"], example["order"]["general_id"]);
+    assert_eq!(order["order"]["price"], example["order"]["price"]);
+    assert_eq!(order["items"].as_array().unwrap().len(), 2);
+    assert_eq!(order["payments"][1]["credit_data"], {
+        let mut c = example["payments"][1]["credit_data"].clone();
+        c["pay_sum_per_month"] = Value::from(8333.33);
+        c
+    });
+    assert_eq!(
+        order["order"]["status"], "paid",
+        "the tour changes the status"
+    );
+    assert_eq!(order["version"], 2);
+    assert_eq!(order["history"].as_array().unwrap().len(), 3);
+
+    stop(&mut dev, "INT", Duration::from_secs(15)).await;
+    assert!(
+        !std::path::Path::new(&throwaway).exists(),
+        "{throwaway} left behind"
+    );
+}

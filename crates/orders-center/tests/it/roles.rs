@@ -1,0 +1,72 @@
+use std::time::{Duration, Instant};
+
+use crate::support::{line_containing, lines, orders_center, stop, url_in, wait_healthy};
+
+#[tokio::test]
+async fn migrate_applies_every_migration_once_and_can_run_again() {
+    let db = testkit::unmigrated_database().await;
+
+    for _ in 0..2 {
+        let out = orders_center(&["migrate"])
+            .env("DATABASE_URL", &db.url)
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(applied as usize, store::MIGRATOR.iter().count());
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_tables WHERE tablename IN
+         ('orders', 'order_items', 'order_payments', 'order_history', 'onec_tasks', 'idempotency_keys')",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(tables, 6);
+}
+
+#[tokio::test]
+async fn api_without_a_database_url_says_what_is_missing() {
+    let out = orders_center(&["api"]).output().await.unwrap();
+
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("DATABASE_URL"), "{stderr}");
+}
+
+/// The `api` role as the chart runs it: migrate on start, JSON logs, and a
+/// clean exit on SIGTERM.
+#[tokio::test]
+async fn the_api_role_migrates_serves_and_exits_cleanly_on_sigterm() {
+    let db = testkit::unmigrated_database().await;
+    let started = Instant::now();
+    let mut api = orders_center(&["api", "--listen", "127.0.0.1:0", "--migrate"])
+        .env("DATABASE_URL", &db.url)
+        .env("LOG_FORMAT", "json")
+        .spawn()
+        .unwrap();
+    let mut err = lines(api.stderr.take());
+    let line = line_containing(&mut err, "api listening", Duration::from_secs(30)).await;
+    let log: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+    let base = url_in(log["fields"]["url"].as_str().unwrap());
+
+    wait_healthy(&format!("{base}/readyz"), started + Duration::from_secs(30)).await;
+    let saved = reqwest::Client::new()
+        .put(format!("{base}/api/v1/orders/ROLE-1"))
+        .json(&testkit::sample_order("ROLE-1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(saved.status(), 201);
+
+    stop(&mut api, "TERM", Duration::from_secs(15)).await;
+}

@@ -1,0 +1,3 @@
+//! Integration tests of the store on real PostgreSQL, one database per test.
+
+mod outbox;
