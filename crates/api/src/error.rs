@@ -81,18 +81,10 @@ impl From<store::Error> for ApiError {
         use store::Error as S;
         match e {
             S::NotFound(id) => Self::NotFound(format!("order {id} does not exist")),
-            S::VersionMismatch {
-                id,
-                expected,
-                current,
-            } => Self::PreconditionFailed {
-                detail: match current {
-                    Some(c) => format!("order {id} is at version {c}, not {expected}"),
-                    None => format!("order {id} does not exist"),
-                },
+            e @ S::PreconditionFailed { current, .. } => Self::PreconditionFailed {
+                detail: e.to_string(),
                 current_version: current,
             },
-            S::AlreadyExists(id) => Self::Conflict(format!("order {id} already exists")),
             S::IdempotencyKeyReused(key) => Self::IdempotencyKeyReused(format!(
                 "Idempotency-Key {key:?} was already used with a different request body"
             )),

@@ -9,19 +9,16 @@ pub enum Error {
     /// No order has this id.
     #[error("order {0} not found")]
     NotFound(OrderId),
-    /// `If-Match` named a version the order does not have (or the order is absent).
-    #[error("order {id} is at version {current:?}, not {expected}")]
-    VersionMismatch {
+    /// The order's state did not meet the caller's [`Precondition`](crate::Precondition).
+    #[error("{}", precondition_message(.id, .required, .current))]
+    PreconditionFailed {
         /// The order.
         id: OrderId,
-        /// The version the caller expected.
-        expected: i64,
+        /// What the caller required.
+        required: crate::Precondition,
         /// The version it has; `None` when it does not exist.
         current: Option<i64>,
     },
-    /// The order exists but the caller required that it does not.
-    #[error("order {0} already exists")]
-    AlreadyExists(OrderId),
     /// An idempotency key was reused for a different request.
     #[error("idempotency key {0:?} was used for a different request")]
     IdempotencyKeyReused(String),
@@ -34,9 +31,26 @@ pub enum Error {
     /// A migration failed.
     #[error("migration failed")]
     Migrate(#[source] sqlx::migrate::MigrateError),
-    /// Any other database error; a bug or a broken invariant.
+    /// Stored data breaks an invariant the code relies on; a bug.
+    #[error("broken invariant: {0}")]
+    Invariant(String),
+    /// Any other database error.
     #[error("database error")]
     Database(#[source] sqlx::Error),
+}
+
+fn precondition_message(
+    id: &OrderId,
+    required: &crate::Precondition,
+    current: &Option<i64>,
+) -> String {
+    use crate::Precondition as P;
+    match (required, current) {
+        (P::Absent, _) => format!("order {id} already exists"),
+        (_, None) => format!("order {id} does not exist"),
+        (P::Version(v), Some(c)) => format!("order {id} is at version {c}, not {v}"),
+        (_, Some(c)) => format!("order {id} is at version {c}"),
+    }
 }
 
 impl From<sqlx::Error> for Error {

@@ -54,8 +54,8 @@ pub enum CreateOutcome {
 }
 
 impl Store {
-    /// Creates an order, failing with [`Error::AlreadyExists`] if its id is
-    /// taken. With a key, a retry returns the stored first response; the
+    /// Creates an order, failing with [`Error::PreconditionFailed`] if its id
+    /// is taken. With a key, a retry returns the stored first response; the
     /// same key with another request fails with [`Error::IdempotencyKeyReused`].
     pub async fn create_order(
         &self,
@@ -93,8 +93,9 @@ impl Store {
                     return Err(Error::IdempotencyKeyReused(key.0.clone()));
                 }
                 let (Some(status), Some(body)) = (status, body) else {
-                    return Err(Error::Database(sqlx::Error::Protocol(
-                        "idempotency key committed without a response".into(),
+                    return Err(Error::Invariant(format!(
+                        "idempotency key {:?} committed without a response",
+                        key.0
                     )));
                 };
                 return Ok(CreateOutcome::Replayed {

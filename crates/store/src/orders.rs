@@ -1,6 +1,8 @@
 //! The order repository. A save writes the order, its lines, its history and
 //! its outbox task in one transaction, so 1C can never miss a committed save.
 
+use std::sync::LazyLock;
+
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
@@ -150,7 +152,7 @@ const ORDER_COLUMNS: &str =
 
 /// The whole OrderFull in one round trip and one snapshot, so a read never
 /// mixes lines of two versions.
-fn load_sql() -> String {
+static LOAD_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT {ORDER_COLUMNS},
             COALESCE((SELECT json_agg(i ORDER BY i.position) FROM order_items i
@@ -166,10 +168,10 @@ fn load_sql() -> String {
                 ORDER BY order_version DESC LIMIT 1) t) AS sync
          FROM orders o WHERE o.id = $1"
     )
-}
+});
 
 async fn load(conn: &mut PgConnection, id: &OrderId) -> Result<Option<OrderView>> {
-    let row: Option<FullRow> = sqlx::query_as(&load_sql())
+    let row: Option<FullRow> = sqlx::query_as(LOAD_SQL.as_str())
         .bind(id.as_str())
         .fetch_optional(conn)
         .await?;
@@ -207,19 +209,38 @@ async fn lock(conn: &mut PgConnection, id: &OrderId) -> Result<Option<Current>> 
 }
 
 fn check(pre: Precondition, id: &OrderId, current: Option<i64>) -> Result<()> {
-    match (pre, current) {
-        (Precondition::None, _)
-        | (Precondition::Exists, Some(_))
-        | (Precondition::Absent, None) => Ok(()),
-        (Precondition::Version(v), Some(c)) if v == c => Ok(()),
-        (Precondition::Absent, Some(_)) => Err(Error::AlreadyExists(id.clone())),
-        (Precondition::Version(expected), current) => Err(Error::VersionMismatch {
+    let holds = match (pre, current) {
+        (Precondition::None, _) => true,
+        (Precondition::Exists, c) => c.is_some(),
+        (Precondition::Absent, c) => c.is_none(),
+        (Precondition::Version(v), c) => c == Some(v),
+    };
+    if holds {
+        Ok(())
+    } else {
+        Err(Error::PreconditionFailed {
             id: id.clone(),
-            expected,
+            required: pre,
             current,
-        }),
-        (Precondition::Exists, None) => Err(Error::NotFound(id.clone())),
+        })
     }
+}
+
+/// Binds `$1`..`$10` of the order row statements: id, then the header fields.
+fn bind_order<'q>(
+    q: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    o: &'q Order,
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    q.bind(&o.id)
+        .bind(&o.kind)
+        .bind(&o.status)
+        .bind(&o.city)
+        .bind(&o.subdivision)
+        .bind(o.price)
+        .bind(&o.platform)
+        .bind(o.general_id)
+        .bind(&o.order_number)
+        .bind(&o.executor)
 }
 
 /// Writes one save inside the caller's transaction: order row, lines, history,
@@ -240,22 +261,15 @@ pub(crate) async fn save_in(
         let current = lock(conn, id).await?;
         check(pre, id, current.as_ref().map(|c| c.version))?;
         if let Some(current) = current {
-            sqlx::query(
-                "UPDATE orders SET type = $2, status = $3, city = $4, subdivision = $5,
-                     price = $6, platform = $7, general_id = $8, order_number = $9,
-                     executor = $10, version = version + 1, updated_at = now()
-                 WHERE id = $1",
+            bind_order(
+                sqlx::query(
+                    "UPDATE orders SET type = $2, status = $3, city = $4, subdivision = $5,
+                         price = $6, platform = $7, general_id = $8, order_number = $9,
+                         executor = $10, version = version + 1, updated_at = now()
+                     WHERE id = $1",
+                ),
+                o,
             )
-            .bind(id.as_str())
-            .bind(&o.kind)
-            .bind(&o.status)
-            .bind(&o.city)
-            .bind(&o.subdivision)
-            .bind(o.price)
-            .bind(&o.platform)
-            .bind(o.general_id)
-            .bind(&o.order_number)
-            .bind(&o.executor)
             .execute(&mut *conn)
             .await?;
             sqlx::query(
@@ -267,22 +281,15 @@ pub(crate) async fn save_in(
             .await?;
             break (Some(current), false);
         }
-        let inserted = sqlx::query(
-            "INSERT INTO orders (id, type, status, city, subdivision, price, platform,
-                                 general_id, order_number, executor, version)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1)
-             ON CONFLICT (id) DO NOTHING",
+        let inserted = bind_order(
+            sqlx::query(
+                "INSERT INTO orders (id, type, status, city, subdivision, price, platform,
+                                     general_id, order_number, executor, version)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1)
+                 ON CONFLICT (id) DO NOTHING",
+            ),
+            o,
         )
-        .bind(id.as_str())
-        .bind(&o.kind)
-        .bind(&o.status)
-        .bind(&o.city)
-        .bind(&o.subdivision)
-        .bind(o.price)
-        .bind(&o.platform)
-        .bind(o.general_id)
-        .bind(&o.order_number)
-        .bind(&o.executor)
         .execute(&mut *conn)
         .await?
         .rows_affected();
@@ -290,9 +297,9 @@ pub(crate) async fn save_in(
             break (None, true);
         }
         if attempts >= 2 {
-            // The row that beat us vanished again; only a concurrent delete
-            // could do that, and orders are never deleted.
-            return Err(Error::Database(sqlx::Error::RowNotFound));
+            return Err(Error::Invariant(format!(
+                "order {id} conflicted on insert but cannot be locked; orders are never deleted"
+            )));
         }
     };
 
@@ -574,26 +581,28 @@ mod tests {
     #[test]
     fn preconditions_compare_against_the_current_version() {
         let id = OrderId::parse("A").unwrap();
-        assert!(check(Precondition::None, &id, None).is_ok());
-        assert!(check(Precondition::Version(3), &id, Some(3)).is_ok());
-        assert!(matches!(
-            check(Precondition::Version(2), &id, Some(3)),
-            Err(Error::VersionMismatch {
-                current: Some(3),
-                ..
-            })
-        ));
-        assert!(matches!(
-            check(Precondition::Version(1), &id, None),
-            Err(Error::VersionMismatch { current: None, .. })
-        ));
-        assert!(matches!(
-            check(Precondition::Absent, &id, Some(1)),
-            Err(Error::AlreadyExists(_))
-        ));
-        assert!(matches!(
-            check(Precondition::Exists, &id, None),
-            Err(Error::NotFound(_))
-        ));
+        for (pre, current) in [
+            (Precondition::None, None),
+            (Precondition::None, Some(4)),
+            (Precondition::Version(3), Some(3)),
+            (Precondition::Exists, Some(1)),
+            (Precondition::Absent, None),
+        ] {
+            assert!(check(pre, &id, current).is_ok(), "{pre:?} on {current:?}");
+        }
+        for (pre, current) in [
+            (Precondition::Version(2), Some(3)),
+            (Precondition::Version(1), None),
+            (Precondition::Exists, None),
+            (Precondition::Absent, Some(1)),
+        ] {
+            assert!(
+                matches!(
+                    check(pre, &id, current),
+                    Err(Error::PreconditionFailed { current: c, .. }) if c == current
+                ),
+                "{pre:?} on {current:?}"
+            );
+        }
     }
 }

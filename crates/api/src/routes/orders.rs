@@ -73,18 +73,7 @@ pub async fn save_order(
     let pre = extract::precondition(&headers)?;
     let ctx = save_context(&headers)?;
     let order = input.validate(Some(&id))?;
-    let Saved { view, created } = state
-        .store
-        .save_order(&order, pre, &ctx)
-        .await
-        .map_err(|e| match e {
-            // With If-None-Match the caller asked for "absent": that is a precondition.
-            store::Error::AlreadyExists(id) => ApiError::PreconditionFailed {
-                detail: format!("order {id} already exists"),
-                current_version: None,
-            },
-            e => e.into(),
-        })?;
+    let Saved { view, created } = state.store.save_order(&order, pre, &ctx).await?;
     state.metrics.saved(created);
     let status = if created {
         StatusCode::CREATED
@@ -121,11 +110,16 @@ pub async fn create_order(
     // Hash what the client sent, before an id is generated for it.
     let hash = RequestHash::of(&input);
     let order = input.validate(None)?;
-    match state
+    let outcome = state
         .store
         .create_order(&order, key.as_ref().map(|k| (k, hash)), &ctx)
-        .await?
-    {
+        .await
+        .map_err(|e| match e {
+            // A create is not conditional from the client's view: a taken id conflicts.
+            e @ store::Error::PreconditionFailed { .. } => ApiError::Conflict(e.to_string()),
+            e => e.into(),
+        })?;
+    match outcome {
         CreateOutcome::Created(view) => {
             state.metrics.saved(true);
             Ok(view_response(StatusCode::CREATED, &view))

@@ -170,6 +170,15 @@ async fn if_match_on_the_current_version_saves_and_if_none_match_refuses_an_exis
         ))
         .await;
     missing.problem(StatusCode::PRECONDITION_FAILED);
+    let any_version_of_missing = app
+        .send(json_request(
+            Method::PUT,
+            "/api/v1/orders/NEW-2",
+            &sample_order("NEW-2"),
+            &[("if-match", "*")],
+        ))
+        .await;
+    any_version_of_missing.problem(StatusCode::PRECONDITION_FAILED);
     assert_eq!(app.counts().await.orders, 1);
 }
 
