@@ -4,6 +4,7 @@
 mod config;
 
 use std::net::SocketAddr;
+use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -13,15 +14,25 @@ use tokio_util::sync::CancellationToken;
 use config::{Command, Config, HttpArgs, LogFormat};
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> ExitCode {
     let config = Config::parse();
     init_tracing(config.log_format);
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
+    match run(&config, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The cause chain on one line: what failed and why.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
+async fn run(config: &Config, shutdown: CancellationToken) -> Result<()> {
     match &config.command {
         Command::Migrate => {
-            let store = open_store(&config, require_url(&config, "migrate")?)?;
+            let store = open_store(config, require_url(config, "migrate")?)?;
             store::migrate(store.pool())
                 .await
                 .context("applying migrations")?;
@@ -29,7 +40,7 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Api(args) => {
-            let store = open_store(&config, require_url(&config, "api")?)?;
+            let store = open_store(config, require_url(config, "api")?)?;
             if args.migrate {
                 store::migrate(store.pool())
                     .await
@@ -39,7 +50,7 @@ async fn main() -> Result<()> {
             tracing::info!(%addr, "api stopped");
             Ok(())
         }
-        Command::Dev(args) => dev(&config, args, shutdown).await,
+        Command::Dev(args) => dev(config, args, shutdown).await,
     }
 }
 
