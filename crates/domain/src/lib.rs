@@ -11,5 +11,5 @@ pub use order::{
     CardPaymentData, CreditData, Order, OrderFull, OrderItem, OrderSummary, OrderView, Payment,
     PaymentType,
 };
-pub use task::{SyncStats, SyncStatus, TaskState};
+pub use task::{SyncStats, SyncStatus, TaskState, TaskSummary};
 pub use validation::{FieldError, OrderId, StatusChange, ValidOrder, ValidationErrors};

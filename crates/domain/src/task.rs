@@ -47,6 +47,39 @@ impl TaskState {
     }
 }
 
+impl TryFrom<String> for TaskState {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        Self::parse(&s).ok_or_else(|| format!("unknown task state {s:?}"))
+    }
+}
+
+/// A task as the API and the CLI list it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TaskSummary {
+    /// Task id.
+    pub id: i64,
+    /// Order id.
+    pub order_id: String,
+    /// Order version carried.
+    pub version: i64,
+    /// State.
+    pub state: TaskState,
+    /// Delivery attempts so far.
+    pub attempts: i32,
+    /// Earliest next attempt.
+    pub run_at: DateTime<Utc>,
+    /// Relay holding the claim, while running.
+    pub claimed_by: Option<String>,
+    /// Last delivery error.
+    pub last_error: Option<String>,
+    /// When the save committed.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
 /// The 1C delivery state of an order's latest saved version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct SyncStatus {

@@ -19,6 +19,17 @@ pub enum Error {
         /// The version it has; `None` when it does not exist.
         current: Option<i64>,
     },
+    /// No task has this id.
+    #[error("task {0} not found")]
+    TaskNotFound(crate::TaskId),
+    /// The task cannot be replayed.
+    #[error("task {id} cannot be replayed: {reason}")]
+    TaskNotReplayable {
+        /// The task.
+        id: crate::TaskId,
+        /// Why not.
+        reason: String,
+    },
     /// An idempotency key was reused for a different request.
     #[error("idempotency key {0:?} was used for a different request")]
     IdempotencyKeyReused(String),

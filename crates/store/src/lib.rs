@@ -5,6 +5,7 @@ mod error;
 mod idempotency;
 mod orders;
 mod outbox;
+mod tasks;
 
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ pub use error::{Error, Result};
 pub use idempotency::{CreateOutcome, IdempotencyKey, RequestHash};
 pub use orders::{Cursor, ListFilter, Page, Precondition, SaveContext, Saved};
 pub use outbox::NOTIFY_CHANNEL;
+pub use tasks::{ClaimSpec, ClaimToken, ClaimedTask, TaskId};
 
 /// The schema migrations from `migrations/`, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");

@@ -37,11 +37,17 @@ pub(crate) async fn enqueue(
     .bind(traceparent)
     .fetch_one(&mut *conn)
     .await?;
+    notify(conn).await?;
+    Ok(Enqueued { id, created_at })
+}
+
+/// Wakes the relays when the current transaction commits.
+pub(crate) async fn notify(conn: &mut PgConnection) -> Result<()> {
     sqlx::query("SELECT pg_notify($1, '')")
         .bind(NOTIFY_CHANNEL)
         .execute(conn)
         .await?;
-    Ok(Enqueued { id, created_at })
+    Ok(())
 }
 
 impl Store {

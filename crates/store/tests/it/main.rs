@@ -1,3 +1,4 @@
 //! Integration tests of the store on real PostgreSQL, one database per test.
 
+mod claims;
 mod outbox;

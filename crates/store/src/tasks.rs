@@ -1,0 +1,357 @@
+//! The relay's side of the `onec_tasks` outbox: claiming, completing,
+//! retrying, releasing and rescuing tasks, plus listing and replaying them.
+//!
+//! Every transition out of `running` is fenced by the claim token, so a
+//! worker whose claim expired and was taken over can never overwrite the
+//! newer outcome.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use domain::{TaskState, TaskSummary};
+use serde::{Deserialize, Serialize};
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use crate::{Error, Result, Store};
+
+/// Id of an outbox task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TaskId(pub i64);
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The proof of one claim. A new one is drawn for every claim, so only the
+/// current claimant can complete, retry, release or bury the task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClaimToken(pub Uuid);
+
+/// A task claimed for delivery.
+#[derive(Debug, Clone)]
+pub struct ClaimedTask {
+    /// The task.
+    pub id: TaskId,
+    /// The order it delivers.
+    pub order_id: String,
+    /// The order version it carries.
+    pub version: i64,
+    /// The OrderFull as committed.
+    pub snapshot: serde_json::Value,
+    /// Attempts including this one.
+    pub attempts: i32,
+    /// Fences every outcome of this claim.
+    pub token: ClaimToken,
+    /// W3C trace context of the save.
+    pub traceparent: Option<String>,
+    /// When the save committed; the start of the commit-to-delivery lag.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Claim settings.
+#[derive(Debug, Clone)]
+pub struct ClaimSpec<'a> {
+    /// Written to `claimed_by`, for operators.
+    pub claimant: &'a str,
+    /// Most tasks to claim.
+    pub limit: u32,
+    /// How long the claim holds before any relay may rescue it.
+    pub lease: Duration,
+}
+
+/// An UPDATE that leaves `running` for the claim `$1` (task id), `$2` (token).
+/// Leaving `running` always drops the claim: the CHECK constraint keeps
+/// `running` and the claim fields in step.
+fn fenced(set: &str) -> String {
+    format!(
+        "UPDATE onec_tasks SET {set}, claim_token = NULL, claim_expires_at = NULL,
+             claimed_by = NULL, updated_at = now()
+         WHERE id = $1 AND claim_token = $2 AND state = 'running'"
+    )
+}
+
+/// Advisory lock namespace of per-order claim locks ("1C").
+const ORDER_LOCK_CLASS: i32 = 0x1C;
+
+#[derive(sqlx::FromRow)]
+struct SummaryRow {
+    id: i64,
+    order_id: String,
+    order_version: i64,
+    #[sqlx(try_from = "String")]
+    state: TaskState,
+    attempts: i32,
+    run_at: DateTime<Utc>,
+    claimed_by: Option<String>,
+    last_error: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl From<SummaryRow> for TaskSummary {
+    fn from(r: SummaryRow) -> Self {
+        Self {
+            id: r.id,
+            order_id: r.order_id,
+            version: r.order_version,
+            state: r.state,
+            attempts: r.attempts,
+            run_at: r.run_at,
+            claimed_by: r.claimed_by,
+            last_error: r.last_error,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+const SUMMARY_COLUMNS: &str = "id, order_id, order_version, state, attempts, run_at, claimed_by, \
+                               last_error, created_at, updated_at";
+
+#[derive(sqlx::FromRow)]
+struct ClaimedRow {
+    id: i64,
+    order_id: String,
+    order_version: i64,
+    snapshot: Json<serde_json::Value>,
+    attempts: i32,
+    claim_token: Uuid,
+    traceparent: Option<String>,
+    created_at: DateTime<Utc>,
+}
+
+impl Store {
+    /// Claims up to `spec.limit` tasks in one short transaction.
+    ///
+    /// 1. Due pending rows are locked `FOR UPDATE SKIP LOCKED`, so concurrent
+    ///    relays take disjoint candidates, and each candidate's order is locked
+    ///    with a transaction-scoped advisory lock (safe behind PgBouncer).
+    /// 2. A second statement, whose snapshot is taken only after those locks
+    ///    are held and so sees every committed claim of those orders, claims
+    ///    for each locked order its newest pending version: only if the order
+    ///    has nothing running, the version is due, and nothing newer was
+    ///    already delivered. Older pending versions become `superseded`.
+    ///
+    /// So at most one task per order is ever running, and a version is never
+    /// sent after a newer one.
+    pub async fn claim_batch(&self, spec: &ClaimSpec<'_>) -> Result<Vec<ClaimedTask>> {
+        let mut tx = self.pool.begin().await?;
+        let orders: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT c.order_id FROM (
+                 SELECT order_id FROM onec_tasks
+                 WHERE state = 'pending' AND run_at <= now()
+                 ORDER BY run_at, id
+                 LIMIT $1
+                 FOR UPDATE SKIP LOCKED
+             ) c
+             WHERE pg_try_advisory_xact_lock($2, hashtext(c.order_id))",
+        )
+        .bind(i64::from(spec.limit))
+        .bind(ORDER_LOCK_CLASS)
+        .fetch_all(&mut *tx)
+        .await?;
+        if orders.is_empty() {
+            tx.commit().await?;
+            return Ok(Vec::new());
+        }
+
+        let rows: Vec<ClaimedRow> = sqlx::query_as(
+            "WITH lanes AS (
+                 SELECT order_id,
+                        bool_or(state = 'running') AS busy,
+                        max(order_version) FILTER (WHERE state IN ('running', 'done')) AS floor,
+                        max(order_version) FILTER (WHERE state = 'pending') AS head
+                 FROM onec_tasks
+                 WHERE order_id = ANY($1) AND state IN ('pending', 'running', 'done')
+                 GROUP BY order_id
+             ),
+             heads AS (
+                 SELECT t.id FROM onec_tasks t
+                 JOIN lanes l ON l.order_id = t.order_id AND l.head = t.order_version
+                 WHERE t.state = 'pending' AND t.run_at <= now() AND NOT l.busy
+                   AND (l.floor IS NULL OR l.head > l.floor)
+                 FOR UPDATE OF t SKIP LOCKED
+             ),
+             older AS (
+                 SELECT t.id FROM onec_tasks t
+                 JOIN lanes l ON l.order_id = t.order_id
+                 WHERE t.state = 'pending'
+                   AND (t.order_version < l.head OR t.order_version <= l.floor)
+                 FOR UPDATE OF t SKIP LOCKED
+             ),
+             superseded AS (
+                 UPDATE onec_tasks t
+                 SET state = 'superseded', finished_at = now(), updated_at = now()
+                 FROM older o WHERE t.id = o.id
+             )
+             UPDATE onec_tasks t
+             SET state = 'running', attempts = t.attempts + 1, claimed_by = $2,
+                 claim_token = gen_random_uuid(),
+                 claim_expires_at = now() + make_interval(secs => $3),
+                 updated_at = now()
+             FROM heads h WHERE t.id = h.id
+             RETURNING t.id, t.order_id, t.order_version, t.snapshot, t.attempts,
+                       t.claim_token, t.traceparent, t.created_at",
+        )
+        .bind(&orders)
+        .bind(spec.claimant)
+        .bind(spec.lease.as_secs_f64())
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| ClaimedTask {
+                id: TaskId(r.id),
+                order_id: r.order_id,
+                version: r.order_version,
+                snapshot: r.snapshot.0,
+                attempts: r.attempts,
+                token: ClaimToken(r.claim_token),
+                traceparent: r.traceparent,
+                created_at: r.created_at,
+            })
+            .collect())
+    }
+
+    /// Marks a claimed task delivered. False if the claim was lost.
+    pub async fn complete(&self, id: TaskId, token: ClaimToken) -> Result<bool> {
+        let sql = fenced("state = 'done', finished_at = now(), last_error = NULL");
+        self.run_fenced(sqlx::query(&sql).bind(id.0).bind(token.0))
+            .await
+    }
+
+    /// Puts a claimed task back to `pending` until `run_at`, keeping the
+    /// error. False if the claim was lost.
+    pub async fn retry_later(
+        &self,
+        id: TaskId,
+        token: ClaimToken,
+        run_at: DateTime<Utc>,
+        error: &str,
+    ) -> Result<bool> {
+        let sql = fenced("state = 'pending', run_at = $3, last_error = $4");
+        self.run_fenced(
+            sqlx::query(&sql)
+                .bind(id.0)
+                .bind(token.0)
+                .bind(run_at)
+                .bind(error),
+        )
+        .await
+    }
+
+    /// Buries a claimed task as `dead` with its error. False if the claim was lost.
+    pub async fn mark_dead(&self, id: TaskId, token: ClaimToken, error: &str) -> Result<bool> {
+        let sql = fenced("state = 'dead', finished_at = now(), last_error = $3");
+        self.run_fenced(sqlx::query(&sql).bind(id.0).bind(token.0).bind(error))
+            .await
+    }
+
+    /// Gives a claimed task back untried, e.g. on shutdown: it is pending
+    /// again at once and the attempt it was charged is refunded.
+    pub async fn release(&self, id: TaskId, token: ClaimToken) -> Result<bool> {
+        let sql = fenced("state = 'pending', run_at = now(), attempts = greatest(attempts - 1, 0)");
+        self.run_fenced(sqlx::query(&sql).bind(id.0).bind(token.0))
+            .await
+    }
+
+    async fn run_fenced(
+        &self,
+        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<bool> {
+        Ok(query.execute(&self.pool).await?.rows_affected() == 1)
+    }
+
+    /// Returns claims whose lease ran out (their relay died or hung) to
+    /// `pending`, at most `limit` at a time. Their old token stops working.
+    pub async fn rescue_expired(&self, limit: u32) -> Result<u64> {
+        Ok(sqlx::query(
+            "UPDATE onec_tasks t
+             SET state = 'pending', run_at = now(), claim_token = NULL,
+                 claim_expires_at = NULL, claimed_by = NULL, updated_at = now(),
+                 last_error = COALESCE(t.last_error, 'claim expired')
+             FROM (SELECT id FROM onec_tasks
+                   WHERE state = 'running' AND claim_expires_at < now()
+                   ORDER BY claim_expires_at LIMIT $1
+                   FOR UPDATE SKIP LOCKED) x
+             WHERE t.id = x.id",
+        )
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    /// Tasks in `state`, oldest first, after task id `after`.
+    pub async fn list_tasks(
+        &self,
+        state: TaskState,
+        after: Option<TaskId>,
+        limit: u32,
+    ) -> Result<Vec<TaskSummary>> {
+        let rows: Vec<SummaryRow> = sqlx::query_as(&format!(
+            "SELECT {SUMMARY_COLUMNS} FROM onec_tasks
+             WHERE state = $1 AND id > $2 ORDER BY id LIMIT $3"
+        ))
+        .bind(state.as_str())
+        .bind(after.map_or(0, |t| t.0))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    /// Replays a dead task: pending again now, with a fresh attempt budget,
+    /// and the relays are woken. Refused when a newer version of the order
+    /// was queued since, because 1C must never go back to an older version.
+    pub async fn retry_task(&self, id: TaskId) -> Result<TaskSummary> {
+        let mut tx = self.pool.begin().await?;
+        let found: Option<(String, i64, String)> = sqlx::query_as(
+            "SELECT order_id, order_version, state FROM onec_tasks WHERE id = $1 FOR UPDATE",
+        )
+        .bind(id.0)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((order_id, version, state)) = found else {
+            return Err(Error::TaskNotFound(id));
+        };
+        if state != TaskState::Dead.as_str() {
+            return Err(Error::TaskNotReplayable {
+                id,
+                reason: format!("it is {state}, and only dead tasks can be replayed"),
+            });
+        }
+        let newer: Option<i64> = sqlx::query_scalar(
+            "SELECT max(order_version) FROM onec_tasks
+             WHERE order_id = $1 AND order_version > $2
+               AND state IN ('pending', 'running', 'done')",
+        )
+        .bind(&order_id)
+        .bind(version)
+        .fetch_one(&mut *tx)
+        .await?;
+        if let Some(newer) = newer {
+            return Err(Error::TaskNotReplayable {
+                id,
+                reason: format!("version {newer} of order {order_id} was queued after it"),
+            });
+        }
+        let task: SummaryRow = sqlx::query_as(&format!(
+            "UPDATE onec_tasks SET state = 'pending', attempts = 0, run_at = now(),
+                 finished_at = NULL, updated_at = now()
+             WHERE id = $1 RETURNING {SUMMARY_COLUMNS}"
+        ))
+        .bind(id.0)
+        .fetch_one(&mut *tx)
+        .await?;
+        crate::outbox::notify(&mut tx).await?;
+        tx.commit().await?;
+        Ok(task.into())
+    }
+}
