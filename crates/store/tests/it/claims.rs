@@ -83,7 +83,7 @@ async fn eight_concurrent_claimers_over_10000_tasks_never_claim_one_twice() {
         c.await.unwrap();
     }
 
-    let claimed = claimed.lock().unwrap();
+    let claimed = claimed.lock().unwrap().clone();
     let unique: HashSet<_> = claimed.iter().collect();
     assert_eq!(unique.len(), claimed.len(), "a task was claimed twice");
     assert_eq!(claimed.len(), 10_000);
