@@ -1,0 +1,52 @@
+//! The 1C contract as DESIGN.md fixes it: `PUT /hs/orders/v1/orders/{id}` with
+//! Basic auth, the OrderFull snapshot plus `version` as the body, and the
+//! `Idempotency-Key: {id}:{version}` and `traceparent` headers.
+
+mod client;
+mod outcome;
+
+#[cfg(any(test, feature = "mock"))]
+pub use client::MockOnecClient;
+pub use client::{Credentials, HttpOnecClient, OnecClient, OnecConfig};
+pub use outcome::{classify_response, parse_retry_after, Applied, ErrorClass, Failure, Outcome};
+
+use serde::{Deserialize, Serialize};
+
+/// One delivery: an order version and the snapshot committed with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// The order id, URL-safe by the domain's id rules.
+    pub order_id: String,
+    /// The order version.
+    pub version: i64,
+    /// The OrderFull as committed.
+    pub snapshot: serde_json::Value,
+    /// W3C trace context of the save, passed on to 1C.
+    pub traceparent: Option<String>,
+}
+
+impl Delivery {
+    /// The `Idempotency-Key` 1C deduplicates on.
+    pub fn idempotency_key(&self) -> String {
+        format!("{}:{}", self.order_id, self.version)
+    }
+}
+
+/// The request body: the snapshot's fields plus `version`.
+#[derive(Debug, Serialize)]
+pub struct WireOrder<'a> {
+    /// The order version.
+    pub version: i64,
+    /// `order`, `items`, `payments` and `history`.
+    #[serde(flatten)]
+    pub snapshot: &'a serde_json::Value,
+}
+
+/// What 1C answers on 200: what it did with the version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyResponse {
+    /// What happened.
+    pub result: Applied,
+    /// The version 1C holds now.
+    pub version: i64,
+}
