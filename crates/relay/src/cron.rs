@@ -1,0 +1,225 @@
+//! The cron: runs named jobs periodically, and early when woken. The task
+//! service only sees the [`Cron`] trait; [`PoolCron`] runs the jobs on a
+//! [`WorkerPool`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::pool::WorkerPool;
+
+/// What a job run reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// It did a full share of work; more is probably waiting, so run again now.
+    MoreWork,
+    /// Nothing (or little) was left; wait for the next tick or wake-up.
+    Idle,
+}
+
+/// One run of a job. It receives a token that is cancelled on shutdown.
+pub type JobFn =
+    Arc<dyn Fn(CancellationToken) -> BoxFuture<'static, anyhow::Result<Progress>> + Send + Sync>;
+
+/// A named periodic job.
+#[derive(Clone)]
+pub struct Job {
+    /// Name, for logs and metrics.
+    pub name: &'static str,
+    /// Longest wait between runs when idle.
+    pub every: Duration,
+    /// How many runs of this job may overlap.
+    pub parallelism: usize,
+    /// Runs the job early when notified.
+    pub wake: Option<Arc<Notify>>,
+    /// The work.
+    pub run: JobFn,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("name", &self.name)
+            .field("every", &self.every)
+            .field("parallelism", &self.parallelism)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Schedules jobs. Injected into the task service, which does not know how
+/// (or where) its jobs run.
+#[cfg_attr(test, mockall::automock)]
+pub trait Cron: Send + Sync {
+    /// Starts running `job` until shutdown.
+    fn schedule(&self, job: Job);
+}
+
+/// A [`Cron`] whose job runs execute on a [`WorkerPool`].
+#[derive(Debug, Clone)]
+pub struct PoolCron {
+    pool: WorkerPool,
+    cancel: CancellationToken,
+    schedulers: TaskTracker,
+}
+
+impl PoolCron {
+    /// A cron over `pool` that stops scheduling when `cancel` fires.
+    pub fn new(pool: WorkerPool, cancel: CancellationToken) -> Self {
+        Self {
+            pool,
+            cancel,
+            schedulers: TaskTracker::new(),
+        }
+    }
+
+    /// Waits until every scheduler has stopped (after cancellation) and the
+    /// runs they started have finished.
+    pub async fn stopped(&self) {
+        self.schedulers.close();
+        self.schedulers.wait().await;
+    }
+}
+
+impl Cron for PoolCron {
+    fn schedule(&self, job: Job) {
+        for _ in 0..job.parallelism.max(1) {
+            self.schedulers
+                .spawn(lane(job.clone(), self.pool.clone(), self.cancel.clone()));
+        }
+    }
+}
+
+/// One lane of a job: waits for a tick or a wake-up, runs the job on the
+/// pool, and runs again at once while it reports more work.
+async fn lane(job: Job, pool: WorkerPool, cancel: CancellationToken) {
+    let never = Notify::new();
+    let wake = job.wake.as_deref().unwrap_or(&never);
+    let mut again = true;
+    loop {
+        if !again {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(job.every) => {}
+                () = wake.notified() => {}
+            }
+        }
+        if cancel.is_cancelled() {
+            return;
+        }
+        match pool.run((job.run)(cancel.clone())).await {
+            Ok(Ok(Progress::MoreWork)) => {
+                again = true;
+                // Bring a sibling lane in while the backlog lasts.
+                if job.parallelism > 1 {
+                    wake.notify_one();
+                }
+            }
+            Ok(Ok(Progress::Idle)) => again = false,
+            Ok(Err(e)) => {
+                tracing::warn!(job = job.name, error = format!("{e:#}"), "job run failed");
+                again = false;
+            }
+            Err(_closed) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn counting_job(runs: Arc<AtomicUsize>, more_until: usize, wake: Option<Arc<Notify>>) -> Job {
+        Job {
+            name: "count",
+            every: Duration::from_secs(3600),
+            parallelism: 1,
+            wake,
+            run: Arc::new(move |_| {
+                let runs = runs.clone();
+                Box::pin(async move {
+                    let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                    Ok(if n < more_until {
+                        Progress::MoreWork
+                    } else {
+                        Progress::Idle
+                    })
+                })
+            }),
+        }
+    }
+
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    #[tokio::test]
+    async fn a_job_runs_at_once_and_again_while_it_reports_more_work() {
+        let cancel = CancellationToken::new();
+        let cron = PoolCron::new(WorkerPool::new(2), cancel.clone());
+        let runs = Arc::new(AtomicUsize::new(0));
+
+        cron.schedule(counting_job(runs.clone(), 5, None));
+        settle().await;
+
+        assert_eq!(runs.load(Ordering::SeqCst), 5, "4 x more work, then idle");
+        cancel.cancel();
+        cron.stopped().await;
+    }
+
+    #[tokio::test]
+    async fn an_idle_job_runs_again_when_woken() {
+        let cancel = CancellationToken::new();
+        let cron = PoolCron::new(WorkerPool::new(1), cancel.clone());
+        let (runs, wake) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
+        cron.schedule(counting_job(runs.clone(), 0, Some(wake.clone())));
+        settle().await;
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+        wake.notify_one();
+        settle().await;
+
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+        cancel.cancel();
+        cron.stopped().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_job_runs_again_on_its_tick() {
+        let cancel = CancellationToken::new();
+        let cron = PoolCron::new(WorkerPool::new(1), cancel.clone());
+        let runs = Arc::new(AtomicUsize::new(0));
+        let mut job = counting_job(runs.clone(), 0, None);
+        job.every = Duration::from_secs(10);
+        cron.schedule(job);
+
+        tokio::time::sleep(Duration::from_secs(35)).await;
+
+        assert_eq!(runs.load(Ordering::SeqCst), 4, "at 0, 10, 20 and 30 s");
+        cancel.cancel();
+        cron.stopped().await;
+    }
+
+    #[tokio::test]
+    async fn cancellation_stops_every_lane_and_no_run_starts_after_it() {
+        let cancel = CancellationToken::new();
+        let cron = PoolCron::new(WorkerPool::new(4), cancel.clone());
+        let runs = Arc::new(AtomicUsize::new(0));
+        let mut job = counting_job(runs.clone(), usize::MAX, None);
+        job.parallelism = 3;
+        cron.schedule(job);
+        settle().await;
+
+        cancel.cancel();
+        cron.stopped().await;
+        let after_stop = runs.load(Ordering::SeqCst);
+        settle().await;
+
+        assert!(after_stop > 0);
+        assert_eq!(runs.load(Ordering::SeqCst), after_stop);
+    }
+}
