@@ -3,16 +3,25 @@
 //! The [`TaskService`] claims tasks, delivers them and records the outcome.
 //! It receives a [`Cron`] by injection and registers its jobs there; the
 //! [`PoolCron`] runs those jobs on a bounded [`WorkerPool`], which the task
-//! service never sees. [`run`] wires it all together for one process.
+//! service never sees. [`Relay`] wires it all together for one process.
 
 pub mod backoff;
 pub mod breaker;
 pub mod clock;
 pub mod cron;
+pub mod metrics;
 pub mod pool;
+pub mod protect;
+mod runtime;
+pub mod service;
+pub mod wakeup;
 
 pub use backoff::Backoff;
 pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 pub use clock::{Clock, SystemClock};
 pub use cron::{Cron, Job, PoolCron, Progress};
+pub use metrics::RelayMetrics;
 pub use pool::{PoolClosed, WorkerPool};
+pub use protect::{Attempt, OnecGuard, ProtectionConfig};
+pub use runtime::{Relay, RelayConfig};
+pub use service::{decide, Decision, ServiceConfig, TaskService};

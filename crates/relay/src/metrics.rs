@@ -1,0 +1,140 @@
+//! Prometheus metrics of the relay role, on its own registry.
+
+use chrono::{DateTime, Utc};
+use onec::Outcome;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// The relay's metrics.
+pub struct RelayMetrics {
+    registry: Registry,
+    /// Tasks delivered (1C answered 200).
+    pub delivered_total: IntCounter,
+    /// Failed attempts by error class.
+    pub failed_total: IntCounterVec,
+    /// Tasks that went dead.
+    pub dead: IntCounter,
+    /// Claimed tasks given back unsent (breaker open, shutdown).
+    pub released: IntCounter,
+    /// Time from the save's commit to 1C's answer.
+    pub lag: Histogram,
+    /// Tasks per non-empty claim.
+    pub claim_batch: Histogram,
+    /// 0 closed, 1 open, 2 half-open.
+    pub breaker_state: IntGauge,
+    /// Workers running a job.
+    pub workers_busy: IntGauge,
+    /// Workers in the pool.
+    pub workers: IntGauge,
+}
+
+impl Default for RelayMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RelayMetrics {
+    /// Registers every metric on a fresh registry.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
+        let m = Self {
+            delivered_total: counter(
+                "orders_center_onec_tasks_delivered_total",
+                "Tasks delivered to 1C.",
+            ),
+            failed_total: IntCounterVec::new(
+                Opts::new(
+                    "orders_center_onec_tasks_failed_total",
+                    "Failed delivery attempts, by error class.",
+                ),
+                &["class"],
+            )
+            .expect("valid metric"),
+            dead: counter(
+                "orders_center_onec_tasks_dead_total",
+                "Tasks that went dead.",
+            ),
+            released: counter(
+                "orders_center_onec_tasks_released_total",
+                "Claimed tasks given back unsent.",
+            ),
+            lag: Histogram::with_opts(
+                HistogramOpts::new(
+                    "orders_center_onec_delivery_lag_seconds",
+                    "Time from the save's commit to 1C's answer.",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0, 60.0, 300.0,
+                ]),
+            )
+            .expect("valid metric"),
+            claim_batch: Histogram::with_opts(
+                HistogramOpts::new(
+                    "orders_center_onec_claim_batch_size",
+                    "Tasks per non-empty claim.",
+                )
+                .buckets(vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0]),
+            )
+            .expect("valid metric"),
+            breaker_state: gauge(
+                "orders_center_onec_breaker_state",
+                "Circuit breaker: 0 closed, 1 open, 2 half-open.",
+            ),
+            workers_busy: gauge("orders_center_relay_workers_busy", "Workers running a job."),
+            workers: gauge("orders_center_relay_workers", "Workers in the pool."),
+            registry,
+        };
+        for c in [
+            Box::new(m.delivered_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.failed_total.clone()),
+            Box::new(m.dead.clone()),
+            Box::new(m.released.clone()),
+            Box::new(m.lag.clone()),
+            Box::new(m.claim_batch.clone()),
+            Box::new(m.breaker_state.clone()),
+            Box::new(m.workers_busy.clone()),
+            Box::new(m.workers.clone()),
+        ] {
+            m.registry.register(c).expect("metric names are unique");
+        }
+        m
+    }
+
+    pub(crate) fn claimed(&self, n: usize) {
+        if n > 0 {
+            self.claim_batch.observe(n as f64);
+        }
+    }
+
+    pub(crate) fn delivered(&self, committed_at: DateTime<Utc>) {
+        self.delivered_total.inc();
+        let lag = (Utc::now() - committed_at)
+            .num_microseconds()
+            .unwrap_or(0)
+            .max(0);
+        self.lag.observe(lag as f64 / 1e6);
+    }
+
+    pub(crate) fn failed(&self, outcome: &Outcome) {
+        if let Outcome::Failed(f) = outcome {
+            self.failed_total
+                .with_label_values(&[f.class.as_str()])
+                .inc();
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("exposition is UTF-8")
+    }
+}

@@ -1,0 +1,100 @@
+//! What stands between the relay and 1C: a limit on requests in flight, a
+//! requests-per-second limit and the circuit breaker.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use onec::{Delivery, OnecClient, Outcome};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::breaker::{Admission, BreakerConfig, BreakerState, CircuitBreaker};
+use crate::clock::Clock;
+
+/// Protection settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProtectionConfig {
+    /// Most requests to 1C at once, over all workers of this relay.
+    pub max_in_flight: usize,
+    /// Most requests per second from this relay; `None` for no limit.
+    pub rate_per_second: Option<NonZeroU32>,
+    /// Breaker settings.
+    pub breaker: BreakerConfig,
+}
+
+/// What became of one delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Attempt {
+    /// It was sent, and this came back.
+    Sent(Outcome),
+    /// It was not sent: the breaker is open or the relay is shutting down.
+    NotSent,
+}
+
+/// The guarded path to 1C; share it through an `Arc`.
+pub struct OnecGuard {
+    client: Arc<dyn OnecClient>,
+    in_flight: Semaphore,
+    limiter: Option<DefaultDirectRateLimiter>,
+    breaker: CircuitBreaker,
+}
+
+impl OnecGuard {
+    /// Guards `client` with `config`.
+    pub fn new(
+        client: Arc<dyn OnecClient>,
+        config: ProtectionConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            client,
+            in_flight: Semaphore::new(config.max_in_flight.max(1)),
+            limiter: config
+                .rate_per_second
+                .map(|r| RateLimiter::direct(Quota::per_second(r))),
+            breaker: CircuitBreaker::new(config.breaker, clock),
+        }
+    }
+
+    /// How many deliveries are worth claiming now: the free in-flight slots,
+    /// or one probe, or none while the breaker is open.
+    pub fn capacity(&self) -> usize {
+        let free = self.in_flight.available_permits();
+        self.breaker.capacity().map_or(free, |n| n.min(free))
+    }
+
+    /// The breaker's state.
+    pub fn breaker_state(&self) -> BreakerState {
+        self.breaker.state()
+    }
+
+    /// Sends `delivery` when a slot and the rate limit allow and the breaker
+    /// admits it. Waiting ends early, unsent, when `cancel` fires; a request
+    /// already sent is always awaited (the client's timeout bounds it).
+    pub async fn deliver(&self, delivery: &Delivery, cancel: &CancellationToken) -> Attempt {
+        let _slot = tokio::select! {
+            biased;
+            () = cancel.cancelled() => return Attempt::NotSent,
+            slot = self.in_flight.acquire() => slot.expect("the semaphore is never closed"),
+        };
+        if let Some(limiter) = &self.limiter {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return Attempt::NotSent,
+                () = limiter.until_ready() => {}
+            }
+        }
+        let admission = self.breaker.admit();
+        if admission == Admission::Refused {
+            return Attempt::NotSent;
+        }
+        let outcome = self.client.put_order(delivery).await;
+        let healthy = match &outcome {
+            Outcome::Delivered(_) => true,
+            Outcome::Failed(f) => !f.class.counts_against_1c(),
+        };
+        self.breaker.record(admission, healthy);
+        Attempt::Sent(outcome)
+    }
+}

@@ -1,0 +1,344 @@
+//! The task service (`order_eno_1c`): claims outbox tasks, delivers them to
+//! 1C and records each outcome. It registers its jobs with an injected
+//! [`Cron`] and knows nothing of the pool that runs them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use onec::{Delivery, Failure, Outcome};
+use store::{ClaimSpec, ClaimedTask, Store, TaskId};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::cron::{Cron, Job, Progress};
+use crate::metrics::RelayMetrics;
+use crate::protect::{Attempt, OnecGuard};
+
+/// Task service settings.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// This relay's name in `claimed_by`, e.g. the pod name.
+    pub relay_id: String,
+    /// Most tasks claimed per query.
+    pub batch_size: u32,
+    /// How many claim-and-deliver runs may overlap.
+    pub claim_lanes: usize,
+    /// How long a claim holds before other relays may rescue it.
+    pub lease: Duration,
+    /// Attempts before a transiently failing task goes dead.
+    pub max_attempts: i32,
+    /// Retry delays.
+    pub backoff: Backoff,
+    /// Longest idle wait between claim runs, in case a wake-up was lost.
+    pub poll_interval: Duration,
+    /// How often expired claims are rescued.
+    pub rescue_interval: Duration,
+}
+
+/// What to do with a task after an attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Delivered: done.
+    Complete,
+    /// Transient failure: try again after this long.
+    RetryAfter(Duration, String),
+    /// Permanent failure or out of attempts: dead, with this reason.
+    Dead(String),
+}
+
+/// The retry policy: transient failures back off (at least as long as 1C
+/// asked) until `max_attempts`, permanent ones go dead at once.
+pub fn decide(
+    outcome: &Outcome,
+    attempts: i32,
+    max_attempts: i32,
+    backoff_delay: Duration,
+) -> Decision {
+    let failure = match outcome {
+        Outcome::Delivered(_) => return Decision::Complete,
+        Outcome::Failed(f) => f,
+    };
+    if !failure.is_transient() {
+        return Decision::Dead(format!("{} (permanent)", failure.detail));
+    }
+    if attempts >= max_attempts {
+        return Decision::Dead(format!(
+            "{} (gave up after {attempts} attempts)",
+            failure.detail
+        ));
+    }
+    let wait = failure
+        .retry_after
+        .map_or(backoff_delay, |asked| asked.max(backoff_delay));
+    Decision::RetryAfter(wait, failure.detail.clone())
+}
+
+/// The task service.
+pub struct TaskService {
+    store: Store,
+    onec: Arc<OnecGuard>,
+    config: ServiceConfig,
+    wake: Arc<Notify>,
+    metrics: Arc<RelayMetrics>,
+}
+
+impl TaskService {
+    /// A service over `store`, delivering through `onec`.
+    pub fn new(
+        store: Store,
+        onec: Arc<OnecGuard>,
+        config: ServiceConfig,
+        metrics: Arc<RelayMetrics>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            onec,
+            config,
+            wake: Arc::new(Notify::new()),
+            metrics,
+        })
+    }
+
+    /// Notified when new tasks may be waiting (a save's NOTIFY).
+    pub fn wake(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// Registers the service's jobs: `deliver` (claim and deliver, early on
+    /// wake-ups) and `rescue` (expired claims).
+    pub fn register(self: &Arc<Self>, cron: &dyn Cron) {
+        let s = self.clone();
+        cron.schedule(Job {
+            name: "deliver",
+            every: self.config.poll_interval,
+            parallelism: self.config.claim_lanes,
+            wake: Some(self.wake.clone()),
+            run: Arc::new(move |cancel| {
+                let s = s.clone();
+                Box::pin(async move { s.claim_and_deliver(cancel).await })
+            }),
+        });
+        let s = self.clone();
+        cron.schedule(Job {
+            name: "rescue",
+            every: self.config.rescue_interval,
+            parallelism: 1,
+            wake: None,
+            run: Arc::new(move |_| {
+                let s = s.clone();
+                Box::pin(async move { s.rescue_expired().await })
+            }),
+        });
+    }
+
+    /// Claims one batch and delivers it. A full batch reports more work.
+    pub async fn claim_and_deliver(&self, cancel: CancellationToken) -> anyhow::Result<Progress> {
+        let want = self.onec.capacity().min(self.config.batch_size as usize) as u32;
+        if want == 0 || cancel.is_cancelled() {
+            return Ok(Progress::Idle);
+        }
+        let tasks = self
+            .store
+            .claim_batch(&ClaimSpec {
+                claimant: &self.config.relay_id,
+                limit: want,
+                lease: self.config.lease,
+            })
+            .await?;
+        self.metrics.claimed(tasks.len());
+        let claimed = tasks.len();
+        futures::stream::iter(tasks)
+            .for_each_concurrent(None, |task| self.deliver(task, &cancel))
+            .await;
+        Ok(if claimed as u32 >= want {
+            Progress::MoreWork
+        } else {
+            Progress::Idle
+        })
+    }
+
+    async fn deliver(&self, task: ClaimedTask, cancel: &CancellationToken) {
+        let (id, token, attempts, created_at) =
+            (task.id, task.token, task.attempts, task.created_at);
+        let delivery = Delivery {
+            order_id: task.order_id,
+            version: task.version,
+            snapshot: task.snapshot,
+            traceparent: task.traceparent,
+        };
+        let outcome = match self.onec.deliver(&delivery, cancel).await {
+            Attempt::Sent(outcome) => outcome,
+            Attempt::NotSent => {
+                self.metrics.released.inc();
+                return self.settled(id, "release", self.store.release(id, token).await);
+            }
+        };
+        let delay = self.config.backoff.delay_random(attempts);
+        match decide(&outcome, attempts, self.config.max_attempts, delay) {
+            Decision::Complete => {
+                self.metrics.delivered(created_at);
+                self.settled(id, "complete", self.store.complete(id, token).await);
+            }
+            Decision::RetryAfter(wait, reason) => {
+                self.metrics.failed(&outcome);
+                let at = chrono::Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+                tracing::debug!(task = %id, order = %delivery.order_id, ?wait, %reason, "delivery failed; will retry");
+                self.settled(
+                    id,
+                    "retry",
+                    self.store.retry_later(id, token, at, &reason).await,
+                );
+            }
+            Decision::Dead(reason) => {
+                self.metrics.failed(&outcome);
+                self.metrics.dead.inc();
+                tracing::warn!(task = %id, order = %delivery.order_id, %reason, "task is dead");
+                self.settled(id, "bury", self.store.mark_dead(id, token, &reason).await);
+            }
+        }
+    }
+
+    /// Logs what recording an outcome did. A lost claim means another relay
+    /// rescued the task; a database error leaves it to the lease to expire.
+    fn settled(&self, id: TaskId, what: &str, result: store::Result<bool>) {
+        match result {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(task = %id, what, "claim was lost; another relay owns the task now")
+            }
+            Err(e) => {
+                tracing::warn!(task = %id, what, error = %e, "could not record the outcome; the claim will expire and be retried")
+            }
+        }
+    }
+
+    /// Returns expired claims to `pending`.
+    pub async fn rescue_expired(&self) -> anyhow::Result<Progress> {
+        let rescued = self.store.rescue_expired(500).await?;
+        if rescued > 0 {
+            tracing::warn!(rescued, "rescued tasks whose claim expired");
+            self.wake.notify_one();
+        }
+        Ok(if rescued == 500 {
+            Progress::MoreWork
+        } else {
+            Progress::Idle
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::breaker::BreakerConfig;
+    use crate::clock::SystemClock;
+    use crate::cron::MockCron;
+    use crate::protect::ProtectionConfig;
+    use onec::{Applied, ErrorClass, MockOnecClient};
+
+    fn failure(class: ErrorClass, retry_after: Option<Duration>) -> Outcome {
+        Outcome::Failed(Failure {
+            class,
+            retry_after,
+            detail: format!("{} happened", class.as_str()),
+        })
+    }
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn every_outcome_maps_to_one_decision() {
+        assert_eq!(
+            decide(&Outcome::Delivered(Applied::Stale), 1, 5, SECOND),
+            Decision::Complete
+        );
+        assert_eq!(
+            decide(&failure(ErrorClass::ServerError, None), 2, 5, SECOND),
+            Decision::RetryAfter(SECOND, "server_error happened".into())
+        );
+        assert_eq!(
+            decide(
+                &failure(ErrorClass::Throttled, Some(Duration::from_secs(30))),
+                2,
+                5,
+                SECOND
+            ),
+            Decision::RetryAfter(Duration::from_secs(30), "throttled happened".into()),
+            "Retry-After wins when longer"
+        );
+        assert_eq!(
+            decide(
+                &failure(ErrorClass::Unavailable, Some(Duration::ZERO)),
+                2,
+                5,
+                SECOND
+            ),
+            Decision::RetryAfter(SECOND, "unavailable happened".into()),
+            "but never shortens the backoff"
+        );
+        assert_eq!(
+            decide(&failure(ErrorClass::Timeout, None), 5, 5, SECOND),
+            Decision::Dead("timeout happened (gave up after 5 attempts)".into())
+        );
+        assert_eq!(
+            decide(&failure(ErrorClass::Rejected, None), 1, 5, SECOND),
+            Decision::Dead("rejected happened (permanent)".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn the_service_registers_its_jobs_through_the_injected_cron() {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://unused@127.0.0.1:1/none")
+            .unwrap();
+        let guard = Arc::new(OnecGuard::new(
+            Arc::new(MockOnecClient::new()),
+            ProtectionConfig {
+                max_in_flight: 4,
+                rate_per_second: None,
+                breaker: BreakerConfig {
+                    failure_threshold: 5,
+                    cool_down: SECOND,
+                },
+            },
+            Arc::new(SystemClock),
+        ));
+        let config = ServiceConfig {
+            relay_id: "r".into(),
+            batch_size: 10,
+            claim_lanes: 3,
+            lease: SECOND,
+            max_attempts: 5,
+            backoff: Backoff {
+                base: SECOND,
+                max: SECOND,
+            },
+            poll_interval: Duration::from_millis(500),
+            rescue_interval: Duration::from_secs(7),
+        };
+        let service = TaskService::new(Store::new(pool), guard, config, Arc::default());
+        let mut cron = MockCron::new();
+        let mut seq = mockall::Sequence::new();
+        cron.expect_schedule()
+            .withf(|job| {
+                job.name == "deliver"
+                    && job.parallelism == 3
+                    && job.wake.is_some()
+                    && job.every == Duration::from_millis(500)
+            })
+            .times(1)
+            .in_sequence(&mut seq)
+            .return_const(());
+        cron.expect_schedule()
+            .withf(|job| {
+                job.name == "rescue" && job.parallelism == 1 && job.every == Duration::from_secs(7)
+            })
+            .times(1)
+            .in_sequence(&mut seq)
+            .return_const(());
+
+        service.register(&cron);
+    }
+}
