@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use onec::{Delivery, Failure, Outcome};
+use onec::{Delivery, Outcome};
 use store::{ClaimSpec, ClaimedTask, Store, TaskId};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -236,7 +236,7 @@ mod tests {
     use crate::clock::SystemClock;
     use crate::cron::MockCron;
     use crate::protect::ProtectionConfig;
-    use onec::{Applied, ErrorClass, MockOnecClient};
+    use onec::{Applied, ErrorClass, Failure, MockOnecClient};
 
     fn failure(class: ErrorClass, retry_after: Option<Duration>) -> Outcome {
         Outcome::Failed(Failure {
