@@ -89,6 +89,8 @@ impl From<store::Error> for ApiError {
                 "Idempotency-Key {key:?} was already used with a different request body"
             )),
             S::InvalidCursor => Self::BadRequest("cursor is not one this service issued".into()),
+            e @ S::TaskNotFound(_) => Self::NotFound(e.to_string()),
+            e @ S::TaskNotReplayable { .. } => Self::Conflict(e.to_string()),
             e @ S::Unavailable(_) => Self::Unavailable(e),
             e => Self::Internal(Box::new(e)),
         }

@@ -4,7 +4,7 @@ use axum::Router;
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::routes::{ops, orders};
+use crate::routes::{ops, orders, sync};
 use crate::AppState;
 
 /// The OpenAPI 3.1 description of the API.
@@ -23,6 +23,8 @@ use crate::AppState;
         orders::order_history,
         orders::change_status,
         ops::sync_stats,
+        sync::list_tasks,
+        sync::retry_task,
         ops::healthz,
         ops::readyz,
         ops::metrics,

@@ -46,10 +46,16 @@ pub enum LogFormat {
 pub enum Command {
     /// Serve the HTTP API (and /metrics on the same port).
     Api(ApiArgs),
+    /// Deliver the outbox to 1C (`order_eno_1c`); serves /metrics, /healthz
+    /// and /readyz.
+    Relay(RelayArgs),
     /// Apply the database migrations and exit.
     Migrate,
+    /// List or replay outbox tasks.
+    #[command(subcommand)]
+    Tasks(TasksCommand),
     /// Everything in one process for a laptop: a throwaway PostgreSQL unless
-    /// DATABASE_URL is set, migrations, and the API.
+    /// DATABASE_URL is set, migrations, the API, a relay and the 1C mock.
     Dev(DevArgs),
 }
 
@@ -82,6 +88,180 @@ pub struct DevArgs {
 
     #[command(flatten)]
     pub http: HttpArgs,
+
+    /// Address of the relay's /metrics, /healthz and /readyz.
+    #[arg(long, env = "RELAY_LISTEN_ADDR", default_value = "127.0.0.1:9090")]
+    pub relay_listen: SocketAddr,
+
+    /// Address of the in-process 1C mock.
+    #[arg(long, env = "ONEC_MOCK_LISTEN_ADDR", default_value = "127.0.0.1:8081")]
+    pub onec_mock_listen: SocketAddr,
+
+    #[command(flatten)]
+    pub relay: RelayTuning,
+}
+
+/// Flags of `relay`.
+#[derive(Debug, Args)]
+pub struct RelayArgs {
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:9090")]
+    pub listen: SocketAddr,
+
+    /// Base URL of 1C, e.g. `http://onec-mock:8081`.
+    #[arg(long, env = "ONEC_URL")]
+    pub onec_url: String,
+
+    /// 1C Basic-auth user name.
+    #[arg(long, env = "ONEC_USERNAME")]
+    pub onec_username: String,
+
+    /// 1C Basic-auth password.
+    #[arg(long, env = "ONEC_PASSWORD", hide_env_values = true)]
+    pub onec_password: String,
+
+    #[command(flatten)]
+    pub tuning: RelayTuning,
+}
+
+/// How a relay claims, retries and protects 1C.
+#[derive(Debug, Args)]
+pub struct RelayTuning {
+    /// This relay's name in `claimed_by`; the pod name on Kubernetes.
+    #[arg(long, env = "POD_NAME")]
+    pub relay_id: Option<String>,
+
+    /// Most tasks claimed per query.
+    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 100)]
+    pub batch_size: u32,
+
+    /// Claim-and-deliver runs that may overlap (the worker pool has one more
+    /// worker, for the rescue job).
+    #[arg(long, env = "RELAY_CLAIM_LANES", default_value_t = 3)]
+    pub claim_lanes: usize,
+
+    /// Most requests to 1C in flight from this relay.
+    #[arg(long, env = "ONEC_MAX_IN_FLIGHT", default_value_t = 64)]
+    pub max_in_flight: usize,
+
+    /// Most requests per second to 1C from this relay; 0 for no limit.
+    #[arg(long, env = "ONEC_RATE_LIMIT", default_value_t = 0)]
+    pub rate_limit: u32,
+
+    /// Timeout of one request to 1C.
+    #[arg(long, env = "ONEC_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub onec_timeout: Duration,
+
+    /// Attempts before a transiently failing task goes dead.
+    #[arg(long, env = "RELAY_MAX_ATTEMPTS", default_value_t = 12)]
+    pub max_attempts: i32,
+
+    /// First retry delay; it doubles per attempt, with jitter.
+    #[arg(long, env = "RELAY_BACKOFF_BASE", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub backoff_base: Duration,
+
+    /// Longest retry delay.
+    #[arg(long, env = "RELAY_BACKOFF_MAX", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub backoff_max: Duration,
+
+    /// How long a claim holds before another relay may take the task over.
+    #[arg(long, env = "RELAY_CLAIM_LEASE", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub claim_lease: Duration,
+
+    /// Longest wait between claims when no save wakes the relay.
+    #[arg(long, env = "RELAY_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub poll_interval: Duration,
+
+    /// How often expired claims are rescued.
+    #[arg(long, env = "RELAY_RESCUE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub rescue_interval: Duration,
+
+    /// Consecutive 1C failures that open the circuit breaker.
+    #[arg(long, env = "ONEC_BREAKER_FAILURES", default_value_t = 5)]
+    pub breaker_failures: u32,
+
+    /// How long the breaker stays open before a probe.
+    #[arg(long, env = "ONEC_BREAKER_COOL_DOWN", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub breaker_cool_down: Duration,
+}
+
+impl RelayTuning {
+    /// The relay settings these flags describe.
+    pub fn relay_config(&self) -> relay::RelayConfig {
+        let relay_id = self.relay_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        });
+        relay::RelayConfig {
+            service: relay::ServiceConfig {
+                relay_id,
+                batch_size: self.batch_size.max(1),
+                claim_lanes: self.claim_lanes.max(1),
+                lease: self.claim_lease,
+                max_attempts: self.max_attempts.max(1),
+                backoff: relay::Backoff {
+                    base: self.backoff_base,
+                    max: self.backoff_max,
+                },
+                poll_interval: self.poll_interval,
+                rescue_interval: self.rescue_interval,
+            },
+            protection: relay::ProtectionConfig {
+                max_in_flight: self.max_in_flight.max(1),
+                rate_per_second: std::num::NonZeroU32::new(self.rate_limit),
+                breaker: relay::BreakerConfig {
+                    failure_threshold: self.breaker_failures.max(1),
+                    cool_down: self.breaker_cool_down,
+                },
+            },
+        }
+    }
+
+    /// The 1C client settings for `url` and these flags.
+    pub fn onec_config(&self, url: &str, username: &str, password: &str) -> onec::OnecConfig {
+        onec::OnecConfig {
+            base_url: url.to_owned(),
+            credentials: onec::Credentials {
+                username: username.to_owned(),
+                password: password.to_owned(),
+            },
+            timeout: self.onec_timeout,
+            max_idle_connections: self.max_in_flight,
+        }
+    }
+}
+
+/// `tasks` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TasksCommand {
+    /// List tasks in one state, oldest first.
+    List {
+        /// Task state.
+        #[arg(long, value_parser = parse_state, default_value = "dead")]
+        state: domain::TaskState,
+        /// Most tasks to show.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Show tasks after this id.
+        #[arg(long)]
+        after: Option<i64>,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replay dead tasks: pending again now, with a fresh attempt budget.
+    Retry {
+        /// Task ids.
+        #[arg(required = true)]
+        ids: Vec<i64>,
+    },
+}
+
+fn parse_state(s: &str) -> Result<domain::TaskState, String> {
+    domain::TaskState::parse(s).ok_or_else(|| {
+        let all: Vec<_> = domain::TaskState::ALL.iter().map(|t| t.as_str()).collect();
+        format!("one of {}", all.join(", "))
+    })
 }
 
 /// Limits of every HTTP listener.
@@ -114,6 +294,50 @@ mod tests {
     #[test]
     fn the_cli_definition_is_consistent() {
         Config::command().debug_assert();
+    }
+
+    #[test]
+    fn relay_flags_become_relay_settings() {
+        let cli = Config::try_parse_from([
+            "orders-center",
+            "relay",
+            "--onec-url",
+            "http://1c",
+            "--onec-username",
+            "u",
+            "--onec-password",
+            "p",
+            "--rate-limit",
+            "50",
+            "--relay-id",
+            "relay-0",
+            "--backoff-base",
+            "250ms",
+        ])
+        .unwrap();
+        let Command::Relay(args) = cli.command else {
+            panic!("parsed {cli:?}")
+        };
+        let c = args.tuning.relay_config();
+        assert_eq!(c.service.relay_id, "relay-0");
+        assert_eq!(c.service.backoff.base, Duration::from_millis(250));
+        assert_eq!(c.protection.rate_per_second.map(|r| r.get()), Some(50));
+        assert_eq!(c.protection.max_in_flight, 64);
+        let unlimited = Config::try_parse_from([
+            "orders-center",
+            "relay",
+            "--onec-url",
+            "x",
+            "--onec-username",
+            "u",
+            "--onec-password",
+            "p",
+        ])
+        .unwrap();
+        let Command::Relay(args) = unlimited.command else {
+            panic!()
+        };
+        assert_eq!(args.tuning.relay_config().protection.rate_per_second, None);
     }
 
     #[test]

@@ -2,16 +2,18 @@
 //! crates together. Each subcommand is one role.
 
 mod config;
+mod tasks_cli;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use config::{Command, Config, HttpArgs, LogFormat};
+use config::{Command, Config, DevArgs, HttpArgs, LogFormat, RelayArgs};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -33,29 +35,59 @@ async fn run(config: &Config, shutdown: CancellationToken) -> Result<()> {
     match &config.command {
         Command::Migrate => {
             let store = open_store(config, require_url(config, "migrate")?)?;
-            store::migrate(store.pool())
-                .await
-                .context("applying migrations")?;
+            migrate(&store).await?;
             tracing::info!("migrations applied");
             Ok(())
         }
         Command::Api(args) => {
             let store = open_store(config, require_url(config, "api")?)?;
             if args.migrate {
-                store::migrate(store.pool())
-                    .await
-                    .context("applying migrations")?;
+                migrate(&store).await?;
             }
-            let addr = serve_api(store, args.listen, &args.http, shutdown).await?;
-            tracing::info!(%addr, "api stopped");
-            Ok(())
+            let listener = bind(args.listen).await?;
+            tracing::info!(url = %url_of(&listener)?, "api listening");
+            serve_api(store, listener, &args.http, shutdown).await
+        }
+        Command::Relay(args) => run_relay(config, args, shutdown).await,
+        Command::Tasks(command) => {
+            let store = open_store(config, require_url(config, "tasks")?)?;
+            tasks_cli::run(&store, command).await
         }
         Command::Dev(args) => dev(config, args, shutdown).await,
     }
 }
 
-/// `dev`: a throwaway PostgreSQL unless `DATABASE_URL` is set, then the API.
-async fn dev(config: &Config, args: &config::DevArgs, shutdown: CancellationToken) -> Result<()> {
+async fn run_relay(config: &Config, args: &RelayArgs, shutdown: CancellationToken) -> Result<()> {
+    let store = open_store(config, require_url(config, "relay")?)?;
+    let onec = args
+        .tuning
+        .onec_config(&args.onec_url, &args.onec_username, &args.onec_password);
+    let client = onec::HttpOnecClient::new(&onec)?;
+    let relay_config = args.tuning.relay_config();
+    let listener = bind(args.listen).await?;
+    tracing::info!(
+        url = %url_of(&listener)?,
+        relay_id = %relay_config.service.relay_id,
+        onec = %args.onec_url,
+        "relay started"
+    );
+    let relay = relay::Relay::start(store, Arc::new(client), relay_config, shutdown.clone());
+    let status = tokio::spawn(api::serve(
+        listener,
+        relay.status_router(),
+        shutdown.clone().cancelled_owned(),
+    ));
+    relay.stopped().await;
+    status
+        .await?
+        .context("serving the relay status endpoints")?;
+    tracing::info!("relay stopped");
+    Ok(())
+}
+
+/// `dev`: a throwaway PostgreSQL unless `DATABASE_URL` is set, then the API,
+/// a relay and the 1C mock in one process.
+async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Result<()> {
     let (url, throwaway) = match &config.database_url {
         Some(url) => (url.clone(), None),
         None => {
@@ -69,32 +101,69 @@ async fn dev(config: &Config, args: &config::DevArgs, shutdown: CancellationToke
     };
     let store = open_store(config, &url)?;
     if args.migrate {
-        store::migrate(store.pool())
-            .await
-            .context("applying migrations")?;
+        migrate(&store).await?;
     }
-    let listener = bind(args.listen).await?;
-    let base = format!("http://{}", display_addr(listener.local_addr()?));
+
+    let api_listener = bind(args.listen).await?;
+    let relay_listener = bind(args.relay_listen).await?;
+    let mock_listener = bind(args.onec_mock_listen).await?;
+    let (api_url, relay_url, mock_url) = (
+        url_of(&api_listener)?,
+        url_of(&relay_listener)?,
+        url_of(&mock_listener)?,
+    );
+
+    // The mock outlives the relay, so deliveries in flight at shutdown finish.
+    let mock_shutdown = CancellationToken::new();
+    let (user, password) = ("orders-center", uuid::Uuid::new_v4().simple().to_string());
+    let mock = onec_mock::MockState::new(onec_mock::MockConfig {
+        username: user.into(),
+        password: password.clone(),
+        faults: onec_mock::Faults::default(),
+    })
+    .map_err(anyhow::Error::msg)?;
+    let mock_server = tokio::spawn(api::serve(
+        mock_listener,
+        onec_mock::router(mock),
+        mock_shutdown.clone().cancelled_owned(),
+    ));
+    let client = onec::HttpOnecClient::new(&args.relay.onec_config(&mock_url, user, &password))?;
+    let relay = relay::Relay::start(
+        store.clone(),
+        Arc::new(client),
+        args.relay.relay_config(),
+        shutdown.clone(),
+    );
+    let relay_status = tokio::spawn(api::serve(
+        relay_listener,
+        relay.status_router(),
+        shutdown.clone().cancelled_owned(),
+    ));
+
     println!("orders-center dev is running");
-    println!("  API         {base}/api/v1/orders");
-    println!("  Swagger UI  {base}/docs");
-    println!("  OpenAPI     {base}/openapi.json");
-    println!("  Health      {base}/healthz");
-    println!("  Metrics     {base}/metrics");
+    println!("  API           {api_url}/api/v1/orders");
+    println!("  Swagger UI    {api_url}/docs");
+    println!("  OpenAPI       {api_url}/openapi.json");
+    println!("  Health        {api_url}/healthz");
+    println!("  Metrics       {api_url}/metrics  (relay: {relay_url}/metrics)");
+    println!("  1C mock       {mock_url}/stats  (orders: {mock_url}/admin/orders)");
     match &throwaway {
         Some(pg) => println!(
-            "  PostgreSQL  {url}  (throwaway in {}, removed on exit)",
+            "  PostgreSQL    {url}  (throwaway in {}, removed on exit)",
             pg.dir().display()
         ),
-        None => println!("  PostgreSQL  from DATABASE_URL"),
+        None => println!("  PostgreSQL    from DATABASE_URL"),
     }
     println!("Press Ctrl-C to stop.");
 
     let pool = store.pool().clone();
-    let app = api::router(api::AppState::new(store, args.http.api_config()));
-    api::serve(listener, app, shutdown.cancelled_owned())
-        .await
-        .context("serving the API")?;
+    serve_api(store, api_listener, &args.http, shutdown).await?;
+    relay.stopped().await;
+    relay_status
+        .await?
+        .context("serving the relay status endpoints")?;
+    mock_shutdown.cancel();
+    mock_server.await?.context("serving the 1C mock")?;
     pool.close().await;
     if let Some(pg) = throwaway {
         tokio::task::spawn_blocking(move || pg.stop())
@@ -107,18 +176,20 @@ async fn dev(config: &Config, args: &config::DevArgs, shutdown: CancellationToke
 
 async fn serve_api(
     store: store::Store,
-    listen: SocketAddr,
+    listener: TcpListener,
     http: &HttpArgs,
     shutdown: CancellationToken,
-) -> Result<SocketAddr> {
-    let listener = bind(listen).await?;
-    let addr = listener.local_addr()?;
-    tracing::info!(url = %format!("http://{}", display_addr(addr)), "api listening");
+) -> Result<()> {
     let app = api::router(api::AppState::new(store, http.api_config()));
     api::serve(listener, app, shutdown.cancelled_owned())
         .await
-        .context("serving the API")?;
-    Ok(addr)
+        .context("serving the API")
+}
+
+async fn migrate(store: &store::Store) -> Result<()> {
+    store::migrate(store.pool())
+        .await
+        .context("applying migrations")
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener> {
@@ -127,13 +198,15 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener> {
         .with_context(|| format!("binding {addr}"))
 }
 
-/// A clickable address: `0.0.0.0` becomes `127.0.0.1`.
-fn display_addr(addr: SocketAddr) -> SocketAddr {
-    if addr.ip().is_unspecified() {
+/// A clickable URL for a listener: `0.0.0.0` becomes `127.0.0.1`.
+fn url_of(listener: &TcpListener) -> Result<String> {
+    let addr = listener.local_addr()?;
+    let addr = if addr.ip().is_unspecified() {
         SocketAddr::from(([127, 0, 0, 1], addr.port()))
     } else {
         addr
-    }
+    };
+    Ok(format!("http://{addr}"))
 }
 
 fn require_url<'a>(config: &'a Config, role: &str) -> Result<&'a str> {

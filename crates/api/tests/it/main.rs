@@ -6,3 +6,4 @@ mod ops;
 mod read;
 mod save;
 mod support;
+mod sync;

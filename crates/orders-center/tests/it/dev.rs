@@ -6,7 +6,8 @@ use crate::support::{
     line_containing, lines, orders_center, stop, url_in, wait_healthy, workspace_root,
 };
 
-const README_BASE: &str = "http://127.0.0.1:8080";
+const README_API: &str = "http://127.0.0.1:8080";
+const README_MOCK: &str = "http://127.0.0.1:8081";
 
 /// The curl commands between the README's tour markers, one per line.
 fn readme_tour() -> Vec<String> {
@@ -29,14 +30,24 @@ fn readme_tour() -> Vec<String> {
 #[tokio::test]
 async fn dev_mode_serves_within_30s_runs_the_readme_tour_and_cleans_up_on_ctrl_c() {
     let started = Instant::now();
-    let mut dev = orders_center(&["dev", "--listen", "127.0.0.1:0"])
-        .spawn()
-        .unwrap();
+    let mut dev = orders_center(&[
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--relay-listen",
+        "127.0.0.1:0",
+        "--onec-mock-listen",
+        "127.0.0.1:0",
+    ])
+    .spawn()
+    .unwrap();
     let mut out = lines(dev.stdout.take());
     let api_line = line_containing(&mut out, "API ", Duration::from_secs(30)).await;
     let base = url_in(&api_line)
         .trim_end_matches("/api/v1/orders")
         .to_owned();
+    let mock_line = line_containing(&mut out, "1C mock", Duration::from_secs(5)).await;
+    let mock = url_in(&mock_line).trim_end_matches("/stats").to_owned();
     let pg_line = line_containing(&mut out, "PostgreSQL", Duration::from_secs(5)).await;
     let throwaway = pg_line
         .split("throwaway in ")
@@ -62,7 +73,11 @@ async fn dev_mode_serves_within_30s_runs_the_readme_tour_and_cleans_up_on_ctrl_c
     for command in &tour {
         let out = tokio::process::Command::new("sh")
             .arg("-c")
-            .arg(command.replace(README_BASE, &base))
+            .arg(
+                command
+                    .replace(README_API, &base)
+                    .replace(README_MOCK, &mock),
+            )
             .current_dir(workspace_root())
             .output()
             .await
@@ -108,6 +123,34 @@ async fn dev_mode_serves_within_30s_runs_the_readme_tour_and_cleans_up_on_ctrl_c
     );
     assert_eq!(order["version"], 2);
     assert_eq!(order["history"].as_array().unwrap().len(), 3);
+
+    // The relay delivered the latest version to the 1C mock.
+    let client = reqwest::Client::new();
+    let mut held = serde_json::Value::Null;
+    for _ in 0..100 {
+        held = client
+            .get(format!("{mock}/admin/orders"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if held["ORD-1001"] == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(held["ORD-1001"], 2, "1C holds {held}");
+    let stats: Value = client
+        .get(format!("{base}/api/v1/sync/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["pending"], 0, "{stats}");
 
     stop(&mut dev, "INT", Duration::from_secs(15)).await;
     assert!(

@@ -1,0 +1,67 @@
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use testkit::sample_order;
+
+use crate::support::TestApp;
+
+fn post(uri: &str) -> Request<Body> {
+    Request::post(uri).body(Body::empty()).unwrap()
+}
+
+#[tokio::test]
+async fn dead_tasks_are_listed_and_replayed_once() {
+    let app = TestApp::new().await;
+    app.put_order("D1", &sample_order("D1")).await;
+    app.put_order("D2", &sample_order("D2")).await;
+    sqlx::query(
+        "UPDATE onec_tasks SET state = 'dead', attempts = 12, last_error = '1C answered 400'",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+
+    let dead = app.get("/api/v1/sync/tasks?state=dead").await.json();
+    let first = dead[0]["id"].as_i64().unwrap();
+    let replayed = app
+        .send(post(&format!("/api/v1/sync/tasks/{first}/retry")))
+        .await;
+    let again = app
+        .send(post(&format!("/api/v1/sync/tasks/{first}/retry")))
+        .await;
+
+    assert_eq!(dead.as_array().unwrap().len(), 2);
+    assert_eq!(dead[0]["last_error"], "1C answered 400");
+    assert_eq!(replayed.status, StatusCode::OK);
+    assert_eq!(
+        (
+            replayed.json()["state"].clone(),
+            replayed.json()["attempts"].clone()
+        ),
+        ("pending".into(), 0.into())
+    );
+    again.problem(StatusCode::CONFLICT);
+    let still_dead = app
+        .get(&format!("/api/v1/sync/tasks?state=dead&after={first}"))
+        .await
+        .json();
+    assert_eq!(still_dead.as_array().unwrap().len(), 1);
+    let pending = app.get("/api/v1/sync/tasks?state=pending").await.json();
+    assert_eq!(pending[0]["id"], first);
+}
+
+#[tokio::test]
+async fn bad_task_requests_are_problems() {
+    let app = TestApp::new().await;
+    app.send(post("/api/v1/sync/tasks/424242/retry"))
+        .await
+        .problem(StatusCode::NOT_FOUND);
+    app.send(post("/api/v1/sync/tasks/abc/retry"))
+        .await
+        .problem(StatusCode::BAD_REQUEST);
+    app.get("/api/v1/sync/tasks?state=lost")
+        .await
+        .problem(StatusCode::BAD_REQUEST);
+    app.get("/api/v1/sync/tasks?limit=0")
+        .await
+        .problem(StatusCode::BAD_REQUEST);
+}

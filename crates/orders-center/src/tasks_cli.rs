@@ -1,0 +1,67 @@
+//! `orders-center tasks list|retry`: the dead-letter tools of the API, from
+//! a shell with database access.
+
+use anyhow::{bail, Result};
+use store::{Store, TaskId};
+
+use crate::config::TasksCommand;
+
+/// Runs one `tasks` subcommand.
+pub async fn run(store: &Store, command: &TasksCommand) -> Result<()> {
+    match command {
+        TasksCommand::List {
+            state,
+            limit,
+            after,
+            json,
+        } => {
+            let tasks = store.list_tasks(*state, after.map(TaskId), *limit).await?;
+            if *json {
+                for t in &tasks {
+                    println!("{}", serde_json::to_string(t)?);
+                }
+                return Ok(());
+            }
+            if tasks.is_empty() {
+                eprintln!("no {} tasks", state.as_str());
+                return Ok(());
+            }
+            println!(
+                "{:>10}  {:<24} {:>7}  {:<10} {:>8}  {:<20}  LAST ERROR",
+                "ID", "ORDER", "VERSION", "STATE", "ATTEMPTS", "UPDATED"
+            );
+            for t in &tasks {
+                println!(
+                    "{:>10}  {:<24} {:>7}  {:<10} {:>8}  {:<20}  {}",
+                    t.id,
+                    t.order_id,
+                    t.version,
+                    t.state.as_str(),
+                    t.attempts,
+                    t.updated_at.format("%Y-%m-%d %H:%M:%S"),
+                    t.last_error.as_deref().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+        TasksCommand::Retry { ids } => {
+            let mut refused = 0;
+            for &id in ids {
+                match store.retry_task(TaskId(id)).await {
+                    Ok(t) => println!(
+                        "task {id}: pending again (order {} version {})",
+                        t.order_id, t.version
+                    ),
+                    Err(e) => {
+                        eprintln!("task {id}: {e}");
+                        refused += 1;
+                    }
+                }
+            }
+            if refused > 0 {
+                bail!("{refused} of {} tasks were not replayed", ids.len());
+            }
+            Ok(())
+        }
+    }
+}
