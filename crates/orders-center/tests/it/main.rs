@@ -1,5 +1,6 @@
 //! End-to-end tests of the `orders-center` binary, run as a user runs it.
 
 mod dev;
+mod e2e;
 mod roles;
 mod support;

@@ -87,3 +87,63 @@ pub fn url_in(line: &str) -> String {
         .unwrap()
         .to_owned()
 }
+
+/// A role process whose log is drained in the background (a full pipe would
+/// block it) and kept for the failure message.
+pub struct Role {
+    pub child: Child,
+    pub url: String,
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Role {
+    /// Spawns `command` and waits for the log line holding `ready`, whose
+    /// URL becomes [`Role::url`].
+    pub async fn spawn(command: &mut Command, ready: &str) -> Self {
+        let mut child = command.spawn().expect("spawn role");
+        let mut err = lines(child.stderr.take());
+        let line = line_containing(&mut err, ready, Duration::from_secs(30)).await;
+        let url = url_in(&line);
+        let log = std::sync::Arc::new(std::sync::Mutex::new(vec![line]));
+        let l = log.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = err.next_line().await {
+                let mut log = l.lock().unwrap();
+                if log.len() < 2000 {
+                    log.push(line);
+                }
+            }
+        });
+        Self { child, url, log }
+    }
+
+    /// The last lines of the role's log.
+    pub fn tail(&self) -> String {
+        let log = self.log.lock().unwrap();
+        log.iter()
+            .rev()
+            .take(20)
+            .rev()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// The `onec-mock` binary, built next to `orders-center` by `cargo test --workspace`.
+pub fn onec_mock(args: &[&str]) -> Command {
+    let path = Path::new(env!("CARGO_BIN_EXE_orders-center")).with_file_name("onec-mock");
+    assert!(
+        path.is_file(),
+        "{} is missing: run the workspace's tests (cargo test --workspace) or cargo build -p onec-mock",
+        path.display()
+    );
+    let mut c = Command::new(path);
+    c.args(args)
+        .env_remove("LISTEN_ADDR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    c
+}

@@ -1,0 +1,240 @@
+//! The whole system as separate processes: the built `onec-mock`, one `api`
+//! and three `relay`s on one database. Orders are saved and updated through
+//! the API, and 1C must end up with every order at its latest version,
+//! each version applied once, and never an older one after a newer one.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::sync::Mutex;
+
+use crate::support::{onec_mock, orders_center, stop, Role};
+
+/// The heavy scenarios share two cores; running them one at a time keeps
+/// each one's timing honest.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+const ORDERS: usize = 5_000;
+const UPDATED: usize = 1_000;
+
+struct Outcome {
+    mock: Value,
+    done: i64,
+    dead: i64,
+    drained_in: Duration,
+}
+
+async fn run_scenario(mock_faults: &[&str]) -> Outcome {
+    let db = testkit::unmigrated_database().await;
+    let mock_args = [
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--username",
+            "relay",
+            "--password",
+            "pw",
+        ][..],
+        mock_faults,
+    ]
+    .concat();
+    let mut mock = Role::spawn(&mut onec_mock(&mock_args), "onec-mock listening").await;
+    let mut api = Role::spawn(
+        orders_center(&["api", "--listen", "127.0.0.1:0", "--migrate"])
+            .env("DATABASE_URL", &db.url),
+        "api listening",
+    )
+    .await;
+    let mut relays = Vec::new();
+    for i in 0..3 {
+        let id = format!("relay-{i}");
+        let mut relay = orders_center(&[
+            "relay",
+            "--listen",
+            "127.0.0.1:0",
+            "--relay-id",
+            &id,
+            "--onec-url",
+            &mock.url,
+            "--onec-username",
+            "relay",
+            "--poll-interval",
+            "250ms",
+            "--backoff-base",
+            "50ms",
+            "--backoff-max",
+            "1s",
+            "--breaker-cool-down",
+            "500ms",
+            "--onec-timeout",
+            "5s",
+        ]);
+        relay
+            .env("DATABASE_URL", &db.url)
+            .env("ONEC_PASSWORD", "pw");
+        relays.push(Role::spawn(&mut relay, "relay started").await);
+    }
+
+    let http = reqwest::Client::new();
+    let save = |id: String, status: &'static str| {
+        let (http, url) = (http.clone(), api.url.clone());
+        async move {
+            let body = testkit::sample_order_with(&id, status, 150.5);
+            let res = http
+                .put(format!("{url}/api/v1/orders/{id}"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert!(res.status().is_success(), "save {id}: {}", res.status());
+        }
+    };
+    let started = Instant::now();
+    futures::stream::iter((0..ORDERS).map(|i| save(format!("E2E-{i:05}"), "new")))
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    futures::stream::iter(
+        (0..UPDATED).map(|i| save(format!("E2E-{:05}", i * (ORDERS / UPDATED)), "paid")),
+    )
+    .buffer_unordered(32)
+    .collect::<Vec<_>>()
+    .await;
+    println!(
+        "{} saves through the API in {:?}",
+        ORDERS + UPDATED,
+        started.elapsed()
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM onec_tasks WHERE state IN ('pending', 'running')",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if open == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{open} tasks still open\nrelay-0:\n{}\nmock:\n{}",
+            relays[0].tail(),
+            mock.tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let drained_in = started.elapsed();
+
+    let stats: Value = http
+        .get(format!("{}/stats", mock.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let held: HashMap<String, i64> = http
+        .get(format!("{}/admin/orders", mock.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let latest: Vec<(String, i64)> = sqlx::query_as("SELECT id, version FROM orders")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(latest.len(), ORDERS);
+    for (id, version) in &latest {
+        assert_eq!(
+            held.get(id),
+            Some(version),
+            "1C holds the wrong version of {id}"
+        );
+    }
+    let count = |state: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM onec_tasks WHERE state = $1")
+                .bind(state)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let (done, dead) = (count("done").await, count("dead").await);
+
+    for relay in &mut relays {
+        stop(&mut relay.child, "TERM", Duration::from_secs(15)).await;
+    }
+    stop(&mut api.child, "TERM", Duration::from_secs(15)).await;
+    stop(&mut mock.child, "TERM", Duration::from_secs(15)).await;
+    Outcome {
+        mock: stats,
+        done,
+        dead,
+        drained_in,
+    }
+}
+
+#[tokio::test]
+async fn three_relays_deliver_every_order_at_its_latest_version_exactly_once() {
+    let _one = ONE_AT_A_TIME.lock().await;
+
+    let o = run_scenario(&[]).await;
+
+    println!(
+        "clean run: drained in {:?}, 1C stats {}",
+        o.drained_in, o.mock
+    );
+    assert_eq!(o.mock["stale"], 0);
+    assert_eq!(o.mock["duplicates"], 0);
+    assert_eq!(o.dead, 0);
+    assert_eq!(
+        o.mock["applied"], o.done,
+        "each version sent was applied once"
+    );
+    assert!(
+        o.done >= ORDERS as i64 && o.done <= (ORDERS + UPDATED) as i64,
+        "{}",
+        o.done
+    );
+    assert_eq!(o.mock["orders"], ORDERS);
+}
+
+#[tokio::test]
+async fn with_a_failing_slow_1c_the_end_state_is_the_same_and_duplicates_are_absorbed() {
+    let _one = ONE_AT_A_TIME.lock().await;
+
+    let o = run_scenario(&[
+        "--error-rate",
+        "0.2",
+        "--fail-after-apply",
+        "0.5",
+        "--latency",
+        "2ms",
+    ])
+    .await;
+
+    println!(
+        "faulty run: drained in {:?}, 1C stats {}",
+        o.drained_in, o.mock
+    );
+    assert_eq!(o.mock["stale"], 0);
+    assert_eq!(o.dead, 0);
+    assert_eq!(
+        o.mock["applied"], o.done,
+        "each version sent was applied once"
+    );
+    assert!(o.mock["injected_errors"].as_u64().unwrap() > 0);
+    assert!(
+        o.mock["duplicates"].as_u64().unwrap() > 0,
+        "lost answers come back as duplicates"
+    );
+    assert_eq!(o.mock["orders"], ORDERS);
+}
