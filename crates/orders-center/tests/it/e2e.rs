@@ -225,16 +225,20 @@ async fn with_a_failing_slow_1c_the_end_state_is_the_same_and_duplicates_are_abs
         "faulty run: drained in {:?}, 1C stats {}",
         o.drained_in, o.mock
     );
-    assert_eq!(o.mock["stale"], 0);
+    let n = |k: &str| o.mock[k].as_i64().unwrap();
+    assert_eq!(n("stale"), 0);
     assert_eq!(o.dead, 0);
-    assert_eq!(
-        o.mock["applied"], o.done,
-        "each version sent was applied once"
-    );
-    assert!(o.mock["injected_errors"].as_u64().unwrap() > 0);
+    assert_eq!(n("orders"), ORDERS as i64);
+    assert!(n("injected_errors") > 0);
+    // A lost answer is retried and absorbed as a duplicate, unless a newer
+    // save superseded the version first: then 1C applied a version whose
+    // task ends superseded rather than done.
+    assert!(n("duplicates") > 0, "lost answers come back as duplicates");
+    assert!(n("duplicates") <= n("responses_lost"));
     assert!(
-        o.mock["duplicates"].as_u64().unwrap() > 0,
-        "lost answers come back as duplicates"
+        (o.done..=o.done + n("responses_lost")).contains(&n("applied")),
+        "applied {} vs done {}",
+        n("applied"),
+        o.done
     );
-    assert_eq!(o.mock["orders"], ORDERS);
 }
