@@ -70,3 +70,51 @@ async fn the_api_role_migrates_serves_and_exits_cleanly_on_sigterm() {
 
     stop(&mut api, "TERM", Duration::from_secs(15)).await;
 }
+
+#[tokio::test]
+async fn the_tasks_cli_lists_and_replays_dead_tasks() {
+    let db = testkit::database().await;
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO onec_tasks (order_id, order_version, snapshot, state, attempts, last_error, finished_at)
+         VALUES ('CLI-1', 1, '{}', 'dead', 12, '1C answered 400 Bad Request: bad iin', now())
+         RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let cli = |args: &[&str]| {
+        let mut c = orders_center(args);
+        c.env("DATABASE_URL", &db.url);
+        c
+    };
+
+    let listed = cli(&["tasks", "list", "--state", "dead"])
+        .output()
+        .await
+        .unwrap();
+    let replayed = cli(&["tasks", "retry", &id.to_string()])
+        .output()
+        .await
+        .unwrap();
+    let again = cli(&["tasks", "retry", &id.to_string()])
+        .output()
+        .await
+        .unwrap();
+
+    let table = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success());
+    assert!(
+        table.contains("CLI-1") && table.contains("bad iin"),
+        "{table}"
+    );
+    assert!(replayed.status.success());
+    assert!(String::from_utf8_lossy(&replayed.stdout).contains("pending again"));
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("only dead tasks can be replayed"));
+    let state: String = sqlx::query_scalar("SELECT state FROM onec_tasks WHERE id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "pending");
+}
