@@ -3,7 +3,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::support::{
-    line_containing, lines, orders_center, stop, url_in, wait_healthy, workspace_root,
+    get_json, line_containing, lines, orders_center, stop, url_in, wait_healthy, workspace_root,
 };
 
 const README_API: &str = "http://127.0.0.1:8080";
@@ -99,12 +99,7 @@ async fn dev_mode_serves_within_30s_runs_the_readme_tour_and_cleans_up_on_ctrl_c
         "the tour shows a validation problem: {all}"
     );
 
-    let order: Value = reqwest::get(format!("{base}/api/v1/orders/ORD-1001"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let order: Value = get_json(&format!("{base}/api/v1/orders/ORD-1001")).await;
     let example: Value = serde_json::from_str(
         &std::fs::read_to_string(workspace_root().join("examples/order.json")).unwrap(),
     )
@@ -125,31 +120,16 @@ async fn dev_mode_serves_within_30s_runs_the_readme_tour_and_cleans_up_on_ctrl_c
     assert_eq!(order["history"].as_array().unwrap().len(), 3);
 
     // The relay delivered the latest version to the 1C mock.
-    let client = reqwest::Client::new();
     let mut held = serde_json::Value::Null;
     for _ in 0..100 {
-        held = client
-            .get(format!("{mock}/admin/orders"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        held = get_json(&format!("{mock}/admin/orders")).await;
         if held["ORD-1001"] == 2 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(held["ORD-1001"], 2, "1C holds {held}");
-    let stats: Value = client
-        .get(format!("{base}/api/v1/sync/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = get_json(&format!("{base}/api/v1/sync/stats")).await;
     assert_eq!(stats["pending"], 0, "{stats}");
 
     stop(&mut dev, "INT", Duration::from_secs(15)).await;

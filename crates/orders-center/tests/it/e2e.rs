@@ -10,7 +10,7 @@ use futures::StreamExt;
 use serde_json::Value;
 use tokio::sync::Mutex;
 
-use crate::support::{onec_mock, orders_center, stop, Role};
+use crate::support::{get_json, onec_mock, orders_center, stop, Role};
 
 /// The heavy scenarios share two cores; running them one at a time keeps
 /// each one's timing honest.
@@ -129,22 +129,8 @@ async fn run_scenario(mock_faults: &[&str]) -> Outcome {
     }
     let drained_in = started.elapsed();
 
-    let stats: Value = http
-        .get(format!("{}/stats", mock.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let held: HashMap<String, i64> = http
-        .get(format!("{}/admin/orders", mock.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = get_json(&format!("{}/stats", mock.url)).await;
+    let held: HashMap<String, i64> = get_json(&format!("{}/admin/orders", mock.url)).await;
     let latest: Vec<(String, i64)> = sqlx::query_as("SELECT id, version FROM orders")
         .fetch_all(&db.pool)
         .await

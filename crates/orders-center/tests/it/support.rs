@@ -147,3 +147,8 @@ pub fn onec_mock(args: &[&str]) -> Command {
         .kill_on_drop(true);
     c
 }
+
+/// GETs `url` and parses its JSON body.
+pub async fn get_json<T: serde::de::DeserializeOwned>(url: &str) -> T {
+    reqwest::get(url).await.unwrap().json().await.unwrap()
+}
