@@ -108,6 +108,9 @@ pub struct SyncStats {
     pub dead: i64,
     /// Age of the oldest pending task in seconds; 0 when none is pending.
     pub oldest_pending_age_seconds: f64,
+    /// When the counts were taken: by the leader relay's refresh, or now if
+    /// no fresh refresh exists.
+    pub refreshed_at: DateTime<Utc>,
 }
 
 #[cfg(test)]

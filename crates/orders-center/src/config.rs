@@ -122,6 +122,66 @@ pub struct RelayArgs {
 
     #[command(flatten)]
     pub tuning: RelayTuning,
+
+    #[command(flatten)]
+    pub election: ElectionArgs,
+}
+
+/// Leader election backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LeaderElection {
+    /// Always the leader: a single relay.
+    None,
+    /// A lease row in PostgreSQL: no Kubernetes needed, works behind PgBouncer.
+    Postgres,
+    /// A `coordination.k8s.io/v1` Lease.
+    Kube,
+}
+
+/// How relays elect the one that runs the maintenance jobs.
+#[derive(Debug, Args)]
+pub struct ElectionArgs {
+    /// Backend.
+    #[arg(long, env = "LEADER_ELECTION", value_enum, default_value_t = LeaderElection::None)]
+    pub leader_election: LeaderElection,
+
+    /// Name of the Lease (or lease row).
+    #[arg(long, env = "LEASE_NAME", default_value = "orders-center-relay")]
+    pub lease_name: String,
+
+    /// Namespace of the Lease; the pod's own by default.
+    #[arg(long, env = "LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+
+    /// How long a lease holds without renewal.
+    #[arg(long, env = "LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
+
+    /// The leader steps down when it could not renew for this long.
+    #[arg(long, env = "LEASE_RENEW_DEADLINE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub lease_renew_deadline: Duration,
+
+    /// How often to try to acquire or renew the lease.
+    #[arg(long, env = "LEASE_RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub lease_retry_period: Duration,
+}
+
+impl ElectionArgs {
+    /// The election timing, checked: a leader must step down before its
+    /// lease can expire, and must retry before its deadline passes.
+    pub fn election_config(&self) -> Result<relay::ElectionConfig, String> {
+        if self.lease_renew_deadline >= self.lease_duration {
+            return Err("--lease-renew-deadline must be shorter than --lease-duration".into());
+        }
+        if self.lease_retry_period >= self.lease_renew_deadline {
+            return Err("--lease-retry-period must be shorter than --lease-renew-deadline".into());
+        }
+        Ok(relay::ElectionConfig {
+            lease_duration: self.lease_duration,
+            renew_deadline: self.lease_renew_deadline,
+            retry_period: self.lease_retry_period,
+        })
+    }
 }
 
 /// How a relay claims, retries and protects 1C.
@@ -176,6 +236,22 @@ pub struct RelayTuning {
     #[arg(long, env = "RELAY_RESCUE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub rescue_interval: Duration,
 
+    /// How long done and superseded tasks are kept before the leader deletes them.
+    #[arg(long, env = "RELAY_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub retention: Duration,
+
+    /// How long idempotency keys of creates are kept.
+    #[arg(long, env = "IDEMPOTENCY_KEY_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub idempotency_key_ttl: Duration,
+
+    /// How often the leader deletes rows past retention.
+    #[arg(long, env = "RELAY_RETENTION_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub retention_interval: Duration,
+
+    /// How often the leader recounts the backlog.
+    #[arg(long, env = "RELAY_BACKLOG_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub backlog_interval: Duration,
+
     /// Consecutive 1C failures that open the circuit breaker.
     #[arg(long, env = "ONEC_BREAKER_FAILURES", default_value_t = 5)]
     pub breaker_failures: u32,
@@ -205,6 +281,10 @@ impl RelayTuning {
                 },
                 poll_interval: self.poll_interval,
                 rescue_interval: self.rescue_interval,
+                retention: self.retention,
+                idempotency_key_ttl: self.idempotency_key_ttl,
+                retention_interval: self.retention_interval,
+                backlog_interval: self.backlog_interval,
             },
             protection: relay::ProtectionConfig {
                 max_in_flight: self.max_in_flight.max(1),
@@ -338,6 +418,45 @@ mod tests {
             panic!()
         };
         assert_eq!(args.tuning.relay_config().protection.rate_per_second, None);
+    }
+
+    #[test]
+    fn election_timing_must_let_the_leader_step_down_first() {
+        let parse = |extra: &[&str]| {
+            let args = [
+                &[
+                    "orders-center",
+                    "relay",
+                    "--onec-url",
+                    "x",
+                    "--onec-username",
+                    "u",
+                    "--onec-password",
+                    "p",
+                ][..],
+                extra,
+            ]
+            .concat();
+            let Command::Relay(r) = Config::try_parse_from(args).unwrap().command else {
+                panic!()
+            };
+            r.election.election_config()
+        };
+        let defaults = parse(&["--leader-election", "kube"]).unwrap();
+        assert_eq!(
+            (
+                defaults.lease_duration,
+                defaults.renew_deadline,
+                defaults.retry_period
+            ),
+            (
+                Duration::from_secs(15),
+                Duration::from_secs(10),
+                Duration::from_secs(2)
+            )
+        );
+        assert!(parse(&["--lease-renew-deadline", "15s"]).is_err());
+        assert!(parse(&["--lease-retry-period", "10s"]).is_err());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use config::{Command, Config, DevArgs, HttpArgs, LogFormat, RelayArgs};
+use config::{Command, Config, DevArgs, HttpArgs, LeaderElection, LogFormat, RelayArgs};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -71,7 +71,20 @@ async fn run_relay(config: &Config, args: &RelayArgs, shutdown: CancellationToke
         onec = %args.onec_url,
         "relay started"
     );
-    let relay = relay::Relay::start(store, Arc::new(client), relay_config, shutdown.clone());
+    let leadership = leadership(
+        &args.election,
+        &store,
+        &relay_config.service.relay_id,
+        &shutdown,
+    )
+    .await?;
+    let relay = relay::Relay::start(
+        store,
+        Arc::new(client),
+        relay_config,
+        leadership,
+        shutdown.clone(),
+    );
     let status = tokio::spawn(api::serve(
         listener,
         relay.status_router(),
@@ -83,6 +96,48 @@ async fn run_relay(config: &Config, args: &RelayArgs, shutdown: CancellationToke
         .context("serving the relay status endpoints")?;
     tracing::info!("relay stopped");
     Ok(())
+}
+
+/// The leader election `args` ask for, running until `shutdown`.
+async fn leadership(
+    args: &config::ElectionArgs,
+    store: &store::Store,
+    identity: &str,
+    shutdown: &CancellationToken,
+) -> Result<relay::Leadership> {
+    let election = args.election_config().map_err(anyhow::Error::msg)?;
+    let lock: Arc<dyn relay::LeaseLock> = match args.leader_election {
+        LeaderElection::None => return Ok(relay::Leadership::always()),
+        LeaderElection::Postgres => Arc::new(relay::PgLease::new(
+            store.clone(),
+            &args.lease_name,
+            identity,
+            election.lease_duration,
+            shutdown.clone(),
+        )),
+        LeaderElection::Kube => {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
+            let namespace = args
+                .lease_namespace
+                .clone()
+                .unwrap_or_else(|| client.default_namespace().to_owned());
+            Arc::new(relay::KubeLease::new(
+                client,
+                &namespace,
+                &args.lease_name,
+                identity,
+                election.lease_duration,
+            ))
+        }
+    };
+    tracing::info!(backend = ?args.leader_election, lease = %args.lease_name, identity, "electing a leader");
+    let (elector, task) = relay::Elector::start(lock, election, shutdown.clone());
+    Ok(relay::Leadership {
+        leader: elector,
+        election: Some(task),
+    })
 }
 
 /// `dev`: a throwaway PostgreSQL unless `DATABASE_URL` is set, then the API,
@@ -132,6 +187,7 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
         store.clone(),
         Arc::new(client),
         args.relay.relay_config(),
+        relay::Leadership::always(),
         shutdown.clone(),
     );
     let relay_status = tokio::spawn(api::serve(

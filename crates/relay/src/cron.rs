@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::leader::Leader;
 use crate::pool::WorkerPool;
 
 /// What a job run reports.
@@ -25,11 +26,22 @@ pub enum Progress {
 pub type JobFn =
     Arc<dyn Fn(CancellationToken) -> BoxFuture<'static, anyhow::Result<Progress>> + Send + Sync>;
 
+/// Where a job runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// On every relay (the claim loop).
+    EveryPod,
+    /// Only on the elected leader; cancelled the moment it steps down.
+    Leader,
+}
+
 /// A named periodic job.
 #[derive(Clone)]
 pub struct Job {
     /// Name, for logs and metrics.
     pub name: &'static str,
+    /// Where it runs.
+    pub scope: Scope,
     /// Longest wait between runs when idle.
     pub every: Duration,
     /// How many runs of this job may overlap.
@@ -44,6 +56,7 @@ impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Job")
             .field("name", &self.name)
+            .field("scope", &self.scope)
             .field("every", &self.every)
             .field("parallelism", &self.parallelism)
             .finish_non_exhaustive()
@@ -58,20 +71,23 @@ pub trait Cron: Send + Sync {
     fn schedule(&self, job: Job);
 }
 
-/// A [`Cron`] whose job runs execute on a [`WorkerPool`].
-#[derive(Debug, Clone)]
+/// A [`Cron`] whose job runs execute on a [`WorkerPool`], and whose
+/// leader-only jobs follow the [`Leader`].
+#[derive(Clone)]
 pub struct PoolCron {
     pool: WorkerPool,
     cancel: CancellationToken,
+    leader: Arc<dyn Leader>,
     schedulers: TaskTracker,
 }
 
 impl PoolCron {
     /// A cron over `pool` that stops scheduling when `cancel` fires.
-    pub fn new(pool: WorkerPool, cancel: CancellationToken) -> Self {
+    pub fn new(pool: WorkerPool, cancel: CancellationToken, leader: Arc<dyn Leader>) -> Self {
         Self {
             pool,
             cancel,
+            leader,
             schedulers: TaskTracker::new(),
         }
     }
@@ -87,8 +103,52 @@ impl PoolCron {
 impl Cron for PoolCron {
     fn schedule(&self, job: Job) {
         for _ in 0..job.parallelism.max(1) {
-            self.schedulers
-                .spawn(lane(job.clone(), self.pool.clone(), self.cancel.clone()));
+            let (job, pool, cancel) = (job.clone(), self.pool.clone(), self.cancel.clone());
+            match job.scope {
+                Scope::EveryPod => self.schedulers.spawn(lane(job, pool, cancel)),
+                Scope::Leader => {
+                    self.schedulers
+                        .spawn(leader_lane(job, pool, cancel, self.leader.subscribe()))
+                }
+            };
+        }
+    }
+}
+
+/// Runs a lane only while this process leads: it starts when leadership is
+/// won and is cancelled as soon as it is lost.
+async fn leader_lane(
+    job: Job,
+    pool: WorkerPool,
+    cancel: CancellationToken,
+    mut leading: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        while !*leading.borrow_and_update() {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                changed = leading.changed() => if changed.is_err() { return },
+            }
+        }
+        let term = cancel.child_token();
+        let run = lane(job.clone(), pool.clone(), term.clone());
+        tokio::pin!(run);
+        let mut watch = leading.clone();
+        tokio::select! {
+            () = &mut run => {}
+            () = async {
+                while *watch.borrow_and_update() {
+                    if watch.changed().await.is_err() {
+                        return;
+                    }
+                }
+            } => {
+                term.cancel();
+                run.await;
+            }
+        }
+        if cancel.is_cancelled() {
+            return;
         }
     }
 }
@@ -136,6 +196,7 @@ mod tests {
     fn counting_job(runs: Arc<AtomicUsize>, more_until: usize, wake: Option<Arc<Notify>>) -> Job {
         Job {
             name: "count",
+            scope: Scope::EveryPod,
             every: Duration::from_secs(3600),
             parallelism: 1,
             wake,
@@ -153,6 +214,10 @@ mod tests {
         }
     }
 
+    fn always() -> Arc<dyn Leader> {
+        Arc::new(crate::leader::AlwaysLeader::default())
+    }
+
     async fn settle() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -160,7 +225,7 @@ mod tests {
     #[tokio::test]
     async fn a_job_runs_at_once_and_again_while_it_reports_more_work() {
         let cancel = CancellationToken::new();
-        let cron = PoolCron::new(WorkerPool::new(2), cancel.clone());
+        let cron = PoolCron::new(WorkerPool::new(2), cancel.clone(), always());
         let runs = Arc::new(AtomicUsize::new(0));
 
         cron.schedule(counting_job(runs.clone(), 5, None));
@@ -174,7 +239,7 @@ mod tests {
     #[tokio::test]
     async fn an_idle_job_runs_again_when_woken() {
         let cancel = CancellationToken::new();
-        let cron = PoolCron::new(WorkerPool::new(1), cancel.clone());
+        let cron = PoolCron::new(WorkerPool::new(1), cancel.clone(), always());
         let (runs, wake) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
         cron.schedule(counting_job(runs.clone(), 0, Some(wake.clone())));
         settle().await;
@@ -191,7 +256,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_idle_job_runs_again_on_its_tick() {
         let cancel = CancellationToken::new();
-        let cron = PoolCron::new(WorkerPool::new(1), cancel.clone());
+        let cron = PoolCron::new(WorkerPool::new(1), cancel.clone(), always());
         let runs = Arc::new(AtomicUsize::new(0));
         let mut job = counting_job(runs.clone(), 0, None);
         job.every = Duration::from_secs(10);
@@ -204,10 +269,54 @@ mod tests {
         cron.stopped().await;
     }
 
+    /// A leader-only job runs while the mocked leader leads, stops when it
+    /// steps down, and resumes when it leads again.
+    #[tokio::test]
+    async fn a_leader_only_job_runs_exactly_while_leading() {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let mut leader = crate::leader::MockLeader::new();
+        leader.expect_subscribe().returning(move || rx.clone());
+        let cancel = CancellationToken::new();
+        let cron = PoolCron::new(WorkerPool::new(2), cancel.clone(), Arc::new(leader));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let mut job = counting_job(runs.clone(), 0, None);
+        job.scope = Scope::Leader;
+        job.every = Duration::from_millis(20);
+        cron.schedule(job);
+
+        settle().await;
+        assert_eq!(runs.load(Ordering::SeqCst), 0, "not a leader yet");
+        tx.send(true).unwrap();
+        settle().await;
+        let while_leading = runs.load(Ordering::SeqCst);
+        assert!(
+            while_leading >= 2,
+            "ran {while_leading} times while leading"
+        );
+        tx.send(false).unwrap();
+        settle().await;
+        let after_step_down = runs.load(Ordering::SeqCst);
+        settle().await;
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            after_step_down,
+            "ran after stepping down"
+        );
+        tx.send(true).unwrap();
+        settle().await;
+        assert!(
+            runs.load(Ordering::SeqCst) > after_step_down,
+            "did not resume"
+        );
+
+        cancel.cancel();
+        cron.stopped().await;
+    }
+
     #[tokio::test]
     async fn cancellation_stops_every_lane_and_no_run_starts_after_it() {
         let cancel = CancellationToken::new();
-        let cron = PoolCron::new(WorkerPool::new(4), cancel.clone());
+        let cron = PoolCron::new(WorkerPool::new(4), cancel.clone(), always());
         let runs = Arc::new(AtomicUsize::new(0));
         let mut job = counting_job(runs.clone(), usize::MAX, None);
         job.parallelism = 3;

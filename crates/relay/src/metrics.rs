@@ -1,15 +1,25 @@
 //! Prometheus metrics of the relay role, on its own registry.
 
 use chrono::{DateTime, Utc};
+use domain::SyncStats;
 use onec::Outcome;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
 
 /// The relay's metrics.
 pub struct RelayMetrics {
     registry: Registry,
+    /// Backlog figures, exposed only by the leader that computes them, so a
+    /// dashboard never mixes stale figures of followers in.
+    leader_registry: Registry,
+    /// 1 while this relay leads.
+    pub is_leader: IntGauge,
+    backlog_pending: IntGauge,
+    backlog_running: IntGauge,
+    backlog_dead: IntGauge,
+    backlog_oldest_age: Gauge,
     /// Tasks delivered (1C answered 200).
     pub delivered_total: IntCounter,
     /// Failed attempts by error class.
@@ -43,6 +53,28 @@ impl RelayMetrics {
         let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
         let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
         let m = Self {
+            leader_registry: Registry::new(),
+            is_leader: gauge(
+                "orders_center_relay_is_leader",
+                "1 while this relay leads, else 0.",
+            ),
+            backlog_pending: gauge(
+                "orders_center_onec_backlog_pending",
+                "Tasks waiting for delivery (from the leader).",
+            ),
+            backlog_running: gauge(
+                "orders_center_onec_backlog_running",
+                "Tasks being delivered (from the leader).",
+            ),
+            backlog_dead: gauge(
+                "orders_center_onec_backlog_dead",
+                "Dead tasks (from the leader).",
+            ),
+            backlog_oldest_age: Gauge::new(
+                "orders_center_onec_backlog_oldest_pending_age_seconds",
+                "Age of the oldest pending task (from the leader).",
+            )
+            .expect("valid metric"),
             delivered_total: counter(
                 "orders_center_onec_tasks_delivered_total",
                 "Tasks delivered to 1C.",
@@ -100,10 +132,29 @@ impl RelayMetrics {
             Box::new(m.breaker_state.clone()),
             Box::new(m.workers_busy.clone()),
             Box::new(m.workers.clone()),
+            Box::new(m.is_leader.clone()),
         ] {
             m.registry.register(c).expect("metric names are unique");
         }
+        for c in [
+            Box::new(m.backlog_pending.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.backlog_running.clone()),
+            Box::new(m.backlog_dead.clone()),
+            Box::new(m.backlog_oldest_age.clone()),
+        ] {
+            m.leader_registry
+                .register(c)
+                .expect("metric names are unique");
+        }
         m
+    }
+
+    pub(crate) fn backlog(&self, stats: &SyncStats) {
+        self.backlog_pending.set(stats.pending);
+        self.backlog_running.set(stats.running);
+        self.backlog_dead.set(stats.dead);
+        self.backlog_oldest_age
+            .set(stats.oldest_pending_age_seconds);
     }
 
     pub(crate) fn claimed(&self, n: usize) {
@@ -129,11 +180,16 @@ impl RelayMetrics {
         }
     }
 
-    /// The text exposition of every metric.
-    pub fn render(&self) -> String {
+    /// The text exposition: every metric, plus the backlog while leading.
+    pub fn render(&self, leading: bool) -> String {
+        self.is_leader.set(i64::from(leading));
+        let mut families = self.registry.gather();
+        if leading {
+            families.extend(self.leader_registry.gather());
+        }
         let mut buf = Vec::new();
         TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
+            .encode(&families, &mut buf)
             .expect("text encoding cannot fail");
         String::from_utf8(buf).expect("exposition is UTF-8")
     }

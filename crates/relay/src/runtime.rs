@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::SystemClock;
 use crate::cron::PoolCron;
+use crate::leader::{AlwaysLeader, Leader};
 use crate::metrics::RelayMetrics;
 use crate::pool::WorkerPool;
 use crate::protect::{OnecGuard, ProtectionConfig};
@@ -37,8 +38,28 @@ pub struct Relay {
     inner: Arc<Inner>,
 }
 
+/// The leader of this process, and the election task to await on shutdown.
+pub struct Leadership {
+    /// Who leads.
+    pub leader: Arc<dyn Leader>,
+    /// The election loop, if one runs.
+    pub election: Option<JoinHandle<()>>,
+}
+
+impl Leadership {
+    /// Always the leader (`--leader-election none`).
+    pub fn always() -> Self {
+        Self {
+            leader: Arc::new(AlwaysLeader::default()),
+            election: None,
+        }
+    }
+}
+
 struct Inner {
     store: Store,
+    leader: Arc<dyn Leader>,
+    election: std::sync::Mutex<Option<JoinHandle<()>>>,
     guard: Arc<OnecGuard>,
     pool: WorkerPool,
     cron: PoolCron,
@@ -54,6 +75,7 @@ impl Relay {
         store: Store,
         client: Arc<dyn OnecClient>,
         config: RelayConfig,
+        leadership: Leadership,
         shutdown: CancellationToken,
     ) -> Self {
         let metrics = Arc::new(RelayMetrics::new());
@@ -65,7 +87,7 @@ impl Relay {
         // One worker per claim lane, plus one for the rescue job.
         let pool = WorkerPool::new(config.service.claim_lanes + 1);
         metrics.workers.set(pool.size() as i64);
-        let cron = PoolCron::new(pool.clone(), shutdown.clone());
+        let cron = PoolCron::new(pool.clone(), shutdown.clone(), leadership.leader.clone());
         let service = TaskService::new(
             store.clone(),
             guard.clone(),
@@ -81,6 +103,8 @@ impl Relay {
         Self {
             inner: Arc::new(Inner {
                 store,
+                leader: leadership.leader,
+                election: std::sync::Mutex::new(leadership.election),
                 guard,
                 pool,
                 cron,
@@ -97,9 +121,12 @@ impl Relay {
         self.inner.shutdown.cancelled().await;
         self.inner.cron.stopped().await;
         self.inner.pool.shutdown().await;
-        let listener = self.inner.listener.lock().expect("not poisoned").take();
-        if let Some(listener) = listener {
-            let _ = listener.await;
+        let tasks = [
+            self.inner.listener.lock().expect("not poisoned").take(),
+            self.inner.election.lock().expect("not poisoned").take(),
+        ];
+        for task in tasks.into_iter().flatten() {
+            let _ = task.await;
         }
     }
 
@@ -111,13 +138,23 @@ impl Relay {
     /// `/healthz`, `/readyz` and `/metrics` of the relay.
     pub fn status_router(&self) -> Router {
         Router::new()
-            .route(
-                "/healthz",
-                get(|| async { Json(serde_json::json!({"status": "ok"})) }),
-            )
+            .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
             .with_state(self.clone())
+    }
+}
+
+/// Fails while this relay believes it leads but has not renewed its lease
+/// for a whole lease duration, so Kubernetes restarts a stuck leader.
+async fn healthz(State(relay): State<Relay>) -> impl IntoResponse {
+    if relay.inner.leader.healthy() {
+        (StatusCode::OK, Json(serde_json::json!({"status": "ok"})))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "leading without a renewed lease"})),
+        )
     }
 }
 
@@ -142,6 +179,6 @@ async fn metrics(State(relay): State<Relay>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        i.metrics.render(),
+        i.metrics.render(i.leader.is_leader()),
     )
 }

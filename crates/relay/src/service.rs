@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::cron::{Cron, Job, Progress};
+use crate::cron::{Cron, Job, Progress, Scope};
 use crate::metrics::RelayMetrics;
 use crate::protect::{Attempt, OnecGuard};
 
@@ -33,8 +33,16 @@ pub struct ServiceConfig {
     pub backoff: Backoff,
     /// Longest idle wait between claim runs, in case a wake-up was lost.
     pub poll_interval: Duration,
-    /// How often expired claims are rescued.
+    /// How often the leader rescues expired claims.
     pub rescue_interval: Duration,
+    /// How long done and superseded tasks are kept.
+    pub retention: Duration,
+    /// How long idempotency keys of creates are kept.
+    pub idempotency_key_ttl: Duration,
+    /// How often the leader deletes rows past retention.
+    pub retention_interval: Duration,
+    /// How often the leader recounts the backlog.
+    pub backlog_interval: Duration,
 }
 
 /// What to do with a task after an attempt.
@@ -106,31 +114,66 @@ impl TaskService {
         self.wake.clone()
     }
 
-    /// Registers the service's jobs: `deliver` (claim and deliver, early on
-    /// wake-ups) and `rescue` (expired claims).
+    /// Registers the service's jobs: `deliver` on every relay (early on
+    /// wake-ups), and on the leader only `rescue` (expired claims),
+    /// `retention` (old finished rows) and `backlog` (the figures).
     pub fn register(self: &Arc<Self>, cron: &dyn Cron) {
+        let c = &self.config;
+        cron.schedule(self.job(
+            "deliver",
+            Scope::EveryPod,
+            c.poll_interval,
+            c.claim_lanes,
+            Some(self.wake.clone()),
+            |s, cancel| Box::pin(async move { s.claim_and_deliver(cancel).await }),
+        ));
+        cron.schedule(self.job(
+            "rescue",
+            Scope::Leader,
+            c.rescue_interval,
+            1,
+            None,
+            |s, _| Box::pin(async move { s.rescue_expired().await }),
+        ));
+        cron.schedule(self.job(
+            "retention",
+            Scope::Leader,
+            c.retention_interval,
+            1,
+            None,
+            |s, _| Box::pin(async move { s.delete_finished().await }),
+        ));
+        cron.schedule(self.job(
+            "backlog",
+            Scope::Leader,
+            c.backlog_interval,
+            1,
+            None,
+            |s, _| Box::pin(async move { s.refresh_backlog().await }),
+        ));
+    }
+
+    fn job(
+        self: &Arc<Self>,
+        name: &'static str,
+        scope: Scope,
+        every: Duration,
+        parallelism: usize,
+        wake: Option<Arc<Notify>>,
+        run: fn(
+            Arc<Self>,
+            CancellationToken,
+        ) -> futures::future::BoxFuture<'static, anyhow::Result<Progress>>,
+    ) -> Job {
         let s = self.clone();
-        cron.schedule(Job {
-            name: "deliver",
-            every: self.config.poll_interval,
-            parallelism: self.config.claim_lanes,
-            wake: Some(self.wake.clone()),
-            run: Arc::new(move |cancel| {
-                let s = s.clone();
-                Box::pin(async move { s.claim_and_deliver(cancel).await })
-            }),
-        });
-        let s = self.clone();
-        cron.schedule(Job {
-            name: "rescue",
-            every: self.config.rescue_interval,
-            parallelism: 1,
-            wake: None,
-            run: Arc::new(move |_| {
-                let s = s.clone();
-                Box::pin(async move { s.rescue_expired().await })
-            }),
-        });
+        Job {
+            name,
+            scope,
+            every,
+            parallelism,
+            wake,
+            run: Arc::new(move |cancel| run(s.clone(), cancel)),
+        }
     }
 
     /// Claims one batch and delivers it. A full batch reports more work.
@@ -214,18 +257,41 @@ impl TaskService {
         }
     }
 
-    /// Returns expired claims to `pending`.
+    /// Returns expired claims to `pending` (leader only).
     pub async fn rescue_expired(&self) -> anyhow::Result<Progress> {
-        let rescued = self.store.rescue_expired(500).await?;
-        if rescued > 0 {
-            tracing::warn!(rescued, "rescued tasks whose claim expired");
+        const BATCH: u32 = 500;
+        let rescued = self.store.rescue_expired(BATCH).await?;
+        if !rescued.is_empty() {
+            tracing::warn!(rescued = rescued.len(), "rescued tasks whose claim expired");
             self.wake.notify_one();
         }
-        Ok(if rescued == 500 {
-            Progress::MoreWork
-        } else {
-            Progress::Idle
-        })
+        Ok(more_if(rescued.len() == BATCH as usize))
+    }
+
+    /// Deletes finished tasks past retention, in small batches (leader only).
+    pub async fn delete_finished(&self) -> anyhow::Result<Progress> {
+        const BATCH: u32 = 1000;
+        let c = &self.config;
+        let deleted = self
+            .store
+            .delete_finished(c.retention, c.idempotency_key_ttl, BATCH)
+            .await?;
+        Ok(more_if(deleted == u64::from(BATCH)))
+    }
+
+    /// Recounts the backlog for the API and the metrics (leader only).
+    pub async fn refresh_backlog(&self) -> anyhow::Result<Progress> {
+        let stats = self.store.refresh_backlog().await?;
+        self.metrics.backlog(&stats);
+        Ok(Progress::Idle)
+    }
+}
+
+fn more_if(full: bool) -> Progress {
+    if full {
+        Progress::MoreWork
+    } else {
+        Progress::Idle
     }
 }
 
@@ -317,6 +383,10 @@ mod tests {
             },
             poll_interval: Duration::from_millis(500),
             rescue_interval: Duration::from_secs(7),
+            retention: Duration::from_secs(86_400),
+            idempotency_key_ttl: Duration::from_secs(86_400),
+            retention_interval: Duration::from_secs(60),
+            backlog_interval: Duration::from_secs(5),
         };
         let service = TaskService::new(Store::new(pool), guard, config, Arc::default());
         let mut cron = MockCron::new();
@@ -324,6 +394,7 @@ mod tests {
         cron.expect_schedule()
             .withf(|job| {
                 job.name == "deliver"
+                    && job.scope == Scope::EveryPod
                     && job.parallelism == 3
                     && job.wake.is_some()
                     && job.every == Duration::from_millis(500)
@@ -331,13 +402,22 @@ mod tests {
             .times(1)
             .in_sequence(&mut seq)
             .return_const(());
-        cron.expect_schedule()
-            .withf(|job| {
-                job.name == "rescue" && job.parallelism == 1 && job.every == Duration::from_secs(7)
-            })
-            .times(1)
-            .in_sequence(&mut seq)
-            .return_const(());
+        for (name, every) in [
+            ("rescue", Duration::from_secs(7)),
+            ("retention", Duration::from_secs(60)),
+            ("backlog", Duration::from_secs(5)),
+        ] {
+            cron.expect_schedule()
+                .withf(move |job| {
+                    job.name == name
+                        && job.scope == Scope::Leader
+                        && job.parallelism == 1
+                        && job.every == every
+                })
+                .times(1)
+                .in_sequence(&mut seq)
+                .return_const(());
+        }
 
         service.register(&cron);
     }

@@ -10,13 +10,23 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// Listens until `cancel` fires, reconnecting with backoff. Every
-/// (re)connection also wakes the job once, to catch up on notifications
-/// sent while nobody listened.
+/// Wakes the deliver job on every committed save, until `cancel` fires.
 pub async fn listen_for_saves(pool: PgPool, wake: Arc<Notify>, cancel: CancellationToken) {
+    listen(pool, store::NOTIFY_CHANNEL, wake, cancel).await;
+}
+
+/// Notifies `wake` for every notification on `channel` until `cancel`
+/// fires, reconnecting with backoff. Every (re)connection also wakes once,
+/// to catch up on notifications sent while nobody listened.
+pub async fn listen(
+    pool: PgPool,
+    channel: &'static str,
+    wake: Arc<Notify>,
+    cancel: CancellationToken,
+) {
     let mut retry = Duration::from_millis(100);
     while !cancel.is_cancelled() {
-        match subscribe(&pool).await {
+        match subscribe(&pool, channel).await {
             Ok(mut listener) => {
                 retry = Duration::from_millis(100);
                 wake.notify_one();
@@ -27,14 +37,14 @@ pub async fn listen_for_saves(pool: PgPool, wake: Arc<Notify>, cancel: Cancellat
                             // `None`: the connection dropped and was restored.
                             Ok(_) => wake.notify_one(),
                             Err(e) => {
-                                tracing::warn!(error = %e, "LISTEN connection failed; polling until it is back");
+                                tracing::warn!(channel, error = %e, "LISTEN connection failed; polling until it is back");
                                 break;
                             }
                         }
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot LISTEN for saves; polling until it works"),
+            Err(e) => tracing::warn!(channel, error = %e, "cannot LISTEN; polling until it works"),
         }
         tokio::select! {
             () = cancel.cancelled() => return,
@@ -44,8 +54,8 @@ pub async fn listen_for_saves(pool: PgPool, wake: Arc<Notify>, cancel: Cancellat
     }
 }
 
-async fn subscribe(pool: &PgPool) -> sqlx::Result<PgListener> {
+async fn subscribe(pool: &PgPool, channel: &str) -> sqlx::Result<PgListener> {
     let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(store::NOTIFY_CHANNEL).await?;
+    listener.listen(channel).await?;
     Ok(listener)
 }

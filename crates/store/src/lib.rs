@@ -3,6 +3,8 @@
 
 mod error;
 mod idempotency;
+mod leases;
+mod maintenance;
 mod orders;
 mod outbox;
 mod tasks;
@@ -14,6 +16,7 @@ use sqlx::PgPool;
 
 pub use error::{Error, Result};
 pub use idempotency::{CreateOutcome, IdempotencyKey, RequestHash};
+pub use leases::{LeaseHeld, LEADER_CHANNEL};
 pub use orders::{Cursor, ListFilter, Page, Precondition, SaveContext, Saved};
 pub use outbox::NOTIFY_CHANNEL;
 pub use tasks::{ClaimSpec, ClaimToken, ClaimedTask, TaskId};

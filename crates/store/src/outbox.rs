@@ -2,11 +2,11 @@
 //! Claiming and completing tasks belong to the relay.
 
 use chrono::{DateTime, Utc};
-use domain::{OrderFull, OrderId, SyncStats};
+use domain::{OrderFull, OrderId};
 use sqlx::types::Json;
 use sqlx::PgConnection;
 
-use crate::{Result, Store};
+use crate::Result;
 
 /// The channel the saving transaction notifies and the relays listen on.
 pub const NOTIFY_CHANNEL: &str = "onec_tasks";
@@ -48,27 +48,4 @@ pub(crate) async fn notify(conn: &mut PgConnection) -> Result<()> {
         .execute(conn)
         .await?;
     Ok(())
-}
-
-impl Store {
-    /// Counts the backlog. Reads only rows the partial indexes cover, so the
-    /// cost does not grow with delivered history.
-    pub async fn sync_stats(&self) -> Result<SyncStats> {
-        let (pending, running, dead, oldest): (i64, i64, i64, f64) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE state = 'pending'),
-                    count(*) FILTER (WHERE state = 'running'),
-                    count(*) FILTER (WHERE state = 'dead'),
-                    COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)
-                        FILTER (WHERE state = 'pending')), 0)::float8
-             FROM onec_tasks WHERE state IN ('pending', 'running', 'dead')",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(SyncStats {
-            pending,
-            running,
-            dead,
-            oldest_pending_age_seconds: oldest,
-        })
-    }
 }

@@ -268,26 +268,6 @@ impl Store {
         Ok(query.execute(&self.pool).await?.rows_affected() == 1)
     }
 
-    /// Returns claims whose lease ran out (their relay died or hung) to
-    /// `pending`, at most `limit` at a time. Their old token stops working.
-    pub async fn rescue_expired(&self, limit: u32) -> Result<u64> {
-        Ok(sqlx::query(
-            "UPDATE onec_tasks t
-             SET state = 'pending', run_at = now(), claim_token = NULL,
-                 claim_expires_at = NULL, claimed_by = NULL, updated_at = now(),
-                 last_error = COALESCE(t.last_error, 'claim expired')
-             FROM (SELECT id FROM onec_tasks
-                   WHERE state = 'running' AND claim_expires_at < now()
-                   ORDER BY claim_expires_at LIMIT $1
-                   FOR UPDATE SKIP LOCKED) x
-             WHERE t.id = x.id",
-        )
-        .bind(i64::from(limit))
-        .execute(&self.pool)
-        .await?
-        .rows_affected())
-    }
-
     /// Tasks in `state`, oldest first, after task id `after`.
     pub async fn list_tasks(
         &self,

@@ -4,7 +4,9 @@ use std::time::{Duration, Instant};
 
 use onec::{Credentials, HttpOnecClient, OnecClient, OnecConfig};
 use onec_mock::{Faults, MockConfig, MockState};
-use relay::{Backoff, BreakerConfig, ProtectionConfig, Relay, RelayConfig, ServiceConfig};
+use relay::{
+    Backoff, BreakerConfig, Leadership, ProtectionConfig, Relay, RelayConfig, ServiceConfig,
+};
 use sqlx::PgPool;
 use store::Store;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +25,10 @@ pub fn config() -> RelayConfig {
             },
             poll_interval: Duration::from_secs(60),
             rescue_interval: Duration::from_secs(60),
+            retention: Duration::from_secs(86_400),
+            idempotency_key_ttl: Duration::from_secs(86_400),
+            retention_interval: Duration::from_secs(60),
+            backlog_interval: Duration::from_secs(60),
         },
         protection: ProtectionConfig {
             max_in_flight: 16,
@@ -43,7 +49,13 @@ pub struct RunningRelay {
 impl RunningRelay {
     pub fn start(pool: &PgPool, client: Arc<dyn OnecClient>, config: RelayConfig) -> Self {
         let shutdown = CancellationToken::new();
-        let relay = Relay::start(Store::new(pool.clone()), client, config, shutdown.clone());
+        let relay = Relay::start(
+            Store::new(pool.clone()),
+            client,
+            config,
+            Leadership::always(),
+            shutdown.clone(),
+        );
         Self { relay, shutdown }
     }
 

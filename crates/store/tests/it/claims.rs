@@ -108,7 +108,7 @@ async fn an_outcome_carrying_a_stale_claim_token_changes_nothing() {
         .unwrap()
         .remove(0);
     tokio::time::sleep(Duration::from_millis(10)).await;
-    assert_eq!(store.rescue_expired(100).await.unwrap(), 1);
+    assert_eq!(store.rescue_expired(100).await.unwrap().len(), 1);
     let current = store
         .claim_batch(&spec("fast-relay", 10))
         .await
@@ -297,9 +297,8 @@ async fn a_crashed_claim_is_rescued_and_delivered_by_another_relay() {
     };
     let crashed = store.claim_batch(&short).await.unwrap().remove(0);
 
-    assert_eq!(
-        store.rescue_expired(100).await.unwrap(),
-        0,
+    assert!(
+        store.rescue_expired(100).await.unwrap().is_empty(),
         "the lease still holds"
     );
     assert!(store
@@ -308,7 +307,7 @@ async fn a_crashed_claim_is_rescued_and_delivered_by_another_relay() {
         .unwrap()
         .is_empty());
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(store.rescue_expired(100).await.unwrap(), 1);
+    assert_eq!(store.rescue_expired(100).await.unwrap().len(), 1);
     let taken = store
         .claim_batch(&spec("survivor", 10))
         .await
