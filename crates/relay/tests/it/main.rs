@@ -1,5 +1,7 @@
 //! The relay against real PostgreSQL, with the 1C mock served in-process over
-//! HTTP or a mocked client where a failure must be forced.
+//! HTTP or a mocked client where a failure must be forced, and the kube
+//! backend against a mocked API server.
 
 mod delivery;
+mod kube_lease;
 mod support;

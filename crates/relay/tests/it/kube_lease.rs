@@ -1,0 +1,279 @@
+//! The `kube` lease backend against a mocked API server: a `kube::Client`
+//! over `tower_test::mock::pair`, and a verifier that fails on any call it
+//! did not expect, on a call that does not come, and on calls left over.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use kube::client::Body;
+use relay::{ElectionConfig, Elector, KubeLease, Leader, LeaseLock};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use tower_test::mock::{self, Handle, SendResponse};
+
+const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/relays/leases/relay";
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/relays/leases";
+const ME: &str = "relay-0";
+
+struct ApiServer(Handle<Request<Body>, Response<Body>>);
+
+fn lease_lock(duration: Duration) -> (KubeLease, ApiServer) {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "relays");
+    (
+        KubeLease::new(client, "relays", "relay", ME, duration),
+        ApiServer(handle),
+    )
+}
+
+fn lease(holder: Option<&str>, version: &str, transitions: i32) -> Value {
+    json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "relay", "namespace": "relays", "resourceVersion": version},
+        "spec": {
+            "holderIdentity": holder, "leaseDurationSeconds": 15, "leaseTransitions": transitions,
+            "acquireTime": "2026-11-21T09:00:00.000000Z", "renewTime": "2026-11-21T10:00:00.000000Z"
+        }
+    })
+}
+
+fn status(code: u16, reason: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+           "reason": reason, "code": code, "message": reason})
+}
+
+impl ApiServer {
+    /// The next call, which must be `method` on `path`, with its JSON body.
+    async fn expect(
+        &mut self,
+        method: Method,
+        path: &str,
+    ) -> (Value, SendResponse<Response<Body>>) {
+        let (request, send) = tokio::time::timeout(Duration::from_secs(60), self.0.next_request())
+            .await
+            .unwrap_or_else(|_| panic!("expected {method} {path}, but no call came"))
+            .expect("the client is gone");
+        assert_eq!(
+            request.method(),
+            method,
+            "unexpected call {} {}",
+            request.method(),
+            request.uri()
+        );
+        assert_eq!(
+            request.uri().path(),
+            path,
+            "unexpected call {} {}",
+            request.method(),
+            request.uri()
+        );
+        let bytes = request.into_body().collect().await.unwrap().to_bytes();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        (body, send)
+    }
+
+    /// Fails if the client makes any call before it is dropped.
+    async fn no_more_calls(mut self) {
+        if let Some((request, _)) = self.0.next_request().await {
+            panic!("unexpected call {} {}", request.method(), request.uri());
+        }
+    }
+}
+
+fn reply(send: SendResponse<Response<Body>>, code: StatusCode, body: &Value) {
+    send.send_response(
+        Response::builder()
+            .status(code)
+            .header("content-type", "application/json")
+            .body(Body::from(serde_json::to_vec(body).unwrap()))
+            .unwrap(),
+    );
+}
+
+#[tokio::test]
+async fn creates_the_lease_when_absent() {
+    let (lock, mut api) = lease_lock(Duration::from_secs(15));
+    let attempt = tokio::spawn(async move { (lock.try_acquire_or_renew().await, lock) });
+
+    let (_, send) = api.expect(Method::GET, LEASE).await;
+    reply(send, StatusCode::NOT_FOUND, &status(404, "NotFound"));
+    let (created, send) = api.expect(Method::POST, LEASES).await;
+    reply(send, StatusCode::CREATED, &created);
+    let (result, lock) = attempt.await.unwrap();
+
+    assert!(result.unwrap());
+    assert_eq!(created["metadata"]["name"], "relay");
+    assert_eq!(created["spec"]["holderIdentity"], ME);
+    assert_eq!(created["spec"]["leaseDurationSeconds"], 15);
+    assert_eq!(created["spec"]["leaseTransitions"], 0);
+    drop(lock);
+    api.no_more_calls().await;
+}
+
+#[tokio::test]
+async fn renews_its_own_lease_with_optimistic_concurrency() {
+    let (lock, mut api) = lease_lock(Duration::from_secs(15));
+    let attempt = tokio::spawn(async move { (lock.try_acquire_or_renew().await, lock) });
+
+    let (_, send) = api.expect(Method::GET, LEASE).await;
+    reply(send, StatusCode::OK, &lease(Some(ME), "7", 3));
+    let (renewed, send) = api.expect(Method::PUT, LEASE).await;
+    reply(send, StatusCode::OK, &renewed);
+    let (result, lock) = attempt.await.unwrap();
+
+    assert!(result.unwrap());
+    assert_eq!(
+        renewed["metadata"]["resourceVersion"], "7",
+        "the update is conditional on what was read"
+    );
+    assert_eq!(renewed["spec"]["holderIdentity"], ME);
+    assert_eq!(
+        renewed["spec"]["leaseTransitions"], 3,
+        "a renewal is not a transition"
+    );
+    assert_eq!(renewed["spec"]["acquireTime"], "2026-11-21T09:00:00.000000Z");
+    assert_ne!(renewed["spec"]["renewTime"], "2026-11-21T10:00:00.000000Z");
+    drop(lock);
+    api.no_more_calls().await;
+}
+
+#[tokio::test]
+async fn backs_off_while_another_holders_lease_is_valid() {
+    let (lock, mut api) = lease_lock(Duration::from_secs(15));
+    let attempt = tokio::spawn(async move { (lock.try_acquire_or_renew().await, lock) });
+
+    let (_, send) = api.expect(Method::GET, LEASE).await;
+    reply(send, StatusCode::OK, &lease(Some("relay-1"), "5", 2));
+    let (result, lock) = attempt.await.unwrap();
+
+    assert!(!result.unwrap());
+    drop(lock);
+    api.no_more_calls().await;
+}
+
+/// Another holder's lease counts as expired once its record has not changed
+/// for a lease duration by our clock; then we take it, one transition more.
+#[tokio::test(start_paused = true)]
+async fn takes_over_an_expired_lease_with_one_more_transition() {
+    let (lock, mut api) = lease_lock(Duration::from_secs(15));
+    let lock = Arc::new(lock);
+    let l = lock.clone();
+    let first = tokio::spawn(async move { l.try_acquire_or_renew().await });
+    let (_, send) = api.expect(Method::GET, LEASE).await;
+    reply(send, StatusCode::OK, &lease(Some("relay-1"), "5", 2));
+    assert!(!first.await.unwrap().unwrap());
+
+    tokio::time::advance(Duration::from_secs(16)).await;
+    let l = lock.clone();
+    let second = tokio::spawn(async move { l.try_acquire_or_renew().await });
+    let (_, send) = api.expect(Method::GET, LEASE).await;
+    reply(send, StatusCode::OK, &lease(Some("relay-1"), "5", 2));
+    let (taken, send) = api.expect(Method::PUT, LEASE).await;
+    reply(send, StatusCode::OK, &taken);
+
+    assert!(second.await.unwrap().unwrap());
+    assert_eq!(taken["spec"]["holderIdentity"], ME);
+    assert_eq!(taken["spec"]["leaseTransitions"], 3);
+    assert_eq!(taken["metadata"]["resourceVersion"], "5");
+    assert_ne!(taken["spec"]["acquireTime"], "2026-11-21T09:00:00.000000Z");
+    drop(lock);
+    api.no_more_calls().await;
+}
+
+#[tokio::test]
+async fn a_conflict_on_a_concurrent_take_over_means_not_leader() {
+    let (lock, mut api) = lease_lock(Duration::from_secs(15));
+    let attempt = tokio::spawn(async move { (lock.try_acquire_or_renew().await, lock) });
+
+    let (_, send) = api.expect(Method::GET, LEASE).await;
+    reply(send, StatusCode::OK, &lease(None, "9", 4));
+    let (_, send) = api.expect(Method::PUT, LEASE).await;
+    reply(send, StatusCode::CONFLICT, &status(409, "Conflict"));
+    let (result, lock) = attempt.await.unwrap();
+
+    assert!(!result.unwrap());
+    drop(lock);
+    api.no_more_calls().await;
+}
+
+/// The leader steps down the moment its renewal deadline passes while the
+/// API keeps failing; it does not wait for a request or a watch to notice.
+#[tokio::test(start_paused = true)]
+async fn steps_down_when_the_api_fails_past_the_renewal_window() {
+    let (lock, mut api) = lease_lock(Duration::from_secs(15));
+    let shutdown = CancellationToken::new();
+    let (elector, task) =
+        Elector::start(Arc::new(lock), ElectionConfig::default(), shutdown.clone());
+    let mut leading = elector.subscribe();
+
+    let (_, send) = api.expect(Method::GET, LEASE).await;
+    reply(send, StatusCode::NOT_FOUND, &status(404, "NotFound"));
+    let (created, send) = api.expect(Method::POST, LEASES).await;
+    reply(send, StatusCode::CREATED, &created);
+    leading.wait_for(|l| *l).await.unwrap();
+    let won = tokio::time::Instant::now();
+
+    // From now on the API server answers every call with a 500.
+    let failing = tokio::spawn(async move {
+        let mut calls = 0;
+        while let Some((_, send)) = api.0.next_request().await {
+            calls += 1;
+            reply(
+                send,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &status(500, "InternalError"),
+            );
+        }
+        calls
+    });
+    leading.wait_for(|l| !*l).await.unwrap();
+    let lost_after = won.elapsed();
+
+    assert!(
+        lost_after >= Duration::from_secs(10),
+        "stepped down after {lost_after:?}"
+    );
+    assert!(
+        lost_after < Duration::from_millis(10_100),
+        "stepped down only after {lost_after:?}"
+    );
+    assert!(elector.healthy());
+    shutdown.cancel();
+    task.await.unwrap();
+    let calls = failing.await.unwrap();
+    assert!(calls >= 4, "renewals were attempted: {calls}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn releases_the_lease_on_shutdown() {
+    let (lock, mut api) = lease_lock(Duration::from_secs(15));
+    let shutdown = CancellationToken::new();
+    let (elector, task) =
+        Elector::start(Arc::new(lock), ElectionConfig::default(), shutdown.clone());
+    let mut leading = elector.subscribe();
+    let (_, send) = api.expect(Method::GET, LEASE).await;
+    reply(send, StatusCode::NOT_FOUND, &status(404, "NotFound"));
+    let (created, send) = api.expect(Method::POST, LEASES).await;
+    reply(send, StatusCode::CREATED, &created);
+    leading.wait_for(|l| *l).await.unwrap();
+
+    shutdown.cancel();
+    let (_, send) = api.expect(Method::GET, LEASE).await;
+    reply(send, StatusCode::OK, &lease(Some(ME), "2", 0));
+    let (released, send) = api.expect(Method::PUT, LEASE).await;
+    reply(send, StatusCode::OK, &released);
+    task.await.unwrap();
+
+    assert!(released["spec"]["holderIdentity"].is_null(), "{released}");
+    assert_eq!(released["spec"]["leaseDurationSeconds"], 1);
+    assert_eq!(released["metadata"]["resourceVersion"], "2");
+    assert!(!elector.is_leader());
+    drop(elector);
+    api.no_more_calls().await;
+}
