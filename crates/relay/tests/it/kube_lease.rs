@@ -137,7 +137,10 @@ async fn renews_its_own_lease_with_optimistic_concurrency() {
         renewed["spec"]["leaseTransitions"], 3,
         "a renewal is not a transition"
     );
-    assert_eq!(renewed["spec"]["acquireTime"], "2026-11-21T09:00:00.000000Z");
+    assert_eq!(
+        renewed["spec"]["acquireTime"],
+        "2026-11-21T09:00:00.000000Z"
+    );
     assert_ne!(renewed["spec"]["renewTime"], "2026-11-21T10:00:00.000000Z");
     drop(lock);
     api.no_more_calls().await;

@@ -4,4 +4,6 @@
 
 mod delivery;
 mod kube_lease;
+mod overlap;
+mod pg_election;
 mod support;

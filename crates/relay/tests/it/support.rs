@@ -48,12 +48,21 @@ pub struct RunningRelay {
 
 impl RunningRelay {
     pub fn start(pool: &PgPool, client: Arc<dyn OnecClient>, config: RelayConfig) -> Self {
+        Self::start_with(pool, client, config, Leadership::always())
+    }
+
+    pub fn start_with(
+        pool: &PgPool,
+        client: Arc<dyn OnecClient>,
+        config: RelayConfig,
+        leadership: Leadership,
+    ) -> Self {
         let shutdown = CancellationToken::new();
         let relay = Relay::start(
             Store::new(pool.clone()),
             client,
             config,
-            Leadership::always(),
+            leadership,
             shutdown.clone(),
         );
         Self { relay, shutdown }
