@@ -56,7 +56,7 @@ impl RelayMetrics {
             leader_registry: Registry::new(),
             is_leader: gauge(
                 "orders_center_relay_is_leader",
-                "1 while this relay leads, else 0.",
+                "Whether this relay leads: 1 or 0.",
             ),
             backlog_pending: gauge(
                 "orders_center_onec_backlog_pending",

@@ -65,3 +65,35 @@ async fn bad_task_requests_are_problems() {
         .await
         .problem(StatusCode::BAD_REQUEST);
 }
+
+/// The API serves the leader's backlog figures while they are fresh, and
+/// counts for itself when no leader refreshed them lately.
+#[tokio::test]
+async fn sync_stats_prefer_the_leaders_fresh_figures() {
+    let app = TestApp::new().await;
+    app.put_order("S1", &sample_order("S1")).await;
+    sqlx::query(
+        "INSERT INTO onec_backlog (pending, running, dead, oldest_pending_at, refreshed_at)
+         VALUES (42, 1, 7, now() - interval '90 seconds', now())",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+
+    let fresh = app.get("/api/v1/sync/stats").await.json();
+    sqlx::query("UPDATE onec_backlog SET refreshed_at = now() - interval '5 minutes'")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let stale = app.get("/api/v1/sync/stats").await.json();
+
+    assert_eq!(
+        (fresh["pending"].as_i64(), fresh["dead"].as_i64()),
+        (Some(42), Some(7))
+    );
+    assert!(fresh["oldest_pending_age_seconds"].as_f64().unwrap() >= 90.0);
+    assert_eq!(
+        (stale["pending"].as_i64(), stale["dead"].as_i64()),
+        (Some(1), Some(0))
+    );
+}

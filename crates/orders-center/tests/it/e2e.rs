@@ -70,6 +70,14 @@ async fn run_scenario(mock_faults: &[&str]) -> Outcome {
             "500ms",
             "--onec-timeout",
             "5s",
+            "--leader-election",
+            "postgres",
+            "--lease-duration",
+            "3s",
+            "--lease-renew-deadline",
+            "2s",
+            "--lease-retry-period",
+            "500ms",
         ]);
         relay
             .env("DATABASE_URL", &db.url)
@@ -154,6 +162,21 @@ async fn run_scenario(mock_faults: &[&str]) -> Outcome {
         }
     };
     let (done, dead) = (count("done").await, count("dead").await);
+    let mut leading = 0;
+    for relay in &relays {
+        let metrics = reqwest::get(format!("{}/metrics", relay.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        leading += usize::from(
+            metrics
+                .lines()
+                .any(|l| l == "orders_center_relay_is_leader 1"),
+        );
+    }
+    assert_eq!(leading, 1, "exactly one of the three relays leads");
 
     for relay in &mut relays {
         stop(&mut relay.child, "TERM", Duration::from_secs(15)).await;
