@@ -127,23 +127,6 @@ pub fn user_id(headers: &HeaderMap) -> Result<String, ApiError> {
     Ok(id.to_owned())
 }
 
-/// A well-formed W3C `traceparent`, if the request carries one. A malformed
-/// one is dropped rather than refused, as the trace context spec asks.
-pub fn traceparent(headers: &HeaderMap) -> Option<String> {
-    let v = headers.get("traceparent")?.to_str().ok()?.trim();
-    let parts: Vec<&str> = v.split('-').collect();
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-    let ok = parts.len() == 4
-        && hex(parts[0], 2)
-        && parts[0] != "ff"
-        && hex(parts[1], 32)
-        && parts[1].bytes().any(|b| b != b'0')
-        && hex(parts[2], 16)
-        && parts[2].bytes().any(|b| b != b'0')
-        && hex(parts[3], 2);
-    ok.then(|| v.to_ascii_lowercase())
-}
-
 /// The optional `Idempotency-Key` of a create.
 pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
     header_str(headers, "idempotency-key")?
@@ -195,27 +178,6 @@ mod tests {
             headers(&[("if-match", "1"), ("if-none-match", "*")]),
         ] {
             assert!(matches!(precondition(&h), Err(ApiError::BadRequest(_))));
-        }
-    }
-
-    #[test]
-    fn only_well_formed_traceparents_are_kept() {
-        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        assert_eq!(
-            traceparent(&headers(&[("traceparent", good)])).as_deref(),
-            Some(good)
-        );
-        for bad in [
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
-            "zz-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "garbage",
-        ] {
-            assert_eq!(
-                traceparent(&headers(&[("traceparent", bad)])),
-                None,
-                "{bad}"
-            );
         }
     }
 }

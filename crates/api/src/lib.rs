@@ -82,8 +82,19 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::map_response(
             error::problem_for_every_error,
         ))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(state)
+}
+
+/// The span of one request, continuing the caller's W3C trace context.
+fn request_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let span = tracing::info_span!("request", method = %req.method(), uri = %req.uri());
+    let traceparent = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok());
+    telemetry::set_parent(&span, traceparent);
+    span
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then finishes the

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -14,6 +13,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use prometheus::{Encoder, IntCounter, IntGauge};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -85,29 +85,108 @@ pub struct Stats {
     pub max_in_flight: u64,
 }
 
-#[derive(Default)]
+/// The mock's counters, kept as Prometheus metrics on their own registry.
 struct Counters {
-    received: AtomicU64,
-    applied: AtomicU64,
-    duplicates: AtomicU64,
-    stale: AtomicU64,
-    rejected: AtomicU64,
-    unauthorized: AtomicU64,
-    injected_errors: AtomicU64,
-    responses_lost: AtomicU64,
-    outage_rejections: AtomicU64,
-    in_flight: AtomicU64,
-    max_in_flight: AtomicU64,
+    registry: prometheus::Registry,
+    received: IntCounter,
+    applied: IntCounter,
+    duplicates: IntCounter,
+    stale: IntCounter,
+    rejected: IntCounter,
+    unauthorized: IntCounter,
+    injected_errors: IntCounter,
+    responses_lost: IntCounter,
+    outage_rejections: IntCounter,
+    in_flight: IntGauge,
+    max_in_flight: IntGauge,
+    orders: IntGauge,
 }
 
-fn bump(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
+impl Counters {
+    fn new() -> Self {
+        let registry = prometheus::Registry::new();
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        Self {
+            received: counter(
+                "onec_mock_received_total",
+                "Deliveries that reached the version check.",
+            ),
+            applied: counter(
+                "onec_mock_applied_total",
+                "Versions stored because they were newer.",
+            ),
+            duplicates: counter(
+                "onec_mock_duplicates_total",
+                "Deliveries of the version already held.",
+            ),
+            stale: counter(
+                "onec_mock_stale_total",
+                "Deliveries older than the version held.",
+            ),
+            rejected: counter("onec_mock_rejected_total", "Deliveries refused with 400."),
+            unauthorized: counter(
+                "onec_mock_unauthorized_total",
+                "Deliveries refused with 401.",
+            ),
+            injected_errors: counter("onec_mock_injected_errors_total", "Errors injected."),
+            responses_lost: counter(
+                "onec_mock_responses_lost_total",
+                "Injected errors raised after applying.",
+            ),
+            outage_rejections: counter(
+                "onec_mock_outage_rejections_total",
+                "Deliveries refused by an injected outage.",
+            ),
+            in_flight: gauge("onec_mock_in_flight", "Deliveries being answered now."),
+            max_in_flight: gauge(
+                "onec_mock_max_in_flight",
+                "The most deliveries ever answered at once.",
+            ),
+            orders: gauge("onec_mock_orders", "Orders held."),
+            registry,
+        }
+    }
+
+    fn all_counters(&self) -> [&IntCounter; 9] {
+        [
+            &self.received,
+            &self.applied,
+            &self.duplicates,
+            &self.stale,
+            &self.rejected,
+            &self.unauthorized,
+            &self.injected_errors,
+            &self.responses_lost,
+            &self.outage_rejections,
+        ]
+    }
+}
+
+fn bump(c: &IntCounter) {
+    c.inc();
 }
 
 struct Held {
     version: i64,
     order: serde_json::Value,
+    /// Trace ids of the deliveries of this order, oldest first (at most 20).
+    trace_ids: Vec<String>,
 }
+
+const TRACES_KEPT: usize = 20;
 
 /// The mock's configuration.
 #[derive(Debug, Clone, Default)]
@@ -143,7 +222,7 @@ impl MockState {
                 expected_auth: format!("Basic {token}"),
                 orders: Mutex::default(),
                 faults: RwLock::new(config.faults),
-                counters: Counters::default(),
+                counters: Counters::new(),
             }),
         })
     }
@@ -151,20 +230,20 @@ impl MockState {
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
         let c = &self.inner.counters;
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let gauge = |g: &IntGauge| u64::try_from(g.get()).unwrap_or(0);
         Stats {
-            received: load(&c.received),
-            applied: load(&c.applied),
-            duplicates: load(&c.duplicates),
-            stale: load(&c.stale),
-            rejected: load(&c.rejected),
-            unauthorized: load(&c.unauthorized),
-            injected_errors: load(&c.injected_errors),
-            responses_lost: load(&c.responses_lost),
-            outage_rejections: load(&c.outage_rejections),
+            received: c.received.get(),
+            applied: c.applied.get(),
+            duplicates: c.duplicates.get(),
+            stale: c.stale.get(),
+            rejected: c.rejected.get(),
+            unauthorized: c.unauthorized.get(),
+            injected_errors: c.injected_errors.get(),
+            responses_lost: c.responses_lost.get(),
+            outage_rejections: c.outage_rejections.get(),
             orders: self.inner.orders.lock().expect("not poisoned").len() as u64,
-            in_flight: load(&c.in_flight),
-            max_in_flight: load(&c.max_in_flight),
+            in_flight: gauge(&c.in_flight),
+            max_in_flight: gauge(&c.max_in_flight),
         }
     }
 
@@ -182,6 +261,7 @@ pub fn router(state: MockState) -> Router {
             get(|State(s): State<MockState>| async move { Json(s.stats()) }),
         )
         .route("/admin/orders", get(held_versions))
+        .route("/admin/orders/{id}/traces", get(trace_ids))
         .route("/admin/faults", get(get_faults).put(set_faults))
         .route("/admin/reset", post(reset))
         .route(
@@ -197,15 +277,18 @@ struct InFlight<'a>(&'a Counters);
 
 impl<'a> InFlight<'a> {
     fn enter(c: &'a Counters) -> Self {
-        let now = c.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-        c.max_in_flight.fetch_max(now, Ordering::Relaxed);
+        c.in_flight.inc();
+        let now = c.in_flight.get();
+        if now > c.max_in_flight.get() {
+            c.max_in_flight.set(now);
+        }
         Self(c)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.dec();
     }
 }
 
@@ -332,30 +415,40 @@ async fn put_order(
         bump(&c.injected_errors);
         return injected_error(faults.retry_after_secs);
     }
+    let trace_id = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(telemetry::trace_id)
+        .map(str::to_owned);
     let (result, held) = {
         let mut orders = state.inner.orders.lock().expect("not poisoned");
         bump(&c.received);
-        match orders.get_mut(&id) {
-            Some(h) if h.version == version => {
-                bump(&c.duplicates);
-                ("duplicate", h.version)
+        let entry = orders.entry(id).or_insert_with(|| Held {
+            version: 0,
+            order: serde_json::Value::Null,
+            trace_ids: Vec::new(),
+        });
+        if let Some(t) = trace_id {
+            if entry.trace_ids.len() == TRACES_KEPT {
+                entry.trace_ids.remove(0);
             }
-            Some(h) if h.version > version => {
-                bump(&c.stale);
-                ("stale", h.version)
-            }
-            _ => {
-                bump(&c.applied);
-                orders.insert(
-                    id,
-                    Held {
-                        version,
-                        order: parsed,
-                    },
-                );
-                ("applied", version)
-            }
+            entry.trace_ids.push(t);
         }
+        let outcome = if entry.version == version {
+            bump(&c.duplicates);
+            "duplicate"
+        } else if entry.version > version {
+            bump(&c.stale);
+            "stale"
+        } else {
+            bump(&c.applied);
+            entry.version = version;
+            entry.order = parsed;
+            "applied"
+        };
+        let held = entry.version;
+        c.orders.set(orders.len() as i64);
+        (outcome, held)
     };
     if matches!(injection, Injection::After) {
         bump(&c.injected_errors);
@@ -413,6 +506,21 @@ async fn get_order(
     }
 }
 
+/// The trace ids the deliveries of one order carried, oldest first.
+async fn trace_ids(State(state): State<MockState>, Path(id): Path<String>) -> Response {
+    let orders = state.inner.orders.lock().expect("not poisoned");
+    match orders.get(&id) {
+        Some(h) => {
+            Json(serde_json::json!({"order_id": id, "trace_ids": h.trace_ids})).into_response()
+        }
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({"error": "no such order"})),
+        )
+            .into_response(),
+    }
+}
+
 async fn held_versions(State(state): State<MockState>) -> Json<HashMap<String, i64>> {
     let orders = state.inner.orders.lock().expect("not poisoned");
     Json(orders.iter().map(|(k, h)| (k.clone(), h.version)).collect())
@@ -437,59 +545,26 @@ async fn set_faults(State(state): State<MockState>, Json(faults): Json<Faults>) 
 async fn reset(State(state): State<MockState>) -> StatusCode {
     state.inner.orders.lock().expect("not poisoned").clear();
     let c = &state.inner.counters;
-    for a in [
-        &c.received,
-        &c.applied,
-        &c.duplicates,
-        &c.stale,
-        &c.rejected,
-        &c.unauthorized,
-        &c.injected_errors,
-        &c.responses_lost,
-        &c.outage_rejections,
-        &c.max_in_flight,
-    ] {
-        a.store(0, Ordering::Relaxed);
+    for counter in c.all_counters() {
+        counter.reset();
     }
+    c.max_in_flight.set(c.in_flight.get());
+    c.orders.set(0);
     StatusCode::NO_CONTENT
 }
 
 async fn metrics(State(state): State<MockState>) -> impl IntoResponse {
-    let s = state.stats();
-    let mut out = String::new();
-    for (name, help, v) in [
-        (
-            "onec_mock_received_total",
-            "Deliveries that reached the version check.",
-            s.received,
-        ),
-        ("onec_mock_applied_total", "Versions stored.", s.applied),
-        (
-            "onec_mock_duplicates_total",
-            "Deliveries of the version held.",
-            s.duplicates,
-        ),
-        (
-            "onec_mock_stale_total",
-            "Deliveries older than the version held.",
-            s.stale,
-        ),
-        (
-            "onec_mock_rejected_total",
-            "Deliveries refused with 400.",
-            s.rejected,
-        ),
-        (
-            "onec_mock_injected_errors_total",
-            "Errors injected.",
-            s.injected_errors,
-        ),
-    ] {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
-        ));
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+    let mut buf = Vec::new();
+    prometheus::TextEncoder::new()
+        .encode(&state.inner.counters.registry.gather(), &mut buf)
+        .expect("text encoding cannot fail");
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        buf,
+    )
 }
 
 fn base64_encode(input: &[u8]) -> String {

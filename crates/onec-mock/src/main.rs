@@ -48,6 +48,9 @@ struct Args {
     /// Trickle 200 bodies out over this long, e.g. `2s`.
     #[arg(long, env = "ONEC_MOCK_SLOW_BODY", default_value = "0ms", value_parser = humantime::parse_duration)]
     slow_body: Duration,
+    /// Log line format: `text` or `json`.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = parse_log_format)]
+    log_format: telemetry::LogFormat,
     /// `Retry-After` seconds on injected 503 and 429 answers.
     #[arg(long, env = "ONEC_MOCK_RETRY_AFTER_SECS", default_value_t = 1)]
     retry_after_secs: u64,
@@ -55,13 +58,9 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Args::parse()).await {
+    let args = Args::parse();
+    let _telemetry = telemetry::init("onec-mock", args.log_format);
+    match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -96,6 +95,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving")
+}
+
+fn parse_log_format(s: &str) -> Result<telemetry::LogFormat, String> {
+    match s {
+        "text" => Ok(telemetry::LogFormat::Text),
+        "json" => Ok(telemetry::LogFormat::Json),
+        other => Err(format!("{other:?} is not text or json")),
+    }
 }
 
 async fn shutdown_signal() {

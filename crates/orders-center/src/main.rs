@@ -18,7 +18,13 @@ use config::{Command, Config, DevArgs, HttpArgs, LeaderElection, LogFormat, Rela
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
-    init_tracing(config.log_format);
+    let _telemetry = telemetry::init(
+        "orders-center",
+        match config.log_format {
+            LogFormat::Json => telemetry::LogFormat::Json,
+            LogFormat::Text => telemetry::LogFormat::Text,
+        },
+    );
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     match run(&config, shutdown).await {
@@ -295,16 +301,4 @@ async fn cancel_on_signal(token: CancellationToken) {
         _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
     }
     token.cancel();
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
 }

@@ -71,6 +71,9 @@ pub trait Cron: Send + Sync {
     fn schedule(&self, job: Job);
 }
 
+/// Called with a job's name after each successful run.
+pub type TickObserver = Arc<dyn Fn(&'static str) + Send + Sync>;
+
 /// A [`Cron`] whose job runs execute on a [`WorkerPool`], and whose
 /// leader-only jobs follow the [`Leader`].
 #[derive(Clone)]
@@ -79,6 +82,7 @@ pub struct PoolCron {
     cancel: CancellationToken,
     leader: Arc<dyn Leader>,
     schedulers: TaskTracker,
+    ticks: Option<TickObserver>,
 }
 
 impl PoolCron {
@@ -89,7 +93,14 @@ impl PoolCron {
             cancel,
             leader,
             schedulers: TaskTracker::new(),
+            ticks: None,
         }
+    }
+
+    /// Reports each successful run, e.g. to the metrics.
+    pub fn on_success(mut self, observer: TickObserver) -> Self {
+        self.ticks = Some(observer);
+        self
     }
 
     /// Waits until every scheduler has stopped (after cancellation) and the
@@ -103,12 +114,15 @@ impl PoolCron {
 impl Cron for PoolCron {
     fn schedule(&self, job: Job) {
         for _ in 0..job.parallelism.max(1) {
-            let (job, pool, cancel) = (job.clone(), self.pool.clone(), self.cancel.clone());
+            let (pool, cancel, ticks) =
+                (self.pool.clone(), self.cancel.clone(), self.ticks.clone());
+            let job = job.clone();
             match job.scope {
-                Scope::EveryPod => self.schedulers.spawn(lane(job, pool, cancel)),
+                Scope::EveryPod => self.schedulers.spawn(lane(job, pool, cancel, ticks)),
                 Scope::Leader => {
+                    let leading = self.leader.subscribe();
                     self.schedulers
-                        .spawn(leader_lane(job, pool, cancel, self.leader.subscribe()))
+                        .spawn(leader_lane(job, pool, cancel, ticks, leading))
                 }
             };
         }
@@ -121,6 +135,7 @@ async fn leader_lane(
     job: Job,
     pool: WorkerPool,
     cancel: CancellationToken,
+    ticks: Option<TickObserver>,
     mut leading: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
@@ -131,7 +146,7 @@ async fn leader_lane(
             }
         }
         let term = cancel.child_token();
-        let run = lane(job.clone(), pool.clone(), term.clone());
+        let run = lane(job.clone(), pool.clone(), term.clone(), ticks.clone());
         tokio::pin!(run);
         let mut watch = leading.clone();
         tokio::select! {
@@ -155,7 +170,7 @@ async fn leader_lane(
 
 /// One lane of a job: waits for a tick or a wake-up, runs the job on the
 /// pool, and runs again at once while it reports more work.
-async fn lane(job: Job, pool: WorkerPool, cancel: CancellationToken) {
+async fn lane(job: Job, pool: WorkerPool, cancel: CancellationToken, ticks: Option<TickObserver>) {
     let never = Notify::new();
     let wake = job.wake.as_deref().unwrap_or(&never);
     let mut again = true;
@@ -170,7 +185,11 @@ async fn lane(job: Job, pool: WorkerPool, cancel: CancellationToken) {
         if cancel.is_cancelled() {
             return;
         }
-        match pool.run((job.run)(cancel.clone())).await {
+        let result = pool.run((job.run)(cancel.clone())).await;
+        if let (Ok(Ok(_)), Some(ticked)) = (&result, &ticks) {
+            ticked(job.name);
+        }
+        match result {
             Ok(Ok(Progress::MoreWork)) => {
                 again = true;
                 // Bring a sibling lane in while the backlog lasts.

@@ -26,6 +26,12 @@ pub struct RelayMetrics {
     pub failed_total: IntCounterVec,
     /// Tasks that went dead.
     pub dead: IntCounter,
+    /// Pending versions skipped because a newer one of the order was sent.
+    pub superseded: IntCounter,
+    /// Time 1C took to answer, by outcome.
+    pub onec_request: prometheus::HistogramVec,
+    /// Unix time of each cron job's last successful run.
+    pub cron_last_success: prometheus::GaugeVec,
     /// Claimed tasks given back unsent (breaker open, shutdown).
     pub released: IntCounter,
     /// Time from the save's commit to 1C's answer.
@@ -91,6 +97,29 @@ impl RelayMetrics {
                 "orders_center_onec_tasks_dead_total",
                 "Tasks that went dead.",
             ),
+            superseded: counter(
+                "orders_center_onec_tasks_superseded_total",
+                "Pending versions skipped because a newer version of the order was claimed.",
+            ),
+            onec_request: prometheus::HistogramVec::new(
+                HistogramOpts::new(
+                    "orders_center_onec_request_duration_seconds",
+                    "Time 1C took to answer a delivery, by outcome.",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ]),
+                &["outcome"],
+            )
+            .expect("valid metric"),
+            cron_last_success: prometheus::GaugeVec::new(
+                Opts::new(
+                    "orders_center_cron_last_success_timestamp_seconds",
+                    "Unix time of each cron job's last successful run on this relay.",
+                ),
+                &["job"],
+            )
+            .expect("valid metric"),
             released: counter(
                 "orders_center_onec_tasks_released_total",
                 "Claimed tasks given back unsent.",
@@ -126,6 +155,9 @@ impl RelayMetrics {
             Box::new(m.delivered_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(m.failed_total.clone()),
             Box::new(m.dead.clone()),
+            Box::new(m.superseded.clone()),
+            Box::new(m.onec_request.clone()),
+            Box::new(m.cron_last_success.clone()),
             Box::new(m.released.clone()),
             Box::new(m.lag.clone()),
             Box::new(m.claim_batch.clone()),
@@ -157,10 +189,27 @@ impl RelayMetrics {
             .set(stats.oldest_pending_age_seconds);
     }
 
-    pub(crate) fn claimed(&self, n: usize) {
-        if n > 0 {
-            self.claim_batch.observe(n as f64);
+    pub(crate) fn claimed(&self, claimed: &store::Claimed) {
+        if !claimed.tasks.is_empty() {
+            self.claim_batch.observe(claimed.tasks.len() as f64);
         }
+        self.superseded.inc_by(claimed.superseded);
+    }
+
+    pub(crate) fn answered(&self, outcome: &Outcome, seconds: f64) {
+        let label = match outcome {
+            Outcome::Delivered(_) => "delivered",
+            Outcome::Failed(f) => f.class.as_str(),
+        };
+        self.onec_request
+            .with_label_values(&[label])
+            .observe(seconds);
+    }
+
+    /// Records a successful run of cron job `job`.
+    pub fn ticked(&self, job: &str) {
+        let now = Utc::now().timestamp_millis() as f64 / 1000.0;
+        self.cron_last_success.with_label_values(&[job]).set(now);
     }
 
     pub(crate) fn delivered(&self, committed_at: DateTime<Utc>) {

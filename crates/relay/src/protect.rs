@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::breaker::{Admission, BreakerConfig, BreakerState, CircuitBreaker};
 use crate::clock::Clock;
+use crate::metrics::RelayMetrics;
 
 /// Protection settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -35,6 +36,7 @@ pub enum Attempt {
 /// The guarded path to 1C; share it through an `Arc`.
 pub struct OnecGuard {
     client: Arc<dyn OnecClient>,
+    metrics: Arc<RelayMetrics>,
     in_flight: Semaphore,
     limiter: Option<DefaultDirectRateLimiter>,
     breaker: CircuitBreaker,
@@ -46,9 +48,11 @@ impl OnecGuard {
         client: Arc<dyn OnecClient>,
         config: ProtectionConfig,
         clock: Arc<dyn Clock>,
+        metrics: Arc<RelayMetrics>,
     ) -> Self {
         Self {
             client,
+            metrics,
             in_flight: Semaphore::new(config.max_in_flight.max(1)),
             limiter: config
                 .rate_per_second
@@ -89,7 +93,10 @@ impl OnecGuard {
         if admission == Admission::Refused {
             return Attempt::NotSent;
         }
+        let sent = std::time::Instant::now();
         let outcome = self.client.put_order(delivery).await;
+        self.metrics
+            .answered(&outcome, sent.elapsed().as_secs_f64());
         let healthy = match &outcome {
             Outcome::Delivered(_) => true,
             Outcome::Failed(f) => !f.class.counts_against_1c(),

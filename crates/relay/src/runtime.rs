@@ -83,11 +83,14 @@ impl Relay {
             client,
             config.protection,
             Arc::new(SystemClock),
+            metrics.clone(),
         ));
         // One worker per claim lane, plus one for the rescue job.
         let pool = WorkerPool::new(config.service.claim_lanes + 1);
         metrics.workers.set(pool.size() as i64);
-        let cron = PoolCron::new(pool.clone(), shutdown.clone(), leadership.leader.clone());
+        let m = metrics.clone();
+        let cron = PoolCron::new(pool.clone(), shutdown.clone(), leadership.leader.clone())
+            .on_success(Arc::new(move |job| m.ticked(job)));
         let service = TaskService::new(
             store.clone(),
             guard.clone(),

@@ -10,6 +10,7 @@ use onec::{Delivery, Outcome};
 use store::{ClaimSpec, ClaimedTask, Store, TaskId};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::cron::{Cron, Job, Progress, Scope};
@@ -182,7 +183,7 @@ impl TaskService {
         if want == 0 || cancel.is_cancelled() {
             return Ok(Progress::Idle);
         }
-        let tasks = self
+        let claim = self
             .store
             .claim_batch(&ClaimSpec {
                 claimant: &self.config.relay_id,
@@ -190,7 +191,8 @@ impl TaskService {
                 lease: self.config.lease,
             })
             .await?;
-        self.metrics.claimed(tasks.len());
+        self.metrics.claimed(&claim);
+        let tasks = claim.tasks;
         let claimed = tasks.len();
         futures::stream::iter(tasks)
             .for_each_concurrent(None, |task| self.deliver(task, &cancel))
@@ -202,14 +204,30 @@ impl TaskService {
         })
     }
 
+    /// Delivers one task inside a span that continues the save's trace, and
+    /// passes that span's context on to 1C.
     async fn deliver(&self, task: ClaimedTask, cancel: &CancellationToken) {
+        let span = tracing::info_span!("deliver", task = %task.id, order = %task.order_id, version = task.version);
+        telemetry::set_parent(&span, task.traceparent.as_deref());
+        let traceparent = telemetry::traceparent(&span);
+        self.deliver_in(task, traceparent, cancel)
+            .instrument(span)
+            .await;
+    }
+
+    async fn deliver_in(
+        &self,
+        task: ClaimedTask,
+        traceparent: Option<String>,
+        cancel: &CancellationToken,
+    ) {
         let (id, token, attempts, created_at) =
             (task.id, task.token, task.attempts, task.created_at);
         let delivery = Delivery {
             order_id: task.order_id,
             version: task.version,
             snapshot: task.snapshot,
-            traceparent: task.traceparent,
+            traceparent,
         };
         let outcome = match self.onec.deliver(&delivery, cancel).await {
             Attempt::Sent(outcome) => outcome,
@@ -370,6 +388,7 @@ mod tests {
                 },
             },
             Arc::new(SystemClock),
+            Arc::default(),
         ));
         let config = ServiceConfig {
             relay_id: "r".into(),

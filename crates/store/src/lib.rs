@@ -19,7 +19,7 @@ pub use idempotency::{CreateOutcome, IdempotencyKey, RequestHash};
 pub use leases::{LeaseHeld, LEADER_CHANNEL};
 pub use orders::{Cursor, ListFilter, Page, Precondition, SaveContext, Saved};
 pub use outbox::NOTIFY_CHANNEL;
-pub use tasks::{ClaimSpec, ClaimToken, ClaimedTask, TaskId};
+pub use tasks::{ClaimSpec, ClaimToken, Claimed, ClaimedTask, TaskId};
 
 /// The schema migrations from `migrations/`, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");

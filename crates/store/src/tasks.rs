@@ -113,16 +113,28 @@ impl From<SummaryRow> for TaskSummary {
 const SUMMARY_COLUMNS: &str = "id, order_id, order_version, state, attempts, run_at, claimed_by, \
                                last_error, created_at, updated_at";
 
+/// What one claim did.
+#[derive(Debug, Clone, Default)]
+pub struct Claimed {
+    /// Tasks now held by this relay.
+    pub tasks: Vec<ClaimedTask>,
+    /// Older pending versions that newer ones superseded.
+    pub superseded: u64,
+}
+
+/// One row per claimed task, or a single row of NULLs when none was claimed;
+/// either way it carries the superseded count.
 #[derive(sqlx::FromRow)]
 struct ClaimedRow {
-    id: i64,
-    order_id: String,
-    order_version: i64,
-    snapshot: Json<serde_json::Value>,
-    attempts: i32,
-    claim_token: Uuid,
+    superseded: i64,
+    id: Option<i64>,
+    order_id: Option<String>,
+    order_version: Option<i64>,
+    snapshot: Option<Json<serde_json::Value>>,
+    attempts: Option<i32>,
+    claim_token: Option<Uuid>,
     traceparent: Option<String>,
-    created_at: DateTime<Utc>,
+    created_at: Option<DateTime<Utc>>,
 }
 
 impl Store {
@@ -139,7 +151,7 @@ impl Store {
     ///
     /// So at most one task per order is ever running, and a version is never
     /// sent after a newer one.
-    pub async fn claim_batch(&self, spec: &ClaimSpec<'_>) -> Result<Vec<ClaimedTask>> {
+    pub async fn claim_batch(&self, spec: &ClaimSpec<'_>) -> Result<Claimed> {
         let mut tx = self.pool.begin().await?;
         let orders: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT c.order_id FROM (
@@ -157,7 +169,7 @@ impl Store {
         .await?;
         if orders.is_empty() {
             tx.commit().await?;
-            return Ok(Vec::new());
+            return Ok(Claimed::default());
         }
 
         let rows: Vec<ClaimedRow> = sqlx::query_as(
@@ -188,15 +200,20 @@ impl Store {
                  UPDATE onec_tasks t
                  SET state = 'superseded', finished_at = now(), updated_at = now()
                  FROM older o WHERE t.id = o.id
+                 RETURNING t.id
+             ),
+             claimed AS (
+                 UPDATE onec_tasks t
+                 SET state = 'running', attempts = t.attempts + 1, claimed_by = $2,
+                     claim_token = gen_random_uuid(),
+                     claim_expires_at = now() + make_interval(secs => $3),
+                     updated_at = now()
+                 FROM heads h WHERE t.id = h.id
+                 RETURNING t.id, t.order_id, t.order_version, t.snapshot, t.attempts,
+                           t.claim_token, t.traceparent, t.created_at
              )
-             UPDATE onec_tasks t
-             SET state = 'running', attempts = t.attempts + 1, claimed_by = $2,
-                 claim_token = gen_random_uuid(),
-                 claim_expires_at = now() + make_interval(secs => $3),
-                 updated_at = now()
-             FROM heads h WHERE t.id = h.id
-             RETURNING t.id, t.order_id, t.order_version, t.snapshot, t.attempts,
-                       t.claim_token, t.traceparent, t.created_at",
+             SELECT (SELECT count(*) FROM superseded) AS superseded, c.*
+             FROM (SELECT 1) one LEFT JOIN claimed c ON true",
         )
         .bind(&orders)
         .bind(spec.claimant)
@@ -204,19 +221,23 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(rows
+        let superseded = rows.first().map_or(0, |r| r.superseded as u64);
+        let tasks = rows
             .into_iter()
-            .map(|r| ClaimedTask {
-                id: TaskId(r.id),
-                order_id: r.order_id,
-                version: r.order_version,
-                snapshot: r.snapshot.0,
-                attempts: r.attempts,
-                token: ClaimToken(r.claim_token),
-                traceparent: r.traceparent,
-                created_at: r.created_at,
+            .filter_map(|r| {
+                Some(ClaimedTask {
+                    id: TaskId(r.id?),
+                    order_id: r.order_id?,
+                    version: r.order_version?,
+                    snapshot: r.snapshot?.0,
+                    attempts: r.attempts?,
+                    token: ClaimToken(r.claim_token?),
+                    traceparent: r.traceparent,
+                    created_at: r.created_at?,
+                })
             })
-            .collect())
+            .collect();
+        Ok(Claimed { tasks, superseded })
     }
 
     /// Marks a claimed task delivered. False if the claim was lost.

@@ -34,11 +34,18 @@ fn view_response(status: StatusCode, view: &OrderView) -> Response {
     res
 }
 
-fn save_context(headers: &HeaderMap) -> Result<SaveContext, ApiError> {
-    Ok(SaveContext {
-        user_id: extract::user_id(headers)?,
-        traceparent: extract::traceparent(headers),
-    })
+/// Who saves, and the trace the save belongs to: the request span's, which
+/// continues the caller's `traceparent`. Without a tracing layer (the API
+/// used as a library) the caller's valid `traceparent` is kept as is.
+fn save_context(headers: &HeaderMap, user_id: String) -> SaveContext {
+    let incoming = || {
+        let value = headers.get("traceparent")?.to_str().ok()?;
+        telemetry::normalize(value)
+    };
+    SaveContext {
+        user_id,
+        traceparent: telemetry::traceparent(&tracing::Span::current()).or_else(incoming),
+    }
 }
 
 /// Saves a whole order and queues its delivery to 1C, in one transaction.
@@ -71,7 +78,7 @@ pub async fn save_order(
     JsonBody(input): JsonBody<OrderFull>,
 ) -> Result<Response, ApiError> {
     let pre = extract::precondition(&headers)?;
-    let ctx = save_context(&headers)?;
+    let ctx = save_context(&headers, extract::user_id(&headers)?);
     let order = input.validate(Some(&id))?;
     let Saved { view, created } = state.store.save_order(&order, pre, &ctx).await?;
     state.metrics.saved(created);
@@ -106,7 +113,7 @@ pub async fn create_order(
     JsonBody(input): JsonBody<OrderFull>,
 ) -> Result<Response, ApiError> {
     let key = extract::idempotency_key(&headers)?;
-    let ctx = save_context(&headers)?;
+    let ctx = save_context(&headers, extract::user_id(&headers)?);
     // Hash what the client sent, before an id is generated for it.
     let hash = RequestHash::of(&input);
     let order = input.validate(None)?;
@@ -193,10 +200,7 @@ pub async fn change_status(
 ) -> Result<Response, ApiError> {
     let pre = extract::precondition(&headers)?;
     change.validate()?;
-    let ctx = SaveContext {
-        user_id: change.user_id.clone(),
-        traceparent: extract::traceparent(&headers),
-    };
+    let ctx = save_context(&headers, change.user_id.clone());
     let saved = state.store.change_status(&id, &change, pre, &ctx).await?;
     state.metrics.saved(false);
     Ok(view_response(StatusCode::OK, &saved.view))

@@ -55,7 +55,11 @@ async fn a_save_writes_the_order_its_lines_history_and_exactly_one_task_with_the
         (order_id.as_str(), version, state.as_str()),
         ("ORD-1", 1, "pending")
     );
-    assert_eq!(stored_trace.as_deref(), Some(traceparent));
+    assert_eq!(
+        stored_trace.as_deref().and_then(telemetry::trace_id),
+        telemetry::trace_id(traceparent),
+        "the task continues the save's trace"
+    );
     // The snapshot is the committed order exactly as the API returns it.
     for part in ["order", "items", "payments", "history"] {
         assert_eq!(snapshot[part], body[part], "snapshot {part}");

@@ -64,7 +64,7 @@ async fn eight_concurrent_claimers_over_10000_tasks_never_claim_one_twice() {
                 let name = format!("relay-{i}");
                 let mut idle_rounds = 0;
                 while idle_rounds < 3 {
-                    let batch = store.claim_batch(&spec(&name, 100)).await.unwrap();
+                    let batch = store.claim_batch(&spec(&name, 100)).await.unwrap().tasks;
                     if batch.is_empty() {
                         idle_rounds += 1;
                         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -106,6 +106,7 @@ async fn an_outcome_carrying_a_stale_claim_token_changes_nothing() {
         })
         .await
         .unwrap()
+        .tasks
         .remove(0);
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(store.rescue_expired(100).await.unwrap().len(), 1);
@@ -113,6 +114,7 @@ async fn an_outcome_carrying_a_stale_claim_token_changes_nothing() {
         .claim_batch(&spec("fast-relay", 10))
         .await
         .unwrap()
+        .tasks
         .remove(0);
     assert_eq!(current.id, id);
     assert_ne!(current.token, lapsed.token);
@@ -146,8 +148,10 @@ async fn only_the_newest_pending_version_is_sent_and_older_ones_are_superseded()
     let v3 = insert_task(&db.pool, "A", 3).await;
     insert_task(&db.pool, "B", 1).await;
 
-    let claimed = store.claim_batch(&spec("r", 10)).await.unwrap();
+    let claim = store.claim_batch(&spec("r", 10)).await.unwrap();
+    let claimed = claim.tasks;
 
+    assert_eq!(claim.superseded, 2);
     assert_eq!(versions(&claimed), [("A".into(), 3), ("B".into(), 1)]);
     assert_eq!(
         claimed.iter().find(|t| t.order_id == "A").unwrap().snapshot["v"],
@@ -163,11 +167,16 @@ async fn an_order_with_a_version_in_flight_waits_and_does_not_block_others() {
     let db = testkit::database().await;
     let store = Store::new(db.pool.clone());
     insert_task(&db.pool, "A", 1).await;
-    let a1 = store.claim_batch(&spec("r", 10)).await.unwrap().remove(0);
+    let a1 = store
+        .claim_batch(&spec("r", 10))
+        .await
+        .unwrap()
+        .tasks
+        .remove(0);
     insert_task(&db.pool, "A", 2).await;
     insert_task(&db.pool, "B", 1).await;
 
-    let while_a1_runs = store.claim_batch(&spec("r", 10)).await.unwrap();
+    let while_a1_runs = store.claim_batch(&spec("r", 10)).await.unwrap().tasks;
     assert_eq!(versions(&while_a1_runs), [("B".into(), 1)]);
 
     // A transient failure of A/1 puts it back with a backoff; A/2 is newer,
@@ -177,7 +186,7 @@ async fn an_order_with_a_version_in_flight_waits_and_does_not_block_others() {
         .retry_later(a1.id, a1.token, later, "503")
         .await
         .unwrap());
-    let next = store.claim_batch(&spec("r", 10)).await.unwrap();
+    let next = store.claim_batch(&spec("r", 10)).await.unwrap().tasks;
     assert_eq!(versions(&next), [("A".into(), 2)]);
     assert_eq!(state_of(&db.pool, a1.id).await, "superseded");
 }
@@ -187,12 +196,22 @@ async fn a_version_older_than_a_delivered_one_is_never_sent() {
     let db = testkit::database().await;
     let store = Store::new(db.pool.clone());
     insert_task(&db.pool, "A", 2).await;
-    let a2 = store.claim_batch(&spec("r", 10)).await.unwrap().remove(0);
+    let a2 = store
+        .claim_batch(&spec("r", 10))
+        .await
+        .unwrap()
+        .tasks
+        .remove(0);
     assert!(store.complete(a2.id, a2.token).await.unwrap());
     // A straggler older than what 1C already has, e.g. restored by hand.
     let a1 = insert_task(&db.pool, "A", 1).await;
 
-    assert!(store.claim_batch(&spec("r", 10)).await.unwrap().is_empty());
+    assert!(store
+        .claim_batch(&spec("r", 10))
+        .await
+        .unwrap()
+        .tasks
+        .is_empty());
     assert_eq!(state_of(&db.pool, a1).await, "superseded");
 }
 
@@ -223,7 +242,7 @@ async fn per_order_order_holds_under_concurrent_claims_and_saves() {
                 let name = format!("r{i}");
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
                 while tokio::time::Instant::now() < deadline {
-                    let batch = store.claim_batch(&spec(&name, 7)).await.unwrap();
+                    let batch = store.claim_batch(&spec(&name, 7)).await.unwrap().tasks;
                     for t in &batch {
                         assert!(
                             in_flight.lock().unwrap().insert(t.order_id.clone()),
@@ -295,7 +314,7 @@ async fn a_crashed_claim_is_rescued_and_delivered_by_another_relay() {
         lease: Duration::from_millis(300),
         ..spec("doomed", 10)
     };
-    let crashed = store.claim_batch(&short).await.unwrap().remove(0);
+    let crashed = store.claim_batch(&short).await.unwrap().tasks.remove(0);
 
     assert!(
         store.rescue_expired(100).await.unwrap().is_empty(),
@@ -305,6 +324,7 @@ async fn a_crashed_claim_is_rescued_and_delivered_by_another_relay() {
         .claim_batch(&spec("survivor", 10))
         .await
         .unwrap()
+        .tasks
         .is_empty());
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(store.rescue_expired(100).await.unwrap().len(), 1);
@@ -312,6 +332,7 @@ async fn a_crashed_claim_is_rescued_and_delivered_by_another_relay() {
         .claim_batch(&spec("survivor", 10))
         .await
         .unwrap()
+        .tasks
         .remove(0);
     assert!(store.complete(taken.id, taken.token).await.unwrap());
 
@@ -330,6 +351,7 @@ async fn a_released_task_is_claimable_at_once_with_its_attempt_refunded() {
         .claim_batch(&spec("stopping", 10))
         .await
         .unwrap()
+        .tasks
         .remove(0);
 
     assert!(store.release(t.id, t.token).await.unwrap());
@@ -337,6 +359,7 @@ async fn a_released_task_is_claimable_at_once_with_its_attempt_refunded() {
         .claim_batch(&spec("other", 10))
         .await
         .unwrap()
+        .tasks
         .remove(0);
 
     assert_eq!((again.id, again.attempts), (t.id, 1));
@@ -348,7 +371,7 @@ async fn dead_tasks_are_listed_and_replayed_unless_a_newer_version_exists() {
     let store = Store::new(db.pool.clone());
     insert_task(&db.pool, "A", 1).await;
     insert_task(&db.pool, "B", 1).await;
-    for t in store.claim_batch(&spec("r", 10)).await.unwrap() {
+    for t in store.claim_batch(&spec("r", 10)).await.unwrap().tasks {
         assert!(store
             .mark_dead(t.id, t.token, "400: bad payload")
             .await
