@@ -161,7 +161,7 @@ mod tests {
         assert_eq!(trace_id(&a).unwrap().len(), 32);
         assert_eq!(trace_id("00-abc"), None);
         assert_eq!(normalize("garbage"), None);
-                let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         assert_eq!(normalize(valid).as_deref(), Some(valid));
         // W3C trace context allows lowercase hex only.
         assert_eq!(normalize(&valid.to_uppercase()), None);

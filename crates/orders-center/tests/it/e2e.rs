@@ -10,7 +10,7 @@ use futures::StreamExt;
 use serde_json::Value;
 use tokio::sync::Mutex;
 
-use crate::support::{get_json, onec_mock, orders_center, stop, Role};
+use crate::support::{get_json, get_text, promtool_check_metrics, sample_sum, System};
 
 /// The heavy scenarios share two cores; running them one at a time keeps
 /// each one's timing honest.
@@ -21,6 +21,10 @@ const UPDATED: usize = 1_000;
 
 struct Outcome {
     mock: Value,
+    /// `/metrics` of the API, each relay and the mock, at the end.
+    api_metrics: String,
+    relay_metrics: Vec<String>,
+    mock_metrics: String,
     done: i64,
     dead: i64,
     drained_in: Duration,
@@ -28,63 +32,8 @@ struct Outcome {
 
 async fn run_scenario(mock_faults: &[&str]) -> Outcome {
     let db = testkit::unmigrated_database().await;
-    let mock_args = [
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--username",
-            "relay",
-            "--password",
-            "pw",
-        ][..],
-        mock_faults,
-    ]
-    .concat();
-    let mut mock = Role::spawn(&mut onec_mock(&mock_args), "onec-mock listening").await;
-    let mut api = Role::spawn(
-        orders_center(&["api", "--listen", "127.0.0.1:0", "--migrate"])
-            .env("DATABASE_URL", &db.url),
-        "api listening",
-    )
-    .await;
-    let mut relays = Vec::new();
-    for i in 0..3 {
-        let id = format!("relay-{i}");
-        let mut relay = orders_center(&[
-            "relay",
-            "--listen",
-            "127.0.0.1:0",
-            "--relay-id",
-            &id,
-            "--onec-url",
-            &mock.url,
-            "--onec-username",
-            "relay",
-            "--poll-interval",
-            "250ms",
-            "--backoff-base",
-            "50ms",
-            "--backoff-max",
-            "1s",
-            "--breaker-cool-down",
-            "500ms",
-            "--onec-timeout",
-            "5s",
-            "--leader-election",
-            "postgres",
-            "--lease-duration",
-            "3s",
-            "--lease-renew-deadline",
-            "2s",
-            "--lease-retry-period",
-            "500ms",
-        ]);
-        relay
-            .env("DATABASE_URL", &db.url)
-            .env("ONEC_PASSWORD", "pw");
-        relays.push(Role::spawn(&mut relay, "relay started").await);
-    }
-
+    let system = System::start(&db.url, mock_faults, 3).await;
+    let (api, mock, relays) = (&system.api, &system.mock, &system.relays);
     let http = reqwest::Client::new();
     let save = |id: String, status: &'static str| {
         let (http, url) = (http.clone(), api.url.clone());
@@ -162,29 +111,24 @@ async fn run_scenario(mock_faults: &[&str]) -> Outcome {
         }
     };
     let (done, dead) = (count("done").await, count("dead").await);
-    let mut leading = 0;
-    for relay in &relays {
-        let metrics = reqwest::get(format!("{}/metrics", relay.url))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        leading += usize::from(
-            metrics
-                .lines()
-                .any(|l| l == "orders_center_relay_is_leader 1"),
-        );
+    let api_metrics = get_text(&format!("{}/metrics", api.url)).await;
+    let mock_metrics = get_text(&format!("{}/metrics", mock.url)).await;
+    let mut relay_metrics = Vec::new();
+    for relay in relays {
+        relay_metrics.push(get_text(&format!("{}/metrics", relay.url)).await);
     }
+    let leading = relay_metrics
+        .iter()
+        .filter(|m| m.lines().any(|l| l == "orders_center_relay_is_leader 1"))
+        .count();
     assert_eq!(leading, 1, "exactly one of the three relays leads");
 
-    for relay in &mut relays {
-        stop(&mut relay.child, "TERM", Duration::from_secs(15)).await;
-    }
-    stop(&mut api.child, "TERM", Duration::from_secs(15)).await;
-    stop(&mut mock.child, "TERM", Duration::from_secs(15)).await;
+    system.stop().await;
     Outcome {
         mock: stats,
+        api_metrics,
+        relay_metrics,
+        mock_metrics,
         done,
         dead,
         drained_in,
@@ -214,6 +158,28 @@ async fn three_relays_deliver_every_order_at_its_latest_version_exactly_once() {
         o.done
     );
     assert_eq!(o.mock["orders"], ORDERS);
+
+    // The real expositions lint clean, and their counters tell what happened.
+    promtool_check_metrics("api", &o.api_metrics);
+    promtool_check_metrics("onec-mock", &o.mock_metrics);
+    for (i, m) in o.relay_metrics.iter().enumerate() {
+        promtool_check_metrics(&format!("relay-{i}"), m);
+    }
+    let saved = sample_sum(&o.api_metrics, "orders_center_orders_saved_total");
+    let enqueued = sample_sum(&o.api_metrics, "orders_center_onec_tasks_enqueued_total");
+    assert_eq!(saved, (ORDERS + UPDATED) as f64);
+    assert_eq!(saved, enqueued, "every save enqueued one task");
+    let delivered: f64 = o
+        .relay_metrics
+        .iter()
+        .map(|m| sample_sum(m, "orders_center_onec_tasks_delivered_total"))
+        .sum();
+    let n = |k: &str| o.mock[k].as_f64().unwrap();
+    assert_eq!(delivered, n("applied") + n("duplicates") + n("stale"));
+    assert_eq!(
+        sample_sum(&o.mock_metrics, "onec_mock_applied_total"),
+        n("applied")
+    );
 }
 
 #[tokio::test]

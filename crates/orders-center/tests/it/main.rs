@@ -2,5 +2,6 @@
 
 mod dev;
 mod e2e;
+mod observability;
 mod roles;
 mod support;

@@ -152,3 +152,129 @@ pub fn onec_mock(args: &[&str]) -> Command {
 pub async fn get_json<T: serde::de::DeserializeOwned>(url: &str) -> T {
     reqwest::get(url).await.unwrap().json().await.unwrap()
 }
+
+/// The text of `url`.
+pub async fn get_text(url: &str) -> String {
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
+/// The sum of every sample of metric `name` in a text exposition.
+pub fn sample_sum(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let metric = series.split('{').next()?;
+            (metric == name).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// Lints a text exposition with `promtool check metrics`.
+pub fn promtool_check_metrics(role: &str, exposition: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (apt-get install prometheus; .ci/run does)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(exposition.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed for {role}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The deployed shape as processes: `onec-mock`, one `api`, and `relays`
+/// relays electing a leader through PostgreSQL, on database `db_url`.
+pub struct System {
+    pub mock: Role,
+    pub api: Role,
+    pub relays: Vec<Role>,
+}
+
+impl System {
+    pub async fn start(db_url: &str, mock_faults: &[&str], relays: usize) -> Self {
+        let mock_args = [
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--username",
+                "relay",
+                "--password",
+                "pw",
+            ][..],
+            mock_faults,
+        ]
+        .concat();
+        let mock = Role::spawn(&mut onec_mock(&mock_args), "onec-mock listening").await;
+        let api = Role::spawn(
+            orders_center(&["api", "--listen", "127.0.0.1:0", "--migrate"])
+                .env("DATABASE_URL", db_url),
+            "api listening",
+        )
+        .await;
+        let mut started = Vec::new();
+        for i in 0..relays {
+            let id = format!("relay-{i}");
+            let mut relay = orders_center(&[
+                "relay",
+                "--listen",
+                "127.0.0.1:0",
+                "--relay-id",
+                &id,
+                "--onec-url",
+                &mock.url,
+                "--onec-username",
+                "relay",
+                "--poll-interval",
+                "250ms",
+                "--backoff-base",
+                "50ms",
+                "--backoff-max",
+                "1s",
+                "--breaker-cool-down",
+                "500ms",
+                "--onec-timeout",
+                "5s",
+                "--leader-election",
+                "postgres",
+                "--lease-duration",
+                "3s",
+                "--lease-renew-deadline",
+                "2s",
+                "--lease-retry-period",
+                "500ms",
+                "--backlog-interval",
+                "1s",
+            ]);
+            relay.env("DATABASE_URL", db_url).env("ONEC_PASSWORD", "pw");
+            started.push(Role::spawn(&mut relay, "relay started").await);
+        }
+        Self {
+            mock,
+            api,
+            relays: started,
+        }
+    }
+
+    /// SIGTERM to every process; each must exit cleanly.
+    pub async fn stop(mut self) {
+        for relay in &mut self.relays {
+            stop(&mut relay.child, "TERM", Duration::from_secs(15)).await;
+        }
+        stop(&mut self.api.child, "TERM", Duration::from_secs(15)).await;
+        stop(&mut self.mock.child, "TERM", Duration::from_secs(15)).await;
+    }
+}
