@@ -376,34 +376,9 @@ mod tests {
         Config::command().debug_assert();
     }
 
-    #[test]
-    fn relay_flags_become_relay_settings() {
-        let cli = Config::try_parse_from([
-            "orders-center",
-            "relay",
-            "--onec-url",
-            "http://1c",
-            "--onec-username",
-            "u",
-            "--onec-password",
-            "p",
-            "--rate-limit",
-            "50",
-            "--relay-id",
-            "relay-0",
-            "--backoff-base",
-            "250ms",
-        ])
-        .unwrap();
-        let Command::Relay(args) = cli.command else {
-            panic!("parsed {cli:?}")
-        };
-        let c = args.tuning.relay_config();
-        assert_eq!(c.service.relay_id, "relay-0");
-        assert_eq!(c.service.backoff.base, Duration::from_millis(250));
-        assert_eq!(c.protection.rate_per_second.map(|r| r.get()), Some(50));
-        assert_eq!(c.protection.max_in_flight, 64);
-        let unlimited = Config::try_parse_from([
+    /// `relay` with the required 1C flags plus `extra`.
+    fn relay_args(extra: &[&str]) -> RelayArgs {
+        let required = [
             "orders-center",
             "relay",
             "--onec-url",
@@ -412,37 +387,44 @@ mod tests {
             "u",
             "--onec-password",
             "p",
+        ];
+        let args = [&required[..], extra].concat();
+        match Config::try_parse_from(args).unwrap().command {
+            Command::Relay(r) => r,
+            other => panic!("parsed {other:?}"),
+        }
+    }
+
+    #[test]
+    fn relay_flags_become_relay_settings() {
+        let c = relay_args(&[
+            "--rate-limit",
+            "50",
+            "--relay-id",
+            "relay-0",
+            "--backoff-base",
+            "250ms",
         ])
-        .unwrap();
-        let Command::Relay(args) = unlimited.command else {
-            panic!()
-        };
-        assert_eq!(args.tuning.relay_config().protection.rate_per_second, None);
+        .tuning
+        .relay_config();
+        assert_eq!(c.service.relay_id, "relay-0");
+        assert_eq!(c.service.backoff.base, Duration::from_millis(250));
+        assert_eq!(c.protection.rate_per_second.map(|r| r.get()), Some(50));
+        assert_eq!(c.protection.max_in_flight, 64);
+        assert_eq!(
+            relay_args(&[])
+                .tuning
+                .relay_config()
+                .protection
+                .rate_per_second,
+            None
+        );
     }
 
     #[test]
     fn election_timing_must_let_the_leader_step_down_first() {
-        let parse = |extra: &[&str]| {
-            let args = [
-                &[
-                    "orders-center",
-                    "relay",
-                    "--onec-url",
-                    "x",
-                    "--onec-username",
-                    "u",
-                    "--onec-password",
-                    "p",
-                ][..],
-                extra,
-            ]
-            .concat();
-            let Command::Relay(r) = Config::try_parse_from(args).unwrap().command else {
-                panic!()
-            };
-            r.election.election_config()
-        };
-        let defaults = parse(&["--leader-election", "kube"]).unwrap();
+        let timing = |extra: &[&str]| relay_args(extra).election.election_config();
+        let defaults = timing(&["--leader-election", "kube"]).unwrap();
         assert_eq!(
             (
                 defaults.lease_duration,
@@ -455,8 +437,8 @@ mod tests {
                 Duration::from_secs(2)
             )
         );
-        assert!(parse(&["--lease-renew-deadline", "15s"]).is_err());
-        assert!(parse(&["--lease-retry-period", "10s"]).is_err());
+        assert!(timing(&["--lease-renew-deadline", "15s"]).is_err());
+        assert!(timing(&["--lease-retry-period", "10s"]).is_err());
     }
 
     #[test]

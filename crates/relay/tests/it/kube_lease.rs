@@ -86,6 +86,15 @@ impl ApiServer {
     }
 }
 
+/// The scripted API server lets an elector create the Lease and lead.
+async fn win_election(api: &mut ApiServer, leading: &mut tokio::sync::watch::Receiver<bool>) {
+    let (_, send) = api.expect(Method::GET, LEASE).await;
+    reply(send, StatusCode::NOT_FOUND, &status(404, "NotFound"));
+    let (created, send) = api.expect(Method::POST, LEASES).await;
+    reply(send, StatusCode::CREATED, &created);
+    leading.wait_for(|l| *l).await.unwrap();
+}
+
 fn reply(send: SendResponse<Response<Body>>, code: StatusCode, body: &Value) {
     send.send_response(
         Response::builder()
@@ -215,11 +224,7 @@ async fn steps_down_when_the_api_fails_past_the_renewal_window() {
         Elector::start(Arc::new(lock), ElectionConfig::default(), shutdown.clone());
     let mut leading = elector.subscribe();
 
-    let (_, send) = api.expect(Method::GET, LEASE).await;
-    reply(send, StatusCode::NOT_FOUND, &status(404, "NotFound"));
-    let (created, send) = api.expect(Method::POST, LEASES).await;
-    reply(send, StatusCode::CREATED, &created);
-    leading.wait_for(|l| *l).await.unwrap();
+    win_election(&mut api, &mut leading).await;
     let won = tokio::time::Instant::now();
 
     // From now on the API server answers every call with a 500.
@@ -260,11 +265,7 @@ async fn releases_the_lease_on_shutdown() {
     let (elector, task) =
         Elector::start(Arc::new(lock), ElectionConfig::default(), shutdown.clone());
     let mut leading = elector.subscribe();
-    let (_, send) = api.expect(Method::GET, LEASE).await;
-    reply(send, StatusCode::NOT_FOUND, &status(404, "NotFound"));
-    let (created, send) = api.expect(Method::POST, LEASES).await;
-    reply(send, StatusCode::CREATED, &created);
-    leading.wait_for(|l| *l).await.unwrap();
+    win_election(&mut api, &mut leading).await;
 
     shutdown.cancel();
     let (_, send) = api.expect(Method::GET, LEASE).await;
