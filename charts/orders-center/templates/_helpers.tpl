@@ -1,0 +1,110 @@
+{{/* Chart name, overridable. */}}
+{{- define "orders-center.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Release-qualified name; truncated to the 63 characters DNS allows. */}}
+{{- define "orders-center.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Name of one role's objects: <fullname>-<role>. */}}
+{{- define "orders-center.component" -}}
+{{- printf "%s-%s" (include "orders-center.fullname" .root) .component | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "orders-center.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels every object carries. */}}
+{{- define "orders-center.labels" -}}
+helm.sh/chart: {{ include "orders-center.chart" . }}
+{{ include "orders-center.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: orders-center
+{{- end }}
+
+{{- define "orders-center.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "orders-center.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Labels of one role: call with (dict "root" $ "component" "api"). */}}
+{{- define "orders-center.componentLabels" -}}
+{{ include "orders-center.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "orders-center.componentSelectorLabels" -}}
+{{ include "orders-center.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* The one image every role runs. */}}
+{{- define "orders-center.image" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag }}
+{{- if hasPrefix "sha256:" $tag }}
+{{- printf "%s@%s" .Values.image.repository $tag }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{- define "orders-center.relayServiceAccount" -}}
+{{- if .Values.relay.serviceAccount.create }}
+{{- default (include "orders-center.component" (dict "root" . "component" "relay")) .Values.relay.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.relay.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "orders-center.leaseName" -}}
+{{- default (include "orders-center.component" (dict "root" . "component" "relay")) .Values.relay.leaderElection.leaseName }}
+{{- end }}
+
+{{/* Secret holding DATABASE_URL, and its key. */}}
+{{- define "orders-center.databaseSecret" -}}
+{{- default (printf "%s-database" (include "orders-center.fullname" .)) .Values.database.existingSecret }}
+{{- end }}
+
+{{/* Secret holding the 1C credentials (keys username and password). */}}
+{{- define "orders-center.onecSecret" -}}
+{{- default (printf "%s-onec" (include "orders-center.fullname" .)) .Values.onec.existingSecret }}
+{{- end }}
+
+{{/* Where the relay delivers: the given URL, else the in-chart mock. */}}
+{{- define "orders-center.onecUrl" -}}
+{{- if .Values.onec.url }}
+{{- .Values.onec.url }}
+{{- else if .Values.onecMock.enabled }}
+{{- printf "http://%s:%d" (include "orders-center.component" (dict "root" . "component" "onec-mock")) (int .Values.onecMock.port) }}
+{{- else }}
+{{- fail "onec.url is required when onecMock.enabled is false" }}
+{{- end }}
+{{- end }}
+
+{{/* Environment shared by every orders-center container. */}}
+{{- define "orders-center.commonEnv" -}}
+- name: DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "orders-center.databaseSecret" . }}
+      key: {{ .Values.database.existingSecretKey }}
+- name: LOG_FORMAT
+  value: {{ .Values.logFormat | quote }}
+{{- with .Values.otel.endpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
