@@ -1,0 +1,246 @@
+"""Offline checks of everything that ships to Kubernetes: the chart, its
+values schema, skaffold.yaml and the Dockerfile. No cluster or Docker engine
+is needed. Run: .venv-tools/bin/python tests/deploy/test_deploy.py"""
+
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import helm_python as helm
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "orders-center"
+PRODUCTION = yaml.safe_load((ROOT / "k8s" / "values-production.yaml").read_text())
+RELEASE, NAMESPACE = "orders-center", "orders"
+KUBE_VERSIONS = ["1.29.0", "1.32.0"]
+CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+
+def render(values):
+    with helm.Chart.load(str(CHART)) as chart:
+        files = chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    return [doc for name, text in files.items() if name.endswith(".yaml") for doc in yaml.safe_load_all(text) if doc]
+
+
+def by_kind(docs, kind):
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs, kind, component=None):
+    found = [d for d in by_kind(docs, kind) if component is None or d["metadata"]["labels"].get("app.kubernetes.io/component") == component]
+    assert len(found) == 1, f"expected one {kind} {component or ''}, got {len(found)}"
+    return found[0]
+
+
+def pod_specs(docs):
+    for d in docs:
+        if d["kind"] in ("Deployment", "Job"):
+            yield d["metadata"]["name"], d["spec"]["template"]["spec"]
+        elif d["kind"] == "Pod":
+            yield d["metadata"]["name"], d["spec"]
+
+
+def env(container, name):
+    found = [e for e in container.get("env", []) if e["name"] == name]
+    assert len(found) == 1, f"{container['name']}: no env {name}"
+    return found[0]
+
+
+def test_lint(values, label):
+    result = helm.lint(str(CHART), values, strict=True)
+    assert not result["errors"], f"{label}: {result['errors']}"
+    bad = [m for m in result["messages"] if m["severity"] > 1]
+    assert not bad, f"{label}: {bad}"
+
+
+def test_kubernetes_validate(docs, label):
+    builtin = [d for d in docs if d["kind"] not in CUSTOM_KINDS]
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump_all(builtin, f)
+        f.flush()
+        for version in KUBE_VERSIONS:
+            out = subprocess.run(
+                [str(Path(sys.executable).parent / "kubernetes-validate"), "-k", version, "--strict", f.name],
+                capture_output=True, text=True,
+            )
+            assert out.returncode == 0, f"{label} on {version}:\n{out.stdout}{out.stderr}"
+
+
+def test_custom_resources(docs):
+    rules = one(docs, "PrometheusRule")
+    assert rules["apiVersion"] == "monitoring.coreos.com/v1"
+    tested = yaml.safe_load((ROOT / "observability" / "alerts.yml").read_text())
+    assert rules["spec"]["groups"] == tested["groups"], "the PrometheusRule differs from the promtool-tested rules"
+    assert rules["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    monitors = by_kind(docs, "ServiceMonitor")
+    assert {m["metadata"]["labels"]["app.kubernetes.io/component"] for m in monitors} == {"api", "relay"}, "the mock is off in production"
+    services = {s["metadata"]["labels"]["app.kubernetes.io/component"]: s for s in by_kind(docs, "Service")}
+    for m in monitors:
+        component = m["metadata"]["labels"]["app.kubernetes.io/component"]
+        port_names = {p["name"] for p in services[component]["spec"]["ports"]}
+        assert m["spec"]["endpoints"][0]["port"] in port_names, f"{component}: ServiceMonitor port not on the Service"
+        assert m["spec"]["selector"]["matchLabels"].items() <= services[component]["metadata"]["labels"].items()
+    dashboard = [c for c in by_kind(docs, "ConfigMap") if c["metadata"]["labels"].get("grafana_dashboard") == "1"]
+    assert len(dashboard) == 1
+    shipped = json.loads(dashboard[0]["data"]["orders-center.json"])
+    assert shipped == json.loads((ROOT / "observability" / "dashboard.json").read_text())
+
+
+def test_rendered_contract(docs):
+    deployments = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in by_kind(docs, "Deployment")}
+    api = deployments["api"]["spec"]["template"]["spec"]["containers"][0]
+    relay_pod = deployments["relay"]["spec"]["template"]["spec"]
+    relay = relay_pod["containers"][0]
+    job = one(docs, "Job", "migrate")
+
+    # One image for every role.
+    images = {api["image"], relay["image"], job["spec"]["template"]["spec"]["containers"][0]["image"]}
+    if "onec-mock" in deployments:
+        images.add(deployments["onec-mock"]["spec"]["template"]["spec"]["containers"][0]["image"])
+    assert len(images) == 1, images
+    assert api["args"] == ["api"] and relay["args"] == ["relay"]
+
+    # The relay's ServiceAccount may do what the kube lease code does:
+    # GET and PUT (update) its Lease, POST (create) it when absent.
+    account = relay_pod["serviceAccountName"]
+    binding = one(docs, "RoleBinding", "relay")
+    assert {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE} in binding["subjects"]
+    role = one(docs, "Role", "relay")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    lease_name = env(relay, "LEASE_NAME")["value"]
+    granted = set()
+    for rule in role["rules"]:
+        assert rule["apiGroups"] == ["coordination.k8s.io"] and rule["resources"] == ["leases"]
+        for verb in rule["verbs"]:
+            granted.add((verb, tuple(rule.get("resourceNames", []))))
+    assert ("create", ()) in granted
+    for verb in ("get", "update"):
+        assert (verb, (lease_name,)) in granted, f"{verb} on {lease_name} not granted: {granted}"
+    assert not any(v in ("list", "watch", "delete", "*") for v, _ in granted), granted
+    assert relay_pod["automountServiceAccountToken"] is True
+    assert env(relay, "LEADER_ELECTION")["value"] == "kube"
+
+    # Identity from the Downward API.
+    assert env(relay, "POD_NAME")["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+
+    # The migration hook runs `orders-center migrate` (the image's entrypoint) before install and upgrade.
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["migrate"]
+    assert 'ENTRYPOINT ["/usr/local/bin/orders-center"]' in (ROOT / "Dockerfile").read_text()
+
+    # Probes hit endpoints the binaries serve.
+    served = {
+        "api": routes(ROOT / "crates/api/src/routes/mod.rs"),
+        "relay": routes(ROOT / "crates/relay/src/runtime.rs"),
+        "onec-mock": routes(ROOT / "crates/onec-mock/src/lib.rs"),
+    }
+    for component, deployment in deployments.items():
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        for probe in ("livenessProbe", "readinessProbe"):
+            get = container[probe]["httpGet"]
+            assert get["path"] in served[component], f"{component} {probe} {get['path']} is not served"
+            assert get["port"] in ports, f"{component} {probe} port {get['port']}"
+
+    # Everything runs as non-root with a read-only root filesystem.
+    for name, spec in pod_specs(docs):
+        pod_ctx = spec.get("securityContext", {})
+        for c in spec["containers"]:
+            ctx = c.get("securityContext", {})
+            assert ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")) is True, f"{name}/{c['name']} may run as root"
+            assert ctx.get("readOnlyRootFilesystem") is True, f"{name}/{c['name']} has a writable root filesystem"
+            assert ctx.get("allowPrivilegeEscalation") is False
+            assert ctx["capabilities"]["drop"] == ["ALL"]
+        assert pod_ctx.get("seccompProfile", {}).get("type") == "RuntimeDefault", name
+
+
+def routes(source):
+    return set(re.findall(r'route\(\s*"([^"]+)"', source.read_text()))
+
+
+def test_schema_refuses(bad_values):
+    for label, values in bad_values:
+        try:
+            render(values)
+        except helm.HelmError as e:
+            assert "schema" in str(e) or "values" in str(e), f"{label}: {e}"
+            continue
+        raise AssertionError(f"values accepted although {label}")
+
+
+def test_skaffold():
+    config = yaml.safe_load((ROOT / "skaffold.yaml").read_text())
+    assert config["apiVersion"].startswith("skaffold/v4beta"), config["apiVersion"]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    images = [a["image"] for a in config["build"]["artifacts"]]
+    assert images == [values["image"]["repository"]], images
+    assert config["build"]["local"]["push"] is False
+    assert config["build"]["artifacts"][0]["docker"]["dockerfile"] == "Dockerfile"
+    release = config["deploy"]["helm"]["releases"][0]
+    assert (ROOT / release["chartPath"] / "Chart.yaml").is_file()
+    for f in release["valuesFiles"]:
+        assert (ROOT / f).is_file(), f
+    assert set(release["setValueTemplates"]) == {"image.repository", "image.tag"}
+    dev = yaml.safe_load((ROOT / release["valuesFiles"][0]).read_text())
+    services = {s["metadata"]["name"] for s in by_kind(render(dev), "Service")}
+    for forward in config["portForward"]:
+        assert forward["resourceName"] in services, f"port-forward to unknown service {forward['resourceName']}"
+
+
+def test_dockerfile():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    documented = re.search(r"^# build: (.+)$", dockerfile, re.M).group(1).strip()
+    run = " ".join(re.search(r"^RUN (?:--mount\S+ \\\n\s*)*(cargo build[^\\\n]*)", dockerfile, re.M).group(1).split())
+    assert run == documented, f"Dockerfile runs {run!r} but documents {documented!r}"
+    assert documented in (ROOT / ".ci/run").read_text(), ".ci/run does not check the Dockerfile's build command"
+    stages = re.split(r"^FROM ", dockerfile, flags=re.M)
+    runtime = stages[-1]
+    user = re.search(r"^USER (\S+)", runtime, re.M).group(1)
+    assert user.split(":")[0] not in ("0", "root"), user
+    for binary in ("orders-center", "onec-mock"):
+        assert f"target/release/{binary}" in dockerfile
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert "target/" in ignored and ".git/" in ignored
+
+
+def main():
+    defaults, production = {}, PRODUCTION
+    checks = [
+        ("lint: default values", lambda: test_lint(defaults, "defaults")),
+        ("lint: production values", lambda: test_lint(production, "production")),
+        ("kubernetes-validate --strict: default values", lambda: test_kubernetes_validate(render(defaults), "defaults")),
+        ("kubernetes-validate --strict: production values", lambda: test_kubernetes_validate(render(production), "production")),
+        ("custom resources: PrometheusRule, ServiceMonitors, dashboard", lambda: test_custom_resources(render(production))),
+        ("rendered contract: default values", lambda: test_rendered_contract(render(defaults))),
+        ("rendered contract: production values", lambda: test_rendered_contract(render(production))),
+        ("values.schema.json refuses bad values", lambda: test_schema_refuses([
+            ("an unknown top-level key", {"replicas": 3}),
+            ("an unknown nested key", {"api": {"replicas": 3}}),
+            ("a port is a string", {"api": {"port": "eighty"}}),
+            ("an unknown leader election backend", {"relay": {"leaderElection": {"backend": "zookeeper"}}}),
+            ("an error rate above 1", {"onecMock": {"errorRate": 1.5}}),
+            ("a malformed duration", {"onec": {"timeout": "ten seconds"}}),
+            ("a boolean where an object belongs", {"metrics": {"serviceMonitor": True}}),
+        ])),
+        ("skaffold.yaml", test_skaffold),
+        ("Dockerfile", test_dockerfile),
+    ]
+    failed = 0
+    for name, check in checks:
+        try:
+            check()
+            print(f"ok    {name}")
+        except Exception as e:  # noqa: BLE001 - report every failure, then exit non-zero
+            failed += 1
+            print(f"FAIL  {name}: {e}")
+    print(f"{len(checks) - failed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    helm.disable_logging()
+    main()
