@@ -184,6 +184,8 @@ struct Held {
     order: serde_json::Value,
     /// Trace ids of the deliveries of this order, oldest first (at most 20).
     trace_ids: Vec<String>,
+    /// When the held version was applied, for in-process latency benchmarks.
+    applied_at: std::time::Instant,
 }
 
 const TRACES_KEPT: usize = 20;
@@ -245,6 +247,15 @@ impl MockState {
             in_flight: gauge(&c.in_flight),
             max_in_flight: gauge(&c.max_in_flight),
         }
+    }
+
+    /// The version held for `order` and when it was applied.
+    pub fn applied(&self, order: &str) -> Option<(i64, std::time::Instant)> {
+        let orders = self.inner.orders.lock().expect("not poisoned");
+        orders
+            .get(order)
+            .filter(|h| h.version > 0)
+            .map(|h| (h.version, h.applied_at))
     }
 
     fn faults(&self) -> Faults {
@@ -427,6 +438,7 @@ async fn put_order(
             version: 0,
             order: serde_json::Value::Null,
             trace_ids: Vec::new(),
+            applied_at: std::time::Instant::now(),
         });
         if let Some(t) = trace_id {
             if entry.trace_ids.len() == TRACES_KEPT {
@@ -444,6 +456,7 @@ async fn put_order(
             bump(&c.applied);
             entry.version = version;
             entry.order = parsed;
+            entry.applied_at = std::time::Instant::now();
             "applied"
         };
         let held = entry.version;

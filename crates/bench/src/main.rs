@@ -1,0 +1,116 @@
+//! `bench`: measures how fast the relay drains a backlog, how quickly a saved
+//! order reaches 1C, how fast the API saves, whether claim cost stays flat as
+//! the table grows, and the memory of the api and relay processes. Prints a
+//! table and writes JSON. `--quick` runs every scenario small, asserting
+//! correctness (every task done exactly once), not speed.
+//!
+//! Run from a release build: `cargo build --release --locked --bins &&
+//! target/release/bench`. The database is `DATABASE_URL`, or a throwaway
+//! cluster (fsync off) when it is unset.
+
+mod process;
+mod scenarios;
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde::Serialize;
+
+/// Benchmarks of orders-center.
+#[derive(Debug, Parser)]
+#[command(name = "bench")]
+struct Args {
+    /// Small sizes and short runs, for CI: checks correctness, not speed.
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the figures as JSON.
+    #[arg(long, default_value = "target/bench.json")]
+    json: PathBuf,
+}
+
+/// One measured figure.
+#[derive(Debug, Clone, Serialize)]
+pub struct Figure {
+    /// Scenario.
+    pub scenario: String,
+    /// What was measured.
+    pub metric: String,
+    /// The value.
+    pub value: f64,
+    /// Its unit.
+    pub unit: &'static str,
+    /// The target, as text, when the issue sets one.
+    pub target: Option<String>,
+    /// Whether the target is met; `None` without a target.
+    pub met: Option<bool>,
+}
+
+/// Sizes of one run.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizes {
+    /// Tasks pre-filled for the no-op drain.
+    pub noop_tasks: i64,
+    /// Tasks drained to the mock over HTTP.
+    pub http_tasks: i64,
+    /// Seconds of offered load for the latency runs.
+    pub latency_seconds: u64,
+    /// Offered loads, saves per second.
+    pub rates: [u64; 2],
+    /// Seconds of API load.
+    pub api_seconds: u64,
+    /// Finished rows added for the flat-cost run.
+    pub finished_rows: i64,
+}
+
+const FULL: Sizes = Sizes {
+    noop_tasks: 200_000,
+    http_tasks: 50_000,
+    latency_seconds: 30,
+    rates: [500, 2000],
+    api_seconds: 20,
+    finished_rows: 2_000_000,
+};
+
+const QUICK: Sizes = Sizes {
+    noop_tasks: 5_000,
+    http_tasks: 1_000,
+    latency_seconds: 2,
+    rates: [100, 200],
+    api_seconds: 2,
+    finished_rows: 10_000,
+};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let sizes = if args.quick { QUICK } else { FULL };
+    let mut figures = Vec::new();
+    scenarios::run_all(sizes, args.quick, &mut figures).await?;
+
+    println!();
+    println!(
+        "{:<34} {:<38} {:>14} {:<6} {:<16} MET",
+        "SCENARIO", "METRIC", "VALUE", "UNIT", "TARGET"
+    );
+    for f in &figures {
+        println!(
+            "{:<34} {:<38} {:>14.2} {:<6} {:<16} {}",
+            f.scenario,
+            f.metric,
+            f.value,
+            f.unit,
+            f.target.as_deref().unwrap_or(""),
+            match f.met {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "",
+            }
+        );
+    }
+    if let Some(dir) = args.json.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.json, serde_json::to_string_pretty(&figures)?)?;
+    println!("\nfigures written to {}", args.json.display());
+    Ok(())
+}

@@ -1,0 +1,646 @@
+//! The measured scenarios. Each asserts its correctness before reporting.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use async_trait::async_trait;
+use onec::{Applied, Delivery, OnecClient, Outcome};
+use relay::{
+    Backoff, BreakerConfig, Leadership, ProtectionConfig, Relay, RelayConfig, ServiceConfig,
+};
+use sqlx::PgPool;
+use store::Store;
+use tokio_util::sync::CancellationToken;
+
+use crate::process::{spawn, Proc};
+use crate::{Figure, Sizes};
+
+/// 1C that answers "applied" at once: measures the relay and the database alone.
+struct NoopSink;
+
+#[async_trait]
+impl OnecClient for NoopSink {
+    async fn put_order(&self, _: &Delivery) -> Outcome {
+        Outcome::Delivered(Applied::Applied)
+    }
+}
+
+fn relay_config(batch: u32, lanes: usize, in_flight: usize) -> RelayConfig {
+    RelayConfig {
+        service: ServiceConfig {
+            relay_id: "bench".into(),
+            batch_size: batch,
+            claim_lanes: lanes,
+            lease: Duration::from_secs(120),
+            max_attempts: 12,
+            backoff: Backoff {
+                base: Duration::from_millis(50),
+                max: Duration::from_secs(1),
+            },
+            poll_interval: Duration::from_millis(100),
+            rescue_interval: Duration::from_secs(60),
+            retention: Duration::from_secs(86_400),
+            idempotency_key_ttl: Duration::from_secs(86_400),
+            retention_interval: Duration::from_secs(3600),
+            backlog_interval: Duration::from_secs(3600),
+        },
+        protection: ProtectionConfig {
+            max_in_flight: in_flight,
+            rate_per_second: None,
+            breaker: BreakerConfig {
+                failure_threshold: 1000,
+                cool_down: Duration::from_secs(1),
+            },
+        },
+    }
+}
+
+/// `n` pending tasks of distinct orders, each one the mock accepts.
+async fn prefill(pool: &PgPool, prefix: &str, n: i64) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO onec_tasks (order_id, order_version, snapshot)
+         SELECT $1 || g, 1, jsonb_build_object('order', jsonb_build_object('id', $1 || g))
+         FROM generate_series(1, $2) g",
+    )
+    .bind(prefix)
+    .bind(n)
+    .execute(pool)
+    .await?;
+    sqlx::query("ANALYZE onec_tasks").execute(pool).await?;
+    Ok(())
+}
+
+async fn count(pool: &PgPool, sql: &str) -> Result<i64> {
+    Ok(sqlx::query_scalar(sql).fetch_one(pool).await?)
+}
+
+fn figure(
+    scenario: &str,
+    metric: &str,
+    value: f64,
+    unit: &'static str,
+    target: Option<(&str, bool)>,
+) -> Figure {
+    Figure {
+        scenario: scenario.into(),
+        metric: metric.into(),
+        value,
+        unit,
+        target: target.map(|(t, _)| t.to_owned()),
+        met: target.map(|(_, met)| met),
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+pub async fn run_all(sizes: Sizes, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
+    drain_noop(sizes.noop_tasks, 0, false, quick, out).await?;
+    drain_http(sizes.http_tasks, 0, quick, out).await?;
+    drain_http(sizes.http_tasks, 20, quick, out).await?;
+    for rate in sizes.rates {
+        latency(rate, sizes.latency_seconds, quick, out).await?;
+    }
+    api_throughput(sizes.api_seconds, quick, out).await?;
+    flat_cost(sizes, quick, out).await?;
+    Ok(())
+}
+
+/// Drains `n` pre-filled tasks through an in-process relay into a no-op
+/// sink, over a table that also holds `finished` done rows, optionally while
+/// another session holds a snapshot open. Returns tasks/s and the mean claim
+/// latency in ms.
+async fn drain_noop(
+    n: i64,
+    finished: i64,
+    hold_snapshot: bool,
+    quick: bool,
+    out: &mut Vec<Figure>,
+) -> Result<(f64, f64)> {
+    let db = testkit::database().await;
+    if finished > 0 {
+        sqlx::query(
+            "INSERT INTO onec_tasks (order_id, order_version, snapshot, state, finished_at)
+             SELECT 'F-' || g, 1, '{}', 'done', now() FROM generate_series(1, $1) g",
+        )
+        .bind(finished)
+        .execute(&db.pool)
+        .await?;
+    }
+    prefill(&db.pool, "N-", n).await?;
+    let mut holder = None;
+    if hold_snapshot {
+        // A long transaction pins the xmin horizon: no row version it might
+        // see can be vacuumed while the drain runs.
+        let mut conn = db.pool.acquire().await?.detach();
+        sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            .execute(&mut conn)
+            .await?;
+        sqlx::query("SELECT count(*) FROM onec_tasks")
+            .execute(&mut conn)
+            .await?;
+        holder = Some(conn);
+    }
+    let shutdown = CancellationToken::new();
+    let relay = Relay::start(
+        Store::new(db.pool.clone()),
+        Arc::new(NoopSink),
+        relay_config(500, 3, 10_000),
+        Leadership::always(),
+        shutdown.clone(),
+    );
+    let started = Instant::now();
+    while (relay.metrics().delivered_total.get() as i64) < n {
+        ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "drain did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = started.elapsed();
+    shutdown.cancel();
+    relay.stopped().await;
+    drop(holder);
+
+    let done = count(
+        &db.pool,
+        "SELECT count(*) FROM onec_tasks WHERE state = 'done' AND order_id LIKE 'N-%'",
+    )
+    .await?;
+    ensure!(done == n, "{done} of {n} tasks done");
+    ensure!(
+        relay.metrics().delivered_total.get() as i64 == n,
+        "a task was delivered twice"
+    );
+    let claims = relay.metrics().claim_batch.get_sample_count() as f64;
+    let rate = n as f64 / took.as_secs_f64();
+    let per_claim = n as f64 / claims.max(1.0);
+    let claim_ms = claim_latency_ms(&db.pool).await?;
+    let scenario = match (finished > 0, hold_snapshot) {
+        (false, false) => "1 drain, no-op sink",
+        (true, false) => "5 drain, 2M finished rows",
+        (_, true) => "5 drain, snapshot held open",
+    };
+    if finished == 0 && !hold_snapshot {
+        out.push(figure(
+            scenario,
+            &format!("{n} tasks drained"),
+            rate,
+            "task/s",
+            (!quick).then_some(("≥ 35000", rate >= 35_000.0)),
+        ));
+        out.push(figure(
+            scenario,
+            "rows claimed per claim query",
+            per_claim,
+            "rows",
+            None,
+        ));
+    } else {
+        out.push(figure(
+            scenario,
+            &format!("{n} tasks drained"),
+            rate,
+            "task/s",
+            None,
+        ));
+    }
+    Ok((rate, claim_ms))
+}
+
+/// Mean latency of a claim of 100 tasks over a fresh pending set.
+async fn claim_latency_ms(pool: &PgPool) -> Result<f64> {
+    prefill(pool, "C-", 5_000).await?;
+    let store = Store::new(pool.clone());
+    let mut total = Duration::ZERO;
+    let rounds = 40;
+    for _ in 0..rounds {
+        let started = Instant::now();
+        let claim = store
+            .claim_batch(&store::ClaimSpec {
+                claimant: "probe",
+                limit: 100,
+                lease: Duration::from_secs(60),
+            })
+            .await?;
+        total += started.elapsed();
+        for t in claim.tasks {
+            store.complete(t.id, t.token).await?;
+        }
+    }
+    Ok(total.as_secs_f64() * 1000.0 / f64::from(rounds))
+}
+
+/// Drains `n` tasks through the relay process into the mock process over
+/// HTTP; the mock adds `latency_ms` to every answer.
+async fn drain_http(n: i64, latency_ms: u64, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
+    let db = testkit::database().await;
+    prefill(&db.pool, "H-", n).await?;
+    let latency = format!("{latency_ms}ms");
+    let mock = spawn(
+        "onec-mock",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--username",
+            "bench",
+            "--password",
+            "bench",
+            "--latency",
+            &latency,
+        ],
+        &[],
+        "onec-mock listening",
+    )
+    .await?;
+    let relay = spawn(
+        "orders-center",
+        &[
+            "relay",
+            "--listen",
+            "127.0.0.1:0",
+            "--onec-url",
+            &mock.url,
+            "--onec-username",
+            "bench",
+            "--batch-size",
+            "500",
+            "--claim-lanes",
+            "3",
+            "--max-in-flight",
+            "512",
+            "--poll-interval",
+            "100ms",
+        ],
+        &[("DATABASE_URL", &db.url), ("ONEC_PASSWORD", "bench")],
+        "relay started",
+    )
+    .await?;
+    let started = Instant::now();
+    loop {
+        let stats: serde_json::Value = reqwest::get(format!("{}/stats", mock.url))
+            .await?
+            .json()
+            .await?;
+        if stats["applied"].as_i64() == Some(n) {
+            break;
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(900),
+            "HTTP drain did not finish: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    let rss = relay.peak_rss_mib()?;
+    let stats: serde_json::Value = reqwest::get(format!("{}/stats", mock.url))
+        .await?
+        .json()
+        .await?;
+    relay.stop().await?;
+    mock.stop().await?;
+    ensure!(
+        stats["stale"] == 0 && stats["duplicates"] == 0,
+        "HTTP drain was not exactly once: {stats}"
+    );
+    let rate = n as f64 / took.as_secs_f64();
+    let scenario = format!("2 drain to mock over HTTP, +{latency}");
+    let target = (latency_ms == 0 && !quick).then_some(("≥ 10000", rate >= 10_000.0));
+    out.push(figure(
+        &scenario,
+        &format!("{n} tasks drained"),
+        rate,
+        "task/s",
+        target,
+    ));
+    out.push(figure(
+        &scenario,
+        "relay peak RSS",
+        rss,
+        "MiB",
+        (!quick).then_some(("≤ 64", rss <= 64.0)),
+    ));
+    Ok(())
+}
+
+/// Offers `rate` saves per second for `seconds` to an in-process API, relay
+/// and mock; latency runs from the API's 201 (after commit) to the mock
+/// applying the version.
+async fn latency(rate: u64, seconds: u64, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
+    let db = testkit::database().await;
+    let shutdown = CancellationToken::new();
+    let mock = onec_mock::MockState::new(onec_mock::MockConfig {
+        username: "bench".into(),
+        password: "bench".into(),
+        faults: onec_mock::Faults::default(),
+    })
+    .map_err(anyhow::Error::msg)?;
+    let mock_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let mock_url = format!("http://{}", mock_listener.local_addr()?);
+    tokio::spawn(api::serve(
+        mock_listener,
+        onec_mock::router(mock.clone()),
+        shutdown.clone().cancelled_owned(),
+    ));
+    let api_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let api_url = format!("http://{}", api_listener.local_addr()?);
+    let store = Store::new(db.pool.clone());
+    let app = api::router(api::AppState::new(store.clone(), api::ApiConfig::default()));
+    tokio::spawn(api::serve(
+        api_listener,
+        app,
+        shutdown.clone().cancelled_owned(),
+    ));
+    let client = onec::HttpOnecClient::new(&onec::OnecConfig {
+        base_url: mock_url,
+        credentials: onec::Credentials {
+            username: "bench".into(),
+            password: "bench".into(),
+        },
+        timeout: Duration::from_secs(10),
+        max_idle_connections: 256,
+    })?;
+    let relay = Relay::start(
+        store,
+        Arc::new(client),
+        relay_config(100, 3, 256),
+        Leadership::always(),
+        shutdown.clone(),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let http = reqwest::Client::new();
+    let total = rate * seconds;
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    let started = tokio::time::Instant::now();
+    let mut saves = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        tokio::time::sleep_until(started + period * i as u32).await;
+        let (http, url) = (http.clone(), format!("{api_url}/api/v1/orders/L-{i}"));
+        let body = testkit::sample_order(&format!("L-{i}"));
+        saves.push(tokio::spawn(async move {
+            let res = http.put(url).json(&body).send().await?;
+            ensure!(res.status() == 201, "save answered {}", res.status());
+            Ok::<_, anyhow::Error>(Instant::now())
+        }));
+    }
+    let mut committed = Vec::with_capacity(saves.len());
+    for s in saves {
+        committed.push(s.await??);
+    }
+    let offered_for = started.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut lat = Vec::with_capacity(committed.len());
+    for (i, at) in committed.iter().enumerate() {
+        let id = format!("L-{i}");
+        let applied = loop {
+            if let Some((1, applied)) = mock.applied(&id) {
+                break applied;
+            }
+            ensure!(Instant::now() < deadline, "{id} never reached the mock");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        lat.push(applied.saturating_duration_since(*at).as_secs_f64() * 1000.0);
+    }
+    shutdown.cancel();
+    relay.stopped().await;
+    let stats = mock.stats();
+    ensure!(
+        stats.applied == total && stats.duplicates == 0 && stats.stale == 0,
+        "not exactly once: {stats:?}"
+    );
+    lat.sort_by(f64::total_cmp);
+    let scenario = format!("3 latency at {rate} saves/s");
+    let achieved = total as f64 / offered_for.as_secs_f64();
+    out.push(figure(
+        &scenario,
+        "saves/s achieved",
+        achieved,
+        "save/s",
+        None,
+    ));
+    let p50 = percentile(&lat, 0.50);
+    let p99 = percentile(&lat, 0.99);
+    let full500 = !quick && rate == 500;
+    out.push(figure(
+        &scenario,
+        "p50 commit → 1C",
+        p50,
+        "ms",
+        full500.then_some(("≤ 5", p50 <= 5.0)),
+    ));
+    out.push(figure(
+        &scenario,
+        "p95 commit → 1C",
+        percentile(&lat, 0.95),
+        "ms",
+        None,
+    ));
+    out.push(figure(
+        &scenario,
+        "p99 commit → 1C",
+        p99,
+        "ms",
+        full500.then_some(("≤ 25", p99 <= 25.0)),
+    ));
+    out.push(figure(
+        &scenario,
+        "max commit → 1C",
+        *lat.last().unwrap_or(&0.0),
+        "ms",
+        None,
+    ));
+    Ok(())
+}
+
+/// Saves through the API process at concurrency 32, next to pgbench running
+/// the same transaction.
+async fn api_throughput(seconds: u64, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
+    let db = testkit::database().await;
+    let api: Proc = spawn(
+        "orders-center",
+        &[
+            "api",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-max-connections",
+            "32",
+        ],
+        &[("DATABASE_URL", &db.url)],
+        "api listening",
+    )
+    .await?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()?;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let workers = (0..32).map(|w| {
+        let (http, url) = (http.clone(), api.url.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let id = format!("A-{w}-{n}");
+                let res = http
+                    .put(format!("{url}/api/v1/orders/{id}"))
+                    .json(&testkit::sample_order(&id))
+                    .send()
+                    .await?;
+                ensure!(res.status() == 201, "save answered {}", res.status());
+                n += 1;
+            }
+            Ok::<_, anyhow::Error>(n)
+        })
+    });
+    let mut saved = 0;
+    for w in futures::future::join_all(workers).await {
+        saved += w??;
+    }
+    let rss = api.peak_rss_mib()?;
+    api.stop().await?;
+    let tasks = count(&db.pool, "SELECT count(*) FROM onec_tasks").await?;
+    ensure!(tasks == saved as i64, "{saved} saves but {tasks} tasks");
+    let api_rate = saved as f64 / seconds as f64;
+    let ceiling = pgbench_ceiling(&db.url, seconds).await?;
+    let scenario = "4 API save throughput, c=32";
+    out.push(figure(
+        scenario,
+        "PUT /api/v1/orders/{id}",
+        api_rate,
+        "save/s",
+        None,
+    ));
+    out.push(figure(
+        scenario,
+        "pgbench, same transaction",
+        ceiling,
+        "tx/s",
+        None,
+    ));
+    let ratio = api_rate / ceiling;
+    out.push(figure(
+        scenario,
+        "API / pgbench",
+        ratio * 100.0,
+        "%",
+        (!quick).then_some(("≥ 70", ratio >= 0.7)),
+    ));
+    out.push(figure(
+        scenario,
+        "api peak RSS",
+        rss,
+        "MiB",
+        (!quick).then_some(("≤ 64", rss <= 64.0)),
+    ));
+    Ok(())
+}
+
+/// The save transaction of `PUT /api/v1/orders/{id}` for a new order
+/// (3 items, 2 payments), as pgbench runs it: the API's ceiling.
+const PGBENCH_SAVE: &str = r#"\set n random(1, 2000000000)
+BEGIN;
+SELECT version FROM orders WHERE id = 'P-' || :client_id || '-' || :n FOR UPDATE;
+INSERT INTO orders (id, type, status, city, subdivision, price, platform, general_id, order_number, executor, version)
+  VALUES ('P-' || :client_id || '-' || :n, 'delivery', 'new', 'Almaty', 'ALM-01', 150.5, 'web', '0190a6f6-2a9b-7c1e-9f6a-3c1f2d4e5b6a', 'N-1', 'courier-7', 1)
+  ON CONFLICT (id) DO NOTHING;
+INSERT INTO order_items (order_id, position, product_id, external_id, status, base_price, price, earned_bonuses, spent_bonuses, gift, owner_id, delivery_id, shop_assistant, warehouse)
+  SELECT 'P-' || :client_id || '-' || :n, * FROM UNNEST('{0,1,2}'::int4[], '{P-1,P-2,P-3}'::text[], '{L-1,"",""}'::text[], '{reserved,"",""}'::text[], '{100,40,20}'::float8[], '{90.5,40,20}'::float8[], '{1.5,0,0}'::float8[], '{0,0,0}'::float8[], '{f,f,t}'::bool[], '{u-1,"",""}'::text[], '{d-1,"",""}'::text[], '{sa-1,"",""}'::text[], '{W1,"",""}'::text[]);
+INSERT INTO order_payments (order_id, position, id, type, sum, payed, info, credit_data, contract_number, card_payment_data, external_id)
+  VALUES ('P-' || :client_id || '-' || :n, 0, gen_random_uuid(), 'card_online', 100, true, '', NULL, '', '{"provider":"visa","transaction_id":"T1"}', ''),
+         ('P-' || :client_id || '-' || :n, 1, gen_random_uuid(), 'credit', 50.5, false, '', '{"bank":"Halyk","number_of_months":12}', 'C-9', NULL, '');
+INSERT INTO order_history (order_id, type, type_id, old_value, value, user_id, version)
+  VALUES ('P-' || :client_id || '-' || :n, 'status', 1, NULL, '"new"', '', 1), ('P-' || :client_id || '-' || :n, 'price', 2, NULL, '150.5', '', 1);
+SELECT o.id, (SELECT json_agg(i ORDER BY i.position) FROM order_items i WHERE i.order_id = o.id),
+       (SELECT json_agg(p ORDER BY p.position) FROM order_payments p WHERE p.order_id = o.id),
+       (SELECT json_agg(h ORDER BY h.id) FROM order_history h WHERE h.order_id = o.id)
+  FROM orders o WHERE o.id = 'P-' || :client_id || '-' || :n;
+INSERT INTO onec_tasks (order_id, order_version, snapshot) VALUES ('P-' || :client_id || '-' || :n, 1, '{"order":{}}');
+SELECT pg_notify('onec_tasks', '');
+COMMIT;
+"#;
+
+async fn pgbench_ceiling(url: &str, seconds: u64) -> Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let script = dir.path().join("save.sql");
+    std::fs::write(&script, PGBENCH_SAVE)?;
+    let out = tokio::process::Command::new("pgbench")
+        .args([
+            "-n",
+            "-c",
+            "32",
+            "-j",
+            "2",
+            "-T",
+            &seconds.to_string(),
+            "-f",
+        ])
+        .arg(&script)
+        // libpq does not know sqlx's URL parameters.
+        .arg(url.split('?').next().unwrap_or(url))
+        .output()
+        .await
+        .context("pgbench is installed (postgresql-client)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "pgbench failed: {}{}",
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .find(|l| l.starts_with("tps ="))
+        .and_then(|l| l.split_whitespace().nth(2)?.parse().ok())
+        .context("no tps in pgbench output")
+}
+
+/// Claim latency and drain rate over an empty table, over one with many
+/// finished rows, and while a snapshot is held open.
+async fn flat_cost(sizes: Sizes, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
+    let n = sizes.noop_tasks / 4;
+    let (base_rate, base_claim) = drain_noop(n, 0, false, quick, &mut Vec::new()).await?;
+    let (full_rate, full_claim) = drain_noop(n, sizes.finished_rows, false, quick, out).await?;
+    let (held_rate, _) = drain_noop(n, 0, true, quick, out).await?;
+    let scenario = "5 flat cost";
+    out.push(figure(
+        scenario,
+        "claim of 100, empty table",
+        base_claim,
+        "ms",
+        None,
+    ));
+    out.push(figure(
+        scenario,
+        &format!("claim of 100, {} finished rows", sizes.finished_rows),
+        full_claim,
+        "ms",
+        None,
+    ));
+    let ratio = full_claim / base_claim;
+    out.push(figure(
+        scenario,
+        "claim latency ratio",
+        ratio,
+        "x",
+        (!quick).then_some(("≤ 1.2", ratio <= 1.2)),
+    ));
+    out.push(figure(
+        scenario,
+        "drain rate with finished rows",
+        full_rate / base_rate * 100.0,
+        "%",
+        None,
+    ));
+    let kept = held_rate / base_rate;
+    out.push(figure(
+        scenario,
+        "drain rate with a snapshot held",
+        kept * 100.0,
+        "%",
+        (!quick).then_some(("≥ 70", kept >= 0.7)),
+    ));
+    Ok(())
+}
