@@ -194,9 +194,24 @@ impl TaskService {
         self.metrics.claimed(&claim);
         let tasks = claim.tasks;
         let claimed = tasks.len();
-        futures::stream::iter(tasks)
-            .for_each_concurrent(None, |task| self.deliver(task, &cancel))
+        // Deliveries run concurrently; the successes are then recorded in one
+        // statement instead of one round trip each.
+        let delivered: Vec<(TaskId, store::ClaimToken)> = futures::stream::iter(tasks)
+            .map(|task| self.deliver(task, &cancel))
+            .buffer_unordered(claimed.max(1))
+            .filter_map(|done| async move { done })
+            .collect()
             .await;
+        match self.store.complete_many(&delivered).await {
+            Ok(n) if n < delivered.len() as u64 => tracing::warn!(
+                lost = delivered.len() as u64 - n,
+                "claims were lost before completion; other relays own those tasks now"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "could not record deliveries; their claims will expire and be retried")
+            }
+        }
         Ok(if claimed as u32 >= want {
             Progress::MoreWork
         } else {
@@ -205,14 +220,19 @@ impl TaskService {
     }
 
     /// Delivers one task inside a span that continues the save's trace, and
-    /// passes that span's context on to 1C.
-    async fn deliver(&self, task: ClaimedTask, cancel: &CancellationToken) {
+    /// passes that span's context on to 1C. Returns the claim to complete
+    /// when 1C has the version; every other outcome is recorded here.
+    async fn deliver(
+        &self,
+        task: ClaimedTask,
+        cancel: &CancellationToken,
+    ) -> Option<(TaskId, store::ClaimToken)> {
         let span = tracing::info_span!("deliver", task = %task.id, order = %task.order_id, version = task.version);
         telemetry::set_parent(&span, task.traceparent.as_deref());
         let traceparent = telemetry::traceparent(&span);
         self.deliver_in(task, traceparent, cancel)
             .instrument(span)
-            .await;
+            .await
     }
 
     async fn deliver_in(
@@ -220,7 +240,7 @@ impl TaskService {
         task: ClaimedTask,
         traceparent: Option<String>,
         cancel: &CancellationToken,
-    ) {
+    ) -> Option<(TaskId, store::ClaimToken)> {
         let (id, token, attempts, created_at) =
             (task.id, task.token, task.attempts, task.created_at);
         let delivery = Delivery {
@@ -233,14 +253,15 @@ impl TaskService {
             Attempt::Sent(outcome) => outcome,
             Attempt::NotSent => {
                 self.metrics.released.inc();
-                return self.settled(id, "release", self.store.release(id, token).await);
+                self.settled(id, "release", self.store.release(id, token).await);
+                return None;
             }
         };
         let delay = self.config.backoff.delay_random(attempts);
         match decide(&outcome, attempts, self.config.max_attempts, delay) {
             Decision::Complete => {
                 self.metrics.delivered(created_at);
-                self.settled(id, "complete", self.store.complete(id, token).await);
+                return Some((id, token));
             }
             Decision::RetryAfter(wait, reason) => {
                 self.metrics.failed(&outcome);
@@ -259,6 +280,7 @@ impl TaskService {
                 self.settled(id, "bury", self.store.mark_dead(id, token, &reason).await);
             }
         }
+        None
     }
 
     /// Logs what recording an outcome did. A lost claim means another relay

@@ -57,11 +57,15 @@ fn server() -> &'static Server {
     })
 }
 
-/// `target/tmp` of the running test binary (`target/debug/deps/<test>`).
+/// `tmp` in the cargo target directory of the running binary: tests live in
+/// `target/<profile>/deps/`, the bench in `target/<profile>/`.
 fn target_tmp() -> PathBuf {
     std::env::current_exe()
         .ok()
-        .and_then(|exe| Some(exe.ancestors().nth(3)?.join("tmp")))
+        .and_then(|exe| {
+            let target = exe.ancestors().find(|d| d.file_name().is_some_and(|n| n == "target"))?;
+            Some(target.join("tmp"))
+        })
         .unwrap_or_else(std::env::temp_dir)
 }
 

@@ -403,3 +403,24 @@ async fn dead_tasks_are_listed_and_replayed_unless_a_newer_version_exists() {
         .unwrap();
     assert_eq!(page.iter().map(|t| t.id).collect::<Vec<_>>(), [b.0]);
 }
+
+#[tokio::test]
+async fn a_batched_completion_is_fenced_claim_by_claim() {
+    let db = testkit::database().await;
+    let store = Store::new(db.pool.clone());
+    for o in ["A", "B", "C"] {
+        insert_task(&db.pool, o, 1).await;
+    }
+    let claimed = store.claim_batch(&spec("r", 10)).await.unwrap().tasks;
+    let mut claims: Vec<_> = claimed.iter().map(|t| (t.id, t.token)).collect();
+    // One claim carries a token that is not (or no longer) the task's.
+    claims[1].1 = store::ClaimToken(uuid::Uuid::new_v4());
+
+    let completed = store.complete_many(&claims).await.unwrap();
+
+    assert_eq!(completed, 2);
+    assert_eq!(state_of(&db.pool, claims[0].0).await, "done");
+    assert_eq!(state_of(&db.pool, claims[1].0).await, "running");
+    assert_eq!(state_of(&db.pool, claims[2].0).await, "done");
+    assert_eq!(store.complete_many(&[]).await.unwrap(), 0);
+}
