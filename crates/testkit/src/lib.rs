@@ -63,7 +63,9 @@ fn target_tmp() -> PathBuf {
     std::env::current_exe()
         .ok()
         .and_then(|exe| {
-            let target = exe.ancestors().find(|d| d.file_name().is_some_and(|n| n == "target"))?;
+            let target = exe
+                .ancestors()
+                .find(|d| d.file_name().is_some_and(|n| n == "target"))?;
             Some(target.join("tmp"))
         })
         .unwrap_or_else(std::env::temp_dir)
