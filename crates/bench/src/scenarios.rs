@@ -334,19 +334,18 @@ async fn drain_http(n: i64, latency_ms: u64, quick: bool, out: &mut Vec<Figure>)
 async fn latency(rate: u64, seconds: u64, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
     let db = testkit::database().await;
     let shutdown = CancellationToken::new();
-    let mock = onec_mock::MockState::new(onec_mock::MockConfig {
-        username: "bench".into(),
-        password: "bench".into(),
-        faults: onec_mock::Faults::default(),
-    })
-    .map_err(anyhow::Error::msg)?;
     let mock_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let mock_url = format!("http://{}", mock_listener.local_addr()?);
-    tokio::spawn(api::serve(
+    let (mock, _) = onec_mock::spawn(
         mock_listener,
-        onec_mock::router(mock.clone()),
+        onec_mock::MockConfig {
+            username: "bench".into(),
+            password: "bench".into(),
+            faults: onec_mock::Faults::default(),
+        },
         shutdown.clone().cancelled_owned(),
-    ));
+    )
+    .map_err(anyhow::Error::msg)?;
     let api_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let api_url = format!("http://{}", api_listener.local_addr()?);
     let store = Store::new(db.pool.clone());

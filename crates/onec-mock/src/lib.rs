@@ -263,6 +263,23 @@ impl MockState {
     }
 }
 
+/// Serves a mock on `listener` in the background until `shutdown`
+/// completes. Returns its state, for in-process callers, and the server task.
+pub fn spawn(
+    listener: tokio::net::TcpListener,
+    config: MockConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(MockState, tokio::task::JoinHandle<std::io::Result<()>>), String> {
+    let state = MockState::new(config)?;
+    let app = router(state.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+    });
+    Ok((state, server))
+}
+
 /// The mock's routes: the 1C contract, stats and fault administration.
 pub fn router(state: MockState) -> Router {
     Router::new()

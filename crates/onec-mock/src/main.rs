@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use onec_mock::{Faults, MockConfig, MockState};
+use onec_mock::{Faults, MockConfig};
 
 /// An in-memory 1C: stores order versions, counts deliveries, injects faults.
 #[derive(Debug, Parser)]
@@ -71,7 +71,7 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-    let state = MockState::new(MockConfig {
+    let config = MockConfig {
         username: args.username,
         password: args.password,
         faults: Faults {
@@ -84,17 +84,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             slow_body_ms: ms(args.slow_body),
             retry_after_secs: args.retry_after_secs,
         },
-    })
-    .map_err(anyhow::Error::msg)
-    .context("invalid fault settings")?;
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    tracing::info!(url = %format!("http://{}", listener.local_addr()?), "onec-mock listening");
-    axum::serve(listener, onec_mock::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving")
+    let url = format!("http://{}", listener.local_addr()?);
+    let (_, server) = onec_mock::spawn(listener, config, shutdown_signal())
+        .map_err(anyhow::Error::msg)
+        .context("invalid fault settings")?;
+    tracing::info!(%url, "onec-mock listening");
+    server.await?.context("serving")
 }
 
 fn parse_log_format(s: &str) -> Result<telemetry::LogFormat, String> {

@@ -177,17 +177,16 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
     // The mock outlives the relay, so deliveries in flight at shutdown finish.
     let mock_shutdown = CancellationToken::new();
     let (user, password) = ("orders-center", uuid::Uuid::new_v4().simple().to_string());
-    let mock = onec_mock::MockState::new(onec_mock::MockConfig {
-        username: user.into(),
-        password: password.clone(),
-        faults: onec_mock::Faults::default(),
-    })
-    .map_err(anyhow::Error::msg)?;
-    let mock_server = tokio::spawn(api::serve(
+    let (_, mock_server) = onec_mock::spawn(
         mock_listener,
-        onec_mock::router(mock),
+        onec_mock::MockConfig {
+            username: user.into(),
+            password: password.clone(),
+            faults: onec_mock::Faults::default(),
+        },
         mock_shutdown.clone().cancelled_owned(),
-    ));
+    )
+    .map_err(anyhow::Error::msg)?;
     let client = onec::HttpOnecClient::new(&args.relay.onec_config(&mock_url, user, &password))?;
     let relay = relay::Relay::start(
         store.clone(),

@@ -12,16 +12,14 @@ struct Mock {
 }
 
 async fn start(faults: Faults) -> Mock {
-    let state = MockState::new(MockConfig {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let config = MockConfig {
         username: "u".into(),
         password: "p".into(),
         faults,
-    })
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr: SocketAddr = listener.local_addr().unwrap();
-    let app = onec_mock::router(state);
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    };
+    onec_mock::spawn(listener, config, std::future::pending()).unwrap();
     Mock {
         base: format!("http://{addr}"),
         http: reqwest::Client::new(),

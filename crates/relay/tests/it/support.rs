@@ -84,16 +84,14 @@ pub struct InProcessMock {
 }
 
 pub async fn mock_1c(faults: Faults) -> InProcessMock {
-    let state = MockState::new(MockConfig {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let config = MockConfig {
         username: "u".into(),
         password: "p".into(),
         faults,
-    })
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr: SocketAddr = listener.local_addr().unwrap();
-    let app = onec_mock::router(state.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    };
+    let (state, _) = onec_mock::spawn(listener, config, std::future::pending()).unwrap();
     let client = HttpOnecClient::new(&OnecConfig {
         base_url: format!("http://{addr}"),
         credentials: Credentials {
