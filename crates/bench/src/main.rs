@@ -23,9 +23,27 @@ struct Args {
     /// Small sizes and short runs, for CI: checks correctness, not speed.
     #[arg(long)]
     quick: bool,
+    /// Run only these scenarios (repeatable); all when omitted.
+    #[arg(long, value_enum)]
+    only: Vec<Scenario>,
     /// Where to write the figures as JSON.
     #[arg(long, default_value = "target/bench.json")]
     json: PathBuf,
+}
+
+/// A scenario of the issue, for `--only`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// 1: drain into a no-op sink.
+    Noop,
+    /// 2: drain to the mock over HTTP.
+    Http,
+    /// 3: commit-to-1C latency under offered load.
+    Latency,
+    /// 4: API save throughput against pgbench.
+    Api,
+    /// 5: claim cost and drain rate as the table grows.
+    Flat,
 }
 
 /// One measured figure.
@@ -85,7 +103,8 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let sizes = if args.quick { QUICK } else { FULL };
     let mut figures = Vec::new();
-    scenarios::run_all(sizes, args.quick, &mut figures).await?;
+    let only = |s| args.only.is_empty() || args.only.contains(&s);
+    scenarios::run_all(sizes, args.quick, only, &mut figures).await?;
 
     println!();
     println!(

@@ -14,7 +14,7 @@ use store::Store;
 use tokio_util::sync::CancellationToken;
 
 use crate::process::{spawn, Proc};
-use crate::{Figure, Sizes};
+use crate::{Figure, Scenario, Sizes};
 
 /// 1C that answers "applied" at once: measures the relay and the database alone.
 struct NoopSink;
@@ -99,15 +99,30 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-pub async fn run_all(sizes: Sizes, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
-    drain_noop(sizes.noop_tasks, 0, false, quick, out).await?;
-    drain_http(sizes.http_tasks, 0, quick, out).await?;
-    drain_http(sizes.http_tasks, 20, quick, out).await?;
-    for rate in sizes.rates {
-        latency(rate, sizes.latency_seconds, quick, out).await?;
+pub async fn run_all(
+    sizes: Sizes,
+    quick: bool,
+    only: impl Fn(Scenario) -> bool,
+    out: &mut Vec<Figure>,
+) -> Result<()> {
+    if only(Scenario::Noop) {
+        drain_noop(sizes.noop_tasks, 0, false, quick, out).await?;
     }
-    api_throughput(sizes.api_seconds, quick, out).await?;
-    flat_cost(sizes, quick, out).await?;
+    if only(Scenario::Http) {
+        drain_http(sizes.http_tasks, 0, quick, out).await?;
+        drain_http(sizes.http_tasks, 20, quick, out).await?;
+    }
+    if only(Scenario::Latency) {
+        for rate in sizes.rates {
+            latency(rate, sizes.latency_seconds, quick, out).await?;
+        }
+    }
+    if only(Scenario::Api) {
+        api_throughput(sizes.api_seconds, quick, out).await?;
+    }
+    if only(Scenario::Flat) {
+        flat_cost(sizes, quick, out).await?;
+    }
     Ok(())
 }
 

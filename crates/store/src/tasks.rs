@@ -247,6 +247,11 @@ impl Store {
 
     /// Marks many claimed tasks delivered in one statement, each fenced by
     /// its own token. Returns how many claims were still held.
+    ///
+    /// Tokens are fresh per claim, so a token names one claim of one task and
+    /// `claim_token = ANY(tokens)` fences each row by its own. The ids only
+    /// steer the plan onto the primary key: a join with `unnest` was planned
+    /// as a nested loop over every running row, quadratic in the batch.
     pub async fn complete_many(&self, claims: &[(TaskId, ClaimToken)]) -> Result<u64> {
         if claims.is_empty() {
             return Ok(0);
@@ -257,8 +262,7 @@ impl Store {
             "UPDATE onec_tasks t
              SET state = 'done', finished_at = now(), last_error = NULL, claim_token = NULL,
                  claim_expires_at = NULL, claimed_by = NULL, updated_at = now()
-             FROM UNNEST($1::int8[], $2::uuid[]) AS c(id, token)
-             WHERE t.id = c.id AND t.claim_token = c.token AND t.state = 'running'",
+             WHERE t.id = ANY($1) AND t.claim_token = ANY($2) AND t.state = 'running'",
         )
         .bind(ids)
         .bind(tokens)
