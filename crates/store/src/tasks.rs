@@ -172,45 +172,54 @@ impl Store {
             return Ok(Claimed::default());
         }
 
+        // Every step reads by key (the order's versions, then ids), so the
+        // plan cannot turn into a hash join over all pending rows, and no
+        // locking step joins another relation (that makes PostgreSQL carry
+        // whole-row copies of it for rechecks).
         let rows: Vec<ClaimedRow> = sqlx::query_as(
             "WITH lanes AS (
-                 SELECT order_id,
-                        bool_or(state = 'running') AS busy,
-                        max(order_version) FILTER (WHERE state IN ('running', 'done')) AS floor,
-                        max(order_version) FILTER (WHERE state = 'pending') AS head
-                 FROM onec_tasks
-                 WHERE order_id = ANY($1) AND state IN ('pending', 'running', 'done')
-                 GROUP BY order_id
+                 SELECT a.busy, a.floor, a.head, a.pending
+                 FROM unnest($1::text[]) AS o(order_id)
+                 CROSS JOIN LATERAL (
+                     SELECT bool_or(t.state = 'running') AS busy,
+                            max(t.order_version)
+                                FILTER (WHERE t.state IN ('running', 'done')) AS floor,
+                            max(t.order_version) FILTER (WHERE t.state = 'pending') AS head,
+                            array_agg(t.id ORDER BY t.order_version DESC)
+                                FILTER (WHERE t.state = 'pending') AS pending
+                     FROM onec_tasks t WHERE t.order_id = o.order_id
+                 ) a
              ),
              heads AS (
-                 SELECT t.id FROM onec_tasks t
-                 JOIN lanes l ON l.order_id = t.order_id AND l.head = t.order_version
-                 WHERE t.state = 'pending' AND t.run_at <= now() AND NOT l.busy
-                   AND (l.floor IS NULL OR l.head > l.floor)
-                 FOR UPDATE OF t SKIP LOCKED
+                 SELECT id FROM onec_tasks
+                 WHERE id = ANY(ARRAY(SELECT pending[1] FROM lanes
+                                      WHERE NOT busy AND (floor IS NULL OR head > floor)))
+                   AND state = 'pending' AND run_at <= now()
+                 FOR UPDATE SKIP LOCKED
              ),
              older AS (
-                 SELECT t.id FROM onec_tasks t
-                 JOIN lanes l ON l.order_id = t.order_id
-                 WHERE t.state = 'pending'
-                   AND (t.order_version < l.head OR t.order_version <= l.floor)
-                 FOR UPDATE OF t SKIP LOCKED
+                 SELECT id FROM onec_tasks
+                 WHERE id = ANY(ARRAY(
+                           SELECT unnest(CASE WHEN head <= floor THEN pending ELSE pending[2:] END)
+                           FROM lanes))
+                   AND state = 'pending'
+                 FOR UPDATE SKIP LOCKED
              ),
              superseded AS (
-                 UPDATE onec_tasks t
+                 UPDATE onec_tasks
                  SET state = 'superseded', finished_at = now(), updated_at = now()
-                 FROM older o WHERE t.id = o.id
-                 RETURNING t.id
+                 WHERE id = ANY(ARRAY(SELECT id FROM older))
+                 RETURNING id
              ),
              claimed AS (
-                 UPDATE onec_tasks t
-                 SET state = 'running', attempts = t.attempts + 1, claimed_by = $2,
+                 UPDATE onec_tasks
+                 SET state = 'running', attempts = attempts + 1, claimed_by = $2,
                      claim_token = gen_random_uuid(),
                      claim_expires_at = now() + make_interval(secs => $3),
                      updated_at = now()
-                 FROM heads h WHERE t.id = h.id
-                 RETURNING t.id, t.order_id, t.order_version, t.snapshot, t.attempts,
-                           t.claim_token, t.traceparent, t.created_at
+                 WHERE id = ANY(ARRAY(SELECT id FROM heads))
+                 RETURNING id, order_id, order_version, snapshot, attempts,
+                           claim_token, traceparent, created_at
              )
              SELECT (SELECT count(*) FROM superseded) AS superseded, c.*
              FROM (SELECT 1) one LEFT JOIN claimed c ON true",
