@@ -251,6 +251,51 @@ async fn claim_latency_ms(pool: &PgPool) -> Result<f64> {
     Ok(total.as_secs_f64() * 1000.0 / f64::from(rounds))
 }
 
+/// A relay process delivering to `onec_url` (user and password `bench`).
+async fn spawn_relay(db_url: &str, onec_url: &str, batch: u32) -> Result<Proc> {
+    let batch = batch.to_string();
+    spawn(
+        "orders-center",
+        &[
+            "relay",
+            "--listen",
+            "127.0.0.1:0",
+            "--onec-url",
+            onec_url,
+            "--onec-username",
+            "bench",
+            "--batch-size",
+            &batch,
+            "--claim-lanes",
+            "3",
+            "--max-in-flight",
+            "512",
+            "--poll-interval",
+            "100ms",
+        ],
+        &[("DATABASE_URL", db_url), ("ONEC_PASSWORD", "bench")],
+        "relay started",
+    )
+    .await
+}
+
+/// An API process with a pool of 32 connections.
+async fn spawn_api(db_url: &str) -> Result<Proc> {
+    spawn(
+        "orders-center",
+        &[
+            "api",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-max-connections",
+            "32",
+        ],
+        &[("DATABASE_URL", db_url)],
+        "api listening",
+    )
+    .await
+}
+
 /// Drains `n` tasks through the relay process into the mock process over
 /// HTTP; the mock adds `latency_ms` to every answer.
 async fn drain_http(n: i64, latency_ms: u64, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
@@ -273,29 +318,7 @@ async fn drain_http(n: i64, latency_ms: u64, quick: bool, out: &mut Vec<Figure>)
         "onec-mock listening",
     )
     .await?;
-    let relay = spawn(
-        "orders-center",
-        &[
-            "relay",
-            "--listen",
-            "127.0.0.1:0",
-            "--onec-url",
-            &mock.url,
-            "--onec-username",
-            "bench",
-            "--batch-size",
-            "500",
-            "--claim-lanes",
-            "3",
-            "--max-in-flight",
-            "512",
-            "--poll-interval",
-            "100ms",
-        ],
-        &[("DATABASE_URL", &db.url), ("ONEC_PASSWORD", "bench")],
-        "relay started",
-    )
-    .await?;
+    let relay = spawn_relay(&db.url, &mock.url, 500).await?;
     let started = Instant::now();
     loop {
         let stats: serde_json::Value = reqwest::get(format!("{}/stats", mock.url))
@@ -343,9 +366,9 @@ async fn drain_http(n: i64, latency_ms: u64, quick: bool, out: &mut Vec<Figure>)
     Ok(())
 }
 
-/// Offers `rate` saves per second for `seconds` to an in-process API, relay
-/// and mock; latency runs from the API's 201 (after commit) to the mock
-/// applying the version.
+/// Offers `rate` saves per second for `seconds` to the API process, with a
+/// relay process delivering to an in-process mock; latency runs from the
+/// API's 201 (after commit) to the mock applying the version.
 async fn latency(rate: u64, seconds: u64, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
     let db = testkit::database().await;
     let shutdown = CancellationToken::new();
@@ -361,32 +384,11 @@ async fn latency(rate: u64, seconds: u64, quick: bool, out: &mut Vec<Figure>) ->
         shutdown.clone().cancelled_owned(),
     )
     .map_err(anyhow::Error::msg)?;
-    let api_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let api_url = format!("http://{}", api_listener.local_addr()?);
-    let store = Store::new(db.pool.clone());
-    let app = api::router(api::AppState::new(store.clone(), api::ApiConfig::default()));
-    tokio::spawn(api::serve(
-        api_listener,
-        app,
-        shutdown.clone().cancelled_owned(),
-    ));
-    let client = onec::HttpOnecClient::new(&onec::OnecConfig {
-        base_url: mock_url,
-        credentials: onec::Credentials {
-            username: "bench".into(),
-            password: "bench".into(),
-        },
-        timeout: Duration::from_secs(10),
-        max_idle_connections: 256,
-    })?;
-    let relay = Relay::start(
-        store,
-        Arc::new(client),
-        relay_config(100, 3, 256),
-        Leadership::always(),
-        shutdown.clone(),
-    );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The API and the relay run as their own processes, as deployed; the
+    // mock stays in this one, to read its apply times on the same clock.
+    let api = spawn_api(&db.url).await?;
+    let api_url = api.url.clone();
+    let relay = spawn_relay(&db.url, &mock_url, 100).await?;
 
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
@@ -428,8 +430,10 @@ async fn latency(rate: u64, seconds: u64, quick: bool, out: &mut Vec<Figure>) ->
         };
         lat.push(applied.saturating_duration_since(*at).as_secs_f64() * 1000.0);
     }
+    let rss = (api.peak_rss_mib()?, relay.peak_rss_mib()?);
+    relay.stop().await?;
+    api.stop().await?;
     shutdown.cancel();
-    relay.stopped().await;
     let stats = mock.stats();
     ensure!(
         stats.applied == total && stats.duplicates == 0 && stats.stale == 0,
@@ -476,6 +480,8 @@ async fn latency(rate: u64, seconds: u64, quick: bool, out: &mut Vec<Figure>) ->
         "ms",
         None,
     ));
+    out.push(figure(&scenario, "api peak RSS", rss.0, "MiB", None));
+    out.push(figure(&scenario, "relay peak RSS", rss.1, "MiB", None));
     Ok(())
 }
 
@@ -483,19 +489,7 @@ async fn latency(rate: u64, seconds: u64, quick: bool, out: &mut Vec<Figure>) ->
 /// the same transaction.
 async fn api_throughput(seconds: u64, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
     let db = testkit::database().await;
-    let api: Proc = spawn(
-        "orders-center",
-        &[
-            "api",
-            "--listen",
-            "127.0.0.1:0",
-            "--database-max-connections",
-            "32",
-        ],
-        &[("DATABASE_URL", &db.url)],
-        "api listening",
-    )
-    .await?;
+    let api = spawn_api(&db.url).await?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
         .build()?;

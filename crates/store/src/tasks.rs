@@ -172,10 +172,11 @@ impl Store {
             return Ok(Claimed::default());
         }
 
-        // Every step reads by key (the order's versions, then ids), so the
-        // plan cannot turn into a hash join over all pending rows, and no
-        // locking step joins another relation (that makes PostgreSQL carry
-        // whole-row copies of it for rechecks).
+        // Every step reads by key: an order's versions, then one id per
+        // lock. So no plan can scan the pending set (a hash join, or a bitmap
+        // AND with the claimable index, costs O(backlog) per claim), and each
+        // lock sits in its own subquery, so PostgreSQL need not carry
+        // whole-row copies of a joined CTE for rechecks.
         let rows: Vec<ClaimedRow> = sqlx::query_as(
             "WITH lanes AS (
                  SELECT a.busy, a.floor, a.head, a.pending
@@ -191,19 +192,23 @@ impl Store {
                  ) a
              ),
              heads AS (
-                 SELECT id FROM onec_tasks
-                 WHERE id = ANY(ARRAY(SELECT pending[1] FROM lanes
-                                      WHERE NOT busy AND (floor IS NULL OR head > floor)))
-                   AND state = 'pending' AND run_at <= now()
-                 FOR UPDATE SKIP LOCKED
+                 SELECT h.id FROM lanes l
+                 CROSS JOIN LATERAL (
+                     SELECT id FROM onec_tasks
+                     WHERE id = l.pending[1] AND state = 'pending' AND run_at <= now()
+                     FOR UPDATE SKIP LOCKED
+                 ) h
+                 WHERE NOT l.busy AND (l.floor IS NULL OR l.head > l.floor)
              ),
              older AS (
-                 SELECT id FROM onec_tasks
-                 WHERE id = ANY(ARRAY(
-                           SELECT unnest(CASE WHEN head <= floor THEN pending ELSE pending[2:] END)
-                           FROM lanes))
-                   AND state = 'pending'
-                 FOR UPDATE SKIP LOCKED
+                 SELECT o.id FROM lanes l
+                 CROSS JOIN LATERAL unnest(
+                     CASE WHEN l.head <= l.floor THEN l.pending ELSE l.pending[2:] END
+                 ) AS v(id)
+                 CROSS JOIN LATERAL (
+                     SELECT id FROM onec_tasks WHERE id = v.id AND state = 'pending'
+                     FOR UPDATE SKIP LOCKED
+                 ) o
              ),
              superseded AS (
                  UPDATE onec_tasks
