@@ -51,6 +51,12 @@ pub enum ApiError {
     /// The body is larger than the configured limit.
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// No bearer token where one is required.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A bearer token that is not one of the configured ones.
+    #[error("the bearer token is not valid for this service")]
+    Forbidden,
     /// The resource does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -107,6 +113,8 @@ impl ApiError {
             }
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             Self::Conflict(_) => StatusCode::CONFLICT,
@@ -122,6 +130,8 @@ impl ApiError {
             Self::UnprocessableBody(_) => "invalid-body",
             Self::UnsupportedMediaType(_) => "unsupported-media-type",
             Self::PayloadTooLarge(_) => "payload-too-large",
+            Self::Unauthorized(_) => "unauthorized",
+            Self::Forbidden => "forbidden",
             Self::NotFound(_) => "not-found",
             Self::PreconditionFailed { .. } => "precondition-failed",
             Self::Conflict(_) => "conflict",
@@ -191,6 +201,12 @@ impl IntoResponse for ApiError {
         if status == StatusCode::SERVICE_UNAVAILABLE {
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            res.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"orders-center\""),
+            );
         }
         res
     }

@@ -35,7 +35,7 @@ where
             Err(JsonRejection::BytesRejection(BytesRejection::FailedToBufferBody(
                 FailedToBufferBody::LengthLimitError(_),
             ))) => Err(ApiError::PayloadTooLarge(
-                AppState::from_ref(state).config.body_limit,
+                AppState::from_ref(state).config.limits.body_limit,
             )),
             Err(e) => Err(ApiError::BadRequest(e.body_text())),
         }

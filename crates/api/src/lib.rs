@@ -1,43 +1,32 @@
 //! The orders-center HTTP API: the axum router, its handlers, problem+json
 //! errors, metrics and the OpenAPI document.
 
+mod auth;
 mod error;
 mod extract;
 mod metrics;
 mod openapi;
 mod routes;
 
-use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::Router;
-use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+pub use auth::AuthConfig;
 pub use error::{ApiError, Problem, PROBLEM_JSON};
 pub use metrics::Metrics;
 pub use openapi::ApiDoc;
 
-/// Limits every listener applies.
-#[derive(Debug, Clone)]
+/// How the API listens and whom it lets in.
+#[derive(Debug, Clone, Default)]
 pub struct ApiConfig {
-    /// Largest request body accepted, in bytes.
-    pub body_limit: usize,
-    /// Longest a request may take before it is answered with 408.
-    pub request_timeout: Duration,
-}
-
-impl Default for ApiConfig {
-    fn default() -> Self {
-        Self {
-            body_limit: 1024 * 1024,
-            request_timeout: Duration::from_secs(30),
-        }
-    }
+    /// Body, header and request time limits.
+    pub limits: http_server::Limits,
+    /// Bearer tokens.
+    pub auth: AuthConfig,
 }
 
 /// Everything a handler needs; built once, cheap to clone.
@@ -70,14 +59,14 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
+            auth::require_token,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
             metrics::track_requests,
         ))
-        .layer(DefaultBodyLimit::max(config.body_limit))
-        // 408 rather than 503: the usual cause is a client that sends its body too slowly.
-        .layer(TimeoutLayer::with_status_code(
-            axum::http::StatusCode::REQUEST_TIMEOUT,
-            config.request_timeout,
-        ))
+        .layer(DefaultBodyLimit::max(config.limits.body_limit))
+        .layer(http_server::request_timeout(&config.limits))
         .layer(CatchPanicLayer::new())
         .layer(axum::middleware::map_response(
             error::problem_for_every_error,
@@ -95,16 +84,4 @@ fn request_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
         .and_then(|v| v.to_str().ok());
     telemetry::set_parent(&span, traceparent);
     span
-}
-
-/// Serves `app` on `listener` until `shutdown` completes, then finishes the
-/// requests in flight. The caller owns the signal.
-pub async fn serve(
-    listener: TcpListener,
-    app: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
 }

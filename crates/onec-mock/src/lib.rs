@@ -271,12 +271,10 @@ pub fn spawn(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(MockState, tokio::task::JoinHandle<std::io::Result<()>>), String> {
     let state = MockState::new(config)?;
-    let app = router(state.clone());
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-    });
+    let limits = http_server::Limits::default();
+    let app = http_server::with_limits(router(state.clone()), &limits);
+    let server =
+        tokio::spawn(async move { http_server::serve(listener, app, &limits, shutdown).await });
     Ok((state, server))
 }
 

@@ -72,6 +72,9 @@ pub struct ApiArgs {
 
     #[command(flatten)]
     pub http: HttpArgs,
+
+    #[command(flatten)]
+    pub auth: AuthArgs,
 }
 
 /// Flags of `dev`.
@@ -88,6 +91,9 @@ pub struct DevArgs {
 
     #[command(flatten)]
     pub http: HttpArgs,
+
+    #[command(flatten)]
+    pub auth: AuthArgs,
 
     /// Address of the relay's /metrics, /healthz and /readyz.
     #[arg(long, env = "RELAY_LISTEN_ADDR", default_value = "127.0.0.1:9090")]
@@ -125,6 +131,9 @@ pub struct RelayArgs {
 
     #[command(flatten)]
     pub election: ElectionArgs,
+
+    #[command(flatten)]
+    pub http: HttpArgs,
 }
 
 /// Leader election backends.
@@ -351,18 +360,51 @@ pub struct HttpArgs {
     #[arg(long, env = "BODY_LIMIT_BYTES", default_value_t = 1024 * 1024)]
     pub body_limit_bytes: usize,
 
-    /// Longest a request may take, e.g. `30s`.
+    /// Longest a request may take, body included, e.g. `30s`.
     #[arg(long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
+
+    /// Longest a client may take to send its request headers, and longest an
+    /// idle connection is kept, e.g. `10s`.
+    #[arg(long, env = "HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
 }
 
 impl HttpArgs {
-    /// The API limits these flags describe.
-    pub fn api_config(&self) -> api::ApiConfig {
-        api::ApiConfig {
+    /// The listener limits these flags describe.
+    pub fn limits(&self) -> http_server::Limits {
+        http_server::Limits {
             body_limit: self.body_limit_bytes,
             request_timeout: self.request_timeout,
+            header_timeout: self.header_timeout,
         }
+    }
+}
+
+/// Who may call the API.
+#[derive(Debug, Args)]
+pub struct AuthArgs {
+    /// Bearer tokens accepted on writes and the sync admin endpoints,
+    /// comma-separated (several, for rotation). Unset: the API is open.
+    #[arg(
+        long,
+        env = "API_TOKENS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub api_tokens: Vec<String>,
+
+    /// Require a token on reads too.
+    #[arg(long, env = "PROTECT_READS", default_value_t = false, action = ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub protect_reads: bool,
+}
+
+/// The API settings of these flags.
+pub fn api_config(http: &HttpArgs, auth: &AuthArgs) -> api::ApiConfig {
+    api::ApiConfig {
+        limits: http.limits(),
+        auth: api::AuthConfig::new(&auth.api_tokens, auth.protect_reads),
     }
 }
 

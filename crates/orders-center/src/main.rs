@@ -13,7 +13,7 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use config::{Command, Config, DevArgs, HttpArgs, LeaderElection, LogFormat, RelayArgs};
+use config::{Command, Config, DevArgs, LeaderElection, LogFormat, RelayArgs};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -52,7 +52,13 @@ async fn run(config: &Config, shutdown: CancellationToken) -> Result<()> {
             }
             let listener = bind(args.listen).await?;
             tracing::info!(url = %url_of(&listener)?, "api listening");
-            serve_api(store, listener, &args.http, shutdown).await
+            serve_api(
+                store,
+                listener,
+                config::api_config(&args.http, &args.auth),
+                shutdown,
+            )
+            .await
         }
         Command::Relay(args) => run_relay(config, args, shutdown).await,
         Command::Tasks(command) => {
@@ -91,11 +97,7 @@ async fn run_relay(config: &Config, args: &RelayArgs, shutdown: CancellationToke
         leadership,
         shutdown.clone(),
     );
-    let status = tokio::spawn(api::serve(
-        listener,
-        relay.status_router(),
-        shutdown.clone().cancelled_owned(),
-    ));
+    let status = serve_status(listener, &relay, args.http.limits(), &shutdown);
     relay.stopped().await;
     status
         .await?
@@ -195,11 +197,7 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
         relay::Leadership::always(),
         shutdown.clone(),
     );
-    let relay_status = tokio::spawn(api::serve(
-        relay_listener,
-        relay.status_router(),
-        shutdown.clone().cancelled_owned(),
-    ));
+    let relay_status = serve_status(relay_listener, &relay, args.http.limits(), &shutdown);
 
     println!("orders-center dev is running");
     println!("  API           {api_url}/api/v1/orders");
@@ -218,7 +216,13 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
     println!("Press Ctrl-C to stop.");
 
     let pool = store.pool().clone();
-    serve_api(store, api_listener, &args.http, shutdown).await?;
+    serve_api(
+        store,
+        api_listener,
+        config::api_config(&args.http, &args.auth),
+        shutdown,
+    )
+    .await?;
     relay.stopped().await;
     relay_status
         .await?
@@ -238,13 +242,29 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
 async fn serve_api(
     store: store::Store,
     listener: TcpListener,
-    http: &HttpArgs,
+    config: api::ApiConfig,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let app = api::router(api::AppState::new(store, http.api_config()));
-    api::serve(listener, app, shutdown.cancelled_owned())
+    if !config.auth.enabled() {
+        tracing::warn!("no API_TOKENS configured: anyone who reaches the API can write");
+    }
+    let limits = config.limits.clone();
+    let app = api::router(api::AppState::new(store, config));
+    http_server::serve(listener, app, &limits, shutdown.cancelled_owned())
         .await
         .context("serving the API")
+}
+
+/// Serves the relay's status endpoints in the background until `shutdown`.
+fn serve_status(
+    listener: TcpListener,
+    relay: &relay::Relay,
+    limits: http_server::Limits,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    let router = http_server::with_limits(relay.status_router(), &limits);
+    let shutdown = shutdown.clone().cancelled_owned();
+    tokio::spawn(async move { http_server::serve(listener, router, &limits, shutdown).await })
 }
 
 async fn migrate(store: &store::Store) -> Result<()> {

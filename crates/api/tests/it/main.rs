@@ -1,5 +1,6 @@
 //! Integration tests of the API on real PostgreSQL, one database per test.
 
+mod auth;
 mod bad_input;
 mod create;
 mod ops;

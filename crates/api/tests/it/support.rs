@@ -60,8 +60,12 @@ pub struct Counts {
 
 impl TestApp {
     pub async fn new() -> Self {
+        Self::with_config(Default::default()).await
+    }
+
+    pub async fn with_config(config: api::ApiConfig) -> Self {
         let db = testkit::database().await;
-        let state = api::AppState::new(store::Store::new(db.pool.clone()), Default::default());
+        let state = api::AppState::new(store::Store::new(db.pool.clone()), config);
         Self {
             router: api::router(state),
             db,
