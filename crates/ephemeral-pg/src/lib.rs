@@ -64,6 +64,8 @@ impl Default for Options {
 pub struct EphemeralPostgres {
     dir: PathBuf,
     port: u16,
+    bin: PathBuf,
+    user: ServerUser,
     watchdog: Child,
     // Closing this is the stop signal for the watchdog.
     stdin: Option<ChildStdin>,
@@ -76,6 +78,12 @@ pid=$!
 cat >/dev/null
 kill -INT "$pid" 2>/dev/null
 wait "$pid"
+# A server restarted by pg_ctl is no child of ours: stop it by its pid file.
+if [ -f "$dir/data/postmaster.pid" ]; then
+    kill -INT "$(head -n 1 "$dir/data/postmaster.pid")" 2>/dev/null
+    i=0
+    while [ -f "$dir/data/postmaster.pid" ] && [ "$i" -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+fi
 rm -rf "$dir"
 "#;
 
@@ -170,6 +178,8 @@ impl EphemeralPostgres {
         let mut pg = Self {
             dir: dir.to_owned(),
             port,
+            bin: bin.to_owned(),
+            user: user.clone(),
             watchdog,
             stdin,
         };
@@ -233,6 +243,28 @@ impl EphemeralPostgres {
         self.url_for("postgres")
     }
 
+    /// Restarts the server with `pg_ctl restart -m fast`: sessions are cut,
+    /// in-flight transactions roll back, and the server is back on the same
+    /// port when this returns. For fault tests.
+    pub fn restart_fast(&self) -> Result<(), Error> {
+        let out = self
+            .user
+            .command(&self.bin.join("pg_ctl"))
+            .args(["restart", "-m", "fast", "-w", "-t", "60", "-D"])
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("postgres-restarted.log"))
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            return Err(Error::Start(format!(
+                "pg_ctl restart: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+
     /// Stops the server and removes its directory, waiting until both are done.
     pub fn stop(mut self) -> io::Result<()> {
         self.shutdown()
@@ -254,6 +286,7 @@ impl Drop for EphemeralPostgres {
 
 /// Who the server runs as. `initdb` refuses root, so as root we switch to the
 /// `postgres` account that Debian's package creates.
+#[derive(Debug, Clone)]
 enum ServerUser {
     Current,
     Postgres { uid: u32, gid: u32 },
@@ -360,5 +393,28 @@ mod tests {
         drop(pg);
         assert!(!dir.exists(), "directory should be removed");
         assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
+    }
+
+    fn answers_ssl_request(port: u16) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+            return false;
+        };
+        let mut answer = [0u8; 1];
+        s.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).is_ok() && s.read_exact(&mut answer).is_ok()
+    }
+
+    #[test]
+    fn a_restarted_server_comes_back_on_its_port_and_is_still_removed_on_drop() {
+        let pg = EphemeralPostgres::start(&Options::default()).unwrap();
+        let pid_file = pg.dir().join("data/postmaster.pid");
+        let first_pid = std::fs::read_to_string(&pid_file).unwrap();
+        pg.restart_fast().unwrap();
+        let second_pid = std::fs::read_to_string(&pid_file).unwrap();
+        assert_ne!(first_pid.lines().next(), second_pid.lines().next());
+        assert!(answers_ssl_request(pg.port()));
+        let (dir, port) = (pg.dir().to_owned(), pg.port());
+        drop(pg);
+        assert!(!dir.exists(), "directory should be removed");
+        assert!(!answers_ssl_request(port), "the restarted server still runs");
     }
 }
