@@ -8,7 +8,6 @@
 //! target/release/bench`. The database is `DATABASE_URL`, or a throwaway
 //! cluster (fsync off) when it is unset.
 
-mod process;
 mod scenarios;
 
 use std::path::PathBuf;

@@ -13,8 +13,8 @@ use sqlx::PgPool;
 use store::Store;
 use tokio_util::sync::CancellationToken;
 
-use crate::process::{spawn, Proc};
 use crate::{Figure, Scenario, Sizes};
+use testkit::process::{self as process, Proc};
 
 /// 1C that answers "applied" at once: measures the relay and the database alone.
 struct NoopSink;
@@ -251,10 +251,17 @@ async fn claim_latency_ms(pool: &PgPool) -> Result<f64> {
     Ok(total.as_secs_f64() * 1000.0 / f64::from(rounds))
 }
 
+/// Where a role process of the bench logs.
+fn log_file(role: &str) -> std::path::PathBuf {
+    testkit::target_tmp()
+        .join("bench")
+        .join(format!("{role}.log"))
+}
+
 /// A relay process delivering to `onec_url` (user and password `bench`).
 async fn spawn_relay(db_url: &str, onec_url: &str, batch: u32) -> Result<Proc> {
     let batch = batch.to_string();
-    spawn(
+    process::spawn(
         "orders-center",
         &[
             "relay",
@@ -275,13 +282,14 @@ async fn spawn_relay(db_url: &str, onec_url: &str, batch: u32) -> Result<Proc> {
         ],
         &[("DATABASE_URL", db_url), ("ONEC_PASSWORD", "bench")],
         "relay started",
+        &log_file("relay"),
     )
     .await
 }
 
 /// An API process with a pool of 32 connections.
 async fn spawn_api(db_url: &str) -> Result<Proc> {
-    spawn(
+    process::spawn(
         "orders-center",
         &[
             "api",
@@ -292,6 +300,7 @@ async fn spawn_api(db_url: &str) -> Result<Proc> {
         ],
         &[("DATABASE_URL", db_url)],
         "api listening",
+        &log_file("api"),
     )
     .await
 }
@@ -302,7 +311,7 @@ async fn drain_http(n: i64, latency_ms: u64, quick: bool, out: &mut Vec<Figure>)
     let db = testkit::database().await;
     prefill(&db.pool, "H-", n).await?;
     let latency = format!("{latency_ms}ms");
-    let mock = spawn(
+    let mock = process::spawn(
         "onec-mock",
         &[
             "--listen",
@@ -316,6 +325,7 @@ async fn drain_http(n: i64, latency_ms: u64, quick: bool, out: &mut Vec<Figure>)
         ],
         &[],
         "onec-mock listening",
+        &log_file("onec-mock"),
     )
     .await?;
     let relay = spawn_relay(&db.url, &mock.url, 500).await?;

@@ -415,6 +415,9 @@ mod tests {
         let (dir, port) = (pg.dir().to_owned(), pg.port());
         drop(pg);
         assert!(!dir.exists(), "directory should be removed");
-        assert!(!answers_ssl_request(port), "the restarted server still runs");
+        assert!(
+            !answers_ssl_request(port),
+            "the restarted server still runs"
+        );
     }
 }

@@ -14,6 +14,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, Executor, PgConnection, PgPool};
 use tokio::sync::OnceCell;
 
+pub mod process;
 mod sample;
 pub use sample::{sample_order, sample_order_with};
 
@@ -59,7 +60,7 @@ fn server() -> &'static Server {
 
 /// `tmp` in the cargo target directory of the running binary: tests live in
 /// `target/<profile>/deps/`, the bench in `target/<profile>/`.
-fn target_tmp() -> PathBuf {
+pub fn target_tmp() -> PathBuf {
     std::env::current_exe()
         .ok()
         .and_then(|exe| {

@@ -1,20 +1,26 @@
-//! The release binaries as child processes, and their peak memory.
+//! The built role binaries (`orders-center`, `onec-mock`) as child
+//! processes: started and awaited until ready, logged to a file, measured,
+//! stopped or killed.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
 /// A role process and the URL it announced.
 pub struct Proc {
+    /// The process.
     pub child: Child,
+    /// The `http://` URL from its ready line.
     pub url: String,
+    /// Where its log goes.
+    pub log: PathBuf,
 }
 
-/// A binary built next to `bench` (`cargo build --release --bins`).
+/// A binary built next to the running one (`cargo build --release --bins`).
 fn sibling(name: &str) -> Result<PathBuf> {
     let path = std::env::current_exe()?.with_file_name(name);
     if !path.is_file() {
@@ -26,8 +32,15 @@ fn sibling(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Starts `binary args`, waiting for the log line holding `ready`.
-pub async fn spawn(binary: &str, args: &[&str], env: &[(&str, &str)], ready: &str) -> Result<Proc> {
+/// Starts `binary args` with `env` added, waiting for the log line holding
+/// `ready`. Its log (stderr) is copied to `log`, appending.
+pub async fn spawn(
+    binary: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    ready: &str,
+    log: &Path,
+) -> Result<Proc> {
     let mut command = Command::new(sibling(binary)?);
     command
         .args(args)
@@ -42,6 +55,15 @@ pub async fn spawn(binary: &str, args: &[&str], env: &[(&str, &str)], ready: &st
     let mut child = command
         .spawn()
         .with_context(|| format!("starting {binary}"))?;
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut file = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .await
+        .with_context(|| format!("opening {}", log.display()))?;
     let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
     let deadline = Instant::now() + Duration::from_secs(30);
     let url = loop {
@@ -49,6 +71,7 @@ pub async fn spawn(binary: &str, args: &[&str], env: &[(&str, &str)], ready: &st
             .await
             .with_context(|| format!("{binary} did not log {ready:?}"))??
             .with_context(|| format!("{binary} exited before {ready:?}"))?;
+        file.write_all(format!("{line}\n").as_bytes()).await?;
         if line.contains(ready) {
             let start = line.find("http://").context("no URL in the ready line")?;
             break line[start..]
@@ -59,15 +82,28 @@ pub async fn spawn(binary: &str, args: &[&str], env: &[(&str, &str)], ready: &st
         }
     };
     // Keep draining the log so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok(Proc { child, url })
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = file.write_all(format!("{line}\n").as_bytes()).await;
+        }
+        let _ = file.flush().await;
+    });
+    Ok(Proc {
+        child,
+        url,
+        log: log.to_owned(),
+    })
 }
 
 impl Proc {
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Result<u32> {
+        self.child.id().context("process exited")
+    }
+
     /// Peak resident memory (VmHWM) so far, in MiB.
     pub fn peak_rss_mib(&self) -> Result<f64> {
-        let pid = self.child.id().context("process exited")?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?))?;
         let kib: f64 = status
             .lines()
             .find_map(|l| l.strip_prefix("VmHWM:"))
@@ -76,13 +112,25 @@ impl Proc {
         Ok(kib / 1024.0)
     }
 
-    /// SIGTERM, then wait.
-    pub async fn stop(mut self) -> Result<()> {
-        let pid = self.child.id().context("process exited")?;
+    /// SIGTERM, then wait for a clean exit; returns how long it took.
+    pub async fn stop(mut self) -> Result<Duration> {
+        let started = Instant::now();
+        let pid = self.pid()?;
         std::process::Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status()?;
-        tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await??;
+        let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .context("did not stop within 60 s of SIGTERM")??;
+        if !status.success() {
+            bail!("exited with {status} after SIGTERM");
+        }
+        Ok(started.elapsed())
+    }
+
+    /// SIGKILL, then reap.
+    pub async fn kill(mut self) -> Result<()> {
+        self.child.kill().await?;
         Ok(())
     }
 }

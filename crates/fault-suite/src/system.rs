@@ -1,0 +1,290 @@
+//! The system under test: a throwaway PostgreSQL cluster, the built
+//! `onec-mock`, one `api` and three `relay` processes electing a leader
+//! through PostgreSQL, all on loopback.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use ephemeral_pg::EphemeralPostgres;
+use serde_json::Value;
+use sqlx::PgPool;
+use testkit::process::{spawn, Proc};
+
+/// Secrets of the run; the logs must never contain them.
+pub const ONEC_PASSWORD: &str = "fault-suite-1c-password-7b1f";
+pub const API_TOKEN: &str = "fault-suite-api-token-c42d";
+
+pub const RELAYS: usize = 3;
+
+/// Relay settings every scenario shares. The claim lease is short so a
+/// killed relay's claims are rescued within seconds; the attempt budget
+/// (20 attempts, backoff up to 10 s) spans minutes, longer than any outage
+/// here, so an outage alone cannot kill a task.
+const RELAY_ENV: &[(&str, &str)] = &[
+    ("LEADER_ELECTION", "postgres"),
+    ("LEASE_DURATION", "3s"),
+    ("LEASE_RENEW_DEADLINE", "2s"),
+    ("LEASE_RETRY_PERIOD", "500ms"),
+    ("RELAY_CLAIM_LEASE", "5s"),
+    ("RELAY_RESCUE_INTERVAL", "1s"),
+    ("RELAY_POLL_INTERVAL", "5s"),
+    ("RELAY_BATCH_SIZE", "100"),
+    ("RELAY_MAX_ATTEMPTS", "20"),
+    ("RELAY_BACKOFF_BASE", "200ms"),
+    ("RELAY_BACKOFF_MAX", "10s"),
+    ("ONEC_TIMEOUT", "1s"),
+    ("ONEC_BREAKER_FAILURES", "5"),
+    ("ONEC_BREAKER_COOL_DOWN", "2s"),
+    ("LISTEN_ADDR", "127.0.0.1:0"),
+];
+
+pub struct System {
+    pub pg: EphemeralPostgres,
+    pub db_url: String,
+    pub pool: PgPool,
+    pub mock: Proc,
+    pub api: Proc,
+    relays: Vec<Option<Proc>>,
+    /// Overrides of [`RELAY_ENV`] for relays started from now on.
+    relay_overrides: Vec<(String, String)>,
+    pub logs: PathBuf,
+    pub http: reqwest::Client,
+}
+
+/// Where every outcome of the outbox stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    pub pending: i64,
+    pub running: i64,
+    pub dead: i64,
+}
+
+impl System {
+    pub async fn start() -> Result<Self> {
+        let logs = testkit::target_tmp().join("fault-suite");
+        let _ = std::fs::remove_dir_all(&logs);
+        std::fs::create_dir_all(&logs)?;
+        let pg = tokio::task::spawn_blocking(|| {
+            EphemeralPostgres::start(&ephemeral_pg::Options {
+                parent_dir: testkit::target_tmp(),
+                ..Default::default()
+            })
+        })
+        .await??;
+        let db_url = pg.url();
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect_lazy(&db_url)?;
+
+        let mock = spawn(
+            "onec-mock",
+            &["--listen", "127.0.0.1:0"],
+            &[
+                ("ONEC_USERNAME", "orders-center"),
+                ("ONEC_PASSWORD", ONEC_PASSWORD),
+            ],
+            "onec-mock listening",
+            &logs.join("onec-mock.log"),
+        )
+        .await?;
+        let api = spawn(
+            "orders-center",
+            &["api", "--listen", "127.0.0.1:0", "--migrate"],
+            &[
+                ("DATABASE_URL", &db_url),
+                ("API_TOKENS", API_TOKEN),
+                ("REQUEST_TIMEOUT", "10s"),
+            ],
+            "api listening",
+            &logs.join("api.log"),
+        )
+        .await?;
+        let mut system = Self {
+            pg,
+            db_url,
+            pool,
+            mock,
+            api,
+            relays: (0..RELAYS).map(|_| None).collect(),
+            relay_overrides: Vec::new(),
+            logs,
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(64)
+                .timeout(Duration::from_secs(30))
+                .build()?,
+        };
+        for i in 0..RELAYS {
+            system.start_relay(i).await?;
+        }
+        system.wait_for_leader(Duration::from_secs(15)).await?;
+        Ok(system)
+    }
+
+    /// Relays started from now on use `key=value` instead of the default.
+    pub fn set_relay_env(&mut self, key: &str, value: &str) {
+        self.relay_overrides.retain(|(k, _)| k != key);
+        self.relay_overrides.push((key.into(), value.into()));
+    }
+
+    pub async fn start_relay(&mut self, i: usize) -> Result<()> {
+        ensure!(self.relays[i].is_none(), "relay {i} already runs");
+        let name = relay_name(i);
+        let mut env: HashMap<&str, &str> = RELAY_ENV.iter().copied().collect();
+        for (k, v) in &self.relay_overrides {
+            env.insert(k, v);
+        }
+        env.insert("DATABASE_URL", &self.db_url);
+        env.insert("ONEC_URL", &self.mock.url);
+        env.insert("ONEC_USERNAME", "orders-center");
+        env.insert("ONEC_PASSWORD", ONEC_PASSWORD);
+        env.insert("POD_NAME", &name);
+        let env: Vec<(&str, &str)> = env.into_iter().collect();
+        let proc = spawn(
+            "orders-center",
+            &["relay"],
+            &env,
+            "relay started",
+            &self.logs.join(format!("{name}.log")),
+        )
+        .await?;
+        self.relays[i] = Some(proc);
+        Ok(())
+    }
+
+    pub async fn kill_relay(&mut self, i: usize) -> Result<()> {
+        let proc = self.relays[i].take().context("relay not running")?;
+        proc.kill().await
+    }
+
+    /// SIGTERM; returns how long the relay took to stop.
+    pub async fn stop_relay(&mut self, i: usize) -> Result<Duration> {
+        let proc = self.relays[i].take().context("relay not running")?;
+        proc.stop().await
+    }
+
+    pub fn relay_urls(&self) -> Vec<String> {
+        self.relays
+            .iter()
+            .flatten()
+            .map(|p| p.url.clone())
+            .collect()
+    }
+
+    /// The index of the relay holding the PostgreSQL lease, if any.
+    pub async fn leader(&self) -> Result<Option<usize>> {
+        let holder: Option<String> =
+            sqlx::query_scalar("SELECT holder FROM leader_leases WHERE expires_at > now() LIMIT 1")
+                .fetch_optional(&self.pool)
+                .await?
+                .flatten();
+        Ok(holder.and_then(|h| (0..RELAYS).find(|&i| relay_name(i) == h)))
+    }
+
+    pub async fn wait_for_leader(&self, within: Duration) -> Result<usize> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(i) = self.leader().await? {
+                return Ok(i);
+            }
+            ensure!(Instant::now() < deadline, "no leader within {within:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn backlog(&self) -> Result<Backlog> {
+        let (pending, running, dead) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE state = 'pending'),
+                    count(*) FILTER (WHERE state = 'running'),
+                    count(*) FILTER (WHERE state = 'dead')
+             FROM onec_tasks",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Backlog {
+            pending,
+            running,
+            dead,
+        })
+    }
+
+    /// Waits until nothing is pending or running; returns how long it took.
+    pub async fn drained(&self, within: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let b = self.backlog().await?;
+            if b.pending == 0 && b.running == 0 {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > within {
+                bail!("backlog not drained within {within:?}: {b:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn mock_stats(&self) -> Result<Value> {
+        self.get_json(&format!("{}/stats", self.mock.url)).await
+    }
+
+    /// The version 1C holds per order.
+    pub async fn mock_versions(&self) -> Result<HashMap<String, i64>> {
+        let v = self
+            .get_json(&format!("{}/admin/orders", self.mock.url))
+            .await?;
+        Ok(serde_json::from_value(v)?)
+    }
+
+    pub async fn set_faults(&self, faults: Value) -> Result<()> {
+        let res = self
+            .http
+            .put(format!("{}/admin/faults", self.mock.url))
+            .json(&faults)
+            .send()
+            .await?;
+        ensure!(res.status() == 200, "setting faults: {}", res.status());
+        Ok(())
+    }
+
+    /// The highest value of `metric` over the running relays' /metrics.
+    pub async fn relay_metric_max(&self, metric: &str) -> Result<f64> {
+        let mut max = 0f64;
+        for url in self.relay_urls() {
+            let Ok(res) = self.http.get(format!("{url}/metrics")).send().await else {
+                continue;
+            };
+            let text = res.text().await?;
+            for line in text.lines().filter(|l| l.starts_with(metric)) {
+                if let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+                    max = max.max(v);
+                }
+            }
+        }
+        Ok(max)
+    }
+
+    async fn get_json(&self, url: &str) -> Result<Value> {
+        let res = self.http.get(url).send().await?;
+        ensure!(res.status() == 200, "GET {url}: {}", res.status());
+        Ok(res.json().await?)
+    }
+
+    /// Stops every process (SIGTERM) and then the cluster.
+    pub async fn shut_down(mut self) -> Result<()> {
+        for i in 0..RELAYS {
+            if self.relays[i].is_some() {
+                self.stop_relay(i).await?;
+            }
+        }
+        self.api.stop().await?;
+        self.mock.stop().await?;
+        self.pool.close().await;
+        tokio::task::spawn_blocking(move || self.pg.stop()).await??;
+        Ok(())
+    }
+}
+
+pub fn relay_name(i: usize) -> String {
+    format!("relay-{i}")
+}
