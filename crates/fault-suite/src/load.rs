@@ -111,7 +111,7 @@ pub struct Saved {
 }
 
 /// `creates` new orders `prefix-N`, and after every third one an update of
-/// an order created earlier, from `concurrency` workers.
+/// a random order created earlier, from `concurrency` workers.
 pub async fn saves(
     client: &Client,
     prefix: &str,
@@ -123,7 +123,7 @@ pub async fn saves(
     for n in 0..creates {
         ops.push((format!("{prefix}-{n}"), 100.0));
         if n % 3 == 2 {
-            let earlier = (n * 7919) % n.max(1);
+            let earlier = rand::random_range(0..n);
             ops.push((format!("{prefix}-{earlier}"), 200.0 + n as f64));
         }
     }
