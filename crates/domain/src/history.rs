@@ -47,11 +47,12 @@ pub struct HistoryEntry {
     pub kind: HistoryKind,
     /// Numeric form of `type`: 1 status, 2 price.
     pub type_id: i32,
-    /// The value before; `null` when the order was created.
-    #[schema(value_type = Object, nullable)]
+    /// The value before (a status string or a price number); `null` when
+    /// the order was created.
+    #[schema(value_type = Value)]
     pub old_value: serde_json::Value,
-    /// The value after.
-    #[schema(value_type = Object)]
+    /// The value after: a status string or a price number.
+    #[schema(value_type = Value)]
     pub value: serde_json::Value,
     /// When the change was saved.
     pub date: DateTime<Utc>,
