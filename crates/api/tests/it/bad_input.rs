@@ -169,7 +169,7 @@ async fn bad_input_gets_a_4xx_problem_and_writes_nothing() {
         ),
         (
             "oversized body",
-            put_raw(format!("{{\"pad\": \"{}\"}}", "x".repeat(1024 * 1024))),
+            put_raw(format!("{{\"pad\": \"{}\"}}", "x".repeat(10 * 1024 * 1024))),
             StatusCode::PAYLOAD_TOO_LARGE,
         ),
         (

@@ -71,6 +71,73 @@ async fn the_api_role_migrates_serves_and_exits_cleanly_on_sigterm() {
     stop(&mut api, "TERM", Duration::from_secs(15)).await;
 }
 
+/// Every listener of the binary is the hardened one: a client trickling
+/// header bytes is cut off, a 10 MB body is refused unread, and writes need
+/// the configured token.
+#[tokio::test]
+async fn the_api_listener_cuts_off_slow_clients_and_needs_a_token() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let db = testkit::database().await;
+    let mut api = orders_center(&["api", "--listen", "127.0.0.1:0"])
+        .env("DATABASE_URL", &db.url)
+        .env("HEADER_TIMEOUT", "1s")
+        .env("API_TOKENS", "role-test-token")
+        .spawn()
+        .unwrap();
+    let mut err = lines(api.stderr.take());
+    let line = line_containing(&mut err, "api listening", Duration::from_secs(30)).await;
+    let base = url_in(&line);
+    let addr = base.trim_start_matches("http://").to_owned();
+
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let started = Instant::now();
+    slow.write_all(b"PUT /api/v1/orders/X HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    for _ in 0..40 {
+        if slow.write_all(b"a").await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), slow.read_to_end(&mut rest))
+        .await
+        .expect("the slow client was never cut off")
+        .ok();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "held {:?}",
+        started.elapsed()
+    );
+
+    let http = reqwest::Client::new();
+    let huge = http
+        .put(format!("{base}/api/v1/orders/BIG"))
+        .bearer_auth("role-test-token")
+        .header("content-type", "application/json")
+        .body(vec![b' '; 10 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(huge.status(), 413);
+    let anonymous = http
+        .put(format!("{base}/api/v1/orders/ANON"))
+        .json(&testkit::sample_order("ANON"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(orders, 0, "a refused request wrote an order");
+
+    stop(&mut api, "TERM", Duration::from_secs(15)).await;
+}
+
 #[tokio::test]
 async fn the_tasks_cli_lists_and_replays_dead_tasks() {
     let db = testkit::database().await;
