@@ -124,6 +124,15 @@ def test_rendered_contract(docs):
     assert relay_pod["automountServiceAccountToken"] is True
     assert env(relay, "LEADER_ELECTION")["value"] == "kube"
 
+    # API tokens come from a Secret, and the helm test sends one.
+    tokens = env(api, "API_TOKENS")["valueFrom"]["secretKeyRef"]
+    secrets = {d["metadata"]["name"]: d for d in by_kind(docs, "Secret")}
+    assert tokens["name"] in secrets and tokens["key"] in secrets[tokens["name"]]["stringData"], tokens
+    assert secrets[tokens["name"]]["stringData"][tokens["key"]], "empty API token"
+    test_pod = one(docs, "Pod", "test")["spec"]["containers"][0]
+    assert env(test_pod, "API_TOKENS")["valueFrom"]["secretKeyRef"] == tokens
+    assert "Authorization: Bearer" in test_pod["args"][0]
+
     # Identity from the Downward API.
     assert env(relay, "POD_NAME")["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
 

@@ -108,3 +108,11 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ . | quote }}
 {{- end }}
 {{- end }}
+
+{{- define "orders-center.apiSecret" -}}
+{{- default (printf "%s-api" (include "orders-center.fullname" .)) .Values.api.auth.existingSecret }}
+{{- end }}
+
+{{- define "orders-center.apiSecretKey" -}}
+{{- if .Values.api.auth.existingSecret }}{{ .Values.api.auth.existingSecretKey }}{{ else }}tokens{{ end }}
+{{- end }}
