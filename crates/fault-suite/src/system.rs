@@ -38,7 +38,12 @@ const RELAY_ENV: &[(&str, &str)] = &[
     ("ONEC_BREAKER_FAILURES", "5"),
     ("ONEC_BREAKER_COOL_DOWN", "2s"),
     ("LISTEN_ADDR", "127.0.0.1:0"),
+    ("RUST_LOG", VERBOSE),
 ];
+
+/// Debug logs of our own crates, so the secret scan covers every path that
+/// logs, not just the quiet ones.
+const VERBOSE: &str = "debug,sqlx=warn,hyper=warn,hyper_util=warn,h2=warn,reqwest=warn,tower=warn";
 
 pub struct System {
     pub pg: EphemeralPostgres,
@@ -84,6 +89,7 @@ impl System {
             &[
                 ("ONEC_USERNAME", "orders-center"),
                 ("ONEC_PASSWORD", ONEC_PASSWORD),
+                ("RUST_LOG", VERBOSE),
             ],
             "onec-mock listening",
             &logs.join("onec-mock.log"),
@@ -96,6 +102,7 @@ impl System {
                 ("DATABASE_URL", &db_url),
                 ("API_TOKENS", API_TOKEN),
                 ("REQUEST_TIMEOUT", "10s"),
+                ("RUST_LOG", VERBOSE),
             ],
             "api listening",
             &logs.join("api.log"),
