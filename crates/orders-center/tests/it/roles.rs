@@ -119,9 +119,13 @@ async fn the_api_listener_cuts_off_slow_clients_and_needs_a_token() {
         .header("content-type", "application/json")
         .body(vec![b' '; 10 * 1024 * 1024])
         .send()
-        .await
-        .unwrap();
-    assert_eq!(huge.status(), 413);
+        .await;
+    // The server answers 413 and closes without reading the rest, so the
+    // client may see that answer or a reset while it is still sending.
+    match huge {
+        Ok(res) => assert_eq!(res.status(), 413),
+        Err(e) => assert!(e.is_request() || e.is_body(), "{e}"),
+    }
     let anonymous = http
         .put(format!("{base}/api/v1/orders/ANON"))
         .json(&testkit::sample_order("ANON"))
