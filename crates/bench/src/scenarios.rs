@@ -44,6 +44,7 @@ fn relay_config(batch: u32, lanes: usize, in_flight: usize) -> RelayConfig {
             idempotency_key_ttl: Duration::from_secs(86_400),
             retention_interval: Duration::from_secs(3600),
             backlog_interval: Duration::from_secs(3600),
+            in_doubt: Duration::from_secs(30),
         },
         protection: ProtectionConfig {
             max_in_flight: in_flight,

@@ -78,6 +78,12 @@ impl ErrorClass {
         self != Self::Rejected
     }
 
+    /// Whether 1C may still be working on the request: it was sent, but no
+    /// answer came back. A newer version sent now could be overtaken by it.
+    pub fn outcome_unknown(self) -> bool {
+        matches!(self, Self::Timeout | Self::Other)
+    }
+
     /// Whether it says something about 1C's health, so the circuit breaker
     /// should count it. A rejected request says nothing about 1C.
     pub fn counts_against_1c(self) -> bool {

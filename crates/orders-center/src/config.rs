@@ -221,6 +221,11 @@ pub struct RelayTuning {
     #[arg(long, env = "ONEC_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub onec_timeout: Duration,
 
+    /// After a request with no answer, how long 1C may still apply it: no
+    /// newer version of that order is sent before this passes.
+    #[arg(long, env = "ONEC_IN_DOUBT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub onec_in_doubt: Duration,
+
     /// Attempts before a transiently failing task goes dead.
     #[arg(long, env = "RELAY_MAX_ATTEMPTS", default_value_t = 12)]
     pub max_attempts: i32,
@@ -294,6 +299,7 @@ impl RelayTuning {
                 idempotency_key_ttl: self.idempotency_key_ttl,
                 retention_interval: self.retention_interval,
                 backlog_interval: self.backlog_interval,
+                in_doubt: self.onec_in_doubt,
             },
             protection: relay::ProtectionConfig {
                 max_in_flight: self.max_in_flight.max(1),

@@ -44,6 +44,9 @@ pub struct ServiceConfig {
     pub retention_interval: Duration,
     /// How often the leader recounts the backlog.
     pub backlog_interval: Duration,
+    /// After an attempt with no answer, how long 1C may still apply it; no
+    /// newer version of that order is sent before this passes.
+    pub in_doubt: Duration,
 }
 
 /// What to do with a task after an attempt.
@@ -258,6 +261,12 @@ impl TaskService {
             }
         };
         let delay = self.config.backoff.delay_random(attempts);
+        let in_doubt = match &outcome {
+            Outcome::Failed(f) if f.class.outcome_unknown() => {
+                Some(chrono::Utc::now() + chrono::Duration::from_std(self.config.in_doubt).unwrap_or_default())
+            }
+            _ => None,
+        };
         match decide(&outcome, attempts, self.config.max_attempts, delay) {
             Decision::Complete => {
                 self.metrics.delivered(created_at);
@@ -270,14 +279,18 @@ impl TaskService {
                 self.settled(
                     id,
                     "retry",
-                    self.store.retry_later(id, token, at, &reason).await,
+                    self.store.retry_later(id, token, at, &reason, in_doubt).await,
                 );
             }
             Decision::Dead(reason) => {
                 self.metrics.failed(&outcome);
                 self.metrics.dead.inc();
                 tracing::warn!(task = %id, order = %delivery.order_id, %reason, "task is dead");
-                self.settled(id, "bury", self.store.mark_dead(id, token, &reason).await);
+                self.settled(
+                    id,
+                    "bury",
+                    self.store.mark_dead(id, token, &reason, in_doubt).await,
+                );
             }
         }
         None
@@ -428,6 +441,7 @@ mod tests {
             idempotency_key_ttl: Duration::from_secs(86_400),
             retention_interval: Duration::from_secs(60),
             backlog_interval: Duration::from_secs(5),
+            in_doubt: Duration::from_secs(30),
         };
         let service = TaskService::new(Store::new(pool), guard, config, Arc::default());
         let mut cron = MockCron::new();

@@ -146,8 +146,9 @@ impl Store {
     /// 2. A second statement, whose snapshot is taken only after those locks
     ///    are held and so sees every committed claim of those orders, claims
     ///    for each locked order its newest pending version: only if the order
-    ///    has nothing running, the version is due, and nothing newer was
-    ///    already delivered. Older pending versions become `superseded`.
+    ///    has nothing running, the version is due, nothing newer was already
+    ///    delivered, and no older version is still in doubt (1C may yet apply
+    ///    a timed-out attempt). Older pending versions become `superseded`.
     ///
     /// So at most one task per order is ever running, and a version is never
     /// sent after a newer one.
@@ -179,7 +180,7 @@ impl Store {
         // whole-row copies of a joined CTE for rechecks.
         let rows: Vec<ClaimedRow> = sqlx::query_as(
             "WITH lanes AS (
-                 SELECT a.busy, a.floor, a.head, a.pending
+                 SELECT a.busy, a.floor, a.head, a.pending, a.doubt
                  FROM unnest($1::text[]) AS o(order_id)
                  CROSS JOIN LATERAL (
                      SELECT bool_or(t.state = 'running') AS busy,
@@ -187,7 +188,9 @@ impl Store {
                                 FILTER (WHERE t.state IN ('running', 'done')) AS floor,
                             max(t.order_version) FILTER (WHERE t.state = 'pending') AS head,
                             array_agg(t.id ORDER BY t.order_version DESC)
-                                FILTER (WHERE t.state = 'pending') AS pending
+                                FILTER (WHERE t.state = 'pending') AS pending,
+                            max(t.order_version)
+                                FILTER (WHERE t.in_doubt_until > now()) AS doubt
                      FROM onec_tasks t WHERE t.order_id = o.order_id
                  ) a
              ),
@@ -199,6 +202,7 @@ impl Store {
                      FOR UPDATE SKIP LOCKED
                  ) h
                  WHERE NOT l.busy AND (l.floor IS NULL OR l.head > l.floor)
+                   AND (l.doubt IS NULL OR l.head <= l.doubt)
              ),
              older AS (
                  SELECT o.id FROM lanes l
@@ -286,30 +290,53 @@ impl Store {
     }
 
     /// Puts a claimed task back to `pending` until `run_at`, keeping the
-    /// error. False if the claim was lost.
+    /// error. With `in_doubt_until`, 1C may still apply this attempt, so no
+    /// newer version of the order is claimed before then. False if the
+    /// claim was lost.
     pub async fn retry_later(
         &self,
         id: TaskId,
         token: ClaimToken,
         run_at: DateTime<Utc>,
         error: &str,
+        in_doubt_until: Option<DateTime<Utc>>,
     ) -> Result<bool> {
-        let sql = fenced("state = 'pending', run_at = $3, last_error = $4");
+        let sql = fenced(
+            "state = 'pending', run_at = $3, last_error = $4,
+             in_doubt_until = greatest(in_doubt_until, $5)",
+        );
         self.run_fenced(
             sqlx::query(&sql)
                 .bind(id.0)
                 .bind(token.0)
                 .bind(run_at)
-                .bind(error),
+                .bind(error)
+                .bind(in_doubt_until),
         )
         .await
     }
 
-    /// Buries a claimed task as `dead` with its error. False if the claim was lost.
-    pub async fn mark_dead(&self, id: TaskId, token: ClaimToken, error: &str) -> Result<bool> {
-        let sql = fenced("state = 'dead', finished_at = now(), last_error = $3");
-        self.run_fenced(sqlx::query(&sql).bind(id.0).bind(token.0).bind(error))
-            .await
+    /// Buries a claimed task as `dead` with its error; `in_doubt_until` as
+    /// in [`Store::retry_later`]. False if the claim was lost.
+    pub async fn mark_dead(
+        &self,
+        id: TaskId,
+        token: ClaimToken,
+        error: &str,
+        in_doubt_until: Option<DateTime<Utc>>,
+    ) -> Result<bool> {
+        let sql = fenced(
+            "state = 'dead', finished_at = now(), last_error = $3,
+             in_doubt_until = greatest(in_doubt_until, $4)",
+        );
+        self.run_fenced(
+            sqlx::query(&sql)
+                .bind(id.0)
+                .bind(token.0)
+                .bind(error)
+                .bind(in_doubt_until),
+        )
+        .await
     }
 
     /// Gives a claimed task back untried, e.g. on shutdown: it is pending

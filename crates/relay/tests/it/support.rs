@@ -29,6 +29,7 @@ pub fn config() -> RelayConfig {
             idempotency_key_ttl: Duration::from_secs(86_400),
             retention_interval: Duration::from_secs(60),
             backlog_interval: Duration::from_secs(60),
+            in_doubt: Duration::from_secs(30),
         },
         protection: ProtectionConfig {
             max_in_flight: 16,

@@ -122,10 +122,10 @@ async fn an_outcome_carrying_a_stale_claim_token_changes_nothing() {
     let old = lapsed.token;
     assert!(!store.complete(id, old).await.unwrap());
     assert!(!store
-        .retry_later(id, old, chrono::Utc::now(), "late")
+        .retry_later(id, old, chrono::Utc::now(), "late", None)
         .await
         .unwrap());
-    assert!(!store.mark_dead(id, old, "late").await.unwrap());
+    assert!(!store.mark_dead(id, old, "late", None).await.unwrap());
     assert!(!store.release(id, old).await.unwrap());
 
     assert_eq!(state_of(&db.pool, id).await, "running");
@@ -183,12 +183,54 @@ async fn an_order_with_a_version_in_flight_waits_and_does_not_block_others() {
     // so A/2 goes next and A/1 is never sent again.
     let later = chrono::Utc::now() + chrono::Duration::seconds(60);
     assert!(store
-        .retry_later(a1.id, a1.token, later, "503")
+        .retry_later(a1.id, a1.token, later, "503", None)
         .await
         .unwrap());
     let next = store.claim_batch(&spec("r", 10)).await.unwrap().tasks;
     assert_eq!(versions(&next), [("A".into(), 2)]);
     assert_eq!(state_of(&db.pool, a1.id).await, "superseded");
+}
+
+#[tokio::test]
+async fn no_newer_version_is_sent_while_an_unanswered_attempt_may_still_land() {
+    let db = testkit::database().await;
+    let store = Store::new(db.pool.clone());
+    insert_task(&db.pool, "A", 1).await;
+    let a1 = store
+        .claim_batch(&spec("r", 10))
+        .await
+        .unwrap()
+        .tasks
+        .remove(0);
+    // A/1 timed out: 1C may still be applying it for the next hour.
+    let now = chrono::Utc::now();
+    let doubt = now + chrono::Duration::hours(1);
+    assert!(store
+        .retry_later(a1.id, a1.token, now, "timeout", Some(doubt))
+        .await
+        .unwrap());
+    // Retrying A/1 itself is safe: at worst 1C sees it twice.
+    let again = store.claim_batch(&spec("r", 10)).await.unwrap().tasks;
+    assert_eq!(versions(&again), [("A".into(), 1)]);
+    let a1 = &again[0];
+    assert!(store
+        .retry_later(a1.id, a1.token, now, "timeout", None)
+        .await
+        .unwrap());
+
+    // A/2 must wait: sent now, it could be overtaken by the late A/1.
+    let a2 = insert_task(&db.pool, "A", 2).await;
+    insert_task(&db.pool, "B", 1).await;
+    let meanwhile = store.claim_batch(&spec("r", 10)).await.unwrap().tasks;
+    assert_eq!(versions(&meanwhile), [("B".into(), 1)]);
+    assert_eq!(state_of(&db.pool, a2).await, "pending");
+
+    sqlx::query("UPDATE onec_tasks SET in_doubt_until = now() - interval '1 second'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let after = store.claim_batch(&spec("r", 10)).await.unwrap().tasks;
+    assert_eq!(versions(&after), [("A".into(), 2)]);
 }
 
 #[tokio::test]
@@ -373,7 +415,7 @@ async fn dead_tasks_are_listed_and_replayed_unless_a_newer_version_exists() {
     insert_task(&db.pool, "B", 1).await;
     for t in store.claim_batch(&spec("r", 10)).await.unwrap().tasks {
         assert!(store
-            .mark_dead(t.id, t.token, "400: bad payload")
+            .mark_dead(t.id, t.token, "400: bad payload", None)
             .await
             .unwrap());
     }
