@@ -258,7 +258,9 @@ pub async fn onec_outage(sys: &mut System, outage: Duration) -> Result<Figures> 
     settle(sys, "3 1C outage", &before, &saved, up, notes).await
 }
 
-/// 4. 20% of 1C's answers take longer than the relay's 1 s timeout.
+/// 4. 20% of 1C's answers take longer than the relay's 1 s timeout. 1C
+///    still applies those, late; the in-doubt hold keeps newer versions of
+///    the order back until then, so nothing lands stale.
 pub async fn slow_onec(sys: &mut System) -> Result<Figures> {
     let before = sys.mock_stats().await?;
     sys.set_faults(json!({"slow_rate": 0.2, "slow_ms": 1500}))

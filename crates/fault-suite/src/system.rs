@@ -35,6 +35,8 @@ const RELAY_ENV: &[(&str, &str)] = &[
     ("RELAY_BACKOFF_BASE", "200ms"),
     ("RELAY_BACKOFF_MAX", "10s"),
     ("ONEC_TIMEOUT", "1s"),
+    // 1C (the mock) finishes a timed-out request at most 0.5 s later here.
+    ("ONEC_IN_DOUBT", "3s"),
     ("ONEC_BREAKER_FAILURES", "5"),
     ("ONEC_BREAKER_COOL_DOWN", "2s"),
     ("LISTEN_ADDR", "127.0.0.1:0"),

@@ -195,6 +195,7 @@ impl TaskService {
             })
             .await?;
         self.metrics.claimed(&claim);
+        let more = claim.more;
         let tasks = claim.tasks;
         let claimed = tasks.len();
         // Deliveries run concurrently; the successes are then recorded in one
@@ -215,7 +216,10 @@ impl TaskService {
                 tracing::warn!(error = %e, "could not record deliveries; their claims will expire and be retried")
             }
         }
-        Ok(if claimed as u32 >= want {
+        // A full page of candidates that gave some claims means more may be
+        // due; one that gave none holds only orders that must wait (running
+        // or in doubt elsewhere), and looping on it would spin.
+        Ok(if (more && claimed > 0) || claimed as u32 >= want {
             Progress::MoreWork
         } else {
             Progress::Idle
@@ -262,9 +266,10 @@ impl TaskService {
         };
         let delay = self.config.backoff.delay_random(attempts);
         let in_doubt = match &outcome {
-            Outcome::Failed(f) if f.class.outcome_unknown() => {
-                Some(chrono::Utc::now() + chrono::Duration::from_std(self.config.in_doubt).unwrap_or_default())
-            }
+            Outcome::Failed(f) if f.class.outcome_unknown() => Some(
+                chrono::Utc::now()
+                    + chrono::Duration::from_std(self.config.in_doubt).unwrap_or_default(),
+            ),
             _ => None,
         };
         match decide(&outcome, attempts, self.config.max_attempts, delay) {
@@ -279,7 +284,9 @@ impl TaskService {
                 self.settled(
                     id,
                     "retry",
-                    self.store.retry_later(id, token, at, &reason, in_doubt).await,
+                    self.store
+                        .retry_later(id, token, at, &reason, in_doubt)
+                        .await,
                 );
             }
             Decision::Dead(reason) => {

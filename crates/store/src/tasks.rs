@@ -120,6 +120,9 @@ pub struct Claimed {
     pub tasks: Vec<ClaimedTask>,
     /// Older pending versions that newer ones superseded.
     pub superseded: u64,
+    /// The page of due candidates was full: more may be waiting, even if
+    /// few were claimed (several versions of one order share one claim).
+    pub more: bool,
 }
 
 /// One row per claimed task, or a single row of NULLs when none was claimed;
@@ -154,23 +157,35 @@ impl Store {
     /// sent after a newer one.
     pub async fn claim_batch(&self, spec: &ClaimSpec<'_>) -> Result<Claimed> {
         let mut tx = self.pool.begin().await?;
-        let orders: Vec<String> = sqlx::query_scalar(
-            "SELECT DISTINCT c.order_id FROM (
+        // One row per candidate, so a full page says more may be waiting
+        // even when several candidates share an order.
+        let candidates: Vec<(String, bool)> = sqlx::query_as(
+            "SELECT c.order_id, pg_try_advisory_xact_lock($2, hashtext(c.order_id))
+             FROM (
                  SELECT order_id FROM onec_tasks
                  WHERE state = 'pending' AND run_at <= now()
                  ORDER BY run_at, id
                  LIMIT $1
                  FOR UPDATE SKIP LOCKED
-             ) c
-             WHERE pg_try_advisory_xact_lock($2, hashtext(c.order_id))",
+             ) c",
         )
         .bind(i64::from(spec.limit))
         .bind(ORDER_LOCK_CLASS)
         .fetch_all(&mut *tx)
         .await?;
+        let more = candidates.len() >= spec.limit as usize;
+        let mut orders: Vec<String> = candidates
+            .into_iter()
+            .filter_map(|(order, mine)| mine.then_some(order))
+            .collect();
+        orders.sort_unstable();
+        orders.dedup();
         if orders.is_empty() {
             tx.commit().await?;
-            return Ok(Claimed::default());
+            return Ok(Claimed {
+                more,
+                ..Claimed::default()
+            });
         }
 
         // Every step reads by key: an order's versions, then one id per
@@ -255,7 +270,11 @@ impl Store {
                 })
             })
             .collect();
-        Ok(Claimed { tasks, superseded })
+        Ok(Claimed {
+            tasks,
+            superseded,
+            more,
+        })
     }
 
     /// Marks a claimed task delivered. False if the claim was lost.

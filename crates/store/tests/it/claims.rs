@@ -234,6 +234,23 @@ async fn no_newer_version_is_sent_while_an_unanswered_attempt_may_still_land() {
 }
 
 #[tokio::test]
+async fn a_full_page_of_candidates_reports_more_even_when_versions_share_an_order() {
+    let db = testkit::database().await;
+    let store = Store::new(db.pool.clone());
+    for v in 1..=3 {
+        insert_task(&db.pool, "A", v).await;
+        insert_task(&db.pool, "B", v).await;
+    }
+    insert_task(&db.pool, "C", 1).await;
+    let page = store.claim_batch(&spec("r", 4)).await.unwrap();
+    assert_eq!(versions(&page.tasks), [("A".into(), 3), ("B".into(), 3)]);
+    assert!(page.more, "4 candidates filled the page of 4");
+    let rest = store.claim_batch(&spec("r", 4)).await.unwrap();
+    assert_eq!(versions(&rest.tasks), [("C".into(), 1)]);
+    assert!(!rest.more);
+}
+
+#[tokio::test]
 async fn a_version_older_than_a_delivered_one_is_never_sent() {
     let db = testkit::database().await;
     let store = Store::new(db.pool.clone());
