@@ -58,6 +58,7 @@ def start_dev(binary: str, env: dict) -> tuple[subprocess.Popen, str, str]:
 
 def main() -> int:
     binary = sys.argv[1] if len(sys.argv) > 1 else str(ROOT / "target/release/orders-center")
+    (ROOT / "target").mkdir(exist_ok=True)
     env = dict(os.environ, API_TOKENS=TOKEN, RUST_LOG="warn")
     server = os.environ.get("DATABASE_URL")
     fresh = None
@@ -83,6 +84,8 @@ def main() -> int:
              "--no-color"],
             env=dict(env, SCHEMATHESIS_HOOKS="hooks", FUZZ_DATABASE_URL=db,
                      PYTHONPATH=str(Path(__file__).parent)),
+            # Schemathesis keeps its example cache in the working directory.
+            cwd=ROOT / "target",
             timeout=420,
         )
         return run.returncode

@@ -16,8 +16,6 @@ pub struct Proc {
     pub child: Child,
     /// The `http://` URL from its ready line.
     pub url: String,
-    /// Where its log goes.
-    pub log: PathBuf,
 }
 
 /// A binary built next to the running one (`cargo build --release --bins`).
@@ -88,11 +86,7 @@ pub async fn spawn(
         }
         let _ = file.flush().await;
     });
-    Ok(Proc {
-        child,
-        url,
-        log: log.to_owned(),
-    })
+    Ok(Proc { child, url })
 }
 
 impl Proc {

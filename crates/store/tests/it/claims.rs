@@ -27,6 +27,11 @@ async fn insert_task(pool: &PgPool, order: &str, version: i64) -> TaskId {
     TaskId(id)
 }
 
+/// Claims up to `limit` tasks as relay "r".
+async fn claim(store: &Store, limit: u32) -> Vec<ClaimedTask> {
+    store.claim_batch(&spec("r", limit)).await.unwrap().tasks
+}
+
 async fn state_of(pool: &PgPool, id: TaskId) -> String {
     sqlx::query_scalar("SELECT state FROM onec_tasks WHERE id = $1")
         .bind(id.0)
@@ -167,16 +172,11 @@ async fn an_order_with_a_version_in_flight_waits_and_does_not_block_others() {
     let db = testkit::database().await;
     let store = Store::new(db.pool.clone());
     insert_task(&db.pool, "A", 1).await;
-    let a1 = store
-        .claim_batch(&spec("r", 10))
-        .await
-        .unwrap()
-        .tasks
-        .remove(0);
+    let a1 = claim(&store, 10).await.remove(0);
     insert_task(&db.pool, "A", 2).await;
     insert_task(&db.pool, "B", 1).await;
 
-    let while_a1_runs = store.claim_batch(&spec("r", 10)).await.unwrap().tasks;
+    let while_a1_runs = claim(&store, 10).await;
     assert_eq!(versions(&while_a1_runs), [("B".into(), 1)]);
 
     // A transient failure of A/1 puts it back with a backoff; A/2 is newer,
@@ -186,7 +186,7 @@ async fn an_order_with_a_version_in_flight_waits_and_does_not_block_others() {
         .retry_later(a1.id, a1.token, later, "503", None)
         .await
         .unwrap());
-    let next = store.claim_batch(&spec("r", 10)).await.unwrap().tasks;
+    let next = claim(&store, 10).await;
     assert_eq!(versions(&next), [("A".into(), 2)]);
     assert_eq!(state_of(&db.pool, a1.id).await, "superseded");
 }
@@ -196,12 +196,7 @@ async fn no_newer_version_is_sent_while_an_unanswered_attempt_may_still_land() {
     let db = testkit::database().await;
     let store = Store::new(db.pool.clone());
     insert_task(&db.pool, "A", 1).await;
-    let a1 = store
-        .claim_batch(&spec("r", 10))
-        .await
-        .unwrap()
-        .tasks
-        .remove(0);
+    let a1 = claim(&store, 10).await.remove(0);
     // A/1 timed out: 1C may still be applying it for the next hour.
     let now = chrono::Utc::now();
     let doubt = now + chrono::Duration::hours(1);
@@ -210,7 +205,7 @@ async fn no_newer_version_is_sent_while_an_unanswered_attempt_may_still_land() {
         .await
         .unwrap());
     // Retrying A/1 itself is safe: at worst 1C sees it twice.
-    let again = store.claim_batch(&spec("r", 10)).await.unwrap().tasks;
+    let again = claim(&store, 10).await;
     assert_eq!(versions(&again), [("A".into(), 1)]);
     let a1 = &again[0];
     assert!(store
@@ -221,7 +216,7 @@ async fn no_newer_version_is_sent_while_an_unanswered_attempt_may_still_land() {
     // A/2 must wait: sent now, it could be overtaken by the late A/1.
     let a2 = insert_task(&db.pool, "A", 2).await;
     insert_task(&db.pool, "B", 1).await;
-    let meanwhile = store.claim_batch(&spec("r", 10)).await.unwrap().tasks;
+    let meanwhile = claim(&store, 10).await;
     assert_eq!(versions(&meanwhile), [("B".into(), 1)]);
     assert_eq!(state_of(&db.pool, a2).await, "pending");
 
@@ -229,7 +224,7 @@ async fn no_newer_version_is_sent_while_an_unanswered_attempt_may_still_land() {
         .execute(&db.pool)
         .await
         .unwrap();
-    let after = store.claim_batch(&spec("r", 10)).await.unwrap().tasks;
+    let after = claim(&store, 10).await;
     assert_eq!(versions(&after), [("A".into(), 2)]);
 }
 
@@ -255,22 +250,12 @@ async fn a_version_older_than_a_delivered_one_is_never_sent() {
     let db = testkit::database().await;
     let store = Store::new(db.pool.clone());
     insert_task(&db.pool, "A", 2).await;
-    let a2 = store
-        .claim_batch(&spec("r", 10))
-        .await
-        .unwrap()
-        .tasks
-        .remove(0);
+    let a2 = claim(&store, 10).await.remove(0);
     assert!(store.complete(a2.id, a2.token).await.unwrap());
     // A straggler older than what 1C already has, e.g. restored by hand.
     let a1 = insert_task(&db.pool, "A", 1).await;
 
-    assert!(store
-        .claim_batch(&spec("r", 10))
-        .await
-        .unwrap()
-        .tasks
-        .is_empty());
+    assert!(claim(&store, 10).await.is_empty());
     assert_eq!(state_of(&db.pool, a1).await, "superseded");
 }
 
@@ -430,7 +415,7 @@ async fn dead_tasks_are_listed_and_replayed_unless_a_newer_version_exists() {
     let store = Store::new(db.pool.clone());
     insert_task(&db.pool, "A", 1).await;
     insert_task(&db.pool, "B", 1).await;
-    for t in store.claim_batch(&spec("r", 10)).await.unwrap().tasks {
+    for t in claim(&store, 10).await {
         assert!(store
             .mark_dead(t.id, t.token, "400: bad payload", None)
             .await
@@ -470,7 +455,7 @@ async fn a_batched_completion_is_fenced_claim_by_claim() {
     for o in ["A", "B", "C"] {
         insert_task(&db.pool, o, 1).await;
     }
-    let claimed = store.claim_batch(&spec("r", 10)).await.unwrap().tasks;
+    let claimed = claim(&store, 10).await;
     let mut claims: Vec<_> = claimed.iter().map(|t| (t.id, t.token)).collect();
     // One claim carries a token that is not (or no longer) the task's.
     claims[1].1 = store::ClaimToken(uuid::Uuid::new_v4());
