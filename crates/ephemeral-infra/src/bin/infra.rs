@@ -1,0 +1,82 @@
+//! `infra prepare`: fetch and build the test infrastructure into
+//! `target/infra`, timing each step. `infra kube-api -- CMD...`: run CMD
+//! against a throwaway Kubernetes API server (`KUBECONFIG` and `KUBECTL` set).
+
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Throwaway test infrastructure for orders-center")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fetch Kafka's jars and build etcd, kube-apiserver and kubectl, unless cached.
+    Prepare,
+    /// Start etcd and kube-apiserver, run a command against them, stop them.
+    KubeApi {
+        /// The command and its arguments.
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("infra: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Cmd) -> ephemeral_infra::Result<ExitCode> {
+    match command {
+        Cmd::Prepare => {
+            let started = Instant::now();
+            let libs = ephemeral_infra::prepare_kafka()?;
+            println!(
+                "kafka {} jars: {} ({:.1} s)",
+                ephemeral_infra::KAFKA_VERSION,
+                libs.display(),
+                started.elapsed().as_secs_f64()
+            );
+            let started = Instant::now();
+            let kube = ephemeral_infra::prepare_kube()?;
+            println!(
+                "kubernetes {} binaries: {} ({:.1} s)",
+                ephemeral_infra::KUBERNETES_VERSION,
+                kube.dir.display(),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::KubeApi { command } => {
+            let started = Instant::now();
+            let api = ephemeral_infra::KubeApi::start()?;
+            eprintln!(
+                "kube-apiserver {} on {} ready in {:.1} s",
+                ephemeral_infra::KUBERNETES_VERSION,
+                api.url(),
+                started.elapsed().as_secs_f64()
+            );
+            let status = Command::new(&command[0])
+                .args(&command[1..])
+                .env("KUBECONFIG", api.kubeconfig())
+                .env("KUBECTL", api.kubectl_path())
+                .status()?;
+            drop(api);
+            Ok(match status.code() {
+                Some(0) => ExitCode::SUCCESS,
+                Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
+                None => ExitCode::FAILURE,
+            })
+        }
+    }
+}
