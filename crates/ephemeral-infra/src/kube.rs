@@ -86,7 +86,9 @@ impl KubeApi {
             .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
             .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
             .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
-            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!(
+                "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
+            ))
             .arg(format!("--initial-cluster=default=http://127.0.0.1:{peer}"))
             .arg("--unsafe-no-fsync");
         // etcd's watchdog owns the directory, so it is removed last.
@@ -107,7 +109,10 @@ impl KubeApi {
             .arg(format!("--tls-private-key-file={}", file("server.key")))
             .arg(format!("--client-ca-file={}", file("ca.crt")))
             .arg(format!("--service-account-key-file={}", file("sa.key")))
-            .arg(format!("--service-account-signing-key-file={}", file("sa.key")))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                file("sa.key")
+            ))
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
             .args(["--authorization-mode=RBAC", "--allow-privileged=true"])
             .arg("--service-cluster-ip-range=10.0.0.0/24")
@@ -171,8 +176,19 @@ fn make_certificates(pki: &Path) -> Result<()> {
     openssl(
         "CA",
         &[
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", "ca.key",
-            "-out", "ca.crt", "-subj", "/CN=orders-center-envtest-ca",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-subj",
+            "/CN=orders-center-envtest-ca",
         ],
     )?;
     for (name, subject, extension) in [
@@ -204,8 +220,21 @@ fn make_certificates(pki: &Path) -> Result<()> {
         openssl(
             name,
             &[
-                "x509", "-req", "-in", &csr, "-CA", "ca.crt", "-CAkey", "ca.key",
-                "-CAcreateserial", "-days", "2", "-out", &crt, "-extfile", &ext,
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &crt,
+                "-extfile",
+                &ext,
             ],
         )?;
     }

@@ -55,15 +55,9 @@ impl RabbitMq {
             .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"));
         // The node starts a port mapper daemon of its own; stop it too.
         let after = format!("epmd -port {epmd} -kill");
-        let mut watchdog = Watchdog::spawn(
-            &server,
-            &dir.join("server.log"),
-            Some(&dir),
-            Some(&after),
-        )?;
-        watchdog.wait_until("rabbitmq", Duration::from_secs(90), || {
-            answers_amqp(port)
-        })?;
+        let mut watchdog =
+            Watchdog::spawn(&server, &dir.join("server.log"), Some(&dir), Some(&after))?;
+        watchdog.wait_until("rabbitmq", Duration::from_secs(90), || answers_amqp(port))?;
         Ok(Self {
             port,
             dir,

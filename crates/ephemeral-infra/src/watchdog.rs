@@ -92,7 +92,11 @@ impl Watchdog {
             }
             let exited = matches!(self.child.try_wait(), Ok(Some(_)));
             if exited || Instant::now() > deadline {
-                let why = if exited { "exited" } else { "not ready in time" };
+                let why = if exited {
+                    "exited"
+                } else {
+                    "not ready in time"
+                };
                 return Err(Error::Start {
                     server,
                     detail: format!("{why} after {timeout:?}; log:\n{}", self.log_tail(15)),
@@ -104,7 +108,10 @@ impl Watchdog {
 
     /// The last lines of the server's log.
     pub(crate) fn log_tail(&self, lines: usize) -> String {
-        tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), lines)
+        tail(
+            &std::fs::read_to_string(&self.log).unwrap_or_default(),
+            lines,
+        )
     }
 
     /// Kills the server and waits until the clean-up is done.

@@ -14,7 +14,10 @@ async fn a_message_round_trips_through_the_embedded_kafka() {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     use rdkafka::{ClientConfig, Message};
 
-    let kafka = tokio::task::spawn_blocking(Kafka::start).await.unwrap().unwrap();
+    let kafka = tokio::task::spawn_blocking(Kafka::start)
+        .await
+        .unwrap()
+        .unwrap();
     let dir = kafka.dir().to_owned();
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", kafka.bootstrap_servers())
@@ -108,7 +111,10 @@ async fn a_confirmed_message_round_trips_through_the_throwaway_rabbitmq() {
         .unwrap()
         .await
         .unwrap();
-    assert!(confirm.is_ack(), "the broker confirms the message: {confirm:?}");
+    assert!(
+        confirm.is_ack(),
+        "the broker confirms the message: {confirm:?}"
+    );
 
     let mut consumer = channel
         .basic_consume(
@@ -126,7 +132,11 @@ async fn a_confirmed_message_round_trips_through_the_throwaway_rabbitmq() {
         .unwrap();
     assert_eq!(delivery.data, b"{\"version\":1}");
     assert_eq!(
-        delivery.properties.message_id().as_ref().map(|s| s.as_str()),
+        delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str()),
         Some("e-1")
     );
     delivery.ack(BasicAckOptions::default()).await.unwrap();
@@ -146,8 +156,15 @@ fn the_api_server_serves_kubectl_with_rbac_on_and_is_removed_on_drop() {
         .args(["get", "namespace", "default", "-o", "name"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "namespace/default");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "namespace/default"
+    );
     // RBAC is on: a service account with no binding may not list anything.
     let out = api
         .kubectl()
