@@ -64,16 +64,32 @@ pub struct ClaimSpec<'a> {
     pub lease: Duration,
 }
 
-/// An UPDATE that leaves `running` for the claim `$1` (task id), `$2` (token).
-/// Leaving `running` always drops the claim: the CHECK constraint keeps
-/// `running` and the claim fields in step.
+/// A statement that leaves `running` for the claim `$1` (task id), `$2`
+/// (token), returning one row if the claim was still held. Leaving `running`
+/// always drops the claim: the CHECK constraint keeps `running` and the claim
+/// fields in step. It also unparks the order's newer versions.
 fn fenced(set: &str) -> String {
     format!(
-        "UPDATE onec_tasks SET {set}, claim_token = NULL, claim_expires_at = NULL,
-             claimed_by = NULL, updated_at = now()
-         WHERE id = $1 AND claim_token = $2 AND state = 'running'"
+        "WITH left_running AS (
+             UPDATE onec_tasks SET {set}, claim_token = NULL, claim_expires_at = NULL,
+                 claimed_by = NULL, updated_at = now()
+             WHERE id = $1 AND claim_token = $2 AND state = 'running'
+             RETURNING order_id, order_version
+         ),
+         {UNPARK}
+         SELECT 1 FROM left_running"
     )
 }
+
+/// A CTE that makes the versions parked behind the rows of `left_running`
+/// due now: the claim parked them until the claim's expiry, but the order is
+/// free as soon as its running version is done with.
+const UNPARK: &str = "unparked AS (
+             UPDATE onec_tasks p SET run_at = now()
+             FROM left_running l
+             WHERE p.order_id = l.order_id AND p.order_version > l.order_version
+               AND p.state = 'pending' AND p.run_at > now()
+         )";
 
 /// Advisory lock namespace of per-order claim locks ("1C").
 const ORDER_LOCK_CLASS: i32 = 0x1C;
@@ -195,10 +211,13 @@ impl Store {
         // whole-row copies of a joined CTE for rechecks.
         let rows: Vec<ClaimedRow> = sqlx::query_as(
             "WITH lanes AS (
-                 SELECT a.busy, a.floor, a.head, a.pending, a.doubt
+                 SELECT a.busy, a.floor, a.head, a.pending, a.doubt,
+                        coalesce(a.busy_until, a.doubt_until) AS blocked_until
                  FROM unnest($1::text[]) AS o(order_id)
                  CROSS JOIN LATERAL (
                      SELECT bool_or(t.state = 'running') AS busy,
+                            max(t.claim_expires_at) AS busy_until,
+                            max(t.in_doubt_until) AS doubt_until,
                             max(t.order_version)
                                 FILTER (WHERE t.state IN ('running', 'done')) AS floor,
                             max(t.order_version) FILTER (WHERE t.state = 'pending') AS head,
@@ -228,6 +247,19 @@ impl Store {
                      SELECT id FROM onec_tasks WHERE id = v.id AND state = 'pending'
                      FOR UPDATE SKIP LOCKED
                  ) o
+             ),
+             -- A head that cannot go now (its order runs elsewhere, or an
+             -- older version may still land) waits until the blocker can
+             -- end, out of the candidate pages, so it never crowds out
+             -- unrelated orders. Leaving `running` brings it back at once.
+             parked AS (
+                 UPDATE onec_tasks
+                 SET run_at = l.blocked_until
+                 FROM lanes l
+                 WHERE onec_tasks.id = l.pending[1] AND onec_tasks.state = 'pending'
+                   AND onec_tasks.run_at < l.blocked_until
+                   AND (l.floor IS NULL OR l.head > l.floor)
+                   AND (l.busy OR l.head > l.doubt)
              ),
              superseded AS (
                  UPDATE onec_tasks
@@ -295,17 +327,22 @@ impl Store {
         }
         let ids: Vec<i64> = claims.iter().map(|(id, _)| id.0).collect();
         let tokens: Vec<Uuid> = claims.iter().map(|(_, token)| token.0).collect();
-        Ok(sqlx::query(
-            "UPDATE onec_tasks t
-             SET state = 'done', finished_at = now(), last_error = NULL, claim_token = NULL,
-                 claim_expires_at = NULL, claimed_by = NULL, updated_at = now()
-             WHERE t.id = ANY($1) AND t.claim_token = ANY($2) AND t.state = 'running'",
-        )
+        let done: i64 = sqlx::query_scalar(&format!(
+            "WITH left_running AS (
+                 UPDATE onec_tasks t
+                 SET state = 'done', finished_at = now(), last_error = NULL, claim_token = NULL,
+                     claim_expires_at = NULL, claimed_by = NULL, updated_at = now()
+                 WHERE t.id = ANY($1) AND t.claim_token = ANY($2) AND t.state = 'running'
+                 RETURNING order_id, order_version
+             ),
+             {UNPARK}
+             SELECT count(*) FROM left_running"
+        ))
         .bind(ids)
         .bind(tokens)
-        .execute(&self.pool)
-        .await?
-        .rows_affected())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(done).unwrap_or(0))
     }
 
     /// Puts a claimed task back to `pending` until `run_at`, keeping the
@@ -370,7 +407,7 @@ impl Store {
         &self,
         query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
     ) -> Result<bool> {
-        Ok(query.execute(&self.pool).await?.rows_affected() == 1)
+        Ok(query.fetch_optional(&self.pool).await?.is_some())
     }
 
     /// Tasks in `state`, oldest first, after task id `after`.

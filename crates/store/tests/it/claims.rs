@@ -220,7 +220,11 @@ async fn no_newer_version_is_sent_while_an_unanswered_attempt_may_still_land() {
     assert_eq!(versions(&meanwhile), [("B".into(), 1)]);
     assert_eq!(state_of(&db.pool, a2).await, "pending");
 
-    sqlx::query("UPDATE onec_tasks SET in_doubt_until = now() - interval '1 second'")
+    // An hour passes: the doubt ends, and so does the wait it imposed.
+    sqlx::query(
+        "UPDATE onec_tasks SET in_doubt_until = now() - interval '1 second',
+             run_at = least(run_at, now())",
+    )
         .execute(&db.pool)
         .await
         .unwrap();
@@ -467,4 +471,103 @@ async fn a_batched_completion_is_fenced_claim_by_claim() {
     assert_eq!(state_of(&db.pool, claims[1].0).await, "running");
     assert_eq!(state_of(&db.pool, claims[2].0).await, "done");
     assert_eq!(store.complete_many(&[]).await.unwrap(), 0);
+}
+
+/// Claims `limit` at a time until `wanted` orders are among the claimed;
+/// returns how many claims that took and every version claimed.
+async fn claims_until(
+    store: &Store,
+    limit: u32,
+    wanted: &HashSet<String>,
+) -> (usize, Vec<(String, i64)>) {
+    let mut all = Vec::new();
+    for n in 1..=500 {
+        all.extend(versions(&claim(store, limit).await));
+        if wanted
+            .iter()
+            .all(|o| all.iter().any(|(order, _)| order == o))
+        {
+            return (n, all);
+        }
+    }
+    panic!("{wanted:?} not claimed in 500 claims; claimed {all:?}");
+}
+
+async fn insert_fresh(pool: &PgPool, prefix: &str, n: usize) -> HashSet<String> {
+    let mut orders = HashSet::new();
+    for i in 0..n {
+        let order = format!("{prefix}-{i}");
+        insert_task(pool, &order, 1).await;
+        orders.insert(order);
+    }
+    orders
+}
+
+/// 1,000 orders wait out an in-doubt attempt with a due newer version each,
+/// older than everything else. They once filled every candidate page, so
+/// nothing behind them was claimed for `ONEC_IN_DOUBT`; now each claim parks
+/// the page's held versions until the doubt ends.
+#[tokio::test]
+async fn versions_held_behind_an_unanswered_attempt_take_no_candidate_slots() {
+    let db = testkit::database().await;
+    let store = Store::new(db.pool.clone());
+    sqlx::raw_sql(
+        "INSERT INTO onec_tasks (order_id, order_version, snapshot, run_at, in_doubt_until)
+         SELECT 'H-' || g, 1, '{}', now() + interval '1 hour', now() + interval '1 hour'
+         FROM generate_series(1, 1000) g;
+         INSERT INTO onec_tasks (order_id, order_version, snapshot, run_at)
+         SELECT 'H-' || g, 2, '{}', now() - interval '1 minute' FROM generate_series(1, 1000) g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let fresh = insert_fresh(&db.pool, "F", 10).await;
+
+    let (claims, claimed) = claims_until(&store, 10, &fresh).await;
+    assert!(
+        claimed.iter().all(|(order, _)| order.starts_with("F-")),
+        "a held version went out: {claimed:?}"
+    );
+    // Each claim parks at most a page of held versions.
+    assert!(claims <= 1000 / 10 + 2, "{claims} claims");
+    let parked: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM onec_tasks
+         WHERE order_version = 2 AND state = 'pending' AND run_at > now() + interval '59 minutes'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(parked, 1000, "every held version waits until its doubt ends");
+
+    // From now on a fresh order is claimed by the very next claim.
+    let later = insert_fresh(&db.pool, "G", 10).await;
+    let (claims, _) = claims_until(&store, 10, &later).await;
+    assert_eq!(claims, 1);
+}
+
+/// A newer version whose order is running on another relay is parked until
+/// that claim's lease ends, and is due again the moment the running version
+/// is done with.
+#[tokio::test]
+async fn a_version_behind_a_running_one_is_parked_and_comes_back_when_it_finishes() {
+    let db = testkit::database().await;
+    let store = Store::new(db.pool.clone());
+    insert_task(&db.pool, "A", 1).await;
+    let a1 = claim(&store, 10).await.remove(0);
+    let a2 = insert_task(&db.pool, "A", 2).await;
+    let fresh = insert_fresh(&db.pool, "F", 3).await;
+
+    let (_, claimed) = claims_until(&store, 1, &fresh).await;
+    assert!(!claimed.contains(&("A".into(), 2)));
+    let parked: bool = sqlx::query_scalar(
+        "SELECT run_at > now() + interval '50 seconds' FROM onec_tasks WHERE id = $1",
+    )
+    .bind(a2.0)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(parked, "A/2 waits for A/1's lease, not in the candidate pages");
+
+    assert_eq!(store.complete_many(&[(a1.id, a1.token)]).await.unwrap(), 1);
+    assert_eq!(versions(&claim(&store, 10).await), [("A".into(), 2)]);
 }
