@@ -68,6 +68,20 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T>
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        // Text filters reach SQL, and PostgreSQL refuses NUL in text (22021,
+        // a 500): no query value may hold a control character.
+        let pairs = axum::extract::Query::<Vec<(String, String)>>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+        if let Some((name, _)) = pairs
+            .0
+            .iter()
+            .find(|(k, v)| k.chars().chain(v.chars()).any(char::is_control))
+        {
+            return Err(ApiError::BadRequest(format!(
+                "query parameter {name:?} must not contain control characters"
+            )));
+        }
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|q| Self(q.0))

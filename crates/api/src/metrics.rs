@@ -107,15 +107,15 @@ pub async fn track_requests(State(state): State<AppState>, req: Request, next: N
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = req.method().as_str().to_owned();
+    let method = http_server::method_label(req.method());
     let start = Instant::now();
     let res = next.run(req).await;
     let m = &state.metrics;
     m.duration
-        .with_label_values(&[&method, &route])
+        .with_label_values(&[method, &route])
         .observe(start.elapsed().as_secs_f64());
     m.requests
-        .with_label_values(&[&method, &route, res.status().as_str()])
+        .with_label_values(&[method, &route, res.status().as_str()])
         .inc();
     res
 }

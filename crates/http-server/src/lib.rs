@@ -7,7 +7,14 @@
 //!   this only with a timer, which `axum::serve` does not set);
 //! - a request, body included, must be answered within
 //!   [`Limits::request_timeout`] (408);
-//! - bodies above [`Limits::body_limit`] are refused (413).
+//! - bodies above [`Limits::body_limit`] are refused (413);
+//! - at most [`Limits::max_connections`] connections are served at once;
+//!   further clients wait in the listen backlog.
+//!
+//! Only HTTP/1.1 is served. Nothing here needs HTTP/2 (clients send one
+//! JSON request at a time, and ingresses and load balancers talk HTTP/1.1 to
+//! pods), and hyper's HTTP/2 server has no idle timeout: cleartext HTTP/2
+//! connections that only answered pings stayed open forever.
 //!
 //! Shutdown is passed in: when it completes, the listener stops accepting,
 //! requests in flight finish, and idle keep-alive connections are closed.
@@ -16,14 +23,17 @@ use std::future::Future;
 use std::io;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use axum::extract::DefaultBodyLimit;
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode};
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tower_http::timeout::TimeoutLayer;
 
 /// Limits of one listener.
@@ -36,6 +46,8 @@ pub struct Limits {
     /// Longest a client may take to send a request's headers; also how long
     /// an idle keep-alive connection is kept.
     pub header_timeout: Duration,
+    /// Most connections served at once.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -44,6 +56,7 @@ impl Default for Limits {
             body_limit: 1024 * 1024,
             request_timeout: Duration::from_secs(30),
             header_timeout: Duration::from_secs(10),
+            max_connections: 4096,
         }
     }
 }
@@ -58,6 +71,22 @@ pub fn with_limits<S: Clone + Send + Sync + 'static>(
     router
         .layer(DefaultBodyLimit::max(limits.body_limit))
         .layer(request_timeout(limits))
+}
+
+/// A metric label for `method` from a bounded set: the server accepts any
+/// token as a method, and each new label value would be a new series kept
+/// forever.
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
 }
 
 /// 408 rather than 503: the usual cause is a client sending its body slowly.
@@ -76,18 +105,19 @@ pub async fn serve(
     limits: &Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(limits.header_timeout);
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
+        // At the cap, stop accepting: the kernel's backlog holds the rest.
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => permit.expect("never closed"),
+            () = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -104,18 +134,18 @@ pub async fn serve(
         let (builder, router, watcher) = (builder.clone(), router.clone(), graceful.watcher());
         let first_byte = limits.header_timeout;
         tokio::spawn(async move {
-            // hyper's header timer starts at the first byte, and telling
-            // HTTP/1 from HTTP/2 waits for bytes with no timer at all: a
-            // client that connects and stays silent would hold its socket
-            // forever. So the first byte must come within the header timeout.
+            let _permit = permit;
+            // hyper's header timer starts at the first byte: a client that
+            // connects and stays silent would hold its socket forever. So
+            // the first byte must come within the header timeout.
             let mut probe = [0u8; 1];
             match tokio::time::timeout(first_byte, stream.peek(&mut probe)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return,
             }
             let service = TowerToHyperService::new(router);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });

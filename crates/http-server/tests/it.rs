@@ -13,6 +13,7 @@ const LIMITS: Limits = Limits {
     body_limit: 1024,
     request_timeout: Duration::from_millis(800),
     header_timeout: Duration::from_millis(500),
+    max_connections: 64,
 };
 
 /// A server with `/` (fast), `/slow` (answers after 300 ms) and `/echo`
@@ -184,4 +185,70 @@ async fn shutdown_finishes_the_request_in_flight_and_stops_accepting() {
         .unwrap()
         .unwrap();
     assert!(TcpStream::connect(&addr).await.is_err(), "still accepting");
+}
+
+/// Cleartext HTTP/2 with prior knowledge once kept connections open forever
+/// by answering the server's pings. HTTP/2 is not served: the preface is a
+/// malformed HTTP/1 request, and the connection is closed at once.
+#[tokio::test]
+async fn http2_prior_knowledge_connections_are_closed_promptly() {
+    let (addr, _stop, _) = start().await;
+    let mut clients = Vec::new();
+    for _ in 0..50 {
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        // The client preface, then an empty SETTINGS frame.
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            .await
+            .unwrap();
+        clients.push(s);
+    }
+    for mut s in clients {
+        let (answer, after) = read_to_close(&mut s, Duration::from_secs(3)).await;
+        assert!(after < Duration::from_millis(1000), "open for {after:?}");
+        assert!(!answer.contains("HTTP/2"), "{answer}");
+    }
+}
+
+/// At the cap, a further client waits until a connection ends.
+#[tokio::test]
+async fn connections_beyond_the_cap_wait_for_a_free_slot() {
+    let limits = Limits {
+        max_connections: 2,
+        ..LIMITS
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let app = Router::new().route("/", get(|| async { "ok" }));
+    tokio::spawn(async move { serve(listener, app, &limits, std::future::pending()).await });
+
+    // Two clients hold both slots with a request left half-sent.
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        holders.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    let mut third = TcpStream::connect(&addr).await.unwrap();
+    third
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (answer, _) = read_to_close(&mut third, Duration::from_secs(3)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Served only once the header timeout (500 ms) cut a holder off.
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "served after {:?}, past the cap",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn method_labels_come_from_a_bounded_set() {
+    use axum::http::Method;
+    assert_eq!(http_server::method_label(&Method::PUT), "PUT");
+    let odd = Method::from_bytes(b"M12345").unwrap();
+    assert_eq!(http_server::method_label(&odd), "other");
 }

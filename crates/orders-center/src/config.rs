@@ -374,6 +374,10 @@ pub struct HttpArgs {
     /// idle connection is kept, e.g. `10s`.
     #[arg(long, env = "HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_timeout: Duration,
+
+    /// Most connections served at once; more wait in the listen backlog.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
 }
 
 impl HttpArgs {
@@ -383,6 +387,7 @@ impl HttpArgs {
             body_limit: self.body_limit_bytes,
             request_timeout: self.request_timeout,
             header_timeout: self.header_timeout,
+            max_connections: self.max_connections,
         }
     }
 }

@@ -449,19 +449,24 @@ impl Store {
                 reason: format!("it is {state}, and only dead tasks can be replayed"),
             });
         }
-        let newer: Option<i64> = sqlx::query_scalar(
-            "SELECT max(order_version) FROM onec_tasks
+        // Any newer version, whatever became of it (dead included), means
+        // 1C must not get this one: replaying it would roll 1C back.
+        let newer: Option<(i64, i64, String)> = sqlx::query_as(
+            "SELECT id, order_version, state FROM onec_tasks
              WHERE order_id = $1 AND order_version > $2
-               AND state IN ('pending', 'running', 'done')",
+             ORDER BY order_version DESC LIMIT 1",
         )
         .bind(&order_id)
         .bind(version)
-        .fetch_one(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
-        if let Some(newer) = newer {
+        if let Some((newer_id, newer, newer_state)) = newer {
             return Err(Error::TaskNotReplayable {
                 id,
-                reason: format!("version {newer} of order {order_id} was queued after it"),
+                reason: format!(
+                    "version {newer} of order {order_id} was queued after it \
+                     (task {newer_id}, {newer_state}); replay that one instead"
+                ),
             });
         }
         let task: SummaryRow = sqlx::query_as(&format!(

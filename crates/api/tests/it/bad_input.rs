@@ -143,6 +143,71 @@ async fn bad_input_gets_a_4xx_problem_and_writes_nothing() {
             StatusCode::UNPROCESSABLE_ENTITY,
         ),
         (
+            "NUL byte in the status filter",
+            raw(
+                Method::GET,
+                "/api/v1/orders?status=%00",
+                None,
+                Body::empty(),
+            ),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "NUL byte in the city filter",
+            raw(
+                Method::GET,
+                "/api/v1/orders?city=a%00b",
+                None,
+                Body::empty(),
+            ),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "NUL byte in a cursor",
+            raw(
+                Method::GET,
+                "/api/v1/orders?cursor=%00",
+                None,
+                Body::empty(),
+            ),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "NUL byte in a task state",
+            raw(
+                Method::GET,
+                "/api/v1/sync/tasks?state=%00",
+                None,
+                Body::empty(),
+            ),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "NUL byte in a new status",
+            json_request(
+                Method::POST,
+                "/api/v1/orders/EXISTING/status",
+                &json!({"status": "paid\u{0}", "user_id": "u"}),
+                &[],
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "NUL byte in the status change's user",
+            json_request(
+                Method::POST,
+                "/api/v1/orders/EXISTING/status",
+                &json!({"status": "paid", "user_id": "u\u{0}"}),
+                &[],
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "NUL byte in a product id",
+            put_with(|b| b["items"][0]["product_id"] = json!("p\u{0}")),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
             "body id differs from path",
             put_with(|b| b["order"]["id"] = json!("OTHER")),
             StatusCode::UNPROCESSABLE_ENTITY,

@@ -49,6 +49,43 @@ async fn dead_tasks_are_listed_and_replayed_once() {
     assert_eq!(pending[0]["id"], first);
 }
 
+/// Versions 1 and 2 both went dead. Replaying version 1 once answered 200
+/// and rolled 1C back to it; now it is refused, naming the newer task.
+#[tokio::test]
+async fn a_dead_older_version_is_not_replayed_over_a_dead_newer_one() {
+    let app = TestApp::new().await;
+    app.put_order("D", &sample_order("D")).await;
+    sqlx::query("UPDATE onec_tasks SET state = 'dead'")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    app.put_order("D", &sample_order("D")).await;
+    sqlx::query("UPDATE onec_tasks SET state = 'dead' WHERE state = 'pending'")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let dead = app.get("/api/v1/sync/tasks?state=dead").await.json();
+    let (v1, v2) = (
+        dead[0]["id"].as_i64().unwrap(),
+        dead[1]["id"].as_i64().unwrap(),
+    );
+
+    let refused = app
+        .send(post(&format!("/api/v1/sync/tasks/{v1}/retry")))
+        .await;
+    refused.problem(StatusCode::CONFLICT);
+    let detail = refused.json()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains(&format!("task {v2}")), "{detail}");
+    let pending = app.get("/api/v1/sync/tasks?state=pending").await.json();
+    assert_eq!(pending.as_array().unwrap().len(), 0);
+
+    // The newest one may be replayed.
+    let replayed = app
+        .send(post(&format!("/api/v1/sync/tasks/{v2}/retry")))
+        .await;
+    assert_eq!(replayed.status, StatusCode::OK);
+}
+
 #[tokio::test]
 async fn bad_task_requests_are_problems() {
     let app = TestApp::new().await;

@@ -225,9 +225,9 @@ async fn no_newer_version_is_sent_while_an_unanswered_attempt_may_still_land() {
         "UPDATE onec_tasks SET in_doubt_until = now() - interval '1 second',
              run_at = least(run_at, now())",
     )
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    .execute(&db.pool)
+    .await
+    .unwrap();
     let after = claim(&store, 10).await;
     assert_eq!(versions(&after), [("A".into(), 2)]);
 }
@@ -537,7 +537,10 @@ async fn versions_held_behind_an_unanswered_attempt_take_no_candidate_slots() {
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    assert_eq!(parked, 1000, "every held version waits until its doubt ends");
+    assert_eq!(
+        parked, 1000,
+        "every held version waits until its doubt ends"
+    );
 
     // From now on a fresh order is claimed by the very next claim.
     let later = insert_fresh(&db.pool, "G", 10).await;
@@ -566,7 +569,10 @@ async fn a_version_behind_a_running_one_is_parked_and_comes_back_when_it_finishe
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    assert!(parked, "A/2 waits for A/1's lease, not in the candidate pages");
+    assert!(
+        parked,
+        "A/2 waits for A/1's lease, not in the candidate pages"
+    );
 
     assert_eq!(store.complete_many(&[(a1.id, a1.token)]).await.unwrap(), 1);
     assert_eq!(versions(&claim(&store, 10).await), [("A".into(), 2)]);
