@@ -39,6 +39,8 @@ pub enum Scenario {
     Http,
     /// 3: commit-to-1C latency under offered load.
     Latency,
+    /// 3b: the same with 1,000 orders held in doubt beside the fresh ones.
+    Held,
     /// 4: API save throughput against pgbench.
     Api,
     /// 5: claim cost and drain rate as the table grows.

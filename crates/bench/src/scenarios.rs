@@ -115,8 +115,12 @@ pub async fn run_all(
     }
     if only(Scenario::Latency) {
         for rate in sizes.rates {
-            latency(rate, sizes.latency_seconds, quick, out).await?;
+            latency(rate, sizes.latency_seconds, 0, quick, out).await?;
         }
+    }
+    if only(Scenario::Held) {
+        let rate = sizes.rates[0];
+        latency(rate, sizes.latency_seconds, 1000, quick, out).await?;
     }
     if only(Scenario::Api) {
         api_throughput(sizes.api_seconds, quick, out).await?;
@@ -380,8 +384,34 @@ async fn drain_http(n: i64, latency_ms: u64, quick: bool, out: &mut Vec<Figure>)
 /// Offers `rate` saves per second for `seconds` to the API process, with a
 /// relay process delivering to an in-process mock; latency runs from the
 /// API's 201 (after commit) to the mock applying the version.
-async fn latency(rate: u64, seconds: u64, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
+/// Versions of `n` orders that wait out an in-doubt hour behind an attempt
+/// 1C never answered: due, and older than everything the run saves.
+async fn hold_orders(pool: &PgPool, n: i64) -> Result<()> {
+    sqlx::raw_sql(&format!(
+        "INSERT INTO onec_tasks (order_id, order_version, snapshot, run_at, in_doubt_until)
+         SELECT 'HELD-' || g, 1, '{{}}', now() + interval '1 hour', now() + interval '1 hour'
+         FROM generate_series(1, {n}) g;
+         INSERT INTO onec_tasks (order_id, order_version, snapshot, run_at)
+         SELECT 'HELD-' || g, 2, '{{}}', now() - interval '1 minute'
+         FROM generate_series(1, {n}) g;
+         ANALYZE onec_tasks"
+    ))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Commit-to-1C latency of saves offered at `rate` for `seconds`, with
+/// `held` orders waiting out the in-doubt hold beside them.
+async fn latency(
+    rate: u64,
+    seconds: u64,
+    held: i64,
+    quick: bool,
+    out: &mut Vec<Figure>,
+) -> Result<()> {
     let db = testkit::database().await;
+    hold_orders(&db.pool, held).await?;
     let shutdown = CancellationToken::new();
     let mock_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let mock_url = format!("http://{}", mock_listener.local_addr()?);
@@ -451,7 +481,19 @@ async fn latency(rate: u64, seconds: u64, quick: bool, out: &mut Vec<Figure>) ->
         "not exactly once: {stats:?}"
     );
     lat.sort_by(f64::total_cmp);
-    let scenario = format!("3 latency at {rate} saves/s");
+    let scenario = if held > 0 {
+        format!("3b latency at {rate} saves/s, {held} orders held in doubt")
+    } else {
+        format!("3 latency at {rate} saves/s")
+    };
+    if held > 0 {
+        let still: i64 = count(
+            &db.pool,
+            "SELECT count(*) FROM onec_tasks WHERE order_id LIKE 'HELD-%' AND state = 'pending'",
+        )
+        .await?;
+        ensure!(still == held, "{still} of {held} held versions are left");
+    }
     let achieved = total as f64 / offered_for.as_secs_f64();
     out.push(figure(
         &scenario,

@@ -2,12 +2,12 @@
 //! leader through PostgreSQL, and `onec-mock` on a throwaway PostgreSQL, and
 //! breaks things while orders are saved: SIGKILLed relays, a PostgreSQL
 //! restart, a 1C outage, a slow 1C, racing conditional saves, and SIGTERM
-//! under load. After each scenario every order must be in 1C at its latest
+//! under load, and 1,000 orders held in doubt beside fresh ones. After each scenario every order must be in 1C at its latest
 //! version, with nothing stale and nothing dead; at the end, no log may
 //! hold a secret.
 //!
 //! Run from a release build: `cargo build --release --locked --bins &&
-//! target/release/fault-suite`. Bounded: about three minutes.
+//! target/release/fault-suite`. Bounded: about four minutes.
 
 mod load;
 mod scenarios;
@@ -54,6 +54,8 @@ async fn main() -> Result<()> {
     figures.push(scenarios::slow_onec(&mut sys).await?);
     report(figures.last());
     figures.push(scenarios::graceful_stop(&mut sys).await?);
+    report(figures.last());
+    figures.push(scenarios::held_orders(&mut sys).await?);
     report(figures.last());
 
     let everything = everything_delivered(&sys).await?;

@@ -1,4 +1,4 @@
-//! The six fault scenarios. Each drives saves through the API while
+//! The seven fault scenarios. Each drives saves through the API while
 //! something fails, waits for the outbox to drain, and reports what 1C saw.
 
 use std::collections::HashMap;
@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use serde::Serialize;
 use serde_json::{json, Value};
+
+use futures::StreamExt;
 
 use crate::load::{saves, Client, Saved};
 use crate::system::{System, API_TOKEN, ONEC_PASSWORD, RELAYS};
@@ -414,4 +416,114 @@ pub async fn graceful_stop(sys: &mut System) -> Result<Figures> {
         notes,
     )
     .await
+}
+
+/// 7. 1,000 orders wait out the in-doubt hold: 1C never answers their first
+///    version in time, and a second version of each is queued behind it.
+///    Fresh orders, saved under load meanwhile, must still reach 1C at the
+///    usual latency: held versions take no place in the relays' claims.
+pub async fn held_orders(sys: &mut System) -> Result<Figures> {
+    const HELD: usize = 1000;
+    const PROBES: usize = 50;
+    for i in 0..RELAYS {
+        sys.stop_relay(i).await?;
+    }
+    // A hold long enough to outlast the probes, and a breaker that does not
+    // open on the timeouts, so the hold is what the probes meet.
+    sys.set_relay_env("ONEC_IN_DOUBT", "20s");
+    sys.set_relay_env("ONEC_BREAKER_FAILURES", "1000000");
+    for i in 0..RELAYS {
+        sys.start_relay(i).await?;
+    }
+    let before = sys.mock_stats().await?;
+    sys.set_faults(json!({"slow_prefix": "HELD-", "slow_ms": 1500}))
+        .await?;
+    let c = client(sys);
+    let mut saved = Saved::default();
+    for round in 0..2 {
+        let ids: Vec<String> = (0..HELD).map(|n| format!("HELD-{n}")).collect();
+        let versions: Vec<Result<(String, i64)>> = futures::stream::iter(ids)
+            .map(|id| {
+                let c = c.clone();
+                async move {
+                    let mut body = testkit::sample_order(&id);
+                    body["order"]["price"] = json!(100 + round);
+                    let v = c.save(&id, &body).await?;
+                    Ok((id, v))
+                }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        for v in versions {
+            let (id, version) = v?;
+            saved.versions.insert(id, version);
+            saved.saves += 1;
+        }
+    }
+    // Every first version has had its unanswered attempt.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let held: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM onec_tasks
+             WHERE order_id LIKE 'HELD-%' AND in_doubt_until > now()",
+        )
+        .fetch_one(&sys.pool)
+        .await?;
+        if held >= HELD as i64 {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "only {held} orders in doubt");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let load = tokio::spawn({
+        let c = c.clone();
+        async move { saves(&c, "BESIDE", 2000, 8).await }
+    });
+    let mut latencies = Vec::with_capacity(PROBES);
+    for n in 0..PROBES {
+        latencies.push(probe(sys, &c, &format!("FRESH-{n}")).await?);
+    }
+    let beside = load.await??;
+    let still_held: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM onec_tasks
+         WHERE order_id LIKE 'HELD-%' AND order_version = 2 AND state = 'pending'",
+    )
+    .fetch_one(&sys.pool)
+    .await?;
+    latencies.sort();
+    let p50 = latencies[PROBES / 2];
+    let p99 = latencies[PROBES * 99 / 100];
+    let max = latencies[PROBES - 1];
+    ensure!(
+        still_held > 0,
+        "the held versions were no longer held while the probes ran"
+    );
+    ensure!(
+        p99 < Duration::from_secs(1),
+        "fresh orders starved behind held ones: p50 {p50:?}, p99 {p99:?}"
+    );
+
+    let released = Instant::now();
+    sys.set_faults(json!({})).await?;
+    for i in 0..RELAYS {
+        sys.stop_relay(i).await?;
+    }
+    sys.set_relay_env("ONEC_IN_DOUBT", "3s");
+    sys.set_relay_env("ONEC_BREAKER_FAILURES", "5");
+    for i in 0..RELAYS {
+        sys.start_relay(i).await?;
+    }
+    saved.saves += beside.saves;
+    saved.versions.extend(beside.versions);
+    ensure_only_promised_failures(&c)?;
+    let notes = format!(
+        "{still_held} versions held behind {HELD} unanswered attempts; fresh order to 1C \
+         under load: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({PROBES} probes)",
+        p50.as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3,
+        max.as_secs_f64() * 1e3
+    );
+    settle(sys, "7 held orders", &before, &saved, released, notes).await
 }

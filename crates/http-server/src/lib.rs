@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{ConnectInfo, DefaultBodyLimit};
 use axum::http::{Method, StatusCode};
 use axum::Router;
 use hyper::server::conn::http1;
@@ -143,6 +143,8 @@ pub async fn serve(
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return,
             }
+            // Handlers may read the peer as axum's `ConnectInfo<SocketAddr>`.
+            let router = tower::Layer::layer(&axum::Extension(ConnectInfo(peer)), router);
             let service = TowerToHyperService::new(router);
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             if let Err(e) = watcher.watch(conn).await {

@@ -32,6 +32,9 @@ pub struct Faults {
     pub slow_rate: f64,
     /// Extra delay of a slow delivery, in milliseconds.
     pub slow_ms: u64,
+    /// Deliveries of orders whose id starts with this are always slow
+    /// (empty: none), to hold chosen orders in doubt.
+    pub slow_prefix: String,
     /// Every delivery gets 503, as if 1C were down.
     pub outage: bool,
     /// The body of a 200 trickles out over this many milliseconds.
@@ -286,10 +289,17 @@ pub fn router(state: MockState) -> Router {
             "/stats",
             get(|State(s): State<MockState>| async move { Json(s.stats()) }),
         )
-        .route("/admin/orders", get(held_versions))
-        .route("/admin/orders/{id}/traces", get(trace_ids))
-        .route("/admin/faults", get(get_faults).put(set_faults))
-        .route("/admin/reset", post(reset))
+        .merge(
+            Router::new()
+                .route("/admin/orders", get(held_versions))
+                .route("/admin/orders/{id}/traces", get(trace_ids))
+                .route("/admin/faults", get(get_faults).put(set_faults))
+                .route("/admin/reset", post(reset))
+                .route_layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    admin_access,
+                )),
+        )
         .route(
             "/healthz",
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
@@ -336,6 +346,26 @@ fn authorized(state: &MockState, headers: &HeaderMap) -> bool {
     headers
         .get(header::AUTHORIZATION)
         .is_some_and(|v| constant_time_eq(v.as_bytes(), state.inner.expected_auth.as_bytes()))
+}
+
+/// The admin endpoints read every order and switch faults on: callers from
+/// another host need the mock's credentials. Loopback (the same machine, or
+/// a port-forward into the pod) is trusted, as for the tour in `dev`.
+async fn admin_access(
+    State(state): State<MockState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let local = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .is_some_and(|p| p.0.ip().is_loopback());
+    if local || authorized(&state, request.headers()) {
+        next.run(request).await
+    } else {
+        bump(&state.inner.counters.unauthorized);
+        unauthorized()
+    }
 }
 
 fn unauthorized() -> Response {
@@ -409,7 +439,8 @@ async fn apply_order(state: MockState, id: String, headers: HeaderMap, body: Byt
     }
     let (delay, injection) = {
         let mut rng = rand::rng();
-        let slow = rng.random_bool(faults.slow_rate);
+        let slow = rng.random_bool(faults.slow_rate)
+            || (!faults.slow_prefix.is_empty() && id.starts_with(&faults.slow_prefix));
         let delay = faults.latency_ms + if slow { faults.slow_ms } else { 0 };
         let injection = if rng.random_bool(faults.error_rate) {
             if rng.random_bool(faults.fail_after_apply) {

@@ -83,6 +83,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             outage: args.outage,
             slow_body_ms: ms(args.slow_body),
             retry_after_secs: args.retry_after_secs,
+            // Set at run time through PUT /admin/faults.
+            slow_prefix: String::new(),
         },
     };
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -293,3 +293,46 @@ async fn concurrent_deliveries_are_counted_in_flight() {
     assert!(s.max_in_flight >= 4, "{s:?}");
     assert_eq!((s.in_flight, s.applied), (0, 8));
 }
+
+/// The admin endpoints need the mock's credentials from another host, and
+/// trust loopback (the tour in `dev`, a port-forward into the pod).
+#[tokio::test]
+async fn admin_endpoints_need_credentials_unless_called_from_loopback() {
+    use tower::ServiceExt;
+    let router = onec_mock::router(
+        MockState::new(MockConfig {
+            username: "u".into(),
+            password: "p".into(),
+            faults: Faults::default(),
+        })
+        .unwrap(),
+    );
+    let call = |peer: &str, auth: Option<&str>| {
+        let mut request = axum::http::Request::get("/admin/orders");
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        let mut request = request.body(axum::body::Body::empty()).unwrap();
+        let peer: SocketAddr = peer.parse().unwrap();
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        router.clone().oneshot(request)
+    };
+    let status = |r: axum::response::Response| r.status().as_u16();
+    assert_eq!(status(call("10.1.2.3:5000", None).await.unwrap()), 401);
+    assert_eq!(
+        status(
+            call("10.1.2.3:5000", Some("Basic dTp3cm9uZw=="))
+                .await
+                .unwrap()
+        ),
+        401
+    );
+    // "u:p"
+    assert_eq!(
+        status(call("10.1.2.3:5000", Some("Basic dTpw")).await.unwrap()),
+        200
+    );
+    assert_eq!(status(call("127.0.0.1:5000", None).await.unwrap()), 200);
+}
