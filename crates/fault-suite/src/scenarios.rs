@@ -428,9 +428,11 @@ pub async fn held_orders(sys: &mut System) -> Result<Figures> {
     for i in 0..RELAYS {
         sys.stop_relay(i).await?;
     }
-    // A hold long enough to outlast the probes, and a breaker that does not
-    // open on the timeouts, so the hold is what the probes meet.
-    sys.set_relay_env("ONEC_IN_DOUBT", "20s");
+    // A hold that outlasts the probes, so no held version goes out (and
+    // takes delivery capacity for its 1 s timeout) while they run, and a
+    // breaker that does not open on the timeouts: the hold is what the
+    // probes meet.
+    sys.set_relay_env("ONEC_IN_DOUBT", "60s");
     sys.set_relay_env("ONEC_BREAKER_FAILURES", "1000000");
     for i in 0..RELAYS {
         sys.start_relay(i).await?;

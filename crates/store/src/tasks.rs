@@ -82,13 +82,16 @@ fn fenced(set: &str) -> String {
 }
 
 /// A CTE that makes the versions parked behind the rows of `left_running`
-/// due now: the claim parked them until the claim's expiry, but the order is
-/// free as soon as its running version is done with.
+/// due now: a claim parked them until the claim's expiry, but the order is
+/// free as soon as its running version is done with. Newer pending versions
+/// behind a running one were never tried, so none has a backoff to keep.
+/// Each is rewritten even when not parked, which fences a claim that is
+/// about to park it (see `parked` in [`Store::claim_batch`]).
 const UNPARK: &str = "unparked AS (
-             UPDATE onec_tasks p SET run_at = now()
+             UPDATE onec_tasks p SET run_at = least(p.run_at, now())
              FROM left_running l
              WHERE p.order_id = l.order_id AND p.order_version > l.order_version
-               AND p.state = 'pending' AND p.run_at > now()
+               AND p.state = 'pending'
          )";
 
 /// Advisory lock namespace of per-order claim locks ("1C").
@@ -211,13 +214,15 @@ impl Store {
         // whole-row copies of a joined CTE for rechecks.
         let rows: Vec<ClaimedRow> = sqlx::query_as(
             "WITH lanes AS (
-                 SELECT a.busy, a.floor, a.head, a.pending, a.doubt,
+                 SELECT a.busy, a.floor, a.head, a.pending, a.doubt, a.head_xmin,
                         coalesce(a.busy_until, a.doubt_until) AS blocked_until
                  FROM unnest($1::text[]) AS o(order_id)
                  CROSS JOIN LATERAL (
                      SELECT bool_or(t.state = 'running') AS busy,
                             max(t.claim_expires_at) AS busy_until,
                             max(t.in_doubt_until) AS doubt_until,
+                            (array_agg(t.xmin ORDER BY t.order_version DESC)
+                                FILTER (WHERE t.state = 'pending'))[1] AS head_xmin,
                             max(t.order_version)
                                 FILTER (WHERE t.state IN ('running', 'done')) AS floor,
                             max(t.order_version) FILTER (WHERE t.state = 'pending') AS head,
@@ -251,12 +256,17 @@ impl Store {
              -- A head that cannot go now (its order runs elsewhere, or an
              -- older version may still land) waits until the blocker can
              -- end, out of the candidate pages, so it never crowds out
-             -- unrelated orders. Leaving `running` brings it back at once.
+             -- unrelated orders. Leaving `running` brings it back at once
+             -- (UNPARK). That rewrites the head even when it was not parked
+             -- yet, so if it does so after this snapshot, the xmin check
+             -- fails on recheck and the head is not parked behind a blocker
+             -- that is already gone.
              parked AS (
                  UPDATE onec_tasks
                  SET run_at = l.blocked_until
                  FROM lanes l
                  WHERE onec_tasks.id = l.pending[1] AND onec_tasks.state = 'pending'
+                   AND onec_tasks.xmin = l.head_xmin
                    AND onec_tasks.run_at < l.blocked_until
                    AND (l.floor IS NULL OR l.head > l.floor)
                    AND (l.busy OR l.head > l.doubt)
