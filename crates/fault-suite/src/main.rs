@@ -32,6 +32,9 @@ struct Args {
     /// How long 1C stays down in the outage scenario.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     outage: Duration,
+    /// Run only these scenarios, by number (repeatable); all when omitted.
+    #[arg(long)]
+    only: Vec<u8>,
     /// Where to write the figures as JSON.
     #[arg(long, default_value = "target/fault-suite.json")]
     json: PathBuf,
@@ -43,20 +46,35 @@ async fn main() -> Result<()> {
     let started = Instant::now();
     let mut sys = System::start().await?;
     let mut figures: Vec<Figures> = Vec::new();
-    figures.push(scenarios::conflicting_saves(&mut sys).await?);
-    report(figures.last());
-    figures.push(scenarios::relay_kills(&mut sys, args.kill_creates).await?);
-    report(figures.last());
-    figures.push(scenarios::database_restart(&mut sys).await?);
-    report(figures.last());
-    figures.push(scenarios::onec_outage(&mut sys, args.outage).await?);
-    report(figures.last());
-    figures.push(scenarios::slow_onec(&mut sys).await?);
-    report(figures.last());
-    figures.push(scenarios::graceful_stop(&mut sys).await?);
-    report(figures.last());
-    figures.push(scenarios::held_orders(&mut sys).await?);
-    report(figures.last());
+    let only = |n: u8| args.only.is_empty() || args.only.contains(&n);
+    if only(5) {
+        figures.push(scenarios::conflicting_saves(&mut sys).await?);
+        report(figures.last());
+    }
+    if only(1) {
+        figures.push(scenarios::relay_kills(&mut sys, args.kill_creates).await?);
+        report(figures.last());
+    }
+    if only(2) {
+        figures.push(scenarios::database_restart(&mut sys).await?);
+        report(figures.last());
+    }
+    if only(3) {
+        figures.push(scenarios::onec_outage(&mut sys, args.outage).await?);
+        report(figures.last());
+    }
+    if only(4) {
+        figures.push(scenarios::slow_onec(&mut sys).await?);
+        report(figures.last());
+    }
+    if only(6) {
+        figures.push(scenarios::graceful_stop(&mut sys).await?);
+        report(figures.last());
+    }
+    if only(7) {
+        figures.push(scenarios::held_orders(&mut sys).await?);
+        report(figures.last());
+    }
 
     let everything = everything_delivered(&sys).await?;
     let logs = sys.logs.clone();

@@ -227,7 +227,20 @@ impl System {
                 return Ok(started.elapsed());
             }
             if started.elapsed() > within {
-                bail!("backlog not drained within {within:?}: {b:?}");
+                // Every version of the orders left behind, to tell why.
+                let stuck: Vec<(String, i64, String, String, Option<String>)> = sqlx::query_as(
+                    "SELECT order_id, order_version, state,
+                            format($$run_at %s, attempts %s, in doubt until %s, updated %s, now %s$$,
+                                   run_at, attempts, in_doubt_until, updated_at, now()),
+                            last_error
+                     FROM onec_tasks WHERE order_id IN (
+                         SELECT order_id FROM onec_tasks
+                         WHERE state IN ('pending', 'running') LIMIT 5)
+                     ORDER BY order_id, order_version",
+                )
+                .fetch_all(&self.pool)
+                .await?;
+                bail!("backlog not drained within {within:?}: {b:?}; {stuck:#?}");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

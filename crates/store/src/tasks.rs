@@ -215,7 +215,11 @@ impl Store {
         let rows: Vec<ClaimedRow> = sqlx::query_as(
             "WITH lanes AS (
                  SELECT a.busy, a.floor, a.head, a.pending, a.doubt, a.head_xmin,
-                        coalesce(a.busy_until, a.doubt_until) AS blocked_until
+                        -- Behind a running version, at most a second: a
+                        -- completion whose snapshot predates a new version
+                        -- cannot unpark it, so a missed wake-up costs no more.
+                        CASE WHEN a.busy THEN least(a.busy_until, now() + interval '1 second')
+                             ELSE a.doubt_until END AS blocked_until
                  FROM unnest($1::text[]) AS o(order_id)
                  CROSS JOIN LATERAL (
                      SELECT bool_or(t.state = 'running') AS busy,

@@ -548,9 +548,9 @@ async fn versions_held_behind_an_unanswered_attempt_take_no_candidate_slots() {
     assert_eq!(claims, 1);
 }
 
-/// A newer version whose order is running on another relay is parked until
-/// that claim's lease ends, and is due again the moment the running version
-/// is done with.
+/// A newer version whose order is running on another relay is parked for a
+/// second at most (a missed wake-up costs no more), and is due again the
+/// moment the running version is done with.
 #[tokio::test]
 async fn a_version_behind_a_running_one_is_parked_and_comes_back_when_it_finishes() {
     let db = testkit::database().await;
@@ -563,7 +563,8 @@ async fn a_version_behind_a_running_one_is_parked_and_comes_back_when_it_finishe
     let (_, claimed) = claims_until(&store, 1, &fresh).await;
     assert!(!claimed.contains(&("A".into(), 2)));
     let parked: bool = sqlx::query_scalar(
-        "SELECT run_at > now() + interval '50 seconds' FROM onec_tasks WHERE id = $1",
+        "SELECT run_at > now() AND run_at <= now() + interval '1 second'
+         FROM onec_tasks WHERE id = $1",
     )
     .bind(a2.0)
     .fetch_one(&db.pool)
@@ -571,7 +572,7 @@ async fn a_version_behind_a_running_one_is_parked_and_comes_back_when_it_finishe
     .unwrap();
     assert!(
         parked,
-        "A/2 waits for A/1's lease, not in the candidate pages"
+        "A/2 waits out of the candidate pages, for a second at most"
     );
 
     assert_eq!(store.complete_many(&[(a1.id, a1.token)]).await.unwrap(), 1);
