@@ -13,12 +13,10 @@ loopback, RBAC on, no nodes). Run under the throwaway server:
 
 import os
 import subprocess
-import sys
-import tempfile
 
 import yaml
 
-from test_deploy import CUSTOM_KINDS, NAMESPACE, PRODUCTION, by_kind, one, render
+from test_deploy import CUSTOM_KINDS, NAMESPACE, PRODUCTION, one, render, run_checks
 
 KUBECTL = os.environ["KUBECTL"]
 
@@ -91,16 +89,7 @@ def main():
         ("server-side dry run: production values", lambda: test_server_side_dry_run(render(PRODUCTION), "dry-run-production")),
         ("relay RBAC: exactly get, create and update on its Lease", lambda: test_relay_rbac(render(defaults))),
     ]
-    failed = 0
-    for name, check in checks:
-        try:
-            check()
-            print(f"ok    {name}")
-        except Exception as e:  # noqa: BLE001 - report every failure, then exit non-zero
-            failed += 1
-            print(f"FAIL  {name}: {e}")
-    print(f"{len(checks) - failed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    run_checks(checks)
 
 
 if __name__ == "__main__":

@@ -238,6 +238,11 @@ def main():
         ("skaffold.yaml", test_skaffold),
         ("Dockerfile", test_dockerfile),
     ]
+    run_checks(checks)
+
+
+def run_checks(checks):
+    """Runs every check, reports each, and exits non-zero if any failed."""
     failed = 0
     for name, check in checks:
         try:

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use ephemeral_infra::KubeApi;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use relay::{ElectionConfig, Elector, KubeLease, Leader};
-use tokio::task::JoinHandle;
+use relay::{ElectionConfig, Elector, KubeLease};
 use tokio_util::sync::CancellationToken;
+
+use crate::support::{leaders, wait_for_one_leader, Candidate};
 
 /// One API server per test binary; its watchdog stops it when the binary exits.
 fn api_server() -> &'static KubeApi {
@@ -39,32 +40,6 @@ const TIMING: ElectionConfig = ElectionConfig {
     renew_deadline: Duration::from_secs(3),
     retry_period: Duration::from_millis(500),
 };
-
-struct Candidate {
-    elector: Arc<Elector>,
-    task: JoinHandle<()>,
-    shutdown: CancellationToken,
-}
-
-fn leaders(cs: &[Candidate]) -> Vec<usize> {
-    (0..cs.len())
-        .filter(|&i| cs[i].elector.is_leader())
-        .collect()
-}
-
-async fn wait_for_one_leader(cs: &[Candidate], within: Duration) -> (usize, Duration) {
-    let started = Instant::now();
-    loop {
-        if let [one] = leaders(cs)[..] {
-            return (one, started.elapsed());
-        }
-        assert!(
-            started.elapsed() < within,
-            "no single leader within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_relays_elect_one_leader_and_a_killed_leader_is_replaced_in_time() {

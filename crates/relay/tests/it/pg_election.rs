@@ -5,14 +5,9 @@ use std::time::{Duration, Instant};
 
 use relay::{ElectionConfig, Elector, Leader, PgLease};
 use store::Store;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-struct Candidate {
-    elector: Arc<Elector>,
-    task: JoinHandle<()>,
-    shutdown: CancellationToken,
-}
+use crate::support::{leaders, wait_for_one_leader, Candidate};
 
 const TIMING: ElectionConfig = ElectionConfig {
     lease_duration: Duration::from_secs(3),
@@ -39,28 +34,6 @@ fn candidates(store: &Store, n: usize, timing: ElectionConfig) -> Vec<Candidate>
             }
         })
         .collect()
-}
-
-fn leaders(cs: &[Candidate]) -> Vec<usize> {
-    cs.iter()
-        .enumerate()
-        .filter(|(_, c)| c.elector.is_leader())
-        .map(|(i, _)| i)
-        .collect()
-}
-
-async fn wait_for_one_leader(cs: &[Candidate], within: Duration) -> (usize, Duration) {
-    let started = Instant::now();
-    loop {
-        if let [one] = leaders(cs)[..] {
-            return (one, started.elapsed());
-        }
-        assert!(
-            started.elapsed() < within,
-            "no single leader within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test]
