@@ -82,8 +82,8 @@ fn fenced(set: &str) -> String {
 }
 
 /// A CTE that makes the versions parked behind the rows of `left_running`
-/// due now: a claim parked them until the claim's expiry, but the order is
-/// free as soon as its running version is done with. Newer pending versions
+/// due now: a claim parked them for up to a second, but the order is free as
+/// soon as its running version is done with. Newer pending versions
 /// behind a running one were never tried, so none has a backoff to keep.
 /// Each is rewritten even when not parked, which fences a claim that is
 /// about to park it (see `parked` in [`Store::claim_batch`]).
