@@ -366,13 +366,8 @@ pub async fn conflicting_saves(sys: &mut System) -> Result<Figures> {
 ///    released at once, so a restarted relay drains everything without
 ///    waiting for a claim to expire (leases are 120 s here).
 pub async fn graceful_stop(sys: &mut System) -> Result<Figures> {
-    for i in 0..RELAYS {
-        sys.stop_relay(i).await?;
-    }
-    sys.set_relay_env("RELAY_CLAIM_LEASE", "120s");
-    for i in 0..RELAYS {
-        sys.start_relay(i).await?;
-    }
+    sys.restart_relays_with(&[("RELAY_CLAIM_LEASE", "120s")])
+        .await?;
     let before = sys.mock_stats().await?;
     sys.set_faults(json!({"latency_ms": 20})).await?;
     let c = client(sys);
@@ -425,18 +420,15 @@ pub async fn graceful_stop(sys: &mut System) -> Result<Figures> {
 pub async fn held_orders(sys: &mut System) -> Result<Figures> {
     const HELD: usize = 1000;
     const PROBES: usize = 50;
-    for i in 0..RELAYS {
-        sys.stop_relay(i).await?;
-    }
     // A hold that outlasts the probes, so no held version goes out (and
     // takes delivery capacity for its 1 s timeout) while they run, and a
     // breaker that does not open on the timeouts: the hold is what the
     // probes meet.
-    sys.set_relay_env("ONEC_IN_DOUBT", "60s");
-    sys.set_relay_env("ONEC_BREAKER_FAILURES", "1000000");
-    for i in 0..RELAYS {
-        sys.start_relay(i).await?;
-    }
+    sys.restart_relays_with(&[
+        ("ONEC_IN_DOUBT", "60s"),
+        ("ONEC_BREAKER_FAILURES", "1000000"),
+    ])
+    .await?;
     let before = sys.mock_stats().await?;
     sys.set_faults(json!({"slow_prefix": "HELD-", "slow_ms": 1500}))
         .await?;
@@ -521,14 +513,8 @@ pub async fn held_orders(sys: &mut System) -> Result<Figures> {
 
     let released = Instant::now();
     sys.set_faults(json!({})).await?;
-    for i in 0..RELAYS {
-        sys.stop_relay(i).await?;
-    }
-    sys.set_relay_env("ONEC_IN_DOUBT", "3s");
-    sys.set_relay_env("ONEC_BREAKER_FAILURES", "5");
-    for i in 0..RELAYS {
-        sys.start_relay(i).await?;
-    }
+    sys.restart_relays_with(&[("ONEC_IN_DOUBT", "3s"), ("ONEC_BREAKER_FAILURES", "5")])
+        .await?;
     saved.saves += beside.saves;
     saved.versions.extend(beside.versions);
     ensure_only_promised_failures(&c)?;

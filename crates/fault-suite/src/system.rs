@@ -162,6 +162,21 @@ impl System {
         Ok(())
     }
 
+    /// Stops every relay (SIGTERM), applies `env` to relays started from
+    /// now on, and starts them all again.
+    pub async fn restart_relays_with(&mut self, env: &[(&str, &str)]) -> Result<()> {
+        for i in 0..RELAYS {
+            self.stop_relay(i).await?;
+        }
+        for (key, value) in env {
+            self.set_relay_env(key, value);
+        }
+        for i in 0..RELAYS {
+            self.start_relay(i).await?;
+        }
+        Ok(())
+    }
+
     pub async fn kill_relay(&mut self, i: usize) -> Result<()> {
         let proc = self.relays[i].take().context("relay not running")?;
         proc.kill().await
