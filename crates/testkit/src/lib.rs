@@ -58,18 +58,10 @@ fn server() -> &'static Server {
     })
 }
 
-/// `tmp` in the cargo target directory of the running binary: tests live in
-/// `target/<profile>/deps/`, the bench in `target/<profile>/`.
+/// `tmp` in the cargo target directory of the running binary, where every
+/// throwaway server of the tests lives.
 pub fn target_tmp() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| {
-            let target = exe
-                .ancestors()
-                .find(|d| d.file_name().is_some_and(|n| n == "target"))?;
-            Some(target.join("tmp"))
-        })
-        .unwrap_or_else(std::env::temp_dir)
+    ephemeral_infra::tmp_dir()
 }
 
 fn with_database(url: &str, db: &str) -> String {
