@@ -513,8 +513,8 @@ pub async fn held_orders(sys: &mut System) -> Result<Figures> {
 
     let released = Instant::now();
     sys.set_faults(json!({})).await?;
-    sys.restart_relays_with(&[("ONEC_IN_DOUBT", "3s"), ("ONEC_BREAKER_FAILURES", "5")])
-        .await?;
+    sys.clear_relay_env(&["ONEC_IN_DOUBT", "ONEC_BREAKER_FAILURES"]);
+    sys.restart_relays_with(&[]).await?;
     saved.saves += beside.saves;
     saved.versions.extend(beside.versions);
     ensure_only_promised_failures(&c)?;

@@ -162,6 +162,12 @@ impl System {
         Ok(())
     }
 
+    /// Relays started from now on use the default of each of `keys` again.
+    pub fn clear_relay_env(&mut self, keys: &[&str]) {
+        self.relay_overrides
+            .retain(|(k, _)| !keys.contains(&k.as_str()));
+    }
+
     /// Stops every relay (SIGTERM), applies `env` to relays started from
     /// now on, and starts them all again.
     pub async fn restart_relays_with(&mut self, env: &[(&str, &str)]) -> Result<()> {
