@@ -60,15 +60,15 @@ fn relay_config(batch: u32, lanes: usize, in_flight: usize) -> RelayConfig {
 /// `n` pending tasks of distinct orders, each one the mock accepts.
 async fn prefill(pool: &PgPool, prefix: &str, n: i64) -> Result<()> {
     sqlx::query(
-        "INSERT INTO onec_tasks (order_id, order_version, snapshot)
-         SELECT $1 || g, 1, jsonb_build_object('order', jsonb_build_object('id', $1 || g))
+        "INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version, payload)
+         SELECT gen_random_uuid(), 'onec', 'order', 'order.updated', $1 || g, 1, jsonb_build_object('order', jsonb_build_object('id', $1 || g))
          FROM generate_series(1, $2) g",
     )
     .bind(prefix)
     .bind(n)
     .execute(pool)
     .await?;
-    sqlx::query("ANALYZE onec_tasks").execute(pool).await?;
+    sqlx::query("ANALYZE outbox").execute(pool).await?;
     Ok(())
 }
 
@@ -145,8 +145,8 @@ async fn drain_noop(
     let db = testkit::database().await;
     if finished > 0 {
         sqlx::query(
-            "INSERT INTO onec_tasks (order_id, order_version, snapshot, state, finished_at)
-             SELECT 'F-' || g, 1, '{}', 'done', now() FROM generate_series(1, $1) g",
+            "INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version, payload, state, finished_at)
+             SELECT gen_random_uuid(), 'onec', 'order', 'order.updated', 'F-' || g, 1, '{}', 'done', now() FROM generate_series(1, $1) g",
         )
         .bind(finished)
         .execute(&db.pool)
@@ -161,7 +161,7 @@ async fn drain_noop(
         sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ")
             .execute(&mut conn)
             .await?;
-        sqlx::query("SELECT count(*) FROM onec_tasks")
+        sqlx::query("SELECT count(*) FROM outbox")
             .execute(&mut conn)
             .await?;
         holder = Some(conn);
@@ -189,7 +189,7 @@ async fn drain_noop(
 
     let done = count(
         &db.pool,
-        "SELECT count(*) FROM onec_tasks WHERE state = 'done' AND order_id LIKE 'N-%'",
+        "SELECT count(*) FROM outbox WHERE state = 'done' AND aggregateid LIKE 'N-%'",
     )
     .await?;
     ensure!(done == n, "{done} of {n} tasks done");
@@ -388,13 +388,13 @@ async fn drain_http(n: i64, latency_ms: u64, quick: bool, out: &mut Vec<Figure>)
 /// 1C never answered: due, and older than everything the run saves.
 async fn hold_orders(pool: &PgPool, n: i64) -> Result<()> {
     sqlx::raw_sql(&format!(
-        "INSERT INTO onec_tasks (order_id, order_version, snapshot, run_at, in_doubt_until)
-         SELECT 'HELD-' || g, 1, '{{}}', now() + interval '1 hour', now() + interval '1 hour'
+        "INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version, payload, run_at, in_doubt_until)
+         SELECT gen_random_uuid(), 'onec', 'order', 'order.updated', 'HELD-' || g, 1, '{{}}', now() + interval '1 hour', now() + interval '1 hour'
          FROM generate_series(1, {n}) g;
-         INSERT INTO onec_tasks (order_id, order_version, snapshot, run_at)
-         SELECT 'HELD-' || g, 2, '{{}}', now() - interval '1 minute'
+         INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version, payload, run_at)
+         SELECT gen_random_uuid(), 'onec', 'order', 'order.updated', 'HELD-' || g, 2, '{{}}', now() - interval '1 minute'
          FROM generate_series(1, {n}) g;
-         ANALYZE onec_tasks"
+         ANALYZE outbox"
     ))
     .execute(pool)
     .await?;
@@ -489,7 +489,7 @@ async fn latency(
     if held > 0 {
         let still: i64 = count(
             &db.pool,
-            "SELECT count(*) FROM onec_tasks WHERE order_id LIKE 'HELD-%' AND state = 'pending'",
+            "SELECT count(*) FROM outbox WHERE aggregateid LIKE 'HELD-%' AND state = 'pending'",
         )
         .await?;
         ensure!(still == held, "{still} of {held} held versions are left");
@@ -570,7 +570,7 @@ async fn api_throughput(seconds: u64, quick: bool, out: &mut Vec<Figure>) -> Res
     }
     let rss = api.peak_rss_mib()?;
     api.stop().await?;
-    let tasks = count(&db.pool, "SELECT count(*) FROM onec_tasks").await?;
+    let tasks = count(&db.pool, "SELECT count(*) FROM outbox").await?;
     ensure!(tasks == saved as i64, "{saved} saves but {tasks} tasks");
     let api_rate = saved as f64 / seconds as f64;
     let ceiling = pgbench_ceiling(&db.url, seconds).await?;
@@ -622,12 +622,12 @@ INSERT INTO order_payments (order_id, position, id, type, sum, payed, info, cred
          ('P-' || :client_id || '-' || :n, 1, gen_random_uuid(), 'credit', 50.5, false, '', '{"bank":"Halyk","number_of_months":12}', 'C-9', NULL, '');
 INSERT INTO order_history (order_id, type, type_id, old_value, value, user_id, version)
   VALUES ('P-' || :client_id || '-' || :n, 'status', 1, NULL, '"new"', '', 1), ('P-' || :client_id || '-' || :n, 'price', 2, NULL, '150.5', '', 1);
-SELECT o.id, (SELECT json_agg(i ORDER BY i.position) FROM order_items i WHERE i.order_id = o.id),
-       (SELECT json_agg(p ORDER BY p.position) FROM order_payments p WHERE p.order_id = o.id),
-       (SELECT json_agg(h ORDER BY h.id) FROM order_history h WHERE h.order_id = o.id)
+SELECT o.id, (SELECT json_agg(i ORDER BY i.position) FROM order_items i WHERE i.aggregateid = o.id),
+       (SELECT json_agg(p ORDER BY p.position) FROM order_payments p WHERE p.aggregateid = o.id),
+       (SELECT json_agg(h ORDER BY h.id) FROM order_history h WHERE h.aggregateid = o.id)
   FROM orders o WHERE o.id = 'P-' || :client_id || '-' || :n;
-INSERT INTO onec_tasks (order_id, order_version, snapshot) VALUES ('P-' || :client_id || '-' || :n, 1, '{"order":{}}');
-SELECT pg_notify('onec_tasks', '');
+INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version, payload) VALUES (gen_random_uuid(), 'onec', 'order', 'order.updated', 'P-' || :client_id || '-' || :n, 1, '{"order":{}}');
+SELECT pg_notify('outbox', '');
 COMMIT;
 "#;
 

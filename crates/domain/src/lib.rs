@@ -1,11 +1,13 @@
 //! The orders-center domain: the seed's order types, their validation and the
 //! history rules. No I/O lives here.
 
+pub mod event;
 pub mod history;
 pub mod order;
 pub mod task;
 pub mod validation;
 
+pub use event::{DeliveryPolicy, Destination, OrderEvent, Routes, ONEC, ORDER_AGGREGATE};
 pub use history::{Change, HistoryEntry, HistoryKind, Tracked};
 pub use order::{
     CardPaymentData, CreditData, Order, OrderFull, OrderItem, OrderSummary, OrderView, Payment,

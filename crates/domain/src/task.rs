@@ -1,8 +1,11 @@
-//! Delivery tasks of the `onec_tasks` outbox, as the API reports them.
+//! Delivery tasks of the outbox (one per event and destination), as the API
+//! reports them.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+
+use crate::Destination;
 
 /// Where a delivery task is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -12,9 +15,10 @@ pub enum TaskState {
     Pending,
     /// Claimed by a relay and being delivered.
     Running,
-    /// Delivered to 1C.
+    /// Delivered.
     Done,
-    /// Skipped because a newer version of the same order was delivered instead.
+    /// Skipped because a newer version of the same order was delivered
+    /// instead (only under the latest-wins policy).
     Superseded,
     /// Failed permanently or too many times; kept with its last error.
     Dead,
@@ -60,7 +64,12 @@ impl TryFrom<String> for TaskState {
 pub struct TaskSummary {
     /// Task id.
     pub id: i64,
-    /// Order id.
+    /// Where it goes.
+    pub destination: Destination,
+    /// The event, e.g. `order.updated`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Order id (the outbox's `aggregateid`).
     pub order_id: String,
     /// Order version carried.
     pub version: i64,
@@ -97,9 +106,11 @@ pub struct SyncStatus {
     pub updated_at: DateTime<Utc>,
 }
 
-/// Backlog figures of the outbox.
+/// Backlog figures of one destination.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct SyncStats {
+    /// The destination counted.
+    pub destination: Destination,
     /// Tasks waiting for delivery.
     pub pending: i64,
     /// Tasks being delivered right now.

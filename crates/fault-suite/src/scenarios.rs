@@ -270,7 +270,7 @@ pub async fn slow_onec(sys: &mut System) -> Result<Figures> {
     let c = client(sys);
     let saved = saves(&c, "SLOW", 2000, 16).await?;
     let timeouts = sys
-        .relay_metric_max("orders_center_onec_tasks_failed_total{class=\"timeout\"}")
+        .relay_metric_max("orders_center_outbox_failed_total{class=\"timeout\"}")
         .await?;
     sys.drained(Duration::from_secs(120)).await?;
     sys.set_faults(json!({})).await?;
@@ -461,14 +461,14 @@ pub async fn held_orders(sys: &mut System) -> Result<Figures> {
         let (what, sql) = if round == 0 {
             (
                 "orders in doubt",
-                "SELECT count(*) FROM onec_tasks
-                 WHERE order_id LIKE 'HELD-%' AND in_doubt_until > now()",
+                "SELECT count(*) FROM outbox
+                 WHERE aggregateid LIKE 'HELD-%' AND in_doubt_until > now()",
             )
         } else {
             (
                 "held versions parked",
-                "SELECT count(*) FROM onec_tasks
-                 WHERE order_id LIKE 'HELD-%' AND order_version = 2 AND state = 'pending'
+                "SELECT count(*) FROM outbox
+                 WHERE aggregateid LIKE 'HELD-%' AND version = 2 AND state = 'pending'
                    AND run_at > now() + interval '10 seconds'",
             )
         };
@@ -493,8 +493,8 @@ pub async fn held_orders(sys: &mut System) -> Result<Figures> {
     }
     let beside = load.await??;
     let still_held: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM onec_tasks
-         WHERE order_id LIKE 'HELD-%' AND order_version = 2 AND state = 'pending'",
+        "SELECT count(*) FROM outbox
+         WHERE aggregateid LIKE 'HELD-%' AND version = 2 AND state = 'pending'",
     )
     .fetch_one(&sys.pool)
     .await?;

@@ -228,7 +228,7 @@ impl System {
             "SELECT count(*) FILTER (WHERE state = 'pending'),
                     count(*) FILTER (WHERE state = 'running'),
                     count(*) FILTER (WHERE state = 'dead')
-             FROM onec_tasks",
+             FROM outbox",
         )
         .fetch_one(&self.pool)
         .await?;
@@ -250,14 +250,14 @@ impl System {
             if started.elapsed() > within {
                 // Every version of the orders left behind, to tell why.
                 let stuck: Vec<(String, i64, String, String, Option<String>)> = sqlx::query_as(
-                    "SELECT order_id, order_version, state,
+                    "SELECT aggregateid, version, state,
                             format($$run_at %s, attempts %s, in doubt until %s, updated %s, now %s$$,
                                    run_at, attempts, in_doubt_until, updated_at, now()),
                             last_error
-                     FROM onec_tasks WHERE order_id IN (
-                         SELECT order_id FROM onec_tasks
+                     FROM outbox WHERE aggregateid IN (
+                         SELECT aggregateid FROM outbox
                          WHERE state IN ('pending', 'running') LIMIT 5)
-                     ORDER BY order_id, order_version",
+                     ORDER BY aggregateid, version",
                 )
                 .fetch_all(&self.pool)
                 .await?;

@@ -1,5 +1,5 @@
-//! PostgreSQL access for orders-center: the order repository, the `onec_tasks`
-//! outbox writes and the embedded migrator. All SQL of the service lives here.
+//! PostgreSQL access for orders-center: the order repository, the outbox
+//! (writes in `outbox`, the claim engine's SQL in `tasks`) and the embedded migrator. All SQL of the service lives here.
 
 mod error;
 mod idempotency;
@@ -9,7 +9,10 @@ mod orders;
 mod outbox;
 mod tasks;
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use domain::Routes;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
@@ -19,7 +22,7 @@ pub use idempotency::{CreateOutcome, IdempotencyKey, RequestHash};
 pub use leases::{LeaseHeld, LEADER_CHANNEL};
 pub use orders::{Cursor, ListFilter, Page, Precondition, SaveContext, Saved};
 pub use outbox::NOTIFY_CHANNEL;
-pub use tasks::{ClaimSpec, ClaimToken, Claimed, ClaimedTask, TaskId};
+pub use tasks::{ClaimSpec, ClaimToken, Claimed, ClaimedTask, EventId, TaskId};
 
 /// The schema migrations from `migrations/`, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
@@ -62,12 +65,28 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
+    routes: Arc<Routes>,
 }
 
 impl Store {
-    /// Wraps a pool.
+    /// Wraps a pool; saves send their events along the default routes
+    /// (every version to 1C).
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            routes: Arc::default(),
+        }
+    }
+
+    /// Sends the events of every save along `routes` instead.
+    pub fn with_routes(mut self, routes: Routes) -> Self {
+        self.routes = Arc::new(routes);
+        self
+    }
+
+    /// Where saves send their events.
+    pub fn routes(&self) -> &Routes {
+        &self.routes
     }
 
     /// The underlying pool.

@@ -5,35 +5,42 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use domain::SyncStats;
+use domain::{Destination, SyncStats};
 
-use crate::{Result, Store, TaskId};
+use crate::{Error, Result, Store, TaskId};
 
 /// Backlog figures older than this are recounted on read, so the API stays
 /// right when no relay leads.
 const FRESH_FOR_SECONDS: f64 = 30.0;
 
-type BacklogRow = (i64, i64, i64, Option<DateTime<Utc>>, DateTime<Utc>);
+type BacklogRow = (String, i64, i64, i64, Option<DateTime<Utc>>, DateTime<Utc>);
 
-const LIVE_COUNTS: &str = "SELECT count(*) FILTER (WHERE state = 'pending'),
-            count(*) FILTER (WHERE state = 'running'),
-            count(*) FILTER (WHERE state = 'dead'),
-            min(created_at) FILTER (WHERE state = 'pending'),
-            now()
-     FROM onec_tasks WHERE state IN ('pending', 'running', 'dead')";
+/// Live counts of the destinations in `$1`.
+const LIVE_COUNTS: &str = "SELECT d.destination, c.*
+     FROM unnest($1::text[]) AS d(destination)
+     CROSS JOIN LATERAL (
+         SELECT count(*) FILTER (WHERE t.state = 'pending'),
+                count(*) FILTER (WHERE t.state = 'running'),
+                count(*) FILTER (WHERE t.state = 'dead'),
+                min(t.created_at) FILTER (WHERE t.state = 'pending'),
+                now()
+         FROM outbox t
+         WHERE t.destination = d.destination AND t.state IN ('pending', 'running', 'dead')
+     ) c";
 
 fn stats(
-    (pending, running, dead, oldest, refreshed_at): BacklogRow,
+    (destination, pending, running, dead, oldest, refreshed_at): BacklogRow,
     now: DateTime<Utc>,
-) -> SyncStats {
-    SyncStats {
+) -> Result<SyncStats> {
+    Ok(SyncStats {
+        destination: destination.parse().map_err(Error::Invariant)?,
         pending,
         running,
         dead,
         oldest_pending_age_seconds: oldest
             .map_or(0.0, |o| (now - o).num_milliseconds().max(0) as f64 / 1000.0),
         refreshed_at,
-    }
+    })
 }
 
 impl Store {
@@ -43,11 +50,11 @@ impl Store {
     /// only one rescues a given claim, and never a claim taken since.
     pub async fn rescue_expired(&self, limit: u32) -> Result<Vec<TaskId>> {
         let ids: Vec<i64> = sqlx::query_scalar(
-            "UPDATE onec_tasks t
+            "UPDATE outbox t
              SET state = 'pending', run_at = now(), claim_token = NULL,
                  claim_expires_at = NULL, claimed_by = NULL, updated_at = now(),
                  last_error = COALESCE(t.last_error, 'claim expired')
-             FROM (SELECT id, claim_token FROM onec_tasks
+             FROM (SELECT id, claim_token FROM outbox
                    WHERE state = 'running' AND claim_expires_at < now()
                    ORDER BY claim_expires_at LIMIT $1
                    FOR UPDATE SKIP LOCKED) x
@@ -70,8 +77,8 @@ impl Store {
         limit: u32,
     ) -> Result<u64> {
         let tasks = sqlx::query(
-            "DELETE FROM onec_tasks WHERE id IN (
-                 SELECT id FROM onec_tasks
+            "DELETE FROM outbox WHERE id IN (
+                 SELECT id FROM outbox
                  WHERE state IN ('done', 'superseded')
                    AND finished_at < now() - make_interval(secs => $1)
                  ORDER BY finished_at LIMIT $2
@@ -95,37 +102,47 @@ impl Store {
         Ok(tasks)
     }
 
-    /// Counts the backlog and stores the figures for [`Store::sync_stats`].
-    pub async fn refresh_backlog(&self) -> Result<SyncStats> {
-        let row: BacklogRow = sqlx::query_as(&format!(
+    /// Counts the backlog of each destination and stores the figures for
+    /// [`Store::sync_stats`].
+    pub async fn refresh_backlog(&self, destinations: &[Destination]) -> Result<Vec<SyncStats>> {
+        let names: Vec<&str> = destinations.iter().map(Destination::as_str).collect();
+        let rows: Vec<BacklogRow> = sqlx::query_as(&format!(
             "WITH live AS ({LIVE_COUNTS})
-             INSERT INTO onec_backlog (pending, running, dead, oldest_pending_at, refreshed_at)
+             INSERT INTO outbox_backlog (destination, pending, running, dead,
+                                         oldest_pending_at, refreshed_at)
              SELECT * FROM live
-             ON CONFLICT (id) DO UPDATE SET pending = EXCLUDED.pending,
+             ON CONFLICT (destination) DO UPDATE SET pending = EXCLUDED.pending,
                  running = EXCLUDED.running, dead = EXCLUDED.dead,
                  oldest_pending_at = EXCLUDED.oldest_pending_at,
                  refreshed_at = EXCLUDED.refreshed_at
-             RETURNING pending, running, dead, oldest_pending_at, refreshed_at"
+             RETURNING destination, pending, running, dead, oldest_pending_at, refreshed_at"
         ))
-        .fetch_one(&self.pool)
+        .bind(names)
+        .fetch_all(&self.pool)
         .await?;
-        Ok(stats(row, row.4))
+        rows.into_iter().map(|r| stats(r.clone(), r.5)).collect()
     }
 
-    /// The backlog: the leader's figures while they are fresh, otherwise a
-    /// live count. The oldest pending age is always as of now.
-    pub async fn sync_stats(&self) -> Result<SyncStats> {
+    /// One destination's backlog: the leader's figures while they are fresh,
+    /// otherwise a live count. The oldest pending age is always as of now.
+    pub async fn sync_stats(&self, destination: &Destination) -> Result<SyncStats> {
         let stored: Option<(BacklogRow, DateTime<Utc>)> = sqlx::query_as(&format!(
-            "SELECT pending, running, dead, oldest_pending_at, refreshed_at, now() FROM onec_backlog
-             WHERE refreshed_at > now() - make_interval(secs => {FRESH_FOR_SECONDS})"
+            "SELECT destination, pending, running, dead, oldest_pending_at, refreshed_at, now()
+             FROM outbox_backlog
+             WHERE destination = $1
+               AND refreshed_at > now() - make_interval(secs => {FRESH_FOR_SECONDS})"
         ))
+        .bind(destination.as_str())
         .fetch_optional(&self.pool)
         .await?
-        .map(|(p, r, d, o, at, now)| ((p, r, d, o, at), now));
+        .map(|(d, p, r, x, o, at, now)| ((d, p, r, x, o, at), now));
         if let Some((row, now)) = stored {
-            return Ok(stats(row, now));
+            return stats(row, now);
         }
-        let row: BacklogRow = sqlx::query_as(LIVE_COUNTS).fetch_one(&self.pool).await?;
-        Ok(stats(row, row.4))
+        let row: BacklogRow = sqlx::query_as(LIVE_COUNTS)
+            .bind([destination.as_str()])
+            .fetch_one(&self.pool)
+            .await?;
+        stats(row.clone(), row.5)
     }
 }

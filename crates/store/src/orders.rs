@@ -1,5 +1,6 @@
 //! The order repository. A save writes the order, its lines, its history and
-//! its outbox task in one transaction, so 1C can never miss a committed save.
+//! its events in the outbox in one transaction, so no destination can miss a
+//! committed save.
 
 use std::sync::LazyLock;
 
@@ -7,8 +8,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use domain::{
-    history, HistoryEntry, Order, OrderFull, OrderId, OrderSummary, OrderView, StatusChange,
-    SyncStatus, TaskState, ValidOrder,
+    history, HistoryEntry, Order, OrderEvent, OrderFull, OrderId, OrderSummary, OrderView, Routes,
+    StatusChange, SyncStatus, TaskState, ValidOrder, ONEC,
 };
 use sqlx::types::Json;
 use sqlx::{PgConnection, Postgres, QueryBuilder};
@@ -162,10 +163,10 @@ static LOAD_SQL: LazyLock<String> = LazyLock::new(|| {
             COALESCE((SELECT json_agg(h ORDER BY h.id) FROM order_history h
                       WHERE h.order_id = o.id), '[]') AS history,
             (SELECT row_to_json(t) FROM (
-                SELECT id AS task_id, order_version AS version, state, attempts,
-                       last_error, updated_at
-                FROM onec_tasks WHERE order_id = o.id
-                ORDER BY order_version DESC LIMIT 1) t) AS sync
+                SELECT id AS task_id, version, state, attempts, last_error, updated_at
+                FROM outbox WHERE destination = 'onec' AND aggregateid = o.id
+                  AND type <> 'order.status_changed'
+                ORDER BY id DESC LIMIT 1) t) AS sync
          FROM orders o WHERE o.id = $1"
     )
 });
@@ -244,9 +245,10 @@ fn bind_order<'q>(
 }
 
 /// Writes one save inside the caller's transaction: order row, lines, history,
-/// outbox task and wake-up. Any failure aborts the whole transaction.
+/// the save's events in the outbox and the wake-up. Any failure aborts the whole transaction.
 pub(crate) async fn save_in(
     conn: &mut PgConnection,
+    routes: &Routes,
     order: &ValidOrder,
     pre: Precondition,
     ctx: &SaveContext,
@@ -305,6 +307,7 @@ pub(crate) async fn save_in(
 
     insert_lines(conn, order).await?;
     let version = before.as_ref().map_or(1, |b| b.version + 1);
+    let previous_status = before.as_ref().map(|b| b.tracked.status.clone());
     let after = history::Tracked {
         status: o.status.clone(),
         price: o.price,
@@ -321,22 +324,29 @@ pub(crate) async fn save_in(
     let mut view = load(conn, id)
         .await?
         .ok_or_else(|| Error::NotFound(id.clone()))?;
-    let task = outbox::enqueue(
+    let enqueued = outbox::enqueue(
         conn,
-        id,
-        view.version,
-        &view.full,
-        ctx.traceparent.as_deref(),
+        routes,
+        &outbox::SaveEvents {
+            order: id,
+            version: view.version,
+            snapshot: &view.full,
+            previous_status: previous_status.as_deref(),
+            traceparent: ctx.traceparent.as_deref(),
+        },
     )
     .await?;
-    view.sync = Some(SyncStatus {
-        task_id: task.id,
-        version: view.version,
-        state: TaskState::Pending,
-        attempts: 0,
-        last_error: None,
-        updated_at: task.created_at,
-    });
+    view.sync = enqueued
+        .iter()
+        .find(|e| e.destination.as_str() == ONEC && e.event != OrderEvent::StatusChanged)
+        .map(|task| SyncStatus {
+            task_id: task.id,
+            version: view.version,
+            state: TaskState::Pending,
+            attempts: 0,
+            last_error: None,
+            updated_at: task.created_at,
+        });
     Ok(Saved { view, created })
 }
 
@@ -455,7 +465,7 @@ impl Store {
         ctx: &SaveContext,
     ) -> Result<Saved> {
         let mut tx = self.pool.begin().await?;
-        let saved = save_in(&mut tx, order, pre, ctx).await?;
+        let saved = save_in(&mut tx, &self.routes, order, pre, ctx).await?;
         tx.commit().await?;
         Ok(saved)
     }
@@ -485,7 +495,7 @@ impl Store {
                 "stored order {id} fails validation: {e}"
             )))
         })?;
-        let saved = save_in(&mut tx, &order, Precondition::None, ctx).await?;
+        let saved = save_in(&mut tx, &self.routes, &order, Precondition::None, ctx).await?;
         tx.commit().await?;
         Ok(saved)
     }

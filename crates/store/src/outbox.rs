@@ -1,44 +1,101 @@
-//! Writes to the `onec_tasks` outbox and the backlog figures read from it.
-//! Claiming and completing tasks belong to the relay.
+//! Writes to the outbox: the events of an order save, one row per event and
+//! destination, in the saving transaction. Claiming and completing them
+//! belong to the relay (`tasks.rs`).
 
 use chrono::{DateTime, Utc};
-use domain::{OrderFull, OrderId};
+use domain::{Destination, OrderEvent, OrderFull, OrderId, Routes, ORDER_AGGREGATE};
 use sqlx::types::Json;
 use sqlx::PgConnection;
+use uuid::Uuid;
 
-use crate::Result;
+use crate::{Error, Result};
 
 /// The channel the saving transaction notifies and the relays listen on.
-pub const NOTIFY_CHANNEL: &str = "onec_tasks";
+pub const NOTIFY_CHANNEL: &str = "outbox";
 
+/// One outbox row just written.
 pub(crate) struct Enqueued {
     pub id: i64,
+    pub destination: Destination,
+    pub event: OrderEvent,
     pub created_at: DateTime<Utc>,
 }
 
-/// Queues delivery of one order version and wakes the relays. Runs inside the
-/// saving transaction: the task exists exactly when the save commits, and
-/// PostgreSQL delivers the notification only on commit.
+/// What a save is about: the order version, its snapshot and the status it
+/// had before (`None` when created).
+pub(crate) struct SaveEvents<'a> {
+    pub order: &'a OrderId,
+    pub version: i64,
+    pub snapshot: &'a OrderFull,
+    pub previous_status: Option<&'a str>,
+    pub traceparent: Option<&'a str>,
+}
+
+/// Queues the save's events for their routed destinations and wakes the
+/// relays. Runs inside the saving transaction: the rows exist exactly when
+/// the save commits, and PostgreSQL delivers the notification only on commit.
+/// Every destination's copy of one event shares its event id.
 pub(crate) async fn enqueue(
     conn: &mut PgConnection,
-    order: &OrderId,
-    version: i64,
-    snapshot: &OrderFull,
-    traceparent: Option<&str>,
-) -> Result<Enqueued> {
-    let (id, created_at): (i64, DateTime<Utc>) = sqlx::query_as(
-        "INSERT INTO onec_tasks (order_id, order_version, snapshot, traceparent)
-         VALUES ($1, $2, $3, $4)
-         RETURNING id, created_at",
+    routes: &Routes,
+    save: &SaveEvents<'_>,
+) -> Result<Vec<Enqueued>> {
+    let status = &save.snapshot.order.status;
+    let (mut destinations, mut types, mut event_ids, mut payloads) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for event in OrderEvent::of_save(save.previous_status, status) {
+        let to = routes.destinations(event);
+        if to.is_empty() {
+            continue;
+        }
+        let event_id = Uuid::now_v7();
+        let payload = match event {
+            OrderEvent::Created | OrderEvent::Updated => serde_json::to_value(save.snapshot)
+                .map_err(|e| Error::Invariant(format!("a snapshot does not serialize: {e}")))?,
+            OrderEvent::StatusChanged => {
+                serde_json::json!({"from": save.previous_status, "to": status})
+            }
+        };
+        for d in to {
+            destinations.push(d.as_str());
+            types.push(event.as_str());
+            event_ids.push(event_id);
+            payloads.push(payload.clone());
+        }
+    }
+    if destinations.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<(i64, String, String, DateTime<Utc>)> = sqlx::query_as(
+        "INSERT INTO outbox (event_id, destination, aggregatetype, aggregateid, type, version,
+                             payload, traceparent)
+         SELECT e.event_id, e.destination, $1, $2, e.type, $3, e.payload, $4
+         FROM unnest($5::uuid[], $6::text[], $7::text[], $8::jsonb[])
+              AS e(event_id, destination, type, payload)
+         RETURNING id, destination, type, created_at",
     )
-    .bind(order.as_str())
-    .bind(version)
-    .bind(Json(snapshot))
-    .bind(traceparent)
-    .fetch_one(&mut *conn)
+    .bind(ORDER_AGGREGATE)
+    .bind(save.order.as_str())
+    .bind(save.version)
+    .bind(save.traceparent)
+    .bind(event_ids)
+    .bind(destinations)
+    .bind(types)
+    .bind(payloads.into_iter().map(Json).collect::<Vec<_>>())
+    .fetch_all(&mut *conn)
     .await?;
     notify(conn).await?;
-    Ok(Enqueued { id, created_at })
+    Ok(rows
+        .into_iter()
+        .filter_map(|(id, destination, event, created_at)| {
+            Some(Enqueued {
+                id,
+                destination: destination.parse().ok()?,
+                event: OrderEvent::parse(&event)?,
+                created_at,
+            })
+        })
+        .collect())
 }
 
 /// Wakes the relays when the current transaction commits.

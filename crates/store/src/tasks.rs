@@ -1,5 +1,6 @@
-//! The relay's side of the `onec_tasks` outbox: claiming, completing,
-//! retrying, releasing and rescuing tasks, plus listing and replaying them.
+//! The claim engine's SQL over the outbox: claiming, completing, retrying,
+//! releasing and burying tasks of one destination under its delivery
+//! policy, plus listing and replaying them.
 //!
 //! Every transition out of `running` is fenced by the claim token, so a
 //! worker whose claim expired and was taken over can never overwrite the
@@ -9,19 +10,31 @@ use std::fmt;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use domain::{TaskState, TaskSummary};
+use domain::{DeliveryPolicy, Destination, TaskState, TaskSummary};
 use serde::{Deserialize, Serialize};
 use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::{Error, Result, Store};
 
-/// Id of an outbox task.
+/// Id of an outbox row: one event for one destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct TaskId(pub i64);
 
 impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Id of an event, shared by every destination's copy of it; consumers
+/// deduplicate on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct EventId(pub Uuid);
+
+impl fmt::Display for EventId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
     }
@@ -37,25 +50,35 @@ pub struct ClaimToken(pub Uuid);
 pub struct ClaimedTask {
     /// The task.
     pub id: TaskId,
-    /// The order it delivers.
-    pub order_id: String,
-    /// The order version it carries.
+    /// The event it carries.
+    pub event_id: EventId,
+    /// Debezium's `aggregatetype`, e.g. `order`.
+    pub aggregate_type: String,
+    /// Debezium's `aggregateid`: the key whose messages keep their order.
+    pub aggregate_id: String,
+    /// The event, e.g. `order.updated`.
+    pub kind: String,
+    /// The aggregate's version the event belongs to.
     pub version: i64,
-    /// The OrderFull as committed.
-    pub snapshot: serde_json::Value,
+    /// The event's payload (for order saves, the OrderFull as committed).
+    pub payload: serde_json::Value,
     /// Attempts including this one.
     pub attempts: i32,
     /// Fences every outcome of this claim.
     pub token: ClaimToken,
     /// W3C trace context of the save.
     pub traceparent: Option<String>,
-    /// When the save committed; the start of the commit-to-delivery lag.
+    /// When the event committed; the start of the commit-to-delivery lag.
     pub created_at: DateTime<Utc>,
 }
 
 /// Claim settings.
 #[derive(Debug, Clone)]
 pub struct ClaimSpec<'a> {
+    /// Whose tasks.
+    pub destination: &'a Destination,
+    /// How that destination wants one key's messages.
+    pub policy: DeliveryPolicy,
     /// Written to `claimed_by`, for operators.
     pub claimant: &'a str,
     /// Most tasks to claim.
@@ -71,37 +94,38 @@ pub struct ClaimSpec<'a> {
 fn fenced(set: &str) -> String {
     format!(
         "WITH left_running AS (
-             UPDATE onec_tasks SET {set}, claim_token = NULL, claim_expires_at = NULL,
+             UPDATE outbox SET {set}, claim_token = NULL, claim_expires_at = NULL,
                  claimed_by = NULL, updated_at = now()
              WHERE id = $1 AND claim_token = $2 AND state = 'running'
-             RETURNING order_id, order_version
+             RETURNING destination, aggregateid, id
          ),
          {UNPARK}
          SELECT 1 FROM left_running"
     )
 }
 
-/// A CTE that makes the versions parked behind the rows of `left_running`
-/// due now: a claim parked them for up to a second, but the order is free as
-/// soon as its running version is done with. Newer pending versions
-/// behind a running one were never tried, so none has a backoff to keep.
-/// Each is rewritten even when not parked, which fences a claim that is
-/// about to park it (see `parked` in [`Store::claim_batch`]).
+/// A CTE that makes the messages parked behind the rows of `left_running`
+/// due now: a claim parked them for up to a second, but the key is free as
+/// soon as its running message is done with. Newer pending messages behind
+/// a running one were never tried, so none has a backoff to keep. Each is
+/// rewritten even when not parked, which fences a claim that is about to
+/// park it (the xmin checks in [`Store::claim_batch`]).
 const UNPARK: &str = "unparked AS (
-             UPDATE onec_tasks p SET run_at = least(p.run_at, now())
+             UPDATE outbox p SET run_at = least(p.run_at, now())
              FROM left_running l
-             WHERE p.order_id = l.order_id AND p.order_version > l.order_version
-               AND p.state = 'pending'
+             WHERE p.destination = l.destination AND p.aggregateid = l.aggregateid
+               AND p.id > l.id AND p.state = 'pending'
          )";
-
-/// Advisory lock namespace of per-order claim locks ("1C").
-const ORDER_LOCK_CLASS: i32 = 0x1C;
 
 #[derive(sqlx::FromRow)]
 struct SummaryRow {
     id: i64,
-    order_id: String,
-    order_version: i64,
+    #[sqlx(try_from = "String")]
+    destination: Destination,
+    #[sqlx(rename = "type")]
+    kind: String,
+    aggregateid: String,
+    version: i64,
     #[sqlx(try_from = "String")]
     state: TaskState,
     attempts: i32,
@@ -116,8 +140,10 @@ impl From<SummaryRow> for TaskSummary {
     fn from(r: SummaryRow) -> Self {
         Self {
             id: r.id,
-            order_id: r.order_id,
-            version: r.order_version,
+            destination: r.destination,
+            kind: r.kind,
+            order_id: r.aggregateid,
+            version: r.version,
             state: r.state,
             attempts: r.attempts,
             run_at: r.run_at,
@@ -129,15 +155,15 @@ impl From<SummaryRow> for TaskSummary {
     }
 }
 
-const SUMMARY_COLUMNS: &str = "id, order_id, order_version, state, attempts, run_at, claimed_by, \
-                               last_error, created_at, updated_at";
+const SUMMARY_COLUMNS: &str = "id, destination, type, aggregateid, version, state, attempts, \
+                               run_at, claimed_by, last_error, created_at, updated_at";
 
 /// What one claim did.
 #[derive(Debug, Clone, Default)]
 pub struct Claimed {
     /// Tasks now held by this relay.
     pub tasks: Vec<ClaimedTask>,
-    /// Older pending versions that newer ones superseded.
+    /// Older pending versions that newer ones superseded (latest wins).
     pub superseded: u64,
     /// The page of due candidates was full: more may be waiting, even if
     /// few were claimed (several versions of one order share one claim).
@@ -150,9 +176,13 @@ pub struct Claimed {
 struct ClaimedRow {
     superseded: i64,
     id: Option<i64>,
-    order_id: Option<String>,
-    order_version: Option<i64>,
-    snapshot: Option<Json<serde_json::Value>>,
+    event_id: Option<Uuid>,
+    aggregatetype: Option<String>,
+    aggregateid: Option<String>,
+    #[sqlx(rename = "type")]
+    kind: Option<String>,
+    version: Option<i64>,
+    payload: Option<Json<serde_json::Value>>,
     attempts: Option<i32>,
     claim_token: Option<Uuid>,
     traceparent: Option<String>,
@@ -160,46 +190,48 @@ struct ClaimedRow {
 }
 
 impl Store {
-    /// Claims up to `spec.limit` tasks in one short transaction.
+    /// Claims up to `spec.limit` tasks of one destination in one short
+    /// transaction. A key is an aggregate id (an order): at most one of its
+    /// messages is ever running, and none is sent after a newer one.
     ///
     /// 1. Due pending rows are locked `FOR UPDATE SKIP LOCKED`, so concurrent
-    ///    relays take disjoint candidates, and each candidate's order is locked
+    ///    relays take disjoint candidates, and each candidate's key is locked
     ///    with a transaction-scoped advisory lock (safe behind PgBouncer).
     /// 2. A second statement, whose snapshot is taken only after those locks
-    ///    are held and so sees every committed claim of those orders, claims
-    ///    for each locked order its newest pending version: only if the order
-    ///    has nothing running, the version is due, nothing newer was already
-    ///    delivered, and no older version is still in doubt (1C may yet apply
-    ///    a timed-out attempt). Older pending versions become `superseded`.
-    ///
-    /// So at most one task per order is ever running, and a version is never
-    /// sent after a newer one.
+    ///    are held and so sees every committed claim of those keys, claims
+    ///    for each locked key its head: the newest pending message under
+    ///    *latest wins*, the oldest under *every message in order*. Only if
+    ///    the key has nothing running, the head is due, and no older message
+    ///    is still in doubt (the destination may yet apply a timed-out
+    ///    attempt). Under latest wins, older pending messages become
+    ///    `superseded`, and so does a head older than one already delivered.
     pub async fn claim_batch(&self, spec: &ClaimSpec<'_>) -> Result<Claimed> {
         let mut tx = self.pool.begin().await?;
         // One row per candidate, so a full page says more may be waiting
-        // even when several candidates share an order.
+        // even when several candidates share a key.
         let candidates: Vec<(String, bool)> = sqlx::query_as(
-            "SELECT c.order_id, pg_try_advisory_xact_lock($2, hashtext(c.order_id))
+            "SELECT c.aggregateid,
+                    pg_try_advisory_xact_lock(hashtext($2), hashtext(c.aggregateid))
              FROM (
-                 SELECT order_id FROM onec_tasks
-                 WHERE state = 'pending' AND run_at <= now()
+                 SELECT aggregateid FROM outbox
+                 WHERE destination = $2 AND state = 'pending' AND run_at <= now()
                  ORDER BY run_at, id
                  LIMIT $1
                  FOR UPDATE SKIP LOCKED
              ) c",
         )
         .bind(i64::from(spec.limit))
-        .bind(ORDER_LOCK_CLASS)
+        .bind(spec.destination.as_str())
         .fetch_all(&mut *tx)
         .await?;
         let more = candidates.len() >= spec.limit as usize;
-        let mut orders: Vec<String> = candidates
+        let mut keys: Vec<String> = candidates
             .into_iter()
-            .filter_map(|(order, mine)| mine.then_some(order))
+            .filter_map(|(key, mine)| mine.then_some(key))
             .collect();
-        orders.sort_unstable();
-        orders.dedup();
-        if orders.is_empty() {
+        keys.sort_unstable();
+        keys.dedup();
+        if keys.is_empty() {
             tx.commit().await?;
             return Ok(Claimed {
                 more,
@@ -207,96 +239,144 @@ impl Store {
             });
         }
 
-        // Every step reads by key: an order's versions, then one id per
-        // lock. So no plan can scan the pending set (a hash join, or a bitmap
-        // AND with the claimable index, costs O(backlog) per claim), and each
-        // lock sits in its own subquery, so PostgreSQL need not carry
-        // whole-row copies of a joined CTE for rechecks.
+        // Every step reads by key: a key's lane, then one id per lock. So no
+        // plan can scan the pending set (a hash join, or a bitmap AND with
+        // the claimable index, costs O(backlog) per claim), and each lock
+        // sits in its own subquery, so PostgreSQL need not carry whole-row
+        // copies of a joined CTE for rechecks. `pending` lists a lane's
+        // pending ids head first: newest first under latest wins ($4), oldest
+        // first under every message in order.
         let rows: Vec<ClaimedRow> = sqlx::query_as(
             "WITH lanes AS (
-                 SELECT a.busy, a.floor, a.head, a.pending, a.doubt, a.head_xmin,
-                        -- Behind a running version, at most a second: a
-                        -- completion whose snapshot predates a new version
+                 SELECT a.busy, a.floor, a.pending, a.pending_xmin, a.doubt, a.doubt_until,
+                        a.pending[1] AS head, a.pending_pos[1] AS head_pos,
+                        a.pending_xmin[1] AS head_xmin, a.pending_run_at[1] AS head_run_at,
+                        -- Behind a running message, at most a second: a
+                        -- completion whose snapshot predates a new message
                         -- cannot unpark it, so a missed wake-up costs no more.
                         CASE WHEN a.busy THEN least(a.busy_until, now() + interval '1 second')
                              ELSE a.doubt_until END AS blocked_until
-                 FROM unnest($1::text[]) AS o(order_id)
+                 FROM unnest($1::text[]) AS o(key)
                  CROSS JOIN LATERAL (
                      SELECT bool_or(t.state = 'running') AS busy,
                             max(t.claim_expires_at) AS busy_until,
                             max(t.in_doubt_until) AS doubt_until,
-                            (array_agg(t.xmin ORDER BY t.order_version DESC)
-                                FILTER (WHERE t.state = 'pending'))[1] AS head_xmin,
-                            max(t.order_version)
-                                FILTER (WHERE t.state IN ('running', 'done')) AS floor,
-                            max(t.order_version) FILTER (WHERE t.state = 'pending') AS head,
-                            array_agg(t.id ORDER BY t.order_version DESC)
-                                FILTER (WHERE t.state = 'pending') AS pending,
-                            max(t.order_version)
-                                FILTER (WHERE t.in_doubt_until > now()) AS doubt
-                     FROM onec_tasks t WHERE t.order_id = o.order_id
+                            max(t.pos) FILTER (WHERE t.state IN ('running', 'done')) AS floor,
+                            max(t.pos) FILTER (WHERE t.in_doubt_until > now()) AS doubt,
+                            array_agg(t.id ORDER BY t.rank) FILTER (WHERE t.state = 'pending')
+                                AS pending,
+                            array_agg(t.pos ORDER BY t.rank) FILTER (WHERE t.state = 'pending')
+                                AS pending_pos,
+                            array_agg(t.xmin ORDER BY t.rank) FILTER (WHERE t.state = 'pending')
+                                AS pending_xmin,
+                            array_agg(t.run_at ORDER BY t.rank)
+                                FILTER (WHERE t.state = 'pending') AS pending_run_at
+                     FROM (
+                         -- A message's place in its lane: the version under
+                         -- latest wins (a snapshot restored late is still
+                         -- old), the write order otherwise. Heads rank first.
+                         SELECT p.*, CASE WHEN $4 THEN -p.pos ELSE p.pos END AS rank
+                         FROM (SELECT x.id, x.state, x.claim_expires_at, x.in_doubt_until,
+                                      x.run_at, x.xmin,
+                                      CASE WHEN $4 THEN x.version ELSE x.id END AS pos
+                               FROM outbox x
+                               WHERE x.destination = $5 AND x.aggregateid = o.key) p
+                     ) t
                  ) a
              ),
              heads AS (
                  SELECT h.id FROM lanes l
                  CROSS JOIN LATERAL (
-                     SELECT id FROM onec_tasks
-                     WHERE id = l.pending[1] AND state = 'pending' AND run_at <= now()
+                     SELECT id FROM outbox
+                     WHERE id = l.head AND state = 'pending' AND run_at <= now()
                      FOR UPDATE SKIP LOCKED
                  ) h
-                 WHERE NOT l.busy AND (l.floor IS NULL OR l.head > l.floor)
-                   AND (l.doubt IS NULL OR l.head <= l.doubt)
+                 WHERE NOT l.busy AND (NOT $4 OR l.floor IS NULL OR l.head_pos > l.floor)
+                   AND (l.doubt IS NULL OR l.head_pos <= l.doubt)
              ),
              older AS (
                  SELECT o.id FROM lanes l
                  CROSS JOIN LATERAL unnest(
-                     CASE WHEN l.head <= l.floor THEN l.pending ELSE l.pending[2:] END
+                     CASE WHEN NOT $4 THEN '{}'::bigint[]
+                          WHEN l.head_pos <= l.floor THEN l.pending
+                          ELSE l.pending[2:] END
                  ) AS v(id)
                  CROSS JOIN LATERAL (
-                     SELECT id FROM onec_tasks WHERE id = v.id AND state = 'pending'
+                     SELECT id FROM outbox WHERE id = v.id AND state = 'pending'
                      FOR UPDATE SKIP LOCKED
                  ) o
              ),
-             -- A head that cannot go now (its order runs elsewhere, or an
-             -- older version may still land) waits until the blocker can
+             -- A head that cannot go now (its key runs elsewhere, or an
+             -- older message may still land) waits until the blocker can
              -- end, out of the candidate pages, so it never crowds out
-             -- unrelated orders. Leaving `running` brings it back at once
+             -- unrelated keys. Leaving `running` brings it back at once
              -- (UNPARK). That rewrites the head even when it was not parked
              -- yet, so if it does so after this snapshot, the xmin check
              -- fails on recheck and the head is not parked behind a blocker
              -- that is already gone.
+             stuck AS (
+                 SELECT h.id, l.blocked_until AS until FROM lanes l
+                 CROSS JOIN LATERAL (
+                     SELECT id FROM outbox
+                     WHERE id = l.head AND state = 'pending' AND xmin = l.head_xmin
+                       AND run_at < l.blocked_until
+                     FOR UPDATE SKIP LOCKED
+                 ) h
+                 WHERE (NOT $4 OR l.floor IS NULL OR l.head_pos > l.floor)
+                   AND (l.busy OR l.head_pos > l.doubt)
+             ),
+             -- In order, the messages behind a head wait for it the same
+             -- way: until it can have gone (its backoff, a doubt, or at
+             -- most a second), unparked as soon as it leaves `running`.
+             behind AS (
+                 SELECT b.id, b.until FROM lanes l
+                 CROSS JOIN LATERAL unnest(
+                     CASE WHEN $4 THEN '{}'::bigint[] ELSE l.pending[2:] END,
+                     CASE WHEN $4 THEN '{}'::xid[] ELSE l.pending_xmin[2:] END
+                 ) AS v(id, x)
+                 CROSS JOIN LATERAL (
+                     SELECT id, greatest(l.head_run_at, now() + interval '1 second',
+                                         l.doubt_until) AS until
+                     FROM outbox
+                     WHERE id = v.id AND state = 'pending' AND xmin = v.x
+                       AND run_at < greatest(l.head_run_at, now() + interval '1 second',
+                                             l.doubt_until)
+                     FOR UPDATE SKIP LOCKED
+                 ) b
+             ),
+             -- Every row this statement writes was locked with SKIP LOCKED
+             -- above, so a claim never waits on a row lock: it cannot
+             -- deadlock with completions unparking the same keys. A row it
+             -- skips stays due and is looked at again by the next claim.
              parked AS (
-                 UPDATE onec_tasks
-                 SET run_at = l.blocked_until
-                 FROM lanes l
-                 WHERE onec_tasks.id = l.pending[1] AND onec_tasks.state = 'pending'
-                   AND onec_tasks.xmin = l.head_xmin
-                   AND onec_tasks.run_at < l.blocked_until
-                   AND (l.floor IS NULL OR l.head > l.floor)
-                   AND (l.busy OR l.head > l.doubt)
+                 UPDATE outbox SET run_at = w.until
+                 FROM (SELECT * FROM stuck UNION ALL SELECT * FROM behind) w
+                 WHERE outbox.id = w.id
              ),
              superseded AS (
-                 UPDATE onec_tasks
+                 UPDATE outbox
                  SET state = 'superseded', finished_at = now(), updated_at = now()
                  WHERE id = ANY(ARRAY(SELECT id FROM older))
                  RETURNING id
              ),
              claimed AS (
-                 UPDATE onec_tasks
+                 UPDATE outbox
                  SET state = 'running', attempts = attempts + 1, claimed_by = $2,
                      claim_token = gen_random_uuid(),
                      claim_expires_at = now() + make_interval(secs => $3),
                      updated_at = now()
                  WHERE id = ANY(ARRAY(SELECT id FROM heads))
-                 RETURNING id, order_id, order_version, snapshot, attempts,
-                           claim_token, traceparent, created_at
+                 RETURNING id, event_id, aggregatetype, aggregateid, type, version, payload,
+                           attempts, claim_token, traceparent, created_at
              )
              SELECT (SELECT count(*) FROM superseded) AS superseded, c.*
              FROM (SELECT 1) one LEFT JOIN claimed c ON true",
         )
-        .bind(&orders)
+        .bind(&keys)
         .bind(spec.claimant)
         .bind(spec.lease.as_secs_f64())
+        .bind(spec.policy == DeliveryPolicy::LatestWins)
+        .bind(spec.destination.as_str())
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -306,9 +386,12 @@ impl Store {
             .filter_map(|r| {
                 Some(ClaimedTask {
                     id: TaskId(r.id?),
-                    order_id: r.order_id?,
-                    version: r.order_version?,
-                    snapshot: r.snapshot?.0,
+                    event_id: EventId(r.event_id?),
+                    aggregate_type: r.aggregatetype?,
+                    aggregate_id: r.aggregateid?,
+                    kind: r.kind?,
+                    version: r.version?,
+                    payload: r.payload?.0,
                     attempts: r.attempts?,
                     token: ClaimToken(r.claim_token?),
                     traceparent: r.traceparent,
@@ -343,11 +426,11 @@ impl Store {
         let tokens: Vec<Uuid> = claims.iter().map(|(_, token)| token.0).collect();
         let done: i64 = sqlx::query_scalar(&format!(
             "WITH left_running AS (
-                 UPDATE onec_tasks t
+                 UPDATE outbox t
                  SET state = 'done', finished_at = now(), last_error = NULL, claim_token = NULL,
                      claim_expires_at = NULL, claimed_by = NULL, updated_at = now()
                  WHERE t.id = ANY($1) AND t.claim_token = ANY($2) AND t.state = 'running'
-                 RETURNING order_id, order_version
+                 RETURNING destination, aggregateid, id
              ),
              {UNPARK}
              SELECT count(*) FROM left_running"
@@ -424,37 +507,43 @@ impl Store {
         Ok(query.fetch_optional(&self.pool).await?.is_some())
     }
 
-    /// Tasks in `state`, oldest first, after task id `after`.
+    /// Tasks in `state`, of one destination or all, oldest first, after
+    /// task id `after`.
     pub async fn list_tasks(
         &self,
+        destination: Option<&Destination>,
         state: TaskState,
         after: Option<TaskId>,
         limit: u32,
     ) -> Result<Vec<TaskSummary>> {
         let rows: Vec<SummaryRow> = sqlx::query_as(&format!(
-            "SELECT {SUMMARY_COLUMNS} FROM onec_tasks
-             WHERE state = $1 AND id > $2 ORDER BY id LIMIT $3"
+            "SELECT {SUMMARY_COLUMNS} FROM outbox
+             WHERE state = $1 AND id > $2 AND ($4::text IS NULL OR destination = $4)
+             ORDER BY id LIMIT $3"
         ))
         .bind(state.as_str())
         .bind(after.map_or(0, |t| t.0))
         .bind(i64::from(limit))
+        .bind(destination.map(Destination::as_str))
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().map(Into::into).collect())
     }
 
     /// Replays a dead task: pending again now, with a fresh attempt budget,
-    /// and the relays are woken. Refused when a newer version of the order
-    /// was queued since, because 1C must never go back to an older version.
+    /// and the relays are woken. Refused when a newer message of the same
+    /// key was queued for the destination since, under either policy: a
+    /// snapshot destination must never go back to an older version, and an
+    /// ordered stream must never get a message after a newer one.
     pub async fn retry_task(&self, id: TaskId) -> Result<TaskSummary> {
         let mut tx = self.pool.begin().await?;
-        let found: Option<(String, i64, String)> = sqlx::query_as(
-            "SELECT order_id, order_version, state FROM onec_tasks WHERE id = $1 FOR UPDATE",
+        let found: Option<(String, String, i64, String)> = sqlx::query_as(
+            "SELECT destination, aggregateid, version, state FROM outbox WHERE id = $1 FOR UPDATE",
         )
         .bind(id.0)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((order_id, version, state)) = found else {
+        let Some((destination, order_id, version, state)) = found else {
             return Err(Error::TaskNotFound(id));
         };
         if state != TaskState::Dead.as_str() {
@@ -463,15 +552,17 @@ impl Store {
                 reason: format!("it is {state}, and only dead tasks can be replayed"),
             });
         }
-        // Any newer version, whatever became of it (dead included), means
-        // 1C must not get this one: replaying it would roll 1C back.
+        // Any newer message, whatever became of it (dead included), means
+        // the destination must not get this one: it would go back in time.
         let newer: Option<(i64, i64, String)> = sqlx::query_as(
-            "SELECT id, order_version, state FROM onec_tasks
-             WHERE order_id = $1 AND order_version > $2
-             ORDER BY order_version DESC LIMIT 1",
+            "SELECT id, version, state FROM outbox
+             WHERE destination = $1 AND aggregateid = $2 AND (version > $3 OR id > $4)
+             ORDER BY id DESC LIMIT 1",
         )
+        .bind(&destination)
         .bind(&order_id)
         .bind(version)
+        .bind(id.0)
         .fetch_optional(&mut *tx)
         .await?;
         if let Some((newer_id, newer, newer_state)) = newer {
@@ -484,7 +575,7 @@ impl Store {
             });
         }
         let task: SummaryRow = sqlx::query_as(&format!(
-            "UPDATE onec_tasks SET state = 'pending', attempts = 0, run_at = now(),
+            "UPDATE outbox SET state = 'pending', attempts = 0, run_at = now(),
                  finished_at = NULL, updated_at = now()
              WHERE id = $1 RETURNING {SUMMARY_COLUMNS}"
         ))

@@ -63,7 +63,7 @@ async fn metrics_count_saves_by_route_template_never_by_order_id() {
     assert!(text.contains(r#"orders_center_orders_saved_total{outcome="updated"} 1"#));
     assert!(text
         .lines()
-        .any(|l| l == "orders_center_onec_tasks_enqueued_total 2"));
+        .any(|l| l == "orders_center_outbox_enqueued_total 2"));
     assert!(!text.contains("SECRET-ID-1"));
 }
 
@@ -114,7 +114,7 @@ async fn sync_stats_count_the_backlog() {
     let app = TestApp::new().await;
     app.put_order("S1", &sample_order("S1")).await;
     app.put_order("S2", &sample_order("S2")).await;
-    sqlx::query("UPDATE onec_tasks SET state = 'dead', last_error = 'gone' WHERE order_id = 'S2'")
+    sqlx::query("UPDATE outbox SET state = 'dead', last_error = 'gone' WHERE aggregateid = 'S2'")
         .execute(&app.db.pool)
         .await
         .unwrap();

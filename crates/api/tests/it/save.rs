@@ -46,7 +46,7 @@ async fn a_save_writes_the_order_its_lines_history_and_exactly_one_task_with_the
         serde_json::Value,
         Option<String>,
     ) = sqlx::query_as(
-        "SELECT order_id, order_version, state, snapshot, traceparent FROM onec_tasks",
+        "SELECT aggregateid, version, state, payload, traceparent FROM outbox",
     )
     .fetch_one(&app.db.pool)
     .await
@@ -97,7 +97,7 @@ async fn a_second_save_bumps_the_version_replaces_lines_and_records_the_changes(
         (c.orders, c.items, c.payments, c.history, c.tasks),
         (1, 1, 2, 4, 2)
     );
-    let versions: Vec<i64> = sqlx::query_scalar("SELECT order_version FROM onec_tasks ORDER BY id")
+    let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM outbox ORDER BY id")
         .fetch_all(&app.db.pool)
         .await
         .unwrap();
@@ -245,7 +245,7 @@ async fn concurrent_conditional_saves_never_lose_an_update() {
     assert_eq!(order["version"], i64::from(total) + 1);
     assert!(conflicts > 0, "the clients should have raced at least once");
     let versions: Vec<i64> =
-        sqlx::query_scalar("SELECT order_version FROM onec_tasks ORDER BY order_version")
+        sqlx::query_scalar("SELECT version FROM outbox ORDER BY version")
             .fetch_all(&app.db.pool)
             .await
             .unwrap();

@@ -14,7 +14,7 @@ async fn dead_tasks_are_listed_and_replayed_once() {
     app.put_order("D1", &sample_order("D1")).await;
     app.put_order("D2", &sample_order("D2")).await;
     sqlx::query(
-        "UPDATE onec_tasks SET state = 'dead', attempts = 12, last_error = '1C answered 400'",
+        "UPDATE outbox SET state = 'dead', attempts = 12, last_error = '1C answered 400'",
     )
     .execute(&app.db.pool)
     .await
@@ -55,12 +55,12 @@ async fn dead_tasks_are_listed_and_replayed_once() {
 async fn a_dead_older_version_is_not_replayed_over_a_dead_newer_one() {
     let app = TestApp::new().await;
     app.put_order("D", &sample_order("D")).await;
-    sqlx::query("UPDATE onec_tasks SET state = 'dead'")
+    sqlx::query("UPDATE outbox SET state = 'dead'")
         .execute(&app.db.pool)
         .await
         .unwrap();
     app.put_order("D", &sample_order("D")).await;
-    sqlx::query("UPDATE onec_tasks SET state = 'dead' WHERE state = 'pending'")
+    sqlx::query("UPDATE outbox SET state = 'dead' WHERE state = 'pending'")
         .execute(&app.db.pool)
         .await
         .unwrap();
@@ -110,15 +110,15 @@ async fn sync_stats_prefer_the_leaders_fresh_figures() {
     let app = TestApp::new().await;
     app.put_order("S1", &sample_order("S1")).await;
     sqlx::query(
-        "INSERT INTO onec_backlog (pending, running, dead, oldest_pending_at, refreshed_at)
-         VALUES (42, 1, 7, now() - interval '90 seconds', now())",
+        "INSERT INTO outbox_backlog (destination, pending, running, dead, oldest_pending_at, refreshed_at)
+         VALUES ('onec', 42, 1, 7, now() - interval '90 seconds', now())",
     )
     .execute(&app.db.pool)
     .await
     .unwrap();
 
     let fresh = app.get("/api/v1/sync/stats").await.json();
-    sqlx::query("UPDATE onec_backlog SET refreshed_at = now() - interval '5 minutes'")
+    sqlx::query("UPDATE outbox_backlog SET refreshed_at = now() - interval '5 minutes'")
         .execute(&app.db.pool)
         .await
         .unwrap();

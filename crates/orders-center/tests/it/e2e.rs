@@ -68,7 +68,7 @@ async fn run_scenario(mock_faults: &[&str]) -> Outcome {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let open: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM onec_tasks WHERE state IN ('pending', 'running')",
+            "SELECT count(*) FROM outbox WHERE state IN ('pending', 'running')",
         )
         .fetch_one(&db.pool)
         .await
@@ -103,7 +103,7 @@ async fn run_scenario(mock_faults: &[&str]) -> Outcome {
     let count = |state: &'static str| {
         let pool = db.pool.clone();
         async move {
-            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM onec_tasks WHERE state = $1")
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox WHERE state = $1")
                 .bind(state)
                 .fetch_one(&pool)
                 .await
@@ -166,13 +166,13 @@ async fn three_relays_deliver_every_order_at_its_latest_version_exactly_once() {
         promtool_check_metrics(&format!("relay-{i}"), m);
     }
     let saved = sample_sum(&o.api_metrics, "orders_center_orders_saved_total");
-    let enqueued = sample_sum(&o.api_metrics, "orders_center_onec_tasks_enqueued_total");
+    let enqueued = sample_sum(&o.api_metrics, "orders_center_outbox_enqueued_total");
     assert_eq!(saved, (ORDERS + UPDATED) as f64);
     assert_eq!(saved, enqueued, "every save enqueued one task");
     let delivered: f64 = o
         .relay_metrics
         .iter()
-        .map(|m| sample_sum(m, "orders_center_onec_tasks_delivered_total"))
+        .map(|m| sample_sum(m, "orders_center_outbox_delivered_total"))
         .sum();
     let n = |k: &str| o.mock[k].as_f64().unwrap();
     assert_eq!(delivered, n("applied") + n("duplicates") + n("stale"));

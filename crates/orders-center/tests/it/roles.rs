@@ -26,7 +26,7 @@ async fn migrate_applies_every_migration_once_and_can_run_again() {
     assert_eq!(applied as usize, store::MIGRATOR.iter().count());
     let tables: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_tables WHERE tablename IN
-         ('orders', 'order_items', 'order_payments', 'order_history', 'onec_tasks', 'idempotency_keys')",
+         ('orders', 'order_items', 'order_payments', 'order_history', 'outbox', 'idempotency_keys')",
     )
     .fetch_one(&db.pool)
     .await
@@ -146,8 +146,8 @@ async fn the_api_listener_cuts_off_slow_clients_and_needs_a_token() {
 async fn the_tasks_cli_lists_and_replays_dead_tasks() {
     let db = testkit::database().await;
     let id: i64 = sqlx::query_scalar(
-        "INSERT INTO onec_tasks (order_id, order_version, snapshot, state, attempts, last_error, finished_at)
-         VALUES ('CLI-1', 1, '{}', 'dead', 12, '1C answered 400 Bad Request: bad iin', now())
+        "INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version, payload, state, attempts, last_error, finished_at)
+         VALUES (gen_random_uuid(), 'onec', 'order', 'order.updated', 'CLI-1', 1, '{}', 'dead', 12, '1C answered 400 Bad Request: bad iin', now())
          RETURNING id",
     )
     .fetch_one(&db.pool)
@@ -182,7 +182,7 @@ async fn the_tasks_cli_lists_and_replays_dead_tasks() {
     assert!(String::from_utf8_lossy(&replayed.stdout).contains("pending again"));
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("only dead tasks can be replayed"));
-    let state: String = sqlx::query_scalar("SELECT state FROM onec_tasks WHERE id = $1")
+    let state: String = sqlx::query_scalar("SELECT state FROM outbox WHERE id = $1")
         .bind(id)
         .fetch_one(&db.pool)
         .await

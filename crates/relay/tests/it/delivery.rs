@@ -49,7 +49,7 @@ async fn a_saved_order_reaches_1c_within_moments_of_its_commit() {
     eventually(Duration::from_secs(2), || async {
         count(
             &db.pool,
-            "SELECT count(*) FROM onec_tasks WHERE state = 'done'",
+            "SELECT count(*) FROM outbox WHERE state = 'done'",
         )
         .await
             == 1
@@ -93,7 +93,7 @@ async fn transient_failures_back_off_and_go_dead_after_max_attempts() {
     eventually(Duration::from_secs(5), || async {
         count(
             &db.pool,
-            "SELECT count(*) FROM onec_tasks WHERE state = 'dead'",
+            "SELECT count(*) FROM outbox WHERE state = 'dead'",
         )
         .await
             == 1
@@ -103,7 +103,7 @@ async fn transient_failures_back_off_and_go_dead_after_max_attempts() {
 
     assert_eq!(calls.load(Ordering::SeqCst), 3);
     let (attempts, error): (i32, String) =
-        sqlx::query_as("SELECT attempts, last_error FROM onec_tasks")
+        sqlx::query_as("SELECT attempts, last_error FROM outbox")
             .fetch_one(&db.pool)
             .await
             .unwrap();
@@ -136,7 +136,7 @@ async fn a_permanent_failure_is_dead_after_one_attempt_and_others_still_flow() {
     eventually(Duration::from_secs(5), || async {
         count(
             &db.pool,
-            "SELECT count(*) FROM onec_tasks WHERE state IN ('done', 'dead')",
+            "SELECT count(*) FROM outbox WHERE state IN ('done', 'dead')",
         )
         .await
             == 2
@@ -145,7 +145,7 @@ async fn a_permanent_failure_is_dead_after_one_attempt_and_others_still_flow() {
     relay.stop().await;
 
     let (state, attempts): (String, i32) =
-        sqlx::query_as("SELECT state, attempts FROM onec_tasks WHERE order_id = 'BAD'")
+        sqlx::query_as("SELECT state, attempts FROM outbox WHERE aggregateid = 'BAD'")
             .fetch_one(&db.pool)
             .await
             .unwrap();
@@ -153,7 +153,7 @@ async fn a_permanent_failure_is_dead_after_one_attempt_and_others_still_flow() {
     assert_eq!(
         count(
             &db.pool,
-            "SELECT count(*) FROM onec_tasks WHERE order_id = 'GOOD' AND state = 'done'"
+            "SELECT count(*) FROM outbox WHERE aggregateid = 'GOOD' AND state = 'done'"
         )
         .await,
         1
@@ -188,7 +188,7 @@ async fn an_outage_opens_the_breaker_and_spares_the_backlog() {
 
     let tried = count(
         &db.pool,
-        "SELECT count(*) FROM onec_tasks WHERE attempts > 0",
+        "SELECT count(*) FROM outbox WHERE attempts > 0",
     )
     .await;
     assert!(
@@ -200,7 +200,7 @@ async fn an_outage_opens_the_breaker_and_spares_the_backlog() {
     assert_eq!(
         count(
             &db.pool,
-            "SELECT count(*) FROM onec_tasks WHERE state = 'dead'"
+            "SELECT count(*) FROM outbox WHERE state = 'dead'"
         )
         .await,
         0
@@ -208,7 +208,7 @@ async fn an_outage_opens_the_breaker_and_spares_the_backlog() {
     assert_eq!(
         count(
             &db.pool,
-            "SELECT count(*) FROM onec_tasks WHERE state = 'running'"
+            "SELECT count(*) FROM outbox WHERE state = 'running'"
         )
         .await,
         0
@@ -242,7 +242,7 @@ async fn shutdown_finishes_sent_deliveries_and_releases_the_rest() {
     );
     let done = count(
         &db.pool,
-        "SELECT count(*) FROM onec_tasks WHERE state = 'done'",
+        "SELECT count(*) FROM outbox WHERE state = 'done'",
     )
     .await;
     assert_eq!(
@@ -254,13 +254,13 @@ async fn shutdown_finishes_sent_deliveries_and_releases_the_rest() {
     assert_eq!(
         count(
             &db.pool,
-            "SELECT count(*) FROM onec_tasks WHERE state = 'running'"
+            "SELECT count(*) FROM outbox WHERE state = 'running'"
         )
         .await,
         0
     );
     assert_eq!(
-        count(&db.pool, "SELECT count(*) FROM onec_tasks WHERE state = 'pending' AND claimed_by IS NULL AND attempts = 0").await,
+        count(&db.pool, "SELECT count(*) FROM outbox WHERE state = 'pending' AND claimed_by IS NULL AND attempts = 0").await,
         40 - done
     );
 }

@@ -24,7 +24,7 @@ BEGIN
     END IF;
     RETURN NEW;
 END $$;
-CREATE TRIGGER audit_task AFTER UPDATE ON onec_tasks FOR EACH ROW EXECUTE FUNCTION audit_task();
+CREATE TRIGGER audit_task AFTER UPDATE ON outbox FOR EACH ROW EXECUTE FUNCTION audit_task();
 ";
 
 #[tokio::test]
@@ -34,16 +34,16 @@ async fn overlapping_leaders_never_rescue_a_claim_twice_nor_reopen_a_done_task()
     // Expired claims of a relay that died, old finished rows past retention,
     // recent finished rows, and fresh work.
     sqlx::raw_sql(
-        "INSERT INTO onec_tasks (order_id, order_version, snapshot, state, attempts, claimed_by, claim_token, claim_expires_at)
-         SELECT 'DEAD-' || g, 1, jsonb_build_object('order', jsonb_build_object('id', 'DEAD-' || g)),
+        "INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version, payload, state, attempts, claimed_by, claim_token, claim_expires_at)
+         SELECT gen_random_uuid(), 'onec', 'order', 'order.updated', 'DEAD-' || g, 1, jsonb_build_object('order', jsonb_build_object('id', 'DEAD-' || g)),
                 'running', 1, 'gone', gen_random_uuid(), now() - interval '1 minute'
          FROM generate_series(1, 300) g;
-         INSERT INTO onec_tasks (order_id, order_version, snapshot, state, finished_at)
-         SELECT 'OLD-' || g, 1, '{}', 'done', now() - interval '10 days' FROM generate_series(1, 400) g;
-         INSERT INTO onec_tasks (order_id, order_version, snapshot, state, finished_at)
-         SELECT 'RECENT-' || g, 1, '{}', 'done', now() - interval '1 hour' FROM generate_series(1, 100) g;
-         INSERT INTO onec_tasks (order_id, order_version, snapshot)
-         SELECT 'NEW-' || g, 1, jsonb_build_object('order', jsonb_build_object('id', 'NEW-' || g))
+         INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version, payload, state, finished_at)
+         SELECT gen_random_uuid(), 'onec', 'order', 'order.updated', 'OLD-' || g, 1, '{}', 'done', now() - interval '10 days' FROM generate_series(1, 400) g;
+         INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version, payload, state, finished_at)
+         SELECT gen_random_uuid(), 'onec', 'order', 'order.updated', 'RECENT-' || g, 1, '{}', 'done', now() - interval '1 hour' FROM generate_series(1, 100) g;
+         INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version, payload)
+         SELECT gen_random_uuid(), 'onec', 'order', 'order.updated', 'NEW-' || g, 1, jsonb_build_object('order', jsonb_build_object('id', 'NEW-' || g))
          FROM generate_series(1, 300) g;",
     )
     .execute(&db.pool)
@@ -74,7 +74,7 @@ async fn overlapping_leaders_never_rescue_a_claim_twice_nor_reopen_a_done_task()
     eventually(Duration::from_secs(30), || async {
         count(
             &db.pool,
-            "SELECT count(*) FROM onec_tasks WHERE state IN ('pending', 'running')",
+            "SELECT count(*) FROM outbox WHERE state IN ('pending', 'running')",
         )
         .await
             == 0
@@ -93,7 +93,7 @@ async fn overlapping_leaders_never_rescue_a_claim_twice_nor_reopen_a_done_task()
             .unwrap();
         let drained = text
             .lines()
-            .any(|l| l == "orders_center_onec_backlog_pending 0");
+            .any(|l| l == "orders_center_outbox_backlog_pending 0");
         *metrics.lock().await = text;
         drained
     })
@@ -129,7 +129,7 @@ async fn overlapping_leaders_never_rescue_a_claim_twice_nor_reopen_a_done_task()
     assert_eq!(
         count(
             &db.pool,
-            "SELECT count(*) FROM onec_tasks WHERE order_id LIKE 'OLD-%'"
+            "SELECT count(*) FROM outbox WHERE aggregateid LIKE 'OLD-%'"
         )
         .await,
         0
@@ -137,7 +137,7 @@ async fn overlapping_leaders_never_rescue_a_claim_twice_nor_reopen_a_done_task()
     assert_eq!(
         count(
             &db.pool,
-            "SELECT count(*) FROM onec_tasks WHERE order_id LIKE 'RECENT-%' AND state = 'done'"
+            "SELECT count(*) FROM outbox WHERE aggregateid LIKE 'RECENT-%' AND state = 'done'"
         )
         .await,
         100
@@ -216,7 +216,7 @@ async fn followers_report_it_and_a_stuck_leader_fails_its_health_check() {
         "{text}"
     );
     assert!(
-        !text.contains("orders_center_onec_backlog_pending"),
+        !text.contains("orders_center_outbox_backlog_pending"),
         "{text}"
     );
     assert_eq!(follower_health, 200);

@@ -112,8 +112,8 @@ pub async fn mock_1c(faults: Faults) -> InProcessMock {
 /// Inserts a task the mock accepts, without waking anyone.
 pub async fn insert_task(pool: &PgPool, order: &str, version: i64) -> i64 {
     sqlx::query_scalar(
-        "INSERT INTO onec_tasks (order_id, order_version, snapshot)
-         VALUES ($1, $2, jsonb_build_object('order', jsonb_build_object('id', $1::text)))
+        "INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version, payload)
+         VALUES (gen_random_uuid(), 'onec', 'order', 'order.updated', $1, $2, jsonb_build_object('order', jsonb_build_object('id', $1::text)))
          RETURNING id",
     )
     .bind(order)

@@ -1,13 +1,17 @@
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
-use domain::TaskState;
+use domain::{DeliveryPolicy, Destination, TaskState};
 use sqlx::PgPool;
 use store::{ClaimSpec, ClaimedTask, Store, TaskId};
 
+static ONEC: LazyLock<Destination> = LazyLock::new(Destination::onec);
+
 fn spec(claimant: &str, limit: u32) -> ClaimSpec<'_> {
     ClaimSpec {
+        destination: &ONEC,
+        policy: DeliveryPolicy::LatestWins,
         claimant,
         limit,
         lease: Duration::from_secs(60),
@@ -16,8 +20,8 @@ fn spec(claimant: &str, limit: u32) -> ClaimSpec<'_> {
 
 async fn insert_task(pool: &PgPool, order: &str, version: i64) -> TaskId {
     let id: i64 = sqlx::query_scalar(
-        "INSERT INTO onec_tasks (order_id, order_version, snapshot)
-         VALUES ($1, $2, jsonb_build_object('v', $2)) RETURNING id",
+        "INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version, payload)
+         VALUES (gen_random_uuid(), 'onec', 'order', 'order.updated', $1, $2, jsonb_build_object('v', $2)) RETURNING id",
     )
     .bind(order)
     .bind(version)
@@ -33,7 +37,7 @@ async fn claim(store: &Store, limit: u32) -> Vec<ClaimedTask> {
 }
 
 async fn state_of(pool: &PgPool, id: TaskId) -> String {
-    sqlx::query_scalar("SELECT state FROM onec_tasks WHERE id = $1")
+    sqlx::query_scalar("SELECT state FROM outbox WHERE id = $1")
         .bind(id.0)
         .fetch_one(pool)
         .await
@@ -43,7 +47,7 @@ async fn state_of(pool: &PgPool, id: TaskId) -> String {
 fn versions(claimed: &[ClaimedTask]) -> Vec<(String, i64)> {
     let mut v: Vec<_> = claimed
         .iter()
-        .map(|t| (t.order_id.clone(), t.version))
+        .map(|t| (t.aggregate_id.clone(), t.version))
         .collect();
     v.sort();
     v
@@ -53,8 +57,8 @@ fn versions(claimed: &[ClaimedTask]) -> Vec<(String, i64)> {
 async fn eight_concurrent_claimers_over_10000_tasks_never_claim_one_twice() {
     let db = testkit::database().await;
     sqlx::query(
-        "INSERT INTO onec_tasks (order_id, order_version, snapshot)
-         SELECT 'O-' || g, 1, '{}' FROM generate_series(1, 10000) g",
+        "INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version, payload)
+         SELECT gen_random_uuid(), 'onec', 'order', 'order.updated', 'O-' || g, 1, '{}' FROM generate_series(1, 10000) g",
     )
     .execute(&db.pool)
     .await
@@ -92,7 +96,7 @@ async fn eight_concurrent_claimers_over_10000_tasks_never_claim_one_twice() {
     let unique: HashSet<_> = claimed.iter().collect();
     assert_eq!(unique.len(), claimed.len(), "a task was claimed twice");
     assert_eq!(claimed.len(), 10_000);
-    let done: i64 = sqlx::query_scalar("SELECT count(*) FROM onec_tasks WHERE state = 'done'")
+    let done: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE state = 'done'")
         .fetch_one(&db.pool)
         .await
         .unwrap();
@@ -134,7 +138,7 @@ async fn an_outcome_carrying_a_stale_claim_token_changes_nothing() {
     assert!(!store.release(id, old).await.unwrap());
 
     assert_eq!(state_of(&db.pool, id).await, "running");
-    let holder: String = sqlx::query_scalar("SELECT claimed_by FROM onec_tasks WHERE id = $1")
+    let holder: String = sqlx::query_scalar("SELECT claimed_by FROM outbox WHERE id = $1")
         .bind(id.0)
         .fetch_one(&db.pool)
         .await
@@ -159,7 +163,7 @@ async fn only_the_newest_pending_version_is_sent_and_older_ones_are_superseded()
     assert_eq!(claim.superseded, 2);
     assert_eq!(versions(&claimed), [("A".into(), 3), ("B".into(), 1)]);
     assert_eq!(
-        claimed.iter().find(|t| t.order_id == "A").unwrap().snapshot["v"],
+        claimed.iter().find(|t| t.aggregate_id == "A").unwrap().payload["v"],
         3
     );
     assert_eq!(state_of(&db.pool, v1).await, "superseded");
@@ -222,7 +226,7 @@ async fn no_newer_version_is_sent_while_an_unanswered_attempt_may_still_land() {
 
     // An hour passes: the doubt ends, and so does the wait it imposed.
     sqlx::query(
-        "UPDATE onec_tasks SET in_doubt_until = now() - interval '1 second',
+        "UPDATE outbox SET in_doubt_until = now() - interval '1 second',
              run_at = least(run_at, now())",
     )
     .execute(&db.pool)
@@ -293,9 +297,9 @@ async fn per_order_order_holds_under_concurrent_claims_and_saves() {
                     let batch = store.claim_batch(&spec(&name, 7)).await.unwrap().tasks;
                     for t in &batch {
                         assert!(
-                            in_flight.lock().unwrap().insert(t.order_id.clone()),
+                            in_flight.lock().unwrap().insert(t.aggregate_id.clone()),
                             "{} twice in flight",
-                            t.order_id
+                            t.aggregate_id
                         );
                     }
                     tokio::time::sleep(Duration::from_millis(2)).await;
@@ -303,14 +307,14 @@ async fn per_order_order_holds_under_concurrent_claims_and_saves() {
                         delivered
                             .lock()
                             .unwrap()
-                            .entry(t.order_id.clone())
+                            .entry(t.aggregate_id.clone())
                             .or_default()
                             .push(t.version);
-                        in_flight.lock().unwrap().remove(&t.order_id);
+                        in_flight.lock().unwrap().remove(&t.aggregate_id);
                         assert!(store.complete(t.id, t.token).await.unwrap());
                     }
                     let open: i64 = sqlx::query_scalar(
-                        "SELECT count(*) FROM onec_tasks WHERE state IN ('pending', 'running')",
+                        "SELECT count(*) FROM outbox WHERE state IN ('pending', 'running')",
                     )
                     .fetch_one(store.pool())
                     .await
@@ -426,7 +430,7 @@ async fn dead_tasks_are_listed_and_replayed_unless_a_newer_version_exists() {
             .unwrap());
     }
     insert_task(&db.pool, "B", 2).await;
-    let dead = store.list_tasks(TaskState::Dead, None, 10).await.unwrap();
+    let dead = store.list_tasks(None, TaskState::Dead, None, 10).await.unwrap();
     assert_eq!(dead.len(), 2);
     assert_eq!(dead[0].last_error.as_deref(), Some("400: bad payload"));
     let (a, b) = (TaskId(dead[0].id), TaskId(dead[1].id));
@@ -446,7 +450,7 @@ async fn dead_tasks_are_listed_and_replayed_unless_a_newer_version_exists() {
         Err(store::Error::TaskNotFound(_))
     ));
     let page = store
-        .list_tasks(TaskState::Dead, Some(a), 10)
+        .list_tasks(Some(&ONEC), TaskState::Dead, Some(a), 10)
         .await
         .unwrap();
     assert_eq!(page.iter().map(|t| t.id).collect::<Vec<_>>(), [b.0]);
@@ -512,11 +516,11 @@ async fn versions_held_behind_an_unanswered_attempt_take_no_candidate_slots() {
     let db = testkit::database().await;
     let store = Store::new(db.pool.clone());
     sqlx::raw_sql(
-        "INSERT INTO onec_tasks (order_id, order_version, snapshot, run_at, in_doubt_until)
-         SELECT 'H-' || g, 1, '{}', now() + interval '1 hour', now() + interval '1 hour'
+        "INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version, payload, run_at, in_doubt_until)
+         SELECT gen_random_uuid(), 'onec', 'order', 'order.updated', 'H-' || g, 1, '{}', now() + interval '1 hour', now() + interval '1 hour'
          FROM generate_series(1, 1000) g;
-         INSERT INTO onec_tasks (order_id, order_version, snapshot, run_at)
-         SELECT 'H-' || g, 2, '{}', now() - interval '1 minute' FROM generate_series(1, 1000) g",
+         INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version, payload, run_at)
+         SELECT gen_random_uuid(), 'onec', 'order', 'order.updated', 'H-' || g, 2, '{}', now() - interval '1 minute' FROM generate_series(1, 1000) g",
     )
     .execute(&db.pool)
     .await
@@ -531,8 +535,8 @@ async fn versions_held_behind_an_unanswered_attempt_take_no_candidate_slots() {
     // Each claim parks at most a page of held versions.
     assert!(claims <= 1000 / 10 + 2, "{claims} claims");
     let parked: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM onec_tasks
-         WHERE order_version = 2 AND state = 'pending' AND run_at > now() + interval '59 minutes'",
+        "SELECT count(*) FROM outbox
+         WHERE version = 2 AND state = 'pending' AND run_at > now() + interval '59 minutes'",
     )
     .fetch_one(&db.pool)
     .await
@@ -564,7 +568,7 @@ async fn a_version_behind_a_running_one_is_parked_and_comes_back_when_it_finishe
     assert!(!claimed.contains(&("A".into(), 2)));
     let parked: bool = sqlx::query_scalar(
         "SELECT run_at > now() AND run_at <= now() + interval '1 second'
-         FROM onec_tasks WHERE id = $1",
+         FROM outbox WHERE id = $1",
     )
     .bind(a2.0)
     .fetch_one(&db.pool)

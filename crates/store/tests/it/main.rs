@@ -2,3 +2,5 @@
 
 mod claims;
 mod outbox;
+mod in_order;
+mod upgrade;

@@ -24,7 +24,7 @@ async fn a_failing_task_insert_rolls_back_the_whole_save() {
     let store = Store::new(db.pool.clone());
     // A task already holding (ATOM, 1) makes the save's own task insert fail.
     sqlx::query(
-        "INSERT INTO onec_tasks (order_id, order_version, snapshot) VALUES ('ATOM', 1, '{}')",
+        "INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version, payload) VALUES (gen_random_uuid(), 'onec', 'order', 'order.created', 'ATOM', 1, '{}')",
     )
     .execute(&db.pool)
     .await
@@ -64,7 +64,7 @@ async fn a_failing_task_insert_leaves_an_existing_order_untouched() {
         .await
         .unwrap();
     sqlx::query(
-        "INSERT INTO onec_tasks (order_id, order_version, snapshot) VALUES ('KEEP', 2, '{}')",
+        "INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version, payload) VALUES (gen_random_uuid(), 'onec', 'order', 'order.updated', 'KEEP', 2, '{}')",
     )
     .execute(&db.pool)
     .await
@@ -98,7 +98,7 @@ async fn a_committed_save_notifies_the_relays_and_a_failed_one_does_not() {
     listener.listen(store::NOTIFY_CHANNEL).await.unwrap();
 
     sqlx::query(
-        "INSERT INTO onec_tasks (order_id, order_version, snapshot) VALUES ('FAIL', 1, '{}')",
+        "INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version, payload) VALUES (gen_random_uuid(), 'onec', 'order', 'order.created', 'FAIL', 1, '{}')",
     )
     .execute(&db.pool)
     .await

@@ -1,0 +1,264 @@
+//! What an order save yields for the outbox: domain events, the destinations
+//! that receive them, and how each destination wants them delivered.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// The aggregate type of order events (Debezium's `aggregatetype`).
+pub const ORDER_AGGREGATE: &str = "order";
+
+/// What happened to an order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum OrderEvent {
+    /// Version 1 was saved. Payload: the OrderFull snapshot.
+    #[serde(rename = "order.created")]
+    Created,
+    /// A later version was saved. Payload: the OrderFull snapshot.
+    #[serde(rename = "order.updated")]
+    Updated,
+    /// The status differs from the previous version's. Payload:
+    /// `{"from", "to"}`.
+    #[serde(rename = "order.status_changed")]
+    StatusChanged,
+}
+
+impl OrderEvent {
+    /// Every event.
+    pub const ALL: [OrderEvent; 3] = [Self::Created, Self::Updated, Self::StatusChanged];
+
+    /// The outbox `type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "order.created",
+            Self::Updated => "order.updated",
+            Self::StatusChanged => "order.status_changed",
+        }
+    }
+
+    /// Parses the outbox `type`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.as_str() == s)
+    }
+
+    /// The events one save yields: created or updated, plus a status change
+    /// when the previous version had another status.
+    pub fn of_save(previous_status: Option<&str>, status: &str) -> Vec<OrderEvent> {
+        match previous_status {
+            None => vec![Self::Created],
+            Some(before) if before != status => vec![Self::Updated, Self::StatusChanged],
+            Some(_) => vec![Self::Updated],
+        }
+    }
+}
+
+impl fmt::Display for OrderEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A destination's name as the outbox stores it: lowercase ASCII letters,
+/// digits, `-` and `_`, 1 to 63 characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(try_from = "String", into = "String")]
+pub struct Destination(String);
+
+/// 1C, the ERP: the destination every order version goes to by default.
+pub const ONEC: &str = "onec";
+
+impl Destination {
+    /// 1C.
+    pub fn onec() -> Self {
+        Self(ONEC.to_owned())
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Destination {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let ok = (1..=63).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(format!(
+                "{s:?} is not a destination name: use 1 to 63 of a-z, 0-9, '-' and '_'"
+            ))
+        }
+    }
+}
+
+impl TryFrom<String> for Destination {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Destination> for String {
+    fn from(d: Destination) -> String {
+        d.0
+    }
+}
+
+impl fmt::Display for Destination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How a destination wants one key's messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryPolicy {
+    /// Each message is a whole snapshot: only the newest pending one of a key
+    /// is sent, older ones are superseded (1C).
+    LatestWins,
+    /// Every message is sent, one key's strictly in the order written;
+    /// nothing is superseded (event streams).
+    EveryMessageInOrder,
+}
+
+/// Which destinations receive which order events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routes(BTreeMap<OrderEvent, Vec<Destination>>);
+
+impl Default for Routes {
+    /// Every version to 1C, as before destinations existed.
+    fn default() -> Self {
+        Self::none()
+            .with(OrderEvent::Created, Destination::onec())
+            .with(OrderEvent::Updated, Destination::onec())
+    }
+}
+
+impl Routes {
+    /// No event goes anywhere.
+    pub fn none() -> Self {
+        Self(BTreeMap::new())
+    }
+
+    /// Also sends `event` to `destination`.
+    pub fn with(mut self, event: OrderEvent, destination: Destination) -> Self {
+        let to = self.0.entry(event).or_default();
+        if !to.contains(&destination) {
+            to.push(destination);
+        }
+        self
+    }
+
+    /// The destinations of `event`.
+    pub fn destinations(&self, event: OrderEvent) -> &[Destination] {
+        self.0.get(&event).map_or(&[], Vec::as_slice)
+    }
+
+    /// Every destination some event goes to.
+    pub fn all_destinations(&self) -> Vec<Destination> {
+        let mut all: Vec<Destination> = self.0.values().flatten().cloned().collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+}
+
+impl FromStr for Routes {
+    type Err = String;
+
+    /// `destination=event,event;destination=event`, e.g.
+    /// `onec=order.created,order.updated;kafka=order.created,order.updated,order.status_changed`.
+    /// An empty string routes nothing.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut routes = Self::none();
+        for route in s.split(';').map(str::trim).filter(|r| !r.is_empty()) {
+            let (destination, events) = route
+                .split_once('=')
+                .ok_or_else(|| format!("route {route:?} is not destination=event,..."))?;
+            let destination: Destination = destination.trim().parse()?;
+            for event in events.split(',').map(str::trim) {
+                let event = OrderEvent::parse(event).ok_or_else(|| {
+                    format!(
+                        "unknown event {event:?} in route {route:?}; known: {}",
+                        OrderEvent::ALL.map(OrderEvent::as_str).join(", ")
+                    )
+                })?;
+                routes = routes.with(event, destination.clone());
+            }
+        }
+        Ok(routes)
+    }
+}
+
+impl fmt::Display for Routes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut by_destination: BTreeMap<&Destination, Vec<&str>> = BTreeMap::new();
+        for (event, destinations) in &self.0 {
+            for d in destinations {
+                by_destination.entry(d).or_default().push(event.as_str());
+            }
+        }
+        let parts: Vec<String> = by_destination
+            .into_iter()
+            .map(|(d, events)| format!("{d}={}", events.join(",")))
+            .collect();
+        f.write_str(&parts.join(";"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_sends_every_version_to_1c_and_round_trips_through_its_text() {
+        let routes = Routes::default();
+        assert_eq!(routes.to_string(), "onec=order.created,order.updated");
+        assert_eq!(routes.to_string().parse::<Routes>().unwrap(), routes);
+        assert!(routes.destinations(OrderEvent::StatusChanged).is_empty());
+        assert_eq!(routes.all_destinations(), vec![Destination::onec()]);
+    }
+
+    #[test]
+    fn routes_parse_several_destinations_and_refuse_unknown_events_and_names() {
+        let routes: Routes = "onec=order.created,order.updated; kafka=order.status_changed"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            routes.destinations(OrderEvent::StatusChanged),
+            &["kafka".parse::<Destination>().unwrap()]
+        );
+        assert!("onec=order.deleted"
+            .parse::<Routes>()
+            .unwrap_err()
+            .contains("order.deleted"));
+        assert!("One C=order.created".parse::<Routes>().is_err());
+        assert!("onec".parse::<Routes>().is_err());
+        assert_eq!("".parse::<Routes>().unwrap(), Routes::none());
+    }
+
+    #[test]
+    fn a_save_yields_created_or_updated_and_a_status_change_only_when_it_changed() {
+        use OrderEvent::*;
+        assert_eq!(OrderEvent::of_save(None, "new"), vec![Created]);
+        assert_eq!(OrderEvent::of_save(Some("new"), "new"), vec![Updated]);
+        assert_eq!(
+            OrderEvent::of_save(Some("new"), "paid"),
+            vec![Updated, StatusChanged]
+        );
+        for e in OrderEvent::ALL {
+            assert_eq!(OrderEvent::parse(e.as_str()), Some(e));
+            assert_eq!(serde_json::to_value(e).unwrap(), e.as_str());
+        }
+    }
+}
