@@ -7,7 +7,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
 
 use crate::AppState;
@@ -19,8 +19,8 @@ pub struct Metrics {
     duration: HistogramVec,
     /// Orders saved, by `outcome` (`created` or `updated`).
     pub orders_saved: IntCounterVec,
-    /// Outbox tasks written by saves.
-    pub tasks_enqueued: IntCounter,
+    /// Outbox tasks written by saves, by destination.
+    pub tasks_enqueued: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -60,9 +60,12 @@ impl Metrics {
             &["outcome"],
         )
         .expect("valid metric");
-        let tasks_enqueued = IntCounter::new(
-            "orders_center_onec_tasks_enqueued_total",
-            "Delivery tasks written to the outbox by saves.",
+        let tasks_enqueued = IntCounterVec::new(
+            Opts::new(
+                "orders_center_outbox_enqueued_total",
+                "Delivery tasks written to the outbox by saves, by destination.",
+            ),
+            &["destination"],
         )
         .expect("valid metric");
         for c in [
@@ -82,12 +85,16 @@ impl Metrics {
         }
     }
 
-    /// Counts one committed save and the task it queued.
-    pub fn saved(&self, created: bool) {
+    /// Counts one committed save and the tasks it queued.
+    pub fn saved(&self, created: bool, queued: &[domain::Destination]) {
         self.orders_saved
             .with_label_values(&[if created { "created" } else { "updated" }])
             .inc();
-        self.tasks_enqueued.inc();
+        for destination in queued {
+            self.tasks_enqueued
+                .with_label_values(&[destination.as_str()])
+                .inc();
+        }
     }
 
     /// The text exposition of every metric.

@@ -25,6 +25,10 @@ struct Args {
     /// Run only these scenarios (repeatable); all when omitted.
     #[arg(long, value_enum)]
     only: Vec<Scenario>,
+    /// Orders in the no-op drain's backlog (repeatable: one drain each);
+    /// 200,000 by default, 5,000 with `--quick`.
+    #[arg(long)]
+    backlog: Vec<i64>,
     /// Where to write the figures as JSON.
     #[arg(long, default_value = "target/bench.json")]
     json: PathBuf,
@@ -35,6 +39,8 @@ struct Args {
 pub enum Scenario {
     /// 1: drain into a no-op sink.
     Noop,
+    /// 1b: "every message in order" against "latest wins" on bursts.
+    InOrder,
     /// 2: drain to the mock over HTTP.
     Http,
     /// 3: commit-to-1C latency under offered load.
@@ -65,10 +71,11 @@ pub struct Figure {
 }
 
 /// Sizes of one run.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Sizes {
-    /// Tasks pre-filled for the no-op drain.
-    pub noop_tasks: i64,
+    /// Orders pre-filled for the no-op drains, one drain each; the first
+    /// also sizes the in-order and flat-cost drains.
+    pub noop_backlogs: Vec<i64>,
     /// Tasks drained to the mock over HTTP.
     pub http_tasks: i64,
     /// Seconds of offered load for the latency runs.
@@ -81,31 +88,38 @@ pub struct Sizes {
     pub finished_rows: i64,
 }
 
-const FULL: Sizes = Sizes {
-    noop_tasks: 200_000,
-    http_tasks: 50_000,
-    latency_seconds: 30,
-    rates: [500, 2000],
-    api_seconds: 20,
-    finished_rows: 2_000_000,
-};
+fn full() -> Sizes {
+    Sizes {
+        noop_backlogs: vec![200_000],
+        http_tasks: 50_000,
+        latency_seconds: 30,
+        rates: [500, 2000],
+        api_seconds: 20,
+        finished_rows: 2_000_000,
+    }
+}
 
-const QUICK: Sizes = Sizes {
-    noop_tasks: 5_000,
-    http_tasks: 1_000,
-    latency_seconds: 2,
-    rates: [100, 200],
-    api_seconds: 2,
-    finished_rows: 10_000,
-};
+fn quick() -> Sizes {
+    Sizes {
+        noop_backlogs: vec![5_000],
+        http_tasks: 1_000,
+        latency_seconds: 2,
+        rates: [100, 200],
+        api_seconds: 2,
+        finished_rows: 10_000,
+    }
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let sizes = if args.quick { QUICK } else { FULL };
+    let mut sizes = if args.quick { quick() } else { full() };
+    if !args.backlog.is_empty() {
+        sizes.noop_backlogs.clone_from(&args.backlog);
+    }
     let mut figures = Vec::new();
     let only = |s| args.only.is_empty() || args.only.contains(&s);
-    scenarios::run_all(sizes, args.quick, only, &mut figures).await?;
+    scenarios::run_all(&sizes, args.quick, only, &mut figures).await?;
 
     println!();
     println!(

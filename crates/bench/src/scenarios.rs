@@ -5,28 +5,37 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use async_trait::async_trait;
-use onec::{Applied, Delivery, OnecClient, Outcome};
-use relay::{
-    Backoff, BreakerConfig, Leadership, ProtectionConfig, Relay, RelayConfig, ServiceConfig,
-};
+use domain::DeliveryPolicy;
+use relay::{Leadership, Outlet, ProtectionConfig, Relay, RelayConfig, ServiceConfig};
+use sink::{Message, Sink};
 use sqlx::PgPool;
+use store::claim_sql;
 use store::Store;
 use tokio_util::sync::CancellationToken;
+use worker::{Backoff, BreakerConfig};
 
 use crate::{Figure, Scenario, Sizes};
 use testkit::process::{self as process, Proc};
 
-/// 1C that answers "applied" at once: measures the relay and the database alone.
+/// A destination that takes every message at once: a drain into it
+/// measures the relay and the database alone.
 struct NoopSink;
 
 #[async_trait]
-impl OnecClient for NoopSink {
-    async fn put_order(&self, _: &Delivery) -> Outcome {
-        Outcome::Delivered(Applied::Applied)
+impl Sink for NoopSink {
+    async fn deliver(&self, _: &Message) -> sink::Outcome {
+        Ok(())
     }
 }
 
-fn relay_config(batch: u32, lanes: usize, in_flight: usize) -> RelayConfig {
+/// The destination of the no-op drains.
+const NOOP: &str = "bench";
+
+/// Claims per query and claim lanes of the drains (the relay's defaults).
+const BATCH: u32 = 500;
+const LANES: usize = 3;
+
+fn relay_config(batch: u32, lanes: usize) -> RelayConfig {
     RelayConfig {
         service: ServiceConfig {
             relay_id: "bench".into(),
@@ -46,8 +55,16 @@ fn relay_config(batch: u32, lanes: usize, in_flight: usize) -> RelayConfig {
             backlog_interval: Duration::from_secs(3600),
             in_doubt: Duration::from_secs(30),
         },
+    }
+}
+
+fn noop_outlet(policy: DeliveryPolicy) -> Outlet {
+    Outlet {
+        destination: NOOP.parse().expect("a destination name"),
+        policy,
+        sink: Arc::new(NoopSink),
         protection: ProtectionConfig {
-            max_in_flight: in_flight,
+            max_in_flight: 10_000,
             rate_per_second: None,
             breaker: BreakerConfig {
                 failure_threshold: 1000,
@@ -57,15 +74,39 @@ fn relay_config(batch: u32, lanes: usize, in_flight: usize) -> RelayConfig {
     }
 }
 
-/// `n` pending tasks of distinct orders, each one the mock accepts.
-async fn prefill(pool: &PgPool, prefix: &str, n: i64) -> Result<()> {
+/// What a drain starts from: `orders` orders with one pending message
+/// each, or with `bursts`, every tenth order with five.
+#[derive(Debug, Clone, Copy)]
+struct Backlog {
+    orders: i64,
+    bursts: bool,
+}
+
+impl Backlog {
+    fn rows(self) -> i64 {
+        if self.bursts {
+            self.orders + self.orders / 10 * 4
+        } else {
+            self.orders
+        }
+    }
+}
+
+/// Queues `backlog` for `destination`, order ids starting with `prefix`;
+/// each message is a version of its order, in version order.
+async fn prefill(pool: &PgPool, destination: &str, prefix: &str, backlog: Backlog) -> Result<()> {
     sqlx::query(
-        "INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version, payload)
-         SELECT gen_random_uuid(), 'onec', 'order', 'order.updated', $1 || g, 1, jsonb_build_object('order', jsonb_build_object('id', $1 || g))
-         FROM generate_series(1, $2) g",
+        "INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version,
+                             payload)
+         SELECT gen_random_uuid(), $1, 'order', 'order.updated', $2 || g, v,
+                jsonb_build_object('order', jsonb_build_object('id', $2 || g))
+         FROM generate_series(1, $3) g
+         CROSS JOIN LATERAL generate_series(1, CASE WHEN $4 AND g % 10 = 0 THEN 5 ELSE 1 END) v",
     )
+    .bind(destination)
     .bind(prefix)
-    .bind(n)
+    .bind(backlog.orders)
+    .bind(backlog.bursts)
     .execute(pool)
     .await?;
     sqlx::query("ANALYZE outbox").execute(pool).await?;
@@ -101,13 +142,39 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 pub async fn run_all(
-    sizes: Sizes,
+    sizes: &Sizes,
     quick: bool,
     only: impl Fn(Scenario) -> bool,
     out: &mut Vec<Figure>,
 ) -> Result<()> {
     if only(Scenario::Noop) {
-        drain_noop(sizes.noop_tasks, 0, false, quick, out).await?;
+        for &orders in &sizes.noop_backlogs {
+            let backlog = Backlog {
+                orders,
+                bursts: false,
+            };
+            let drain = drain_noop(backlog, DeliveryPolicy::LatestWins, 0, false).await?;
+            let scenario = "1 drain, no-op sink";
+            let full = !quick && orders >= 100_000;
+            out.push(figure(
+                scenario,
+                &format!("{orders} tasks drained"),
+                drain.rate,
+                "task/s",
+                full.then_some(("≥ 43000", drain.rate >= 43_000.0)),
+            ));
+            drain.push_ceiling(scenario, orders, out);
+            out.push(figure(
+                scenario,
+                "rows claimed per claim query",
+                drain.per_claim,
+                "rows",
+                None,
+            ));
+        }
+    }
+    if only(Scenario::InOrder) {
+        in_order(sizes.noop_backlogs[0], quick, out).await?;
     }
     if only(Scenario::Http) {
         drain_http(sizes.http_tasks, 0, quick, out).await?;
@@ -131,28 +198,63 @@ pub async fn run_all(
     Ok(())
 }
 
-/// Drains `n` pre-filled tasks through an in-process relay into a no-op
-/// sink, over a table that also holds `finished` done rows, optionally while
-/// another session holds a snapshot open. Returns tasks/s and the mean claim
-/// latency in ms.
+/// What one drain measured.
+struct Drain {
+    /// Tasks settled (delivered or superseded) per second.
+    rate: f64,
+    /// The same run's SQL-only ceiling: pgbench running the claim and
+    /// complete statements on an equal backlog, same batch and concurrency.
+    ceiling: f64,
+    /// Tasks per non-empty claim.
+    per_claim: f64,
+    /// Mean latency of a claim of 100, after the drain.
+    claim_ms: f64,
+}
+
+impl Drain {
+    fn push_ceiling(&self, scenario: &str, rows: i64, out: &mut Vec<Figure>) {
+        out.push(figure(
+            scenario,
+            &format!("{rows} tasks, pgbench ceiling"),
+            self.ceiling,
+            "task/s",
+            None,
+        ));
+        out.push(figure(
+            scenario,
+            "relay / ceiling",
+            self.rate / self.ceiling * 100.0,
+            "%",
+            None,
+        ));
+    }
+}
+
+/// Drains `backlog` through an in-process relay into a no-op sink under
+/// `policy`, over a table that also holds `finished` done rows, optionally
+/// while another session holds a snapshot open; then measures pgbench on an
+/// equal backlog under the same conditions.
 async fn drain_noop(
-    n: i64,
+    backlog: Backlog,
+    policy: DeliveryPolicy,
     finished: i64,
     hold_snapshot: bool,
-    quick: bool,
-    out: &mut Vec<Figure>,
-) -> Result<(f64, f64)> {
+) -> Result<Drain> {
     let db = testkit::database().await;
     if finished > 0 {
         sqlx::query(
-            "INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version, payload, state, finished_at)
-             SELECT gen_random_uuid(), 'onec', 'order', 'order.updated', 'F-' || g, 1, '{}', 'done', now() FROM generate_series(1, $1) g",
+            "INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version,
+                                 payload, state, finished_at)
+             SELECT gen_random_uuid(), $2, 'order', 'order.updated', 'F-' || g, 1, '{}', 'done',
+                    now()
+             FROM generate_series(1, $1) g",
         )
         .bind(finished)
+        .bind(NOOP)
         .execute(&db.pool)
         .await?;
     }
-    prefill(&db.pool, "N-", n).await?;
+    prefill(&db.pool, NOOP, "N-", backlog).await?;
     let mut holder = None;
     if hold_snapshot {
         // A long transaction pins the xmin horizon: no row version it might
@@ -166,92 +268,234 @@ async fn drain_noop(
             .await?;
         holder = Some(conn);
     }
+    let rows = backlog.rows();
     let shutdown = CancellationToken::new();
     let relay = Relay::start(
         Store::new(db.pool.clone()),
-        Arc::new(NoopSink),
-        relay_config(500, 3, 10_000),
+        vec![noop_outlet(policy)],
+        relay_config(BATCH, LANES),
         Leadership::always(),
         shutdown.clone(),
     );
+    let settled = |relay: &Relay| {
+        (relay.metrics().delivered_total(NOOP) + relay.metrics().superseded_total(NOOP)) as i64
+    };
+    // The relay counts a delivery only once its completion has committed.
     let started = Instant::now();
-    while (relay.metrics().delivered_total.get() as i64) < n {
+    while settled(&relay) < rows {
         ensure!(
-            started.elapsed() < Duration::from_secs(600),
+            started.elapsed() < Duration::from_secs(900),
             "drain did not finish"
         );
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let took = started.elapsed();
     shutdown.cancel();
-    relay.stopped().await;
-    drop(holder);
+    relay.stopped().await?;
 
-    let done = count(
-        &db.pool,
-        "SELECT count(*) FROM outbox WHERE state = 'done' AND aggregateid LIKE 'N-%'",
+    let (done, superseded): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE state = 'done'),
+                count(*) FILTER (WHERE state = 'superseded')
+         FROM outbox WHERE aggregateid LIKE 'N-%'",
     )
+    .fetch_one(&db.pool)
     .await?;
-    ensure!(done == n, "{done} of {n} tasks done");
     ensure!(
-        relay.metrics().delivered_total.get() as i64 == n,
+        done + superseded == rows,
+        "{done} + {superseded} of {rows} tasks settled"
+    );
+    ensure!(
+        relay.metrics().delivered_total(NOOP) as i64 == done,
         "a task was delivered twice"
     );
-    let claims = relay.metrics().claim_batch.get_sample_count() as f64;
-    let rate = n as f64 / took.as_secs_f64();
-    let per_claim = n as f64 / claims.max(1.0);
-    let claim_ms = claim_latency_ms(&db.pool).await?;
-    let scenario = match (finished > 0, hold_snapshot) {
-        (false, false) => "1 drain, no-op sink",
-        (true, false) => "5 drain, 2M finished rows",
-        (_, true) => "5 drain, snapshot held open",
-    };
-    if finished == 0 && !hold_snapshot {
-        out.push(figure(
-            scenario,
-            &format!("{n} tasks drained"),
-            rate,
-            "task/s",
-            (!quick).then_some(("≥ 35000", rate >= 35_000.0)),
-        ));
-        out.push(figure(
-            scenario,
-            "rows claimed per claim query",
-            per_claim,
-            "rows",
-            None,
-        ));
-    } else {
-        out.push(figure(
-            scenario,
-            &format!("{n} tasks drained"),
-            rate,
-            "task/s",
-            None,
-        ));
+    if policy == DeliveryPolicy::EveryMessageInOrder {
+        ensure!(superseded == 0, "{superseded} tasks superseded in order");
     }
-    Ok((rate, claim_ms))
+    let ceiling = pgbench_drain(&db, backlog, policy).await?;
+    drop(holder);
+    Ok(Drain {
+        rate: rows as f64 / took.as_secs_f64(),
+        ceiling,
+        per_claim: done as f64 / (relay.metrics().claims(NOOP) as f64).max(1.0),
+        claim_ms: claim_latency_ms(&db.pool).await?,
+    })
+}
+
+/// The claim and complete statements of the relay as pgbench runs them:
+/// the store's own SQL, with pgbench variables for the parameters and the
+/// claimed rows folded into arrays for the completion.
+fn pgbench_drain_script() -> String {
+    let bind = |sql: &str, names: &[&str]| {
+        // Highest first, so $1 never eats the start of $10.
+        names
+            .iter()
+            .enumerate()
+            .rev()
+            .fold(sql.to_owned(), |sql, (i, name)| {
+                sql.replace(&format!("${}", i + 1), &format!(":{name}"))
+            })
+    };
+    let candidates = bind(claim_sql::CANDIDATES, &["batch", "dest"]);
+    let claim = bind(
+        claim_sql::CLAIM,
+        &["keys", "claimant", "lease", "latest", "dest"],
+    );
+    let tail = claim
+        .rfind("SELECT (SELECT count(*) FROM superseded)")
+        .expect("the claim ends in its result select");
+    let claim = format!(
+        "{} SELECT (SELECT count(*) FROM superseded) AS superseded,
+                 coalesce(array_agg(c.id), '{{}}') AS ids,
+                 coalesce(array_agg(c.claim_token), '{{}}') AS tokens
+          FROM claimed c",
+        &claim[..tail]
+    );
+    let complete = bind(claim_sql::COMPLETE.as_str(), &["ids", "tokens"]);
+    // pgbench reads a command per line: drop the comments, then the breaks.
+    let one_line = |sql: &str| {
+        sql.lines()
+            .map(|l| l.split_once("--").map_or(l, |(code, _)| code))
+            .flat_map(str::split_whitespace)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    [
+        "BEGIN;".to_owned(),
+        format!(
+            "SELECT coalesce(array_agg(DISTINCT key ORDER BY key) FILTER (WHERE mine), '{{}}') \
+             AS keys FROM ({}) c \\gset",
+            one_line(&candidates)
+        ),
+        format!("{} \\gset", one_line(&claim)),
+        "COMMIT;".to_owned(),
+        format!("{};", one_line(&complete)),
+    ]
+    .join("\n")
+        + "\n"
+}
+
+/// Drains an equal backlog with pgbench running the relay's statements at
+/// the same batch size and concurrency; tasks settled per second.
+async fn pgbench_drain(
+    db: &testkit::TestDb,
+    backlog: Backlog,
+    policy: DeliveryPolicy,
+) -> Result<f64> {
+    prefill(&db.pool, NOOP, "P-", backlog).await?;
+    let rows = backlog.rows();
+    let dir = tempfile::tempdir()?;
+    let script = dir.path().join("drain.sql");
+    std::fs::write(&script, pgbench_drain_script())?;
+    let latest = policy == DeliveryPolicy::LatestWins;
+    let started = Instant::now();
+    let mut pgbench = tokio::process::Command::new("pgbench")
+        .args(["-n", "-M", "prepared", "-c", &LANES.to_string(), "-j", "2"])
+        .args(["-T", "900", "-D", &format!("batch={BATCH}"), "-D"])
+        .arg(format!("dest={NOOP}"))
+        .args(["-D", "claimant=pgbench", "-D", "lease=120", "-D"])
+        .arg(format!("latest={latest}"))
+        .arg("-f")
+        .arg(&script)
+        .arg(db.url.split('?').next().unwrap_or(&db.url))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("pgbench is installed (postgresql-client)")?;
+    loop {
+        let open = count(
+            &db.pool,
+            "SELECT count(*) FROM outbox WHERE aggregateid LIKE 'P-%'
+               AND state IN ('pending', 'running')",
+        )
+        .await?;
+        if open == 0 {
+            break;
+        }
+        if let Some(status) = pgbench.try_wait()? {
+            let mut err = String::new();
+            if let Some(mut e) = pgbench.stderr.take() {
+                use tokio::io::AsyncReadExt as _;
+                e.read_to_string(&mut err).await?;
+            }
+            anyhow::bail!("pgbench stopped ({status}) with {open} tasks open: {err}");
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(900),
+            "pgbench did not drain"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let took = started.elapsed();
+    pgbench.kill().await?;
+    Ok(rows as f64 / took.as_secs_f64())
+}
+
+/// "Every message in order" against "latest wins" on one backlog shape:
+/// every tenth order has five messages queued.
+async fn in_order(orders: i64, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
+    let backlog = Backlog {
+        orders,
+        bursts: true,
+    };
+    let latest = drain_noop(backlog, DeliveryPolicy::LatestWins, 0, false).await?;
+    let ordered = drain_noop(backlog, DeliveryPolicy::EveryMessageInOrder, 0, false).await?;
+    let rows = backlog.rows();
+    for (name, drain) in [
+        ("latest wins", &latest),
+        ("every message in order", &ordered),
+    ] {
+        let scenario = format!("1b drain, {name}, 10% of orders with 5");
+        out.push(figure(
+            &scenario,
+            &format!("{rows} tasks settled"),
+            drain.rate,
+            "task/s",
+            None,
+        ));
+        drain.push_ceiling(&scenario, rows, out);
+    }
+    let kept = ordered.rate / latest.rate;
+    out.push(figure(
+        "1b drain, in order / latest wins",
+        "drain rate kept",
+        kept * 100.0,
+        "%",
+        (!quick).then_some(("≥ 90", kept >= 0.9)),
+    ));
+    Ok(())
 }
 
 /// Mean latency of a claim of 100 tasks over a fresh pending set.
 async fn claim_latency_ms(pool: &PgPool) -> Result<f64> {
-    prefill(pool, "C-", 5_000).await?;
+    prefill(
+        pool,
+        NOOP,
+        "C-",
+        Backlog {
+            orders: 5_000,
+            bursts: false,
+        },
+    )
+    .await?;
     let store = Store::new(pool.clone());
+    let destination = NOOP.parse().expect("a destination name");
     let mut total = Duration::ZERO;
     let rounds = 40;
     for _ in 0..rounds {
         let started = Instant::now();
         let claim = store
             .claim_batch(&store::ClaimSpec {
+                destination: &destination,
+                policy: DeliveryPolicy::LatestWins,
                 claimant: "probe",
                 limit: 100,
                 lease: Duration::from_secs(60),
             })
             .await?;
         total += started.elapsed();
-        for t in claim.tasks {
-            store.complete(t.id, t.token).await?;
-        }
+        let claims: Vec<_> = claim.tasks.iter().map(|t| (t.id, t.token)).collect();
+        store.complete_many(&claims).await?;
     }
     Ok(total.as_secs_f64() * 1000.0 / f64::from(rounds))
 }
@@ -314,7 +558,16 @@ async fn spawn_api(db_url: &str) -> Result<Proc> {
 /// HTTP; the mock adds `latency_ms` to every answer.
 async fn drain_http(n: i64, latency_ms: u64, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
     let db = testkit::database().await;
-    prefill(&db.pool, "H-", n).await?;
+    prefill(
+        &db.pool,
+        "onec",
+        "H-",
+        Backlog {
+            orders: n,
+            bursts: false,
+        },
+    )
+    .await?;
     let latency = format!("{latency_ms}ms");
     let mock = process::spawn(
         "onec-mock",
@@ -622,11 +875,11 @@ INSERT INTO order_payments (order_id, position, id, type, sum, payed, info, cred
          ('P-' || :client_id || '-' || :n, 1, gen_random_uuid(), 'credit', 50.5, false, '', '{"bank":"Halyk","number_of_months":12}', 'C-9', NULL, '');
 INSERT INTO order_history (order_id, type, type_id, old_value, value, user_id, version)
   VALUES ('P-' || :client_id || '-' || :n, 'status', 1, NULL, '"new"', '', 1), ('P-' || :client_id || '-' || :n, 'price', 2, NULL, '150.5', '', 1);
-SELECT o.id, (SELECT json_agg(i ORDER BY i.position) FROM order_items i WHERE i.aggregateid = o.id),
-       (SELECT json_agg(p ORDER BY p.position) FROM order_payments p WHERE p.aggregateid = o.id),
-       (SELECT json_agg(h ORDER BY h.id) FROM order_history h WHERE h.aggregateid = o.id)
+SELECT o.id, (SELECT json_agg(i ORDER BY i.position) FROM order_items i WHERE i.order_id = o.id),
+       (SELECT json_agg(p ORDER BY p.position) FROM order_payments p WHERE p.order_id = o.id),
+       (SELECT json_agg(h ORDER BY h.id) FROM order_history h WHERE h.order_id = o.id)
   FROM orders o WHERE o.id = 'P-' || :client_id || '-' || :n;
-INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version, payload) VALUES (gen_random_uuid(), 'onec', 'order', 'order.updated', 'P-' || :client_id || '-' || :n, 1, '{"order":{}}');
+INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version, payload) VALUES (gen_random_uuid(), 'onec', 'order', 'order.created', 'P-' || :client_id || '-' || :n, 1, '{"order":{}}');
 SELECT pg_notify('outbox', '');
 COMMIT;
 "#;
@@ -667,11 +920,32 @@ async fn pgbench_ceiling(url: &str, seconds: u64) -> Result<f64> {
 
 /// Claim latency and drain rate over an empty table, over one with many
 /// finished rows, and while a snapshot is held open.
-async fn flat_cost(sizes: Sizes, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
-    let n = sizes.noop_tasks / 4;
-    let (base_rate, base_claim) = drain_noop(n, 0, false, quick, &mut Vec::new()).await?;
-    let (full_rate, full_claim) = drain_noop(n, sizes.finished_rows, false, quick, out).await?;
-    let (held_rate, _) = drain_noop(n, 0, true, quick, out).await?;
+async fn flat_cost(sizes: &Sizes, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
+    let backlog = Backlog {
+        orders: sizes.noop_backlogs[0] / 4,
+        bursts: false,
+    };
+    let latest = DeliveryPolicy::LatestWins;
+    let base = drain_noop(backlog, latest, 0, false).await?;
+    let full = drain_noop(backlog, latest, sizes.finished_rows, false).await?;
+    let held = drain_noop(backlog, latest, 0, true).await?;
+    let (base_rate, base_claim) = (base.rate, base.claim_ms);
+    let (full_rate, full_claim) = (full.rate, full.claim_ms);
+    let held_rate = held.rate;
+    for (name, drain) in [
+        ("5 drain, empty table", &base),
+        ("5 drain, finished rows", &full),
+        ("5 drain, snapshot held open", &held),
+    ] {
+        out.push(figure(
+            name,
+            &format!("{} tasks drained", backlog.rows()),
+            drain.rate,
+            "task/s",
+            None,
+        ));
+        drain.push_ceiling(name, backlog.rows(), out);
+    }
     let scenario = "5 flat cost";
     out.push(figure(
         scenario,

@@ -235,7 +235,7 @@ pub async fn onec_outage(sys: &mut System, outage: Duration) -> Result<Figures> 
     let (mut breaker_open, mut dead_during) = (0f64, 0);
     while down.elapsed() < outage {
         breaker_open = breaker_open.max(
-            sys.relay_metric_max("orders_center_onec_breaker_state")
+            sys.relay_metric_max("orders_center_sink_breaker_state")
                 .await?,
         );
         dead_during = dead_during.max(sys.backlog().await?.dead);

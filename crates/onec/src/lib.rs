@@ -50,3 +50,52 @@ pub struct ApplyResponse {
     /// The version 1C holds now.
     pub version: i64,
 }
+
+/// 1C as an outbox destination: each message is an order snapshot, sent as
+/// [`Delivery`] through an [`OnecClient`], and each [`Outcome`] classified
+/// for the delivery engine.
+pub struct OnecSink {
+    client: std::sync::Arc<dyn OnecClient>,
+}
+
+impl OnecSink {
+    /// Delivers through `client`.
+    pub fn new(client: std::sync::Arc<dyn OnecClient>) -> Self {
+        Self { client }
+    }
+}
+
+#[async_trait::async_trait]
+impl sink::Sink for OnecSink {
+    async fn deliver(&self, message: &sink::Message) -> sink::Outcome {
+        let delivery = Delivery {
+            order_id: message.aggregate_id.clone(),
+            version: message.version,
+            snapshot: message.payload.clone(),
+            traceparent: message.traceparent.clone(),
+        };
+        match self.client.put_order(&delivery).await {
+            Outcome::Delivered(_) => Ok(()),
+            Outcome::Failed(f) => Err(f.into()),
+        }
+    }
+}
+
+impl From<Failure> for sink::Failure {
+    fn from(f: Failure) -> Self {
+        let kind = if !f.class.is_transient() {
+            sink::FailureKind::Permanent
+        } else if f.class.outcome_unknown() {
+            sink::FailureKind::InDoubt
+        } else {
+            sink::FailureKind::Transient
+        };
+        Self {
+            kind,
+            class: f.class.as_str(),
+            counts_against_destination: f.class.counts_against_1c(),
+            retry_after: f.retry_after,
+            detail: f.detail,
+        }
+    }
+}

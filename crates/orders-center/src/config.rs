@@ -27,6 +27,18 @@ pub struct Config {
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
 
+    /// Which destinations receive which order events, as
+    /// `destination=event,...;destination=event,...`. Events:
+    /// `order.created`, `order.updated`, `order.status_changed`. The default
+    /// sends every version to 1C.
+    #[arg(
+        long,
+        env = "EVENT_ROUTES",
+        default_value = "onec=order.created,order.updated",
+        global = true
+    )]
+    pub event_routes: domain::Routes,
+
     /// What to run.
     #[command(subcommand)]
     pub command: Command,
@@ -178,14 +190,14 @@ pub struct ElectionArgs {
 impl ElectionArgs {
     /// The election timing, checked: a leader must step down before its
     /// lease can expire, and must retry before its deadline passes.
-    pub fn election_config(&self) -> Result<relay::ElectionConfig, String> {
+    pub fn election_config(&self) -> Result<worker::ElectionConfig, String> {
         if self.lease_renew_deadline >= self.lease_duration {
             return Err("--lease-renew-deadline must be shorter than --lease-duration".into());
         }
         if self.lease_retry_period >= self.lease_renew_deadline {
             return Err("--lease-retry-period must be shorter than --lease-renew-deadline".into());
         }
-        Ok(relay::ElectionConfig {
+        Ok(worker::ElectionConfig {
             lease_duration: self.lease_duration,
             renew_deadline: self.lease_renew_deadline,
             retry_period: self.lease_retry_period,
@@ -289,7 +301,7 @@ impl RelayTuning {
                 claim_lanes: self.claim_lanes.max(1),
                 lease: self.claim_lease,
                 max_attempts: self.max_attempts.max(1),
-                backoff: relay::Backoff {
+                backoff: worker::Backoff {
                     base: self.backoff_base,
                     max: self.backoff_max,
                 },
@@ -301,14 +313,28 @@ impl RelayTuning {
                 backlog_interval: self.backlog_interval,
                 in_doubt: self.onec_in_doubt,
             },
-            protection: relay::ProtectionConfig {
-                max_in_flight: self.max_in_flight.max(1),
-                rate_per_second: std::num::NonZeroU32::new(self.rate_limit),
-                breaker: relay::BreakerConfig {
-                    failure_threshold: self.breaker_failures.max(1),
-                    cool_down: self.breaker_cool_down,
-                },
+        }
+    }
+
+    /// The limits and breaker in front of 1C.
+    pub fn onec_protection(&self) -> relay::ProtectionConfig {
+        relay::ProtectionConfig {
+            max_in_flight: self.max_in_flight.max(1),
+            rate_per_second: std::num::NonZeroU32::new(self.rate_limit),
+            breaker: worker::BreakerConfig {
+                failure_threshold: self.breaker_failures.max(1),
+                cool_down: self.breaker_cool_down,
             },
+        }
+    }
+
+    /// 1C as the relay's outlet: snapshots, latest version wins.
+    pub fn onec_outlet(&self, client: onec::HttpOnecClient) -> relay::Outlet {
+        relay::Outlet {
+            destination: domain::Destination::onec(),
+            policy: domain::DeliveryPolicy::LatestWins,
+            sink: std::sync::Arc::new(onec::OnecSink::new(std::sync::Arc::new(client))),
+            protection: self.onec_protection(),
         }
     }
 
@@ -331,6 +357,9 @@ impl RelayTuning {
 pub enum TasksCommand {
     /// List tasks in one state, oldest first.
     List {
+        /// Only this destination's tasks, e.g. `onec`; all by default.
+        #[arg(long)]
+        destination: Option<domain::Destination>,
         /// Task state.
         #[arg(long, value_parser = parse_state, default_value = "dead")]
         state: domain::TaskState,
@@ -458,18 +487,14 @@ mod tests {
             "--backoff-base",
             "250ms",
         ])
-        .tuning
-        .relay_config();
+        .tuning;
+        let (c, protection) = (c.relay_config(), c.onec_protection());
         assert_eq!(c.service.relay_id, "relay-0");
         assert_eq!(c.service.backoff.base, Duration::from_millis(250));
-        assert_eq!(c.protection.rate_per_second.map(|r| r.get()), Some(50));
-        assert_eq!(c.protection.max_in_flight, 64);
+        assert_eq!(protection.rate_per_second.map(|r| r.get()), Some(50));
+        assert_eq!(protection.max_in_flight, 64);
         assert_eq!(
-            relay_args(&[])
-                .tuning
-                .relay_config()
-                .protection
-                .rate_per_second,
+            relay_args(&[]).tuning.onec_protection().rate_per_second,
             None
         );
     }

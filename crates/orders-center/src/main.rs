@@ -76,6 +76,7 @@ async fn run_relay(config: &Config, args: &RelayArgs, shutdown: CancellationToke
         .onec_config(&args.onec_url, &args.onec_username, &args.onec_password);
     let client = onec::HttpOnecClient::new(&onec)?;
     let relay_config = args.tuning.relay_config();
+    let outlets = vec![args.tuning.onec_outlet(client)];
     let listener = bind(args.listen).await?;
     tracing::info!(
         url = %url_of(&listener)?,
@@ -90,15 +91,9 @@ async fn run_relay(config: &Config, args: &RelayArgs, shutdown: CancellationToke
         &shutdown,
     )
     .await?;
-    let relay = relay::Relay::start(
-        store,
-        Arc::new(client),
-        relay_config,
-        leadership,
-        shutdown.clone(),
-    );
+    let relay = relay::Relay::start(store, outlets, relay_config, leadership, shutdown.clone());
     let status = serve_status(listener, &relay, args.http.limits(), &shutdown);
-    relay.stopped().await;
+    relay.stopped().await?;
     status
         .await?
         .context("serving the relay status endpoints")?;
@@ -114,9 +109,9 @@ async fn leadership(
     shutdown: &CancellationToken,
 ) -> Result<relay::Leadership> {
     let election = args.election_config().map_err(anyhow::Error::msg)?;
-    let lock: Arc<dyn relay::LeaseLock> = match args.leader_election {
+    let lock: Arc<dyn worker::LeaseLock> = match args.leader_election {
         LeaderElection::None => return Ok(relay::Leadership::always()),
-        LeaderElection::Postgres => Arc::new(relay::PgLease::new(
+        LeaderElection::Postgres => Arc::new(worker::PgLease::new(
             store.clone(),
             &args.lease_name,
             identity,
@@ -131,7 +126,7 @@ async fn leadership(
                 .lease_namespace
                 .clone()
                 .unwrap_or_else(|| client.default_namespace().to_owned());
-            Arc::new(relay::KubeLease::new(
+            Arc::new(worker::KubeLease::new(
                 client,
                 &namespace,
                 &args.lease_name,
@@ -141,7 +136,7 @@ async fn leadership(
         }
     };
     tracing::info!(backend = ?args.leader_election, lease = %args.lease_name, identity, "electing a leader");
-    let (elector, task) = relay::Elector::start(lock, election, shutdown.clone());
+    let (elector, task) = worker::Elector::start(lock, election, shutdown.clone());
     Ok(relay::Leadership {
         leader: elector,
         election: Some(task),
@@ -192,7 +187,7 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
     let client = onec::HttpOnecClient::new(&args.relay.onec_config(&mock_url, user, &password))?;
     let relay = relay::Relay::start(
         store.clone(),
-        Arc::new(client),
+        vec![args.relay.onec_outlet(client)],
         args.relay.relay_config(),
         relay::Leadership::always(),
         shutdown.clone(),
@@ -223,7 +218,7 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
         shutdown,
     )
     .await?;
-    relay.stopped().await;
+    relay.stopped().await?;
     relay_status
         .await?
         .context("serving the relay status endpoints")?;
@@ -306,7 +301,7 @@ fn open_store(config: &Config, url: &str) -> Result<store::Store> {
         },
     )
     .context("parsing the database URL")?;
-    Ok(store::Store::new(pool))
+    Ok(store::Store::new(pool).with_routes(config.event_routes.clone()))
 }
 
 /// Cancels `token` on Ctrl-C or SIGTERM. The roles receive the token; none

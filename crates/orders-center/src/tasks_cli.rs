@@ -10,12 +10,15 @@ use crate::config::TasksCommand;
 pub async fn run(store: &Store, command: &TasksCommand) -> Result<()> {
     match command {
         TasksCommand::List {
+            destination,
             state,
             limit,
             after,
             json,
         } => {
-            let tasks = store.list_tasks(*state, after.map(TaskId), *limit).await?;
+            let tasks = store
+                .list_tasks(destination.as_ref(), *state, after.map(TaskId), *limit)
+                .await?;
             if *json {
                 for t in &tasks {
                     println!("{}", serde_json::to_string(t)?);
@@ -27,13 +30,15 @@ pub async fn run(store: &Store, command: &TasksCommand) -> Result<()> {
                 return Ok(());
             }
             println!(
-                "{:>10}  {:<24} {:>7}  {:<10} {:>8}  {:<20}  LAST ERROR",
-                "ID", "ORDER", "VERSION", "STATE", "ATTEMPTS", "UPDATED"
+                "{:>10}  {:<12} {:<22} {:<24} {:>7}  {:<10} {:>8}  {:<20}  LAST ERROR",
+                "ID", "DESTINATION", "TYPE", "ORDER", "VERSION", "STATE", "ATTEMPTS", "UPDATED"
             );
             for t in &tasks {
                 println!(
-                    "{:>10}  {:<24} {:>7}  {:<10} {:>8}  {:<20}  {}",
+                    "{:>10}  {:<12} {:<22} {:<24} {:>7}  {:<10} {:>8}  {:<20}  {}",
                     t.id,
+                    t.destination,
+                    t.kind,
                     t.order_id,
                     t.version,
                     t.state.as_str(),

@@ -1,29 +1,28 @@
-//! `order_eno_1c`: the relay that delivers the `onec_tasks` outbox to 1C.
+//! The relay: one delivery engine for every outbox destination.
 //!
-//! The [`TaskService`] claims tasks, delivers them and records the outcome.
-//! It receives a [`Cron`] by injection and registers its jobs there; the
-//! [`PoolCron`] runs those jobs on a bounded [`WorkerPool`], which the task
-//! service never sees. [`Relay`] wires it all together for one process.
+//! - [`engine`]: per destination, claims a batch under the destination's
+//!   [`DeliveryPolicy`](domain::DeliveryPolicy), delivers each message
+//!   through its [`Sink`](sink::Sink) and records the outcome; [`decide`] is
+//!   the retry policy.
+//! - [`guard`]: what stands in front of each sink: in-flight limit, rate
+//!   limit, circuit breaker.
+//! - [`upkeep`]: the leader's jobs over the whole outbox: rescuing expired
+//!   claims, retention, backlog figures.
+//! - [`Relay`] wires them onto the shared `worker` runtime for one process.
+//!
+//! The claim SQL lives in the `store` crate (`tasks.rs`); the cron, pool,
+//! election, breaker and supervisor in the `worker` crate.
 
-pub mod backoff;
-pub mod breaker;
-pub mod clock;
-pub mod cron;
-pub mod leader;
+pub mod engine;
+mod error;
+pub mod guard;
 pub mod metrics;
-pub mod pool;
-pub mod protect;
 mod runtime;
-pub mod service;
-pub mod wakeup;
+pub mod upkeep;
 
-pub use backoff::Backoff;
-pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
-pub use clock::{Clock, SystemClock};
-pub use cron::{Cron, Job, PoolCron, Progress, Scope};
-pub use leader::{AlwaysLeader, ElectionConfig, Elector, KubeLease, Leader, LeaseLock, PgLease};
+pub use engine::{decide, Decision, DeliveryEngine, ServiceConfig};
+pub use error::{Error, Result};
+pub use guard::{Attempt, ProtectionConfig, SinkGuard};
 pub use metrics::RelayMetrics;
-pub use pool::{PoolClosed, WorkerPool};
-pub use protect::{Attempt, OnecGuard, ProtectionConfig};
-pub use runtime::{Leadership, Relay, RelayConfig};
-pub use service::{decide, Decision, ServiceConfig, TaskService};
+pub use runtime::{Leadership, Outlet, Relay, RelayConfig};
+pub use upkeep::Upkeep;

@@ -1,12 +1,16 @@
-//! Prometheus metrics of the relay role, on its own registry.
+//! Prometheus metrics of the relay role, on its own registry. Every outbox
+//! figure carries a `destination` label.
 
 use chrono::{DateTime, Utc};
 use domain::SyncStats;
-use onec::Outcome;
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+const SECONDS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 /// The relay's metrics.
 pub struct RelayMetrics {
@@ -16,30 +20,21 @@ pub struct RelayMetrics {
     leader_registry: Registry,
     /// 1 while this relay leads.
     pub is_leader: IntGauge,
-    backlog_pending: IntGauge,
-    backlog_running: IntGauge,
-    backlog_dead: IntGauge,
-    backlog_oldest_age: Gauge,
-    /// Tasks delivered (1C answered 200).
-    pub delivered_total: IntCounter,
-    /// Failed attempts by error class.
-    pub failed_total: IntCounterVec,
-    /// Tasks that went dead.
-    pub dead: IntCounter,
-    /// Pending versions skipped because a newer one of the order was sent.
-    pub superseded: IntCounter,
-    /// Time 1C took to answer, by outcome.
-    pub onec_request: prometheus::HistogramVec,
+    backlog_pending: IntGaugeVec,
+    backlog_running: IntGaugeVec,
+    backlog_dead: IntGaugeVec,
+    backlog_oldest_age: GaugeVec,
+    delivered: IntCounterVec,
+    failed: IntCounterVec,
+    dead: IntCounterVec,
+    superseded: IntCounterVec,
+    released: IntCounterVec,
+    request: HistogramVec,
+    lag: HistogramVec,
+    claim_batch: HistogramVec,
+    breaker_state: IntGaugeVec,
     /// Unix time of each cron job's last successful run.
-    pub cron_last_success: prometheus::GaugeVec,
-    /// Claimed tasks given back unsent (breaker open, shutdown).
-    pub released: IntCounter,
-    /// Time from the save's commit to 1C's answer.
-    pub lag: Histogram,
-    /// Tasks per non-empty claim.
-    pub claim_batch: Histogram,
-    /// 0 closed, 1 open, 2 half-open.
-    pub breaker_state: IntGauge,
+    pub cron_last_success: GaugeVec,
     /// Workers running a job.
     pub workers_busy: IntGauge,
     /// Workers in the pool.
@@ -52,67 +47,99 @@ impl Default for RelayMetrics {
     }
 }
 
+fn counters(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+}
+
+fn gauges(name: &str, help: &str) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), &["destination"]).expect("valid metric")
+}
+
+fn histograms(name: &str, help: &str, buckets: Vec<f64>, labels: &[&str]) -> HistogramVec {
+    HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("valid metric")
+}
+
 impl RelayMetrics {
     /// Registers every metric on a fresh registry.
     pub fn new() -> Self {
-        let registry = Registry::new();
-        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
         let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
+        let d = &["destination"];
         let m = Self {
+            registry: Registry::new(),
             leader_registry: Registry::new(),
             is_leader: gauge(
                 "orders_center_relay_is_leader",
                 "Whether this relay leads: 1 or 0.",
             ),
-            backlog_pending: gauge(
-                "orders_center_onec_backlog_pending",
+            backlog_pending: gauges(
+                "orders_center_outbox_backlog_pending",
                 "Tasks waiting for delivery (from the leader).",
             ),
-            backlog_running: gauge(
-                "orders_center_onec_backlog_running",
+            backlog_running: gauges(
+                "orders_center_outbox_backlog_running",
                 "Tasks being delivered (from the leader).",
             ),
-            backlog_dead: gauge(
-                "orders_center_onec_backlog_dead",
+            backlog_dead: gauges(
+                "orders_center_outbox_backlog_dead",
                 "Dead tasks (from the leader).",
             ),
-            backlog_oldest_age: Gauge::new(
-                "orders_center_onec_backlog_oldest_pending_age_seconds",
-                "Age of the oldest pending task (from the leader).",
-            )
-            .expect("valid metric"),
-            delivered_total: counter(
-                "orders_center_onec_tasks_delivered_total",
-                "Tasks delivered to 1C.",
-            ),
-            failed_total: IntCounterVec::new(
+            backlog_oldest_age: GaugeVec::new(
                 Opts::new(
-                    "orders_center_onec_tasks_failed_total",
-                    "Failed delivery attempts, by error class.",
+                    "orders_center_outbox_backlog_oldest_pending_age_seconds",
+                    "Age of the oldest pending task (from the leader).",
                 ),
-                &["class"],
+                d,
             )
             .expect("valid metric"),
-            dead: counter(
-                "orders_center_onec_tasks_dead_total",
+            delivered: counters(
+                "orders_center_outbox_delivered_total",
+                "Tasks delivered.",
+                d,
+            ),
+            failed: counters(
+                "orders_center_outbox_failed_total",
+                "Failed delivery attempts, by error class.",
+                &["destination", "class"],
+            ),
+            dead: counters(
+                "orders_center_outbox_dead_total",
                 "Tasks that went dead.",
+                d,
             ),
-            superseded: counter(
-                "orders_center_onec_tasks_superseded_total",
+            superseded: counters(
+                "orders_center_outbox_superseded_total",
                 "Pending versions skipped because a newer version of the order was claimed.",
+                d,
             ),
-            onec_request: prometheus::HistogramVec::new(
-                HistogramOpts::new(
-                    "orders_center_onec_request_duration_seconds",
-                    "Time 1C took to answer a delivery, by outcome.",
-                )
-                .buckets(vec![
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                ]),
-                &["outcome"],
-            )
-            .expect("valid metric"),
-            cron_last_success: prometheus::GaugeVec::new(
+            released: counters(
+                "orders_center_outbox_released_total",
+                "Claimed tasks given back unsent.",
+                d,
+            ),
+            request: histograms(
+                "orders_center_sink_request_duration_seconds",
+                "Time a destination took to answer a delivery, by outcome.",
+                SECONDS.to_vec(),
+                &["destination", "outcome"],
+            ),
+            lag: histograms(
+                "orders_center_outbox_delivery_lag_seconds",
+                "Time from the event's commit to the destination's answer.",
+                [&SECONDS[..], &[30.0, 60.0, 300.0]].concat(),
+                d,
+            ),
+            claim_batch: histograms(
+                "orders_center_outbox_claim_batch_size",
+                "Tasks per non-empty claim.",
+                vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0],
+                d,
+            ),
+            breaker_state: gauges(
+                "orders_center_sink_breaker_state",
+                "Circuit breaker: 0 closed, 1 open, 2 half-open.",
+            ),
+            cron_last_success: GaugeVec::new(
                 Opts::new(
                     "orders_center_cron_last_success_timestamp_seconds",
                     "Unix time of each cron job's last successful run on this relay.",
@@ -120,43 +147,15 @@ impl RelayMetrics {
                 &["job"],
             )
             .expect("valid metric"),
-            released: counter(
-                "orders_center_onec_tasks_released_total",
-                "Claimed tasks given back unsent.",
-            ),
-            lag: Histogram::with_opts(
-                HistogramOpts::new(
-                    "orders_center_onec_delivery_lag_seconds",
-                    "Time from the save's commit to 1C's answer.",
-                )
-                .buckets(vec![
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                    30.0, 60.0, 300.0,
-                ]),
-            )
-            .expect("valid metric"),
-            claim_batch: Histogram::with_opts(
-                HistogramOpts::new(
-                    "orders_center_onec_claim_batch_size",
-                    "Tasks per non-empty claim.",
-                )
-                .buckets(vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0]),
-            )
-            .expect("valid metric"),
-            breaker_state: gauge(
-                "orders_center_onec_breaker_state",
-                "Circuit breaker: 0 closed, 1 open, 2 half-open.",
-            ),
             workers_busy: gauge("orders_center_relay_workers_busy", "Workers running a job."),
             workers: gauge("orders_center_relay_workers", "Workers in the pool."),
-            registry,
         };
         for c in [
-            Box::new(m.delivered_total.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(m.failed_total.clone()),
+            Box::new(m.delivered.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.failed.clone()),
             Box::new(m.dead.clone()),
             Box::new(m.superseded.clone()),
-            Box::new(m.onec_request.clone()),
+            Box::new(m.request.clone()),
             Box::new(m.cron_last_success.clone()),
             Box::new(m.released.clone()),
             Box::new(m.lag.clone()),
@@ -181,52 +180,54 @@ impl RelayMetrics {
         m
     }
 
+    /// The figures of one destination.
+    pub fn destination(&self, name: &str) -> DestinationMetrics {
+        let l = &[name];
+        DestinationMetrics {
+            name: name.to_owned(),
+            delivered: self.delivered.with_label_values(l),
+            dead: self.dead.with_label_values(l),
+            superseded: self.superseded.with_label_values(l),
+            released: self.released.with_label_values(l),
+            lag: self.lag.with_label_values(l),
+            claim_batch: self.claim_batch.with_label_values(l),
+            breaker_state: self.breaker_state.with_label_values(l),
+            failed: self.failed.clone(),
+            request: self.request.clone(),
+        }
+    }
+
     pub(crate) fn backlog(&self, stats: &SyncStats) {
-        self.backlog_pending.set(stats.pending);
-        self.backlog_running.set(stats.running);
-        self.backlog_dead.set(stats.dead);
+        let l = &[stats.destination.as_str()];
+        self.backlog_pending.with_label_values(l).set(stats.pending);
+        self.backlog_running.with_label_values(l).set(stats.running);
+        self.backlog_dead.with_label_values(l).set(stats.dead);
         self.backlog_oldest_age
+            .with_label_values(l)
             .set(stats.oldest_pending_age_seconds);
     }
 
-    pub(crate) fn claimed(&self, claimed: &store::Claimed) {
-        if !claimed.tasks.is_empty() {
-            self.claim_batch.observe(claimed.tasks.len() as f64);
-        }
-        self.superseded.inc_by(claimed.superseded);
+    /// Tasks of `destination` whose delivery has been recorded as done.
+    pub fn delivered_total(&self, destination: &str) -> u64 {
+        self.delivered.with_label_values(&[destination]).get()
     }
 
-    pub(crate) fn answered(&self, outcome: &Outcome, seconds: f64) {
-        let label = match outcome {
-            Outcome::Delivered(_) => "delivered",
-            Outcome::Failed(f) => f.class.as_str(),
-        };
-        self.onec_request
-            .with_label_values(&[label])
-            .observe(seconds);
+    /// Tasks of `destination` superseded by newer ones (latest wins).
+    pub fn superseded_total(&self, destination: &str) -> u64 {
+        self.superseded.with_label_values(&[destination]).get()
+    }
+
+    /// Non-empty claims of `destination` so far.
+    pub fn claims(&self, destination: &str) -> u64 {
+        self.claim_batch
+            .with_label_values(&[destination])
+            .get_sample_count()
     }
 
     /// Records a successful run of cron job `job`.
     pub fn ticked(&self, job: &str) {
         let now = Utc::now().timestamp_millis() as f64 / 1000.0;
         self.cron_last_success.with_label_values(&[job]).set(now);
-    }
-
-    pub(crate) fn delivered(&self, committed_at: DateTime<Utc>) {
-        self.delivered_total.inc();
-        let lag = (Utc::now() - committed_at)
-            .num_microseconds()
-            .unwrap_or(0)
-            .max(0);
-        self.lag.observe(lag as f64 / 1e6);
-    }
-
-    pub(crate) fn failed(&self, outcome: &Outcome) {
-        if let Outcome::Failed(f) = outcome {
-            self.failed_total
-                .with_label_values(&[f.class.as_str()])
-                .inc();
-        }
     }
 
     /// The text exposition: every metric, plus the backlog while leading.
@@ -241,5 +242,64 @@ impl RelayMetrics {
             .encode(&families, &mut buf)
             .expect("text encoding cannot fail");
         String::from_utf8(buf).expect("exposition is UTF-8")
+    }
+}
+
+/// One destination's metrics, resolved once.
+#[derive(Clone)]
+pub struct DestinationMetrics {
+    name: String,
+    /// Tasks delivered, counted once their completion has committed.
+    pub delivered: IntCounter,
+    /// Tasks that went dead.
+    pub dead: IntCounter,
+    /// Pending versions skipped under latest wins.
+    pub superseded: IntCounter,
+    /// Claimed tasks given back unsent (breaker open, shutdown).
+    pub released: IntCounter,
+    lag: prometheus::Histogram,
+    claim_batch: prometheus::Histogram,
+    /// 0 closed, 1 open, 2 half-open.
+    pub breaker_state: IntGauge,
+    failed: IntCounterVec,
+    request: HistogramVec,
+}
+
+impl DestinationMetrics {
+    pub(crate) fn claimed(&self, claimed: &store::Claimed) {
+        if !claimed.tasks.is_empty() {
+            self.claim_batch.observe(claimed.tasks.len() as f64);
+        }
+        self.superseded.inc_by(claimed.superseded);
+    }
+
+    pub(crate) fn answered(&self, outcome: &sink::Outcome, seconds: f64) {
+        let label = match outcome {
+            Ok(()) => "delivered",
+            Err(f) => f.class,
+        };
+        self.request
+            .with_label_values(&[self.name.as_str(), label])
+            .observe(seconds);
+    }
+
+    /// The destination has the message: the lag ends at its answer.
+    pub(crate) fn answered_ok(&self, committed_at: DateTime<Utc>) {
+        let lag = (Utc::now() - committed_at)
+            .num_microseconds()
+            .unwrap_or(0)
+            .max(0);
+        self.lag.observe(lag as f64 / 1e6);
+    }
+
+    /// `n` deliveries are recorded as done, committed.
+    pub(crate) fn completed(&self, n: u64) {
+        self.delivered.inc_by(n);
+    }
+
+    pub(crate) fn failed(&self, failure: &sink::Failure) {
+        self.failed
+            .with_label_values(&[self.name.as_str(), failure.class])
+            .inc();
     }
 }

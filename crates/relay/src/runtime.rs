@@ -1,5 +1,6 @@
-//! One relay process: the task service on a pool-backed cron, the LISTEN
-//! wake-up, and the status endpoints.
+//! One relay process: a delivery engine per destination and the leader's
+//! upkeep on a pool-backed cron, the LISTEN wake-up, and the status
+//! endpoints, every long-running task under one supervisor.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,26 +10,34 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
-use onec::OnecClient;
+use domain::{DeliveryPolicy, Destination};
+use sink::Sink;
 use store::Store;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use worker::{AlwaysLeader, Leader, PoolCron, Supervisor, SystemClock, TaskDied, WorkerPool};
 
-use crate::clock::SystemClock;
-use crate::cron::PoolCron;
-use crate::leader::{AlwaysLeader, Leader};
+use crate::engine::{DeliveryEngine, ServiceConfig};
+use crate::guard::{ProtectionConfig, SinkGuard};
 use crate::metrics::RelayMetrics;
-use crate::pool::WorkerPool;
-use crate::protect::{OnecGuard, ProtectionConfig};
-use crate::service::{ServiceConfig, TaskService};
-use crate::wakeup;
+use crate::upkeep::Upkeep;
 
 /// Settings of one relay process.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
-    /// The task service.
+    /// Delivery settings shared by every destination.
     pub service: ServiceConfig,
-    /// Protection of 1C.
+}
+
+/// One destination this relay delivers to.
+pub struct Outlet {
+    /// Its name in the outbox.
+    pub destination: Destination,
+    /// How it wants one key's messages.
+    pub policy: DeliveryPolicy,
+    /// What delivers a message there.
+    pub sink: Arc<dyn Sink>,
+    /// The limits and breaker in front of it.
     pub protection: ProtectionConfig,
 }
 
@@ -38,7 +47,8 @@ pub struct Relay {
     inner: Arc<Inner>,
 }
 
-/// The leader of this process, and the election task to await on shutdown.
+/// The leader of this process, and the election task, which must run until
+/// shutdown.
 pub struct Leadership {
     /// Who leads.
     pub leader: Arc<dyn Leader>,
@@ -59,78 +69,93 @@ impl Leadership {
 struct Inner {
     store: Store,
     leader: Arc<dyn Leader>,
-    election: std::sync::Mutex<Option<JoinHandle<()>>>,
-    guard: Arc<OnecGuard>,
+    guards: Vec<(Destination, Arc<SinkGuard>)>,
     pool: WorkerPool,
-    cron: PoolCron,
+    supervisor: Supervisor,
     metrics: Arc<RelayMetrics>,
-    listener: std::sync::Mutex<Option<JoinHandle<()>>>,
-    shutdown: CancellationToken,
 }
 
 impl Relay {
-    /// Starts delivering. Everything stops when `shutdown` fires; then
-    /// [`Relay::stopped`] finishes what is in flight and releases the rest.
+    /// Starts delivering to every outlet. Everything stops when `shutdown`
+    /// fires, or when a long-running task dies; then [`Relay::stopped`]
+    /// finishes what is in flight and releases the rest.
     pub fn start(
         store: Store,
-        client: Arc<dyn OnecClient>,
+        outlets: Vec<Outlet>,
         config: RelayConfig,
         leadership: Leadership,
         shutdown: CancellationToken,
     ) -> Self {
         let metrics = Arc::new(RelayMetrics::new());
-        let guard = Arc::new(OnecGuard::new(
-            client,
-            config.protection,
-            Arc::new(SystemClock),
-            metrics.clone(),
-        ));
-        // One worker per claim lane, plus one for the rescue job.
-        let pool = WorkerPool::new(config.service.claim_lanes + 1);
+        let supervisor = Supervisor::new(shutdown);
+        // One worker per claim lane of each destination, plus one for the
+        // leader's jobs.
+        let pool = WorkerPool::new(config.service.claim_lanes * outlets.len().max(1) + 1);
         metrics.workers.set(pool.size() as i64);
         let m = metrics.clone();
-        let cron = PoolCron::new(pool.clone(), shutdown.clone(), leadership.leader.clone())
+        let cron = PoolCron::new(pool.clone(), supervisor.clone(), leadership.leader.clone())
             .on_success(Arc::new(move |job| m.ticked(job)));
-        let service = TaskService::new(
+        let (mut guards, mut wakes) = (Vec::new(), Vec::new());
+        for outlet in outlets {
+            let figures = metrics.destination(outlet.destination.as_str());
+            let guard = Arc::new(SinkGuard::new(
+                outlet.sink,
+                outlet.protection,
+                Arc::new(SystemClock),
+                figures.clone(),
+            ));
+            let engine = DeliveryEngine::new(
+                store.clone(),
+                outlet.destination.clone(),
+                outlet.policy,
+                guard.clone(),
+                config.service.clone(),
+                figures,
+            );
+            engine.register(&cron);
+            wakes.push(engine.wake());
+            guards.push((outlet.destination, guard));
+        }
+        Upkeep::new(
             store.clone(),
-            guard.clone(),
+            guards.iter().map(|(d, _)| d.clone()).collect(),
             config.service,
             metrics.clone(),
-        );
-        service.register(&cron);
-        let listener = tokio::spawn(wakeup::listen_for_saves(
+            wakes.clone(),
+        )
+        .register(&cron);
+        let listen = worker::wakeup::listen(
             store.pool().clone(),
-            service.wake(),
-            shutdown.clone(),
-        ));
+            store::NOTIFY_CHANNEL,
+            wakes,
+            supervisor.shutdown().clone(),
+        );
+        supervisor.spawn("listen", async move {
+            listen.await;
+            Ok::<(), std::convert::Infallible>(())
+        });
+        if let Some(election) = leadership.election {
+            supervisor.spawn("election", election);
+        }
         Self {
             inner: Arc::new(Inner {
                 store,
                 leader: leadership.leader,
-                election: std::sync::Mutex::new(leadership.election),
-                guard,
+                guards,
                 pool,
-                cron,
+                supervisor,
                 metrics,
-                listener: std::sync::Mutex::new(Some(listener)),
-                shutdown,
             }),
         }
     }
 
-    /// Waits for the shutdown signal, then for every run in flight: sent
-    /// deliveries are awaited and recorded, unsent ones released.
-    pub async fn stopped(&self) {
-        self.inner.shutdown.cancelled().await;
-        self.inner.cron.stopped().await;
+    /// Waits for shutdown, then for every run in flight: sent deliveries are
+    /// awaited and recorded, unsent ones released. An error names the
+    /// long-running task whose death stopped the relay.
+    pub async fn stopped(&self) -> Result<(), TaskDied> {
+        let result = self.inner.supervisor.wait().await;
         self.inner.pool.shutdown().await;
-        let tasks = [
-            self.inner.listener.lock().expect("not poisoned").take(),
-            self.inner.election.lock().expect("not poisoned").take(),
-        ];
-        for task in tasks.into_iter().flatten() {
-            let _ = task.await;
-        }
+        result
     }
 
     /// The relay's metrics.
@@ -173,9 +198,12 @@ async fn readyz(State(relay): State<Relay>) -> impl IntoResponse {
 
 async fn metrics(State(relay): State<Relay>) -> impl IntoResponse {
     let i = &relay.inner;
-    i.metrics
-        .breaker_state
-        .set(i.guard.breaker_state().as_gauge());
+    for (destination, guard) in &i.guards {
+        i.metrics
+            .destination(destination.as_str())
+            .breaker_state
+            .set(guard.breaker_state().as_gauge());
+    }
     i.metrics.workers_busy.set(i.pool.busy() as i64);
     (
         [(

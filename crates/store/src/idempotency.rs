@@ -1,7 +1,7 @@
 //! Idempotent creates: the first response to a key is stored in the same
 //! transaction as the order, and a retry gets it back instead of a new order.
 
-use domain::{OrderView, ValidOrder};
+use domain::ValidOrder;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::types::Json;
@@ -43,7 +43,7 @@ impl RequestHash {
 #[derive(Debug, Clone)]
 pub enum CreateOutcome {
     /// This request created the order.
-    Created(Box<OrderView>),
+    Created(Box<crate::Saved>),
     /// An earlier request with this key already did; here is its response.
     Replayed {
         /// HTTP status of the first response.
@@ -113,11 +113,11 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
-            return Ok(CreateOutcome::Created(Box::new(saved.view)));
+            return Ok(CreateOutcome::Created(Box::new(saved)));
         }
         let saved = save_in(&mut tx, &self.routes, order, Precondition::Absent, ctx).await?;
         tx.commit().await?;
-        Ok(CreateOutcome::Created(Box::new(saved.view)))
+        Ok(CreateOutcome::Created(Box::new(saved)))
     }
 }
 

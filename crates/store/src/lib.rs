@@ -22,7 +22,7 @@ pub use idempotency::{CreateOutcome, IdempotencyKey, RequestHash};
 pub use leases::{LeaseHeld, LEADER_CHANNEL};
 pub use orders::{Cursor, ListFilter, Page, Precondition, SaveContext, Saved};
 pub use outbox::NOTIFY_CHANNEL;
-pub use tasks::{ClaimSpec, ClaimToken, Claimed, ClaimedTask, EventId, TaskId};
+pub use tasks::{sql as claim_sql, ClaimSpec, ClaimToken, Claimed, ClaimedTask, EventId, TaskId};
 
 /// The schema migrations from `migrations/`, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");

@@ -8,8 +8,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use domain::{
-    history, HistoryEntry, Order, OrderEvent, OrderFull, OrderId, OrderSummary, OrderView, Routes,
-    StatusChange, SyncStatus, TaskState, ValidOrder, ONEC,
+    history, Destination, HistoryEntry, Order, OrderEvent, OrderFull, OrderId, OrderSummary,
+    OrderView, Routes, StatusChange, SyncStatus, TaskState, ValidOrder, ONEC,
 };
 use sqlx::types::Json;
 use sqlx::{PgConnection, Postgres, QueryBuilder};
@@ -46,6 +46,8 @@ pub struct Saved {
     pub view: OrderView,
     /// Whether this save created the order.
     pub created: bool,
+    /// The destination of every outbox row the save wrote, one per row.
+    pub queued: Vec<Destination>,
 }
 
 /// Filters of the order list. Every filter narrows; absent ones do not.
@@ -347,7 +349,12 @@ pub(crate) async fn save_in(
             last_error: None,
             updated_at: task.created_at,
         });
-    Ok(Saved { view, created })
+    let queued = enqueued.into_iter().map(|e| e.destination).collect();
+    Ok(Saved {
+        view,
+        created,
+        queued,
+    })
 }
 
 async fn insert_lines(conn: &mut PgConnection, order: &ValidOrder) -> Result<()> {

@@ -87,167 +87,31 @@ pub struct ClaimSpec<'a> {
     pub lease: Duration,
 }
 
-/// A statement that leaves `running` for the claim `$1` (task id), `$2`
-/// (token), returning one row if the claim was still held. Leaving `running`
-/// always drops the claim: the CHECK constraint keeps `running` and the claim
-/// fields in step. It also unparks the order's newer versions.
-fn fenced(set: &str) -> String {
-    format!(
-        "WITH left_running AS (
-             UPDATE outbox SET {set}, claim_token = NULL, claim_expires_at = NULL,
-                 claimed_by = NULL, updated_at = now()
-             WHERE id = $1 AND claim_token = $2 AND state = 'running'
-             RETURNING destination, aggregateid, id
-         ),
-         {UNPARK}
-         SELECT 1 FROM left_running"
-    )
-}
+/// The claim engine's statements. Public so that the bench can run exactly
+/// these through pgbench, as the SQL-only ceiling of a drain.
+pub mod sql {
+    use std::sync::LazyLock;
 
-/// A CTE that makes the messages parked behind the rows of `left_running`
-/// due now: a claim parked them for up to a second, but the key is free as
-/// soon as its running message is done with. Newer pending messages behind
-/// a running one were never tried, so none has a backoff to keep. Each is
-/// rewritten even when not parked, which fences a claim that is about to
-/// park it (the xmin checks in [`Store::claim_batch`]).
-const UNPARK: &str = "unparked AS (
-             UPDATE outbox p SET run_at = least(p.run_at, now())
-             FROM left_running l
-             WHERE p.destination = l.destination AND p.aggregateid = l.aggregateid
-               AND p.id > l.id AND p.state = 'pending'
-         )";
+    use super::UNPARK;
 
-#[derive(sqlx::FromRow)]
-struct SummaryRow {
-    id: i64,
-    #[sqlx(try_from = "String")]
-    destination: Destination,
-    #[sqlx(rename = "type")]
-    kind: String,
-    aggregateid: String,
-    version: i64,
-    #[sqlx(try_from = "String")]
-    state: TaskState,
-    attempts: i32,
-    run_at: DateTime<Utc>,
-    claimed_by: Option<String>,
-    last_error: Option<String>,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-}
-
-impl From<SummaryRow> for TaskSummary {
-    fn from(r: SummaryRow) -> Self {
-        Self {
-            id: r.id,
-            destination: r.destination,
-            kind: r.kind,
-            order_id: r.aggregateid,
-            version: r.version,
-            state: r.state,
-            attempts: r.attempts,
-            run_at: r.run_at,
-            claimed_by: r.claimed_by,
-            last_error: r.last_error,
-            created_at: r.created_at,
-            updated_at: r.updated_at,
-        }
-    }
-}
-
-const SUMMARY_COLUMNS: &str = "id, destination, type, aggregateid, version, state, attempts, \
-                               run_at, claimed_by, last_error, created_at, updated_at";
-
-/// What one claim did.
-#[derive(Debug, Clone, Default)]
-pub struct Claimed {
-    /// Tasks now held by this relay.
-    pub tasks: Vec<ClaimedTask>,
-    /// Older pending versions that newer ones superseded (latest wins).
-    pub superseded: u64,
-    /// The page of due candidates was full: more may be waiting, even if
-    /// few were claimed (several versions of one order share one claim).
-    pub more: bool,
-}
-
-/// One row per claimed task, or a single row of NULLs when none was claimed;
-/// either way it carries the superseded count.
-#[derive(sqlx::FromRow)]
-struct ClaimedRow {
-    superseded: i64,
-    id: Option<i64>,
-    event_id: Option<Uuid>,
-    aggregatetype: Option<String>,
-    aggregateid: Option<String>,
-    #[sqlx(rename = "type")]
-    kind: Option<String>,
-    version: Option<i64>,
-    payload: Option<Json<serde_json::Value>>,
-    attempts: Option<i32>,
-    claim_token: Option<Uuid>,
-    traceparent: Option<String>,
-    created_at: Option<DateTime<Utc>>,
-}
-
-impl Store {
-    /// Claims up to `spec.limit` tasks of one destination in one short
-    /// transaction. A key is an aggregate id (an order): at most one of its
-    /// messages is ever running, and none is sent after a newer one.
-    ///
-    /// 1. Due pending rows are locked `FOR UPDATE SKIP LOCKED`, so concurrent
-    ///    relays take disjoint candidates, and each candidate's key is locked
-    ///    with a transaction-scoped advisory lock (safe behind PgBouncer).
-    /// 2. A second statement, whose snapshot is taken only after those locks
-    ///    are held and so sees every committed claim of those keys, claims
-    ///    for each locked key its head: the newest pending message under
-    ///    *latest wins*, the oldest under *every message in order*. Only if
-    ///    the key has nothing running, the head is due, and no older message
-    ///    is still in doubt (the destination may yet apply a timed-out
-    ///    attempt). Under latest wins, older pending messages become
-    ///    `superseded`, and so does a head older than one already delivered.
-    pub async fn claim_batch(&self, spec: &ClaimSpec<'_>) -> Result<Claimed> {
-        let mut tx = self.pool.begin().await?;
-        // One row per candidate, so a full page says more may be waiting
-        // even when several candidates share a key.
-        let candidates: Vec<(String, bool)> = sqlx::query_as(
-            "SELECT c.aggregateid,
-                    pg_try_advisory_xact_lock(hashtext($2), hashtext(c.aggregateid))
+    /// Locks up to `$1` due pending rows of destination `$2`, skipping locked
+    /// ones, and tries each row's key lock: `(key, mine)` per row.
+    pub const CANDIDATES: &str = "SELECT c.aggregateid AS key,
+                    pg_try_advisory_xact_lock(hashtext($2), hashtext(c.aggregateid)) AS mine
              FROM (
                  SELECT aggregateid FROM outbox
                  WHERE destination = $2 AND state = 'pending' AND run_at <= now()
                  ORDER BY run_at, id
                  LIMIT $1
                  FOR UPDATE SKIP LOCKED
-             ) c",
-        )
-        .bind(i64::from(spec.limit))
-        .bind(spec.destination.as_str())
-        .fetch_all(&mut *tx)
-        .await?;
-        let more = candidates.len() >= spec.limit as usize;
-        let mut keys: Vec<String> = candidates
-            .into_iter()
-            .filter_map(|(key, mine)| mine.then_some(key))
-            .collect();
-        keys.sort_unstable();
-        keys.dedup();
-        if keys.is_empty() {
-            tx.commit().await?;
-            return Ok(Claimed {
-                more,
-                ..Claimed::default()
-            });
-        }
+             ) c";
 
-        // Every step reads by key: a key's lane, then one id per lock. So no
-        // plan can scan the pending set (a hash join, or a bitmap AND with
-        // the claimable index, costs O(backlog) per claim), and each lock
-        // sits in its own subquery, so PostgreSQL need not carry whole-row
-        // copies of a joined CTE for rechecks. `pending` lists a lane's
-        // pending ids head first: newest first under latest wins ($4), oldest
-        // first under every message in order.
-        let rows: Vec<ClaimedRow> = sqlx::query_as(
-            "WITH lanes AS (
+    /// Claims the heads of the locked keys `$1` (text[]) for claimant `$2`
+    /// with a lease of `$3` seconds, under latest wins when `$4`, for
+    /// destination `$5`. One row per claimed task, or one row of NULLs;
+    /// every row carries the superseded count. See
+    /// [`Store::claim_batch`](crate::Store::claim_batch).
+    pub const CLAIM: &str = "WITH lanes AS (
                  SELECT a.busy, a.floor, a.pending, a.pending_xmin, a.doubt, a.doubt_until,
                         a.pending[1] AS head, a.pending_pos[1] AS head_pos,
                         a.pending_xmin[1] AS head_xmin, a.pending_run_at[1] AS head_run_at,
@@ -370,15 +234,183 @@ impl Store {
                            attempts, claim_token, traceparent, created_at
              )
              SELECT (SELECT count(*) FROM superseded) AS superseded, c.*
-             FROM (SELECT 1) one LEFT JOIN claimed c ON true",
+             FROM (SELECT 1) one LEFT JOIN claimed c ON true";
+
+    /// Marks the running tasks `$1` (bigint[]) done, each fenced by its own
+    /// token in `$2` (uuid[]), and unparks what waited behind them; returns
+    /// how many claims were still held.
+    pub static COMPLETE: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH left_running AS (
+                 UPDATE outbox t
+                 SET state = 'done', finished_at = now(), last_error = NULL, claim_token = NULL,
+                     claim_expires_at = NULL, claimed_by = NULL, updated_at = now()
+                 WHERE t.id = ANY($1) AND t.claim_token = ANY($2) AND t.state = 'running'
+                 RETURNING destination, aggregateid, id
+             ),
+             {UNPARK}
+             SELECT count(*) FROM left_running"
         )
-        .bind(&keys)
-        .bind(spec.claimant)
-        .bind(spec.lease.as_secs_f64())
-        .bind(spec.policy == DeliveryPolicy::LatestWins)
-        .bind(spec.destination.as_str())
-        .fetch_all(&mut *tx)
-        .await?;
+    });
+}
+
+/// A statement that leaves `running` for the claim `$1` (task id), `$2`
+/// (token), returning one row if the claim was still held. Leaving `running`
+/// always drops the claim: the CHECK constraint keeps `running` and the claim
+/// fields in step. It also unparks the order's newer versions.
+fn fenced(set: &str) -> String {
+    format!(
+        "WITH left_running AS (
+             UPDATE outbox SET {set}, claim_token = NULL, claim_expires_at = NULL,
+                 claimed_by = NULL, updated_at = now()
+             WHERE id = $1 AND claim_token = $2 AND state = 'running'
+             RETURNING destination, aggregateid, id
+         ),
+         {UNPARK}
+         SELECT 1 FROM left_running"
+    )
+}
+
+/// A CTE that makes the messages parked behind the rows of `left_running`
+/// due now: a claim parked them for up to a second, but the key is free as
+/// soon as its running message is done with. Newer pending messages behind
+/// a running one were never tried, so none has a backoff to keep. Each is
+/// rewritten even when not parked, which fences a claim that is about to
+/// park it (the xmin checks in [`Store::claim_batch`]).
+const UNPARK: &str = "unparked AS (
+             UPDATE outbox p SET run_at = least(p.run_at, now())
+             FROM left_running l
+             WHERE p.destination = l.destination AND p.aggregateid = l.aggregateid
+               AND p.id > l.id AND p.state = 'pending'
+         )";
+
+#[derive(sqlx::FromRow)]
+struct SummaryRow {
+    id: i64,
+    #[sqlx(try_from = "String")]
+    destination: Destination,
+    #[sqlx(rename = "type")]
+    kind: String,
+    aggregateid: String,
+    version: i64,
+    #[sqlx(try_from = "String")]
+    state: TaskState,
+    attempts: i32,
+    run_at: DateTime<Utc>,
+    claimed_by: Option<String>,
+    last_error: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl From<SummaryRow> for TaskSummary {
+    fn from(r: SummaryRow) -> Self {
+        Self {
+            id: r.id,
+            destination: r.destination,
+            kind: r.kind,
+            order_id: r.aggregateid,
+            version: r.version,
+            state: r.state,
+            attempts: r.attempts,
+            run_at: r.run_at,
+            claimed_by: r.claimed_by,
+            last_error: r.last_error,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+const SUMMARY_COLUMNS: &str = "id, destination, type, aggregateid, version, state, attempts, \
+                               run_at, claimed_by, last_error, created_at, updated_at";
+
+/// What one claim did.
+#[derive(Debug, Clone, Default)]
+pub struct Claimed {
+    /// Tasks now held by this relay.
+    pub tasks: Vec<ClaimedTask>,
+    /// Older pending versions that newer ones superseded (latest wins).
+    pub superseded: u64,
+    /// The page of due candidates was full: more may be waiting, even if
+    /// few were claimed (several versions of one order share one claim).
+    pub more: bool,
+}
+
+/// One row per claimed task, or a single row of NULLs when none was claimed;
+/// either way it carries the superseded count.
+#[derive(sqlx::FromRow)]
+struct ClaimedRow {
+    superseded: i64,
+    id: Option<i64>,
+    event_id: Option<Uuid>,
+    aggregatetype: Option<String>,
+    aggregateid: Option<String>,
+    #[sqlx(rename = "type")]
+    kind: Option<String>,
+    version: Option<i64>,
+    payload: Option<Json<serde_json::Value>>,
+    attempts: Option<i32>,
+    claim_token: Option<Uuid>,
+    traceparent: Option<String>,
+    created_at: Option<DateTime<Utc>>,
+}
+
+impl Store {
+    /// Claims up to `spec.limit` tasks of one destination in one short
+    /// transaction. A key is an aggregate id (an order): at most one of its
+    /// messages is ever running, and none is sent after a newer one.
+    ///
+    /// 1. Due pending rows are locked `FOR UPDATE SKIP LOCKED`, so concurrent
+    ///    relays take disjoint candidates, and each candidate's key is locked
+    ///    with a transaction-scoped advisory lock (safe behind PgBouncer).
+    /// 2. A second statement, whose snapshot is taken only after those locks
+    ///    are held and so sees every committed claim of those keys, claims
+    ///    for each locked key its head: the newest pending message under
+    ///    *latest wins*, the oldest under *every message in order*. Only if
+    ///    the key has nothing running, the head is due, and no older message
+    ///    is still in doubt (the destination may yet apply a timed-out
+    ///    attempt). Under latest wins, older pending messages become
+    ///    `superseded`, and so does a head older than one already delivered.
+    pub async fn claim_batch(&self, spec: &ClaimSpec<'_>) -> Result<Claimed> {
+        let mut tx = self.pool.begin().await?;
+        // One row per candidate, so a full page says more may be waiting
+        // even when several candidates share a key.
+        let candidates: Vec<(String, bool)> = sqlx::query_as(sql::CANDIDATES)
+            .bind(i64::from(spec.limit))
+            .bind(spec.destination.as_str())
+            .fetch_all(&mut *tx)
+            .await?;
+        let more = candidates.len() >= spec.limit as usize;
+        let mut keys: Vec<String> = candidates
+            .into_iter()
+            .filter_map(|(key, mine)| mine.then_some(key))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        if keys.is_empty() {
+            tx.commit().await?;
+            return Ok(Claimed {
+                more,
+                ..Claimed::default()
+            });
+        }
+
+        // Every step reads by key: a key's lane, then one id per lock. So no
+        // plan can scan the pending set (a hash join, or a bitmap AND with
+        // the claimable index, costs O(backlog) per claim), and each lock
+        // sits in its own subquery, so PostgreSQL need not carry whole-row
+        // copies of a joined CTE for rechecks. `pending` lists a lane's
+        // pending ids head first: newest first under latest wins ($4), oldest
+        // first under every message in order.
+        let rows: Vec<ClaimedRow> = sqlx::query_as(sql::CLAIM)
+            .bind(&keys)
+            .bind(spec.claimant)
+            .bind(spec.lease.as_secs_f64())
+            .bind(spec.policy == DeliveryPolicy::LatestWins)
+            .bind(spec.destination.as_str())
+            .fetch_all(&mut *tx)
+            .await?;
         tx.commit().await?;
         let superseded = rows.first().map_or(0, |r| r.superseded as u64);
         let tasks = rows
@@ -424,21 +456,11 @@ impl Store {
         }
         let ids: Vec<i64> = claims.iter().map(|(id, _)| id.0).collect();
         let tokens: Vec<Uuid> = claims.iter().map(|(_, token)| token.0).collect();
-        let done: i64 = sqlx::query_scalar(&format!(
-            "WITH left_running AS (
-                 UPDATE outbox t
-                 SET state = 'done', finished_at = now(), last_error = NULL, claim_token = NULL,
-                     claim_expires_at = NULL, claimed_by = NULL, updated_at = now()
-                 WHERE t.id = ANY($1) AND t.claim_token = ANY($2) AND t.state = 'running'
-                 RETURNING destination, aggregateid, id
-             ),
-             {UNPARK}
-             SELECT count(*) FROM left_running"
-        ))
-        .bind(ids)
-        .bind(tokens)
-        .fetch_one(&self.pool)
-        .await?;
+        let done: i64 = sqlx::query_scalar(sql::COMPLETE.as_str())
+            .bind(ids)
+            .bind(tokens)
+            .fetch_one(&self.pool)
+            .await?;
         Ok(u64::try_from(done).unwrap_or(0))
     }
 

@@ -6,11 +6,11 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::Json;
-use serde::Serialize;
-use utoipa::ToSchema;
+use domain::{Destination, SyncStats};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
-use domain::SyncStats;
-
+use crate::extract::QueryParams;
 use crate::{ApiError, AppState};
 
 /// A liveness or readiness answer.
@@ -56,12 +56,27 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-/// Backlog figures of the outbox: pending, running and dead tasks, and the
-/// age of the oldest pending one.
-#[utoipa::path(get, path = "/api/v1/sync/stats", tag = "sync", responses(
+/// Which destination's backlog.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct StatsParams {
+    /// The destination, e.g. `onec` (the default).
+    #[param(value_type = Option<String>)]
+    destination: Option<Destination>,
+}
+
+/// Backlog figures of one destination's outbox tasks: pending, running and
+/// dead, and the age of the oldest pending one.
+#[utoipa::path(get, path = "/api/v1/sync/stats", tag = "sync", params(StatsParams), responses(
     (status = 200, description = "Backlog figures", body = SyncStats),
+    (status = 400, description = "Not a destination name", body = crate::Problem,
+        content_type = "application/problem+json"),
     (status = 503, description = "Database unavailable", body = crate::Problem,
         content_type = "application/problem+json")))]
-pub async fn sync_stats(State(state): State<AppState>) -> Result<Json<SyncStats>, ApiError> {
-    Ok(Json(state.store.sync_stats().await?))
+pub async fn sync_stats(
+    State(state): State<AppState>,
+    QueryParams(p): QueryParams<StatsParams>,
+) -> Result<Json<SyncStats>, ApiError> {
+    let destination = p.destination.unwrap_or_else(Destination::onec);
+    Ok(Json(state.store.sync_stats(&destination).await?))
 }

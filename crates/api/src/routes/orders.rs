@@ -80,8 +80,12 @@ pub async fn save_order(
     let pre = extract::precondition(&headers)?;
     let ctx = save_context(&headers, extract::user_id(&headers)?);
     let order = input.validate(Some(&id))?;
-    let Saved { view, created } = state.store.save_order(&order, pre, &ctx).await?;
-    state.metrics.saved(created);
+    let Saved {
+        view,
+        created,
+        queued,
+    } = state.store.save_order(&order, pre, &ctx).await?;
+    state.metrics.saved(created, &queued);
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -127,9 +131,9 @@ pub async fn create_order(
             e => e.into(),
         })?;
     match outcome {
-        CreateOutcome::Created(view) => {
-            state.metrics.saved(true);
-            Ok(view_response(StatusCode::CREATED, &view))
+        CreateOutcome::Created(saved) => {
+            state.metrics.saved(true, &saved.queued);
+            Ok(view_response(StatusCode::CREATED, &saved.view))
         }
         CreateOutcome::Replayed { status, body } => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::CREATED);
@@ -202,7 +206,7 @@ pub async fn change_status(
     change.validate()?;
     let ctx = save_context(&headers, change.user_id.clone());
     let saved = state.store.change_status(&id, &change, pre, &ctx).await?;
-    state.metrics.saved(false);
+    state.metrics.saved(false, &saved.queued);
     Ok(view_response(StatusCode::OK, &saved.view))
 }
 

@@ -2,7 +2,7 @@
 
 use axum::extract::{FromRequestParts, Path, State};
 use axum::Json;
-use domain::{TaskState, TaskSummary};
+use domain::{Destination, TaskState, TaskSummary};
 use serde::Deserialize;
 use store::TaskId;
 use utoipa::IntoParams;
@@ -14,6 +14,10 @@ use crate::{ApiError, AppState, Problem};
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct TaskListParams {
+    /// Only this destination's tasks, e.g. `onec`; every destination's by
+    /// default.
+    #[param(value_type = Option<String>)]
+    destination: Option<Destination>,
     /// Task state; `dead` by default.
     state: Option<TaskState>,
     /// Page size, 1 to 500; 100 by default.
@@ -22,7 +26,8 @@ pub struct TaskListParams {
     after: Option<i64>,
 }
 
-/// Tasks in one state, oldest first. Page with `after`.
+/// Tasks in one state, of one destination or all, oldest first. Page with
+/// `after`.
 #[utoipa::path(get, path = "/api/v1/sync/tasks", tag = "sync",
     params(TaskListParams),
     responses(
@@ -40,6 +45,7 @@ pub async fn list_tasks(
     let tasks = state
         .store
         .list_tasks(
+            p.destination.as_ref(),
             p.state.unwrap_or(TaskState::Dead),
             p.after.map(TaskId),
             limit,
@@ -66,8 +72,9 @@ impl<S: Send + Sync> FromRequestParts<S> for TaskPath {
 }
 
 /// Replays a dead task: pending again at once, with a fresh attempt budget.
-/// Refused (409) when the task is not dead, or when a newer version of the
-/// order was queued since, because 1C must never go back a version.
+/// Refused (409) when the task is not dead, or when a newer message of the
+/// same order was queued for its destination since: 1C must never go back
+/// a version, and an ordered stream never gets a message after a newer one.
 #[utoipa::path(post, path = "/api/v1/sync/tasks/{id}/retry", tag = "sync",
     params(("id" = i64, Path, description = "Task id")),
     responses(

@@ -63,7 +63,7 @@ async fn metrics_count_saves_by_route_template_never_by_order_id() {
     assert!(text.contains(r#"orders_center_orders_saved_total{outcome="updated"} 1"#));
     assert!(text
         .lines()
-        .any(|l| l == "orders_center_outbox_enqueued_total 2"));
+        .any(|l| l == r#"orders_center_outbox_enqueued_total{destination="onec"} 2"#));
     assert!(!text.contains("SECRET-ID-1"));
 }
 

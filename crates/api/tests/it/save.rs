@@ -45,12 +45,10 @@ async fn a_save_writes_the_order_its_lines_history_and_exactly_one_task_with_the
         String,
         serde_json::Value,
         Option<String>,
-    ) = sqlx::query_as(
-        "SELECT aggregateid, version, state, payload, traceparent FROM outbox",
-    )
-    .fetch_one(&app.db.pool)
-    .await
-    .unwrap();
+    ) = sqlx::query_as("SELECT aggregateid, version, state, payload, traceparent FROM outbox")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
     assert_eq!(
         (order_id.as_str(), version, state.as_str()),
         ("ORD-1", 1, "pending")
@@ -244,11 +242,10 @@ async fn concurrent_conditional_saves_never_lose_an_update() {
     assert_eq!(order["order"]["price"], f64::from(total));
     assert_eq!(order["version"], i64::from(total) + 1);
     assert!(conflicts > 0, "the clients should have raced at least once");
-    let versions: Vec<i64> =
-        sqlx::query_scalar("SELECT version FROM outbox ORDER BY version")
-            .fetch_all(&app.db.pool)
-            .await
-            .unwrap();
+    let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM outbox ORDER BY version")
+        .fetch_all(&app.db.pool)
+        .await
+        .unwrap();
     assert_eq!(versions, (1..=i64::from(total) + 1).collect::<Vec<_>>());
 }
 

@@ -13,12 +13,10 @@ async fn dead_tasks_are_listed_and_replayed_once() {
     let app = TestApp::new().await;
     app.put_order("D1", &sample_order("D1")).await;
     app.put_order("D2", &sample_order("D2")).await;
-    sqlx::query(
-        "UPDATE outbox SET state = 'dead', attempts = 12, last_error = '1C answered 400'",
-    )
-    .execute(&app.db.pool)
-    .await
-    .unwrap();
+    sqlx::query("UPDATE outbox SET state = 'dead', attempts = 12, last_error = '1C answered 400'")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
 
     let dead = app.get("/api/v1/sync/tasks?state=dead").await.json();
     let first = dead[0]["id"].as_i64().unwrap();

@@ -67,12 +67,11 @@ async fn run_scenario(mock_faults: &[&str]) -> Outcome {
 
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        let open: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM outbox WHERE state IN ('pending', 'running')",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+        let open: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE state IN ('pending', 'running')")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
         if open == 0 {
             break;
         }

@@ -5,8 +5,8 @@ use std::time::Duration;
 use domain::{OrderFull, OrderId};
 use onec::{ErrorClass, Failure, MockOnecClient, Outcome};
 use onec_mock::Faults;
-use relay::BreakerConfig;
 use store::{Precondition, SaveContext, Store};
+use worker::BreakerConfig;
 
 use crate::support::{config, count, eventually, insert_task, mock_1c, RunningRelay};
 
@@ -47,12 +47,7 @@ async fn a_saved_order_reaches_1c_within_moments_of_its_commit() {
 
     println!("commit to 1C: {took:?}");
     eventually(Duration::from_secs(2), || async {
-        count(
-            &db.pool,
-            "SELECT count(*) FROM outbox WHERE state = 'done'",
-        )
-        .await
-            == 1
+        count(&db.pool, "SELECT count(*) FROM outbox WHERE state = 'done'").await == 1
     })
     .await;
     relay.stop().await;
@@ -91,12 +86,7 @@ async fn transient_failures_back_off_and_go_dead_after_max_attempts() {
         cfg,
     );
     eventually(Duration::from_secs(5), || async {
-        count(
-            &db.pool,
-            "SELECT count(*) FROM outbox WHERE state = 'dead'",
-        )
-        .await
-            == 1
+        count(&db.pool, "SELECT count(*) FROM outbox WHERE state = 'dead'").await == 1
     })
     .await;
     relay.stop().await;
@@ -186,11 +176,7 @@ async fn an_outage_opens_the_breaker_and_spares_the_backlog() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     relay.stop().await;
 
-    let tried = count(
-        &db.pool,
-        "SELECT count(*) FROM outbox WHERE attempts > 0",
-    )
-    .await;
+    let tried = count(&db.pool, "SELECT count(*) FROM outbox WHERE attempts > 0").await;
     assert!(
         calls.load(Ordering::SeqCst) <= 10,
         "{} calls reached a dead 1C",
@@ -198,11 +184,7 @@ async fn an_outage_opens_the_breaker_and_spares_the_backlog() {
     );
     assert!(tried <= 10, "{tried} tasks spent attempts on the outage");
     assert_eq!(
-        count(
-            &db.pool,
-            "SELECT count(*) FROM outbox WHERE state = 'dead'"
-        )
-        .await,
+        count(&db.pool, "SELECT count(*) FROM outbox WHERE state = 'dead'").await,
         0
     );
     assert_eq!(
@@ -240,11 +222,7 @@ async fn shutdown_finishes_sent_deliveries_and_releases_the_rest() {
         stop_took < Duration::from_secs(2),
         "shutdown took {stop_took:?}"
     );
-    let done = count(
-        &db.pool,
-        "SELECT count(*) FROM outbox WHERE state = 'done'",
-    )
-    .await;
+    let done = count(&db.pool, "SELECT count(*) FROM outbox WHERE state = 'done'").await;
     assert_eq!(
         done as u64,
         mock.state.stats().applied,

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use ephemeral_infra::KubeApi;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use relay::{ElectionConfig, Elector, KubeLease};
 use tokio_util::sync::CancellationToken;
+use worker::{ElectionConfig, Elector, KubeLease};
 
 use crate::support::{leaders, wait_for_one_leader, Candidate};
 

@@ -8,10 +8,10 @@ use std::time::Duration;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use kube::client::Body;
-use relay::{ElectionConfig, Elector, KubeLease, Leader, LeaseLock};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use tower_test::mock::{self, Handle, SendResponse};
+use worker::{ElectionConfig, Elector, KubeLease, Leader, LeaseLock};
 
 const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/relays/leases/relay";
 const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/relays/leases";

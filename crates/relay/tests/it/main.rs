@@ -4,6 +4,7 @@
 //! requests).
 
 mod delivery;
+mod engine;
 mod kube_api_lease;
 mod kube_lease;
 mod overlap;

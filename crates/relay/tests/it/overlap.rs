@@ -9,8 +9,9 @@ use axum::body::Body;
 use http::Request;
 use http_body_util::BodyExt;
 use onec_mock::Faults;
-use relay::{Leader, Leadership};
+use relay::Leadership;
 use tower::ServiceExt;
+use worker::Leader;
 
 use crate::support::{config, count, eventually, mock_1c, RunningRelay};
 
@@ -93,7 +94,7 @@ async fn overlapping_leaders_never_rescue_a_claim_twice_nor_reopen_a_done_task()
             .unwrap();
         let drained = text
             .lines()
-            .any(|l| l == "orders_center_outbox_backlog_pending 0");
+            .any(|l| l == "orders_center_outbox_backlog_pending{destination=\"onec\"} 0");
         *metrics.lock().await = text;
         drained
     })

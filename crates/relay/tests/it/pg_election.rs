@@ -3,9 +3,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use relay::{ElectionConfig, Elector, Leader, PgLease};
 use store::Store;
 use tokio_util::sync::CancellationToken;
+use worker::{ElectionConfig, Elector, Leader, PgLease};
 
 use crate::support::{leaders, wait_for_one_leader, Candidate};
 

@@ -2,17 +2,24 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use domain::{DeliveryPolicy, Destination};
 use onec::{Credentials, HttpOnecClient, OnecClient, OnecConfig};
 use onec_mock::{Faults, MockConfig, MockState};
-use relay::{
-    Backoff, BreakerConfig, Leadership, ProtectionConfig, Relay, RelayConfig, ServiceConfig,
-};
+use relay::{Leadership, Outlet, ProtectionConfig, Relay, RelayConfig, ServiceConfig};
 use sqlx::PgPool;
 use store::Store;
 use tokio_util::sync::CancellationToken;
+use worker::{Backoff, BreakerConfig};
 
-pub fn config() -> RelayConfig {
-    RelayConfig {
+/// A relay delivering to 1C alone, with these settings.
+#[derive(Clone)]
+pub struct OnecRelayConfig {
+    pub service: ServiceConfig,
+    pub protection: ProtectionConfig,
+}
+
+pub fn config() -> OnecRelayConfig {
+    OnecRelayConfig {
         service: ServiceConfig {
             relay_id: "test-relay".into(),
             batch_size: 50,
@@ -48,21 +55,28 @@ pub struct RunningRelay {
 }
 
 impl RunningRelay {
-    pub fn start(pool: &PgPool, client: Arc<dyn OnecClient>, config: RelayConfig) -> Self {
+    pub fn start(pool: &PgPool, client: Arc<dyn OnecClient>, config: OnecRelayConfig) -> Self {
         Self::start_with(pool, client, config, Leadership::always())
     }
 
     pub fn start_with(
         pool: &PgPool,
         client: Arc<dyn OnecClient>,
-        config: RelayConfig,
+        config: OnecRelayConfig,
         leadership: Leadership,
     ) -> Self {
         let shutdown = CancellationToken::new();
         let relay = Relay::start(
             Store::new(pool.clone()),
-            client,
-            config,
+            vec![Outlet {
+                destination: Destination::onec(),
+                policy: DeliveryPolicy::LatestWins,
+                sink: Arc::new(onec::OnecSink::new(client)),
+                protection: config.protection,
+            }],
+            RelayConfig {
+                service: config.service,
+            },
             leadership,
             shutdown.clone(),
         );
@@ -74,7 +88,8 @@ impl RunningRelay {
         self.shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(20), self.relay.stopped())
             .await
-            .expect("the relay stops in time");
+            .expect("the relay stops in time")
+            .expect("no task of the relay died");
         started.elapsed()
     }
 }
@@ -148,14 +163,14 @@ where
 
 /// One election candidate of an election test.
 pub struct Candidate {
-    pub elector: Arc<relay::Elector>,
+    pub elector: Arc<worker::Elector>,
     pub task: tokio::task::JoinHandle<()>,
     pub shutdown: CancellationToken,
 }
 
 /// The indices of the candidates that believe they lead.
 pub fn leaders(cs: &[Candidate]) -> Vec<usize> {
-    use relay::Leader;
+    use worker::Leader;
     (0..cs.len())
         .filter(|&i| cs[i].elector.is_leader())
         .collect()

@@ -163,7 +163,11 @@ async fn only_the_newest_pending_version_is_sent_and_older_ones_are_superseded()
     assert_eq!(claim.superseded, 2);
     assert_eq!(versions(&claimed), [("A".into(), 3), ("B".into(), 1)]);
     assert_eq!(
-        claimed.iter().find(|t| t.aggregate_id == "A").unwrap().payload["v"],
+        claimed
+            .iter()
+            .find(|t| t.aggregate_id == "A")
+            .unwrap()
+            .payload["v"],
         3
     );
     assert_eq!(state_of(&db.pool, v1).await, "superseded");
@@ -430,7 +434,10 @@ async fn dead_tasks_are_listed_and_replayed_unless_a_newer_version_exists() {
             .unwrap());
     }
     insert_task(&db.pool, "B", 2).await;
-    let dead = store.list_tasks(None, TaskState::Dead, None, 10).await.unwrap();
+    let dead = store
+        .list_tasks(None, TaskState::Dead, None, 10)
+        .await
+        .unwrap();
     assert_eq!(dead.len(), 2);
     assert_eq!(dead[0].last_error.as_deref(), Some("400: bad payload"));
     let (a, b) = (TaskId(dead[0].id), TaskId(dead[1].id));

@@ -69,7 +69,10 @@ async fn eight_claimers_deliver_10000_messages_on_500_keys_once_each_and_in_key_
                 let name = format!("r{i}");
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
                 loop {
-                    assert!(tokio::time::Instant::now() < deadline, "drain took over 60 s");
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "drain took over 60 s"
+                    );
                     let claim = store.claim_batch(&spec(&name, 50)).await.unwrap();
                     assert_eq!(claim.superseded, 0);
                     for t in &claim.tasks {

@@ -1,6 +1,6 @@
 //! Integration tests of the store on real PostgreSQL, one database per test.
 
 mod claims;
-mod outbox;
 mod in_order;
+mod outbox;
 mod upgrade;

@@ -69,11 +69,10 @@ async fn the_upgrade_keeps_every_pending_running_and_dead_task() {
     };
     assert_eq!(type_of("P-1", 1).as_deref(), Some("order.created"));
     assert_eq!(type_of("P-1", 2).as_deref(), Some("order.updated"));
-    let distinct_event_ids: i64 =
-        sqlx::query_scalar("SELECT count(DISTINCT event_id) FROM outbox")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+    let distinct_event_ids: i64 = sqlx::query_scalar("SELECT count(DISTINCT event_id) FROM outbox")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
     assert_eq!(distinct_event_ids, moved.len() as i64);
 
     let store = Store::new(db.pool.clone());
@@ -103,7 +102,11 @@ async fn the_upgrade_keeps_every_pending_running_and_dead_task() {
         .unwrap();
     assert_eq!(claim.tasks.len(), 50);
     assert_eq!(claim.superseded, 1);
-    let p1 = claim.tasks.iter().find(|t| t.aggregate_id == "P-1").unwrap();
+    let p1 = claim
+        .tasks
+        .iter()
+        .find(|t| t.aggregate_id == "P-1")
+        .unwrap();
     assert_eq!((p1.version, p1.payload["v"].as_i64()), (2, Some(2)));
     assert!(!claim.tasks.iter().any(|t| t.aggregate_id == "R-1"));
     // And a dead one replays.

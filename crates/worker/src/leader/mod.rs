@@ -14,7 +14,7 @@ pub use election::{ElectionConfig, Elector, LeaseLock, LockError};
 pub use postgres::PgLease;
 
 /// Whether this process leads. The seam the cron and the health check use.
-#[cfg_attr(test, mockall::automock)]
+#[cfg_attr(any(test, feature = "mock"), mockall::automock)]
 pub trait Leader: Send + Sync {
     /// Leadership changes: `true` while this process leads.
     fn subscribe(&self) -> watch::Receiver<bool>;

@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 /// A source of the current instant.
-#[cfg_attr(test, mockall::automock)]
+#[cfg_attr(any(test, feature = "mock"), mockall::automock)]
 pub trait Clock: Send + Sync {
     /// Now.
     fn now(&self) -> Instant;

@@ -8,10 +8,10 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::leader::Leader;
 use crate::pool::WorkerPool;
+use crate::supervisor::Supervisor;
 
 /// What a job run reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,9 +22,13 @@ pub enum Progress {
     Idle,
 }
 
+/// Why a job run failed; logged with its causes, and the job runs again at
+/// its next tick.
+pub type JobError = Box<dyn std::error::Error + Send + Sync>;
+
 /// One run of a job. It receives a token that is cancelled on shutdown.
 pub type JobFn =
-    Arc<dyn Fn(CancellationToken) -> BoxFuture<'static, anyhow::Result<Progress>> + Send + Sync>;
+    Arc<dyn Fn(CancellationToken) -> BoxFuture<'static, Result<Progress, JobError>> + Send + Sync>;
 
 /// Where a job runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +69,7 @@ impl std::fmt::Debug for Job {
 
 /// Schedules jobs. Injected into the task service, which does not know how
 /// (or where) its jobs run.
-#[cfg_attr(test, mockall::automock)]
+#[cfg_attr(any(test, feature = "mock"), mockall::automock)]
 pub trait Cron: Send + Sync {
     /// Starts running `job` until shutdown.
     fn schedule(&self, job: Job);
@@ -79,20 +83,20 @@ pub type TickObserver = Arc<dyn Fn(&'static str) + Send + Sync>;
 #[derive(Clone)]
 pub struct PoolCron {
     pool: WorkerPool,
-    cancel: CancellationToken,
+    supervisor: Supervisor,
     leader: Arc<dyn Leader>,
-    schedulers: TaskTracker,
     ticks: Option<TickObserver>,
 }
 
 impl PoolCron {
-    /// A cron over `pool` that stops scheduling when `cancel` fires.
-    pub fn new(pool: WorkerPool, cancel: CancellationToken, leader: Arc<dyn Leader>) -> Self {
+    /// A cron over `pool` whose schedulers run under `supervisor`, so one
+    /// that dies (a job panicked) stops the process, and which stop
+    /// scheduling on its shutdown.
+    pub fn new(pool: WorkerPool, supervisor: Supervisor, leader: Arc<dyn Leader>) -> Self {
         Self {
             pool,
-            cancel,
+            supervisor,
             leader,
-            schedulers: TaskTracker::new(),
             ticks: None,
         }
     }
@@ -102,29 +106,25 @@ impl PoolCron {
         self.ticks = Some(observer);
         self
     }
-
-    /// Waits until every scheduler has stopped (after cancellation) and the
-    /// runs they started have finished.
-    pub async fn stopped(&self) {
-        self.schedulers.close();
-        self.schedulers.wait().await;
-    }
 }
 
 impl Cron for PoolCron {
     fn schedule(&self, job: Job) {
         for _ in 0..job.parallelism.max(1) {
-            let (pool, cancel, ticks) =
-                (self.pool.clone(), self.cancel.clone(), self.ticks.clone());
-            let job = job.clone();
-            match job.scope {
-                Scope::EveryPod => self.schedulers.spawn(lane(job, pool, cancel, ticks)),
-                Scope::Leader => {
-                    let leading = self.leader.subscribe();
-                    self.schedulers
-                        .spawn(leader_lane(job, pool, cancel, ticks, leading))
+            let (pool, cancel, ticks) = (
+                self.pool.clone(),
+                self.supervisor.shutdown().clone(),
+                self.ticks.clone(),
+            );
+            let (name, job) = (job.name, job.clone());
+            let leading = self.leader.subscribe();
+            self.supervisor.spawn(name, async move {
+                match job.scope {
+                    Scope::EveryPod => lane(job, pool, cancel, ticks).await,
+                    Scope::Leader => leader_lane(job, pool, cancel, ticks, leading).await,
                 }
-            };
+                Ok::<(), std::convert::Infallible>(())
+            });
         }
     }
 }
@@ -199,7 +199,7 @@ async fn lane(job: Job, pool: WorkerPool, cancel: CancellationToken, ticks: Opti
             }
             Ok(Ok(Progress::Idle)) => again = false,
             Ok(Err(e)) => {
-                tracing::warn!(job = job.name, error = format!("{e:#}"), "job run failed");
+                tracing::warn!(job = job.name, error = %crate::causes(e.as_ref()), "job run failed");
                 again = false;
             }
             Err(_closed) => return,
@@ -244,7 +244,11 @@ mod tests {
     #[tokio::test]
     async fn a_job_runs_at_once_and_again_while_it_reports_more_work() {
         let cancel = CancellationToken::new();
-        let cron = PoolCron::new(WorkerPool::new(2), cancel.clone(), always());
+        let cron = PoolCron::new(
+            WorkerPool::new(2),
+            Supervisor::new(cancel.clone()),
+            always(),
+        );
         let runs = Arc::new(AtomicUsize::new(0));
 
         cron.schedule(counting_job(runs.clone(), 5, None));
@@ -252,13 +256,17 @@ mod tests {
 
         assert_eq!(runs.load(Ordering::SeqCst), 5, "4 x more work, then idle");
         cancel.cancel();
-        cron.stopped().await;
+        cron.supervisor.wait().await.unwrap();
     }
 
     #[tokio::test]
     async fn an_idle_job_runs_again_when_woken() {
         let cancel = CancellationToken::new();
-        let cron = PoolCron::new(WorkerPool::new(1), cancel.clone(), always());
+        let cron = PoolCron::new(
+            WorkerPool::new(1),
+            Supervisor::new(cancel.clone()),
+            always(),
+        );
         let (runs, wake) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
         cron.schedule(counting_job(runs.clone(), 0, Some(wake.clone())));
         settle().await;
@@ -269,13 +277,17 @@ mod tests {
 
         assert_eq!(runs.load(Ordering::SeqCst), 2);
         cancel.cancel();
-        cron.stopped().await;
+        cron.supervisor.wait().await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_idle_job_runs_again_on_its_tick() {
         let cancel = CancellationToken::new();
-        let cron = PoolCron::new(WorkerPool::new(1), cancel.clone(), always());
+        let cron = PoolCron::new(
+            WorkerPool::new(1),
+            Supervisor::new(cancel.clone()),
+            always(),
+        );
         let runs = Arc::new(AtomicUsize::new(0));
         let mut job = counting_job(runs.clone(), 0, None);
         job.every = Duration::from_secs(10);
@@ -285,7 +297,7 @@ mod tests {
 
         assert_eq!(runs.load(Ordering::SeqCst), 4, "at 0, 10, 20 and 30 s");
         cancel.cancel();
-        cron.stopped().await;
+        cron.supervisor.wait().await.unwrap();
     }
 
     /// A leader-only job runs while the mocked leader leads, stops when it
@@ -296,7 +308,11 @@ mod tests {
         let mut leader = crate::leader::MockLeader::new();
         leader.expect_subscribe().returning(move || rx.clone());
         let cancel = CancellationToken::new();
-        let cron = PoolCron::new(WorkerPool::new(2), cancel.clone(), Arc::new(leader));
+        let cron = PoolCron::new(
+            WorkerPool::new(2),
+            Supervisor::new(cancel.clone()),
+            Arc::new(leader),
+        );
         let runs = Arc::new(AtomicUsize::new(0));
         let mut job = counting_job(runs.clone(), 0, None);
         job.scope = Scope::Leader;
@@ -329,13 +345,17 @@ mod tests {
         );
 
         cancel.cancel();
-        cron.stopped().await;
+        cron.supervisor.wait().await.unwrap();
     }
 
     #[tokio::test]
     async fn cancellation_stops_every_lane_and_no_run_starts_after_it() {
         let cancel = CancellationToken::new();
-        let cron = PoolCron::new(WorkerPool::new(4), cancel.clone(), always());
+        let cron = PoolCron::new(
+            WorkerPool::new(4),
+            Supervisor::new(cancel.clone()),
+            always(),
+        );
         let runs = Arc::new(AtomicUsize::new(0));
         let mut job = counting_job(runs.clone(), usize::MAX, None);
         job.parallelism = 3;
@@ -343,7 +363,7 @@ mod tests {
         settle().await;
 
         cancel.cancel();
-        cron.stopped().await;
+        cron.supervisor.wait().await.unwrap();
         let after_stop = runs.load(Ordering::SeqCst);
         settle().await;
 

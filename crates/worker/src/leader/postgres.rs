@@ -34,7 +34,7 @@ impl PgLease {
         tokio::spawn(crate::wakeup::listen(
             store.pool().clone(),
             store::LEADER_CHANNEL,
-            freed.clone(),
+            vec![freed.clone()],
             shutdown,
         ));
         Self {

@@ -1,6 +1,6 @@
-//! Wakes the deliver job when a save commits: `LISTEN` on the channel the
-//! saving transaction notifies. The cron's poll interval is the fallback, so
-//! a lost notification delays a task by at most that long.
+//! Wakes jobs when a transaction commits: `LISTEN` on the channel it
+//! notifies. The cron's poll interval is the fallback, so a lost
+//! notification delays work by at most that long.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,32 +10,28 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// Wakes the deliver job on every committed save, until `cancel` fires.
-pub async fn listen_for_saves(pool: PgPool, wake: Arc<Notify>, cancel: CancellationToken) {
-    listen(pool, store::NOTIFY_CHANNEL, wake, cancel).await;
-}
-
-/// Notifies `wake` for every notification on `channel` until `cancel`
-/// fires, reconnecting with backoff. Every (re)connection also wakes once,
-/// to catch up on notifications sent while nobody listened.
+/// Notifies each of `wake` for every notification on `channel` until
+/// `cancel` fires, reconnecting with backoff. Every (re)connection also wakes
+/// once, to catch up on notifications sent while nobody listened.
 pub async fn listen(
     pool: PgPool,
     channel: &'static str,
-    wake: Arc<Notify>,
+    wake: Vec<Arc<Notify>>,
     cancel: CancellationToken,
 ) {
+    let wake_all = || wake.iter().for_each(|w| w.notify_one());
     let mut retry = Duration::from_millis(100);
     while !cancel.is_cancelled() {
         match subscribe(&pool, channel).await {
             Ok(mut listener) => {
                 retry = Duration::from_millis(100);
-                wake.notify_one();
+                wake_all();
                 loop {
                     tokio::select! {
                         () = cancel.cancelled() => return,
                         received = listener.try_recv() => match received {
                             // `None`: the connection dropped and was restored.
-                            Ok(_) => wake.notify_one(),
+                            Ok(_) => wake_all(),
                             Err(e) => {
                                 tracing::warn!(channel, error = %e, "LISTEN connection failed; polling until it is back");
                                 break;

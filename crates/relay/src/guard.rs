@@ -1,22 +1,22 @@
-//! What stands between the relay and 1C: a limit on requests in flight, a
-//! requests-per-second limit and the circuit breaker.
+//! What stands between the relay and each destination's sink: a limit on
+//! requests in flight, a requests-per-second limit and the circuit breaker.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use onec::{Delivery, OnecClient, Outcome};
+use sink::{Message, Outcome, Sink};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use worker::{Admission, BreakerConfig, BreakerState, CircuitBreaker, Clock};
 
-use crate::breaker::{Admission, BreakerConfig, BreakerState, CircuitBreaker};
-use crate::clock::Clock;
-use crate::metrics::RelayMetrics;
+use crate::metrics::DestinationMetrics;
 
 /// Protection settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ProtectionConfig {
-    /// Most requests to 1C at once, over all workers of this relay.
+    /// Most requests to the destination at once, over all workers of this
+    /// relay.
     pub max_in_flight: usize,
     /// Most requests per second from this relay; `None` for no limit.
     pub rate_per_second: Option<NonZeroU32>,
@@ -33,25 +33,25 @@ pub enum Attempt {
     NotSent,
 }
 
-/// The guarded path to 1C; share it through an `Arc`.
-pub struct OnecGuard {
-    client: Arc<dyn OnecClient>,
-    metrics: Arc<RelayMetrics>,
+/// The guarded path to one destination; share it through an `Arc`.
+pub struct SinkGuard {
+    sink: Arc<dyn Sink>,
+    metrics: DestinationMetrics,
     in_flight: Semaphore,
     limiter: Option<DefaultDirectRateLimiter>,
     breaker: CircuitBreaker,
 }
 
-impl OnecGuard {
-    /// Guards `client` with `config`.
+impl SinkGuard {
+    /// Guards `sink` with `config`.
     pub fn new(
-        client: Arc<dyn OnecClient>,
+        sink: Arc<dyn Sink>,
         config: ProtectionConfig,
         clock: Arc<dyn Clock>,
-        metrics: Arc<RelayMetrics>,
+        metrics: DestinationMetrics,
     ) -> Self {
         Self {
-            client,
+            sink,
             metrics,
             in_flight: Semaphore::new(config.max_in_flight.max(1)),
             limiter: config
@@ -73,10 +73,10 @@ impl OnecGuard {
         self.breaker.state()
     }
 
-    /// Sends `delivery` when a slot and the rate limit allow and the breaker
+    /// Sends `message` when a slot and the rate limit allow and the breaker
     /// admits it. Waiting ends early, unsent, when `cancel` fires; a request
-    /// already sent is always awaited (the client's timeout bounds it).
-    pub async fn deliver(&self, delivery: &Delivery, cancel: &CancellationToken) -> Attempt {
+    /// already sent is always awaited (the sink's own timeout bounds it).
+    pub async fn deliver(&self, message: &Message, cancel: &CancellationToken) -> Attempt {
         let _slot = tokio::select! {
             biased;
             () = cancel.cancelled() => return Attempt::NotSent,
@@ -94,12 +94,12 @@ impl OnecGuard {
             return Attempt::NotSent;
         }
         let sent = std::time::Instant::now();
-        let outcome = self.client.put_order(delivery).await;
+        let outcome = self.sink.deliver(message).await;
         self.metrics
             .answered(&outcome, sent.elapsed().as_secs_f64());
         let healthy = match &outcome {
-            Outcome::Delivered(_) => true,
-            Outcome::Failed(f) => !f.class.counts_against_1c(),
+            Ok(()) => true,
+            Err(f) => !f.counts_against_destination,
         };
         self.breaker.record(admission, healthy);
         Attempt::Sent(outcome)
