@@ -118,11 +118,9 @@ mod tests {
     #[error("listener failed")]
     struct Outer(#[source] std::io::Error);
 
-    fn forever(shutdown: CancellationToken) -> impl Future<Output = Result<(), Outer>> {
-        async move {
-            shutdown.cancelled().await;
-            Ok(())
-        }
+    async fn forever(shutdown: CancellationToken) -> Result<(), Outer> {
+        shutdown.cancelled().await;
+        Ok(())
     }
 
     #[tokio::test]

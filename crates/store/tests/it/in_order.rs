@@ -116,10 +116,10 @@ async fn eight_claimers_deliver_10000_messages_on_500_keys_once_each_and_in_key_
         c.await.unwrap();
     }
 
-    let delivered = delivered.lock().unwrap();
+    let delivered = std::mem::take(&mut *delivered.lock().unwrap());
     assert_eq!(delivered.len(), 500);
     let expected: Vec<i64> = (1..=20).collect();
-    for (key, seqs) in delivered.iter() {
+    for (key, seqs) in &delivered {
         assert_eq!(seqs, &expected, "{key} was delivered out of order or twice");
     }
     let done: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE state = 'done'")
