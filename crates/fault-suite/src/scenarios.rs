@@ -270,7 +270,9 @@ pub async fn slow_onec(sys: &mut System) -> Result<Figures> {
     let c = client(sys);
     let saved = saves(&c, "SLOW", 2000, 16).await?;
     let timeouts = sys
-        .relay_metric_max("orders_center_outbox_failed_total{class=\"timeout\"}")
+        .relay_metric_max(
+            "orders_center_outbox_failed_total{destination=\"onec\",class=\"timeout\"}",
+        )
         .await?;
     sys.drained(Duration::from_secs(120)).await?;
     sys.set_faults(json!({})).await?;

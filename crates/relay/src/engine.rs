@@ -3,6 +3,7 @@
 //! and records the outcome. It registers its job with an injected [`Cron`]
 //! and knows nothing of the pool that runs it.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -160,14 +161,20 @@ impl DeliveryEngine {
             .await?;
         self.metrics.claimed(&claim);
         let more = claim.more;
-        let tasks = claim.tasks;
-        let claimed = tasks.len();
-        // Deliveries run concurrently; the successes are then recorded in one
+        let claimed = claim.tasks.len();
+        // One run per key, sent in order by one worker; runs go out
+        // concurrently, and the successes are then recorded in one
         // statement instead of one round trip each.
-        let delivered: Vec<(TaskId, ClaimToken)> = futures::stream::iter(tasks)
-            .map(|task| self.deliver(task, &cancel))
+        let mut runs: BTreeMap<String, Vec<ClaimedTask>> = BTreeMap::new();
+        for task in claim.tasks {
+            runs.entry(task.aggregate_id.clone())
+                .or_default()
+                .push(task);
+        }
+        let delivered: Vec<(TaskId, ClaimToken)> = futures::stream::iter(runs.into_values())
+            .map(|run| self.deliver_run(run, &cancel))
             .buffer_unordered(claimed.max(1))
-            .filter_map(|done| async move { done })
+            .flat_map(futures::stream::iter)
             .collect()
             .await;
         match self.store.complete_many(&delivered).await {
@@ -193,6 +200,34 @@ impl DeliveryEngine {
         } else {
             Progress::Idle
         })
+    }
+
+    /// Delivers one key's run in order. After the first message that does
+    /// not go, the rest are given back untried: sending them would put them
+    /// ahead of it.
+    async fn deliver_run(
+        &self,
+        mut run: Vec<ClaimedTask>,
+        cancel: &CancellationToken,
+    ) -> Vec<(TaskId, ClaimToken)> {
+        run.sort_by_key(|t| t.id);
+        let mut run = run.into_iter();
+        let mut delivered = Vec::new();
+        for task in run.by_ref() {
+            match self.deliver(task, cancel).await {
+                Some(done) => delivered.push(done),
+                None => break,
+            }
+        }
+        for untried in run {
+            self.metrics.released.inc();
+            self.settled(
+                untried.id,
+                "release",
+                self.store.release(untried.id, untried.token).await,
+            );
+        }
+        delivered
     }
 
     /// Delivers one task inside a span that continues the save's trace, and

@@ -148,14 +148,25 @@ pub mod sql {
                      ) t
                  ) a
              ),
+             -- Latest wins claims the head alone. In order claims a run:
+             -- the head and up to 15 messages right behind it, which one
+             -- worker sends one after another, so a burst on one key costs
+             -- one claim instead of one each. A run stops before the first
+             -- row another session holds, so it never has a gap.
              heads AS (
-                 SELECT h.id FROM lanes l
+                 SELECT r.id FROM lanes l
                  CROSS JOIN LATERAL (
-                     SELECT id FROM outbox
-                     WHERE id = l.head AND state = 'pending' AND run_at <= now()
-                     FOR UPDATE SKIP LOCKED
-                 ) h
-                 WHERE NOT l.busy AND (NOT $4 OR l.floor IS NULL OR l.head_pos > l.floor)
+                     SELECT v.id, bool_and(x.id IS NOT NULL) OVER (ORDER BY v.n) AS unbroken
+                     FROM unnest(CASE WHEN $4 THEN l.pending[1:1] ELSE l.pending[1:16] END)
+                          WITH ORDINALITY AS v(id, n)
+                     LEFT JOIN LATERAL (
+                         SELECT id FROM outbox
+                         WHERE id = v.id AND state = 'pending' AND (v.n > 1 OR run_at <= now())
+                         FOR UPDATE SKIP LOCKED
+                     ) x ON true
+                 ) r
+                 WHERE r.unbroken
+                   AND NOT l.busy AND (NOT $4 OR l.floor IS NULL OR l.head_pos > l.floor)
                    AND (l.doubt IS NULL OR l.head_pos <= l.doubt)
              ),
              older AS (
@@ -189,9 +200,10 @@ pub mod sql {
                  WHERE (NOT $4 OR l.floor IS NULL OR l.head_pos > l.floor)
                    AND (l.busy OR l.head_pos > l.doubt)
              ),
-             -- In order, the messages behind a head wait for it the same
-             -- way: until it can have gone (its backoff, a doubt, or at
-             -- most a second), unparked as soon as it leaves `running`.
+             -- In order, the messages behind a head (or its run) wait for
+             -- it the same way: until it can have gone (its backoff, a
+             -- doubt, or at most a second), unparked as soon as it leaves
+             -- `running`.
              behind AS (
                  SELECT b.id, b.until FROM lanes l
                  CROSS JOIN LATERAL unnest(
@@ -205,6 +217,7 @@ pub mod sql {
                      WHERE id = v.id AND state = 'pending' AND xmin = v.x
                        AND run_at < greatest(l.head_run_at, now() + interval '1 second',
                                              l.doubt_until)
+                       AND id <> ALL(ARRAY(SELECT id FROM heads))
                      FOR UPDATE SKIP LOCKED
                  ) b
              ),
@@ -357,9 +370,9 @@ struct ClaimedRow {
 }
 
 impl Store {
-    /// Claims up to `spec.limit` tasks of one destination in one short
-    /// transaction. A key is an aggregate id (an order): at most one of its
-    /// messages is ever running, and none is sent after a newer one.
+    /// Claims tasks of one destination from up to `spec.limit` candidates in
+    /// one short transaction. A key is an aggregate id (an order): only one
+    /// claim of it is ever running, and no message is sent after a newer one.
     ///
     /// 1. Due pending rows are locked `FOR UPDATE SKIP LOCKED`, so concurrent
     ///    relays take disjoint candidates, and each candidate's key is locked
@@ -367,11 +380,13 @@ impl Store {
     /// 2. A second statement, whose snapshot is taken only after those locks
     ///    are held and so sees every committed claim of those keys, claims
     ///    for each locked key its head: the newest pending message under
-    ///    *latest wins*, the oldest under *every message in order*. Only if
-    ///    the key has nothing running, the head is due, and no older message
-    ///    is still in doubt (the destination may yet apply a timed-out
-    ///    attempt). Under latest wins, older pending messages become
-    ///    `superseded`, and so does a head older than one already delivered.
+    ///    *latest wins*; under *every message in order*, the oldest and up
+    ///    to 15 behind it, to be sent one after another by one worker. Only
+    ///    if the key has nothing running, the head is due, and no older
+    ///    message is still in doubt (the destination may yet apply a
+    ///    timed-out attempt). Under latest wins, older pending messages
+    ///    become `superseded`, and so does a head older than one already
+    ///    delivered.
     pub async fn claim_batch(&self, spec: &ClaimSpec<'_>) -> Result<Claimed> {
         let mut tx = self.pool.begin().await?;
         // One row per candidate, so a full page says more may be waiting

@@ -75,23 +75,34 @@ async fn eight_claimers_deliver_10000_messages_on_500_keys_once_each_and_in_key_
                     );
                     let claim = store.claim_batch(&spec(&name, 50)).await.unwrap();
                     assert_eq!(claim.superseded, 0);
+                    // A key comes as one run, and no other claimer holds it.
+                    let mut runs: HashMap<String, Vec<i64>> = HashMap::new();
                     for t in &claim.tasks {
+                        runs.entry(t.aggregate_id.clone())
+                            .or_default()
+                            .push(t.payload["seq"].as_i64().unwrap());
+                    }
+                    for (key, seqs) in &mut runs {
                         assert!(
-                            in_flight.lock().unwrap().insert(t.aggregate_id.clone()),
-                            "{} has two messages in flight",
-                            t.aggregate_id
+                            in_flight.lock().unwrap().insert(key.clone()),
+                            "{key} is claimed twice at once"
+                        );
+                        seqs.sort_unstable();
+                        assert!(
+                            seqs.windows(2).all(|w| w[1] == w[0] + 1),
+                            "{key} came with a gap: {seqs:?}"
                         );
                     }
-                    let claims: Vec<_> = claim.tasks.iter().map(|t| (t.id, t.token)).collect();
-                    for t in &claim.tasks {
+                    for (key, seqs) in runs {
                         delivered
                             .lock()
                             .unwrap()
-                            .entry(t.aggregate_id.clone())
+                            .entry(key.clone())
                             .or_default()
-                            .push(t.payload["seq"].as_i64().unwrap());
-                        in_flight.lock().unwrap().remove(&t.aggregate_id);
+                            .extend(seqs);
+                        in_flight.lock().unwrap().remove(&key);
                     }
+                    let claims: Vec<_> = claim.tasks.iter().map(|t| (t.id, t.token)).collect();
                     assert_eq!(
                         store.complete_many(&claims).await.unwrap(),
                         claims.len() as u64
@@ -136,25 +147,39 @@ async fn a_failing_key_waits_alone_and_resumes_at_its_failed_message() {
     queue(&db.pool, 2, 3).await;
 
     let first = claim(&store).await;
-    assert_eq!(seqs(&first), [("K-0".into(), 1), ("K-1".into(), 1)]);
-    let failing = first.iter().find(|t| t.aggregate_id == "K-0").unwrap();
+    assert_eq!(
+        seqs(&first),
+        [
+            ("K-0".into(), 1),
+            ("K-0".into(), 2),
+            ("K-0".into(), 3),
+            ("K-1".into(), 1),
+            ("K-1".into(), 2),
+            ("K-1".into(), 3)
+        ],
+        "each key comes as one run, in order"
+    );
+    // K-0's first message fails; the rest of its run goes back untried.
+    let mut k0: Vec<_> = first.iter().filter(|t| t.aggregate_id == "K-0").collect();
+    k0.sort_by_key(|t| t.id);
     let later = chrono::Utc::now() + chrono::Duration::hours(1);
     assert!(store
-        .retry_later(failing.id, failing.token, later, "broker said no", None)
+        .retry_later(k0[0].id, k0[0].token, later, "broker said no", None)
         .await
         .unwrap());
-    let healthy = first.iter().find(|t| t.aggregate_id == "K-1").unwrap();
-    assert!(store.complete(healthy.id, healthy.token).await.unwrap());
-
-    // K-1 goes on; nothing of K-0 overtakes its failed first message.
-    for seq in 2..=3 {
-        let next = claim(&store).await;
-        assert_eq!(seqs(&next), [("K-1".into(), seq)]);
-        assert!(store.complete(next[0].id, next[0].token).await.unwrap());
+    for t in &k0[1..] {
+        assert!(store.release(t.id, t.token).await.unwrap());
     }
+    let k1: Vec<_> = first
+        .iter()
+        .filter(|t| t.aggregate_id == "K-1")
+        .map(|t| (t.id, t.token))
+        .collect();
+    assert_eq!(store.complete_many(&k1).await.unwrap(), 3);
+
+    // Nothing of K-0 overtakes its failed first message, and the messages
+    // behind it wait as long as it does, out of the candidate pages.
     assert!(claim(&store).await.is_empty());
-    // The messages behind the failed one wait as long as it does, out of
-    // the candidate pages.
     let parked: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM outbox WHERE aggregateid = 'K-0' AND state = 'pending'
            AND run_at >= $1",
@@ -165,18 +190,42 @@ async fn a_failing_key_waits_alone_and_resumes_at_its_failed_message() {
     .unwrap();
     assert_eq!(parked, 3);
 
-    // When it is due again, it goes first, then the rest in order.
+    // When it is due again, it goes first, the rest right behind it.
     sqlx::query("UPDATE outbox SET run_at = now() WHERE id = $1")
-        .bind(failing.id.0)
+        .bind(k0[0].id.0)
         .execute(&db.pool)
         .await
         .unwrap();
-    for seq in 1..=3 {
-        let next = claim(&store).await;
-        assert_eq!(seqs(&next), [("K-0".into(), seq)]);
-        assert_eq!(next[0].attempts, if seq == 1 { 2 } else { 1 });
-        assert!(store.complete(next[0].id, next[0].token).await.unwrap());
-    }
+    let again = claim(&store).await;
+    assert_eq!(
+        seqs(&again),
+        [("K-0".into(), 1), ("K-0".into(), 2), ("K-0".into(), 3)]
+    );
+    let attempts: Vec<i32> = {
+        let mut a: Vec<_> = again.iter().map(|t| (t.id, t.attempts)).collect();
+        a.sort();
+        a.into_iter().map(|(_, n)| n).collect()
+    };
+    assert_eq!(attempts, [2, 1, 1], "released messages were refunded");
+}
+
+#[tokio::test]
+async fn a_run_stops_before_a_message_another_session_holds() {
+    let db = testkit::database().await;
+    let store = Store::new(db.pool.clone());
+    queue(&db.pool, 1, 4).await;
+    // Another session holds the third message (as a claimer's candidate
+    // lock would), so the run must stop before it: no gap.
+    let mut other = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM outbox WHERE aggregateid = 'K-0' AND version = 3 FOR UPDATE")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+
+    let run = claim(&store).await;
+
+    assert_eq!(seqs(&run), [("K-0".into(), 1), ("K-0".into(), 2)]);
+    other.rollback().await.unwrap();
 }
 
 #[tokio::test]
@@ -184,11 +233,14 @@ async fn a_dead_message_is_skipped_and_cannot_be_replayed_after_newer_ones() {
     let db = testkit::database().await;
     let store = Store::new(db.pool.clone());
     queue(&db.pool, 1, 2).await;
-    let first = claim(&store).await.remove(0);
+    let mut run = claim(&store).await;
+    run.sort_by_key(|t| t.id);
+    let (first, second) = (&run[0], &run[1]);
     assert!(store
         .mark_dead(first.id, first.token, "message too large", None)
         .await
         .unwrap());
+    assert!(store.release(second.id, second.token).await.unwrap());
     let second = claim(&store).await.remove(0);
     assert_eq!(second.payload["seq"], 2);
     assert!(store.complete(second.id, second.token).await.unwrap());
