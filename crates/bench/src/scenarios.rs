@@ -403,13 +403,16 @@ async fn pgbench_drain(
         .spawn()
         .context("pgbench is installed (postgresql-client)")?;
     loop {
-        let open = count(
-            &db.pool,
-            "SELECT count(*) FROM outbox WHERE aggregateid LIKE 'P-%'
-               AND state IN ('pending', 'running')",
+        // EXISTS stops at the first open row: polling must not load the
+        // database it measures.
+        let open: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM outbox WHERE destination = $1 AND state = 'pending')
+                 OR EXISTS (SELECT 1 FROM outbox WHERE state = 'running')",
         )
+        .bind(NOOP)
+        .fetch_one(&db.pool)
         .await?;
-        if open == 0 {
+        if !open {
             break;
         }
         if let Some(status) = pgbench.try_wait()? {
@@ -418,7 +421,7 @@ async fn pgbench_drain(
                 use tokio::io::AsyncReadExt as _;
                 e.read_to_string(&mut err).await?;
             }
-            anyhow::bail!("pgbench stopped ({status}) with {open} tasks open: {err}");
+            anyhow::bail!("pgbench stopped ({status}) with tasks still open: {err}");
         }
         ensure!(
             started.elapsed() < Duration::from_secs(900),
@@ -869,7 +872,7 @@ INSERT INTO orders (id, type, status, city, subdivision, price, platform, genera
   VALUES ('P-' || :client_id || '-' || :n, 'delivery', 'new', 'Almaty', 'ALM-01', 150.5, 'web', '0190a6f6-2a9b-7c1e-9f6a-3c1f2d4e5b6a', 'N-1', 'courier-7', 1)
   ON CONFLICT (id) DO NOTHING;
 INSERT INTO order_items (order_id, position, product_id, external_id, status, base_price, price, earned_bonuses, spent_bonuses, gift, owner_id, delivery_id, shop_assistant, warehouse)
-  SELECT 'P-' || :client_id || '-' || :n, * FROM UNNEST('{0,1,2}'::int4[], '{P-1,P-2,P-3}'::text[], '{L-1,"",""}'::text[], '{reserved,"",""}'::text[], '{100,40,20}'::float8[], '{90.5,40,20}'::float8[], '{1.5,0,0}'::float8[], '{0,0,0}'::float8[], '{f,f,t}'::bool[], '{u-1,"",""}'::text[], '{d-1,"",""}'::text[], '{sa-1,"",""}'::text[], '{W1,"",""}'::text[]);
+  SELECT 'P-' || :client_id || '-' || :n, * FROM UNNEST('{0,1,2}'::int4[], '{P-1,P-2,P-3}'::text[], '{L-1,"",""}'::text[], '{reserved,"",""}'::text[], '{100,40,20}'::numeric[], '{90.5,40,20}'::numeric[], '{1.5,0,0}'::numeric[], '{0,0,0}'::numeric[], '{f,f,t}'::bool[], '{u-1,"",""}'::text[], '{d-1,"",""}'::text[], '{sa-1,"",""}'::text[], '{W1,"",""}'::text[]);
 INSERT INTO order_payments (order_id, position, id, type, sum, payed, info, credit_data, contract_number, card_payment_data, external_id)
   VALUES ('P-' || :client_id || '-' || :n, 0, gen_random_uuid(), 'card_online', 100, true, '', NULL, '', '{"provider":"visa","transaction_id":"T1"}', ''),
          ('P-' || :client_id || '-' || :n, 1, gen_random_uuid(), 'credit', 50.5, false, '', '{"bank":"Halyk","number_of_months":12}', 'C-9', NULL, '');

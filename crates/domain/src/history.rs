@@ -81,7 +81,7 @@ pub struct Tracked {
     /// Status before the save.
     pub status: String,
     /// Price before the save.
-    pub price: f64,
+    pub price: crate::Money,
 }
 
 /// The history rows a save produces: one per changed tracked field, and both
@@ -114,16 +114,16 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn tracked(status: &str, price: f64) -> Tracked {
+    fn tracked(status: &str, price: &str) -> Tracked {
         Tracked {
             status: status.into(),
-            price,
+            price: price.parse().unwrap(),
         }
     }
 
     #[test]
     fn a_new_order_records_its_initial_status_and_price() {
-        let out = changes(None, &tracked("new", 10.5));
+        let out = changes(None, &tracked("new", "10.50"));
         assert_eq!(
             out,
             vec![
@@ -142,22 +142,23 @@ mod tests {
     }
 
     #[test]
-    fn an_unchanged_order_records_nothing() {
-        assert!(changes(Some(&tracked("new", 1.0)), &tracked("new", 1.0)).is_empty());
+    fn an_unchanged_order_records_nothing_whatever_the_scale_of_its_price() {
+        assert!(changes(Some(&tracked("new", "1")), &tracked("new", "1.00")).is_empty());
     }
 
     #[test]
     fn only_the_changed_field_is_recorded() {
-        let out = changes(Some(&tracked("new", 1.0)), &tracked("paid", 1.0));
+        let out = changes(Some(&tracked("new", "1")), &tracked("paid", "1"));
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].kind, HistoryKind::Status);
         assert_eq!(out[0].old_value, json!("new"));
         assert_eq!(out[0].value, json!("paid"));
 
-        let out = changes(Some(&tracked("new", 1.0)), &tracked("new", 2.25));
+        let out = changes(Some(&tracked("new", "1")), &tracked("new", "2.25"));
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].kind, HistoryKind::Price);
-        assert_eq!(out[0].old_value, json!(1.0));
+        assert_eq!(out[0].old_value, json!(1));
+        assert_eq!(out[0].value, json!(2.25));
     }
 
     #[test]

@@ -3,12 +3,14 @@
 
 pub mod event;
 pub mod history;
+pub mod money;
 pub mod order;
 pub mod task;
 pub mod validation;
 
 pub use event::{DeliveryPolicy, Destination, OrderEvent, Routes, ONEC, ORDER_AGGREGATE};
 pub use history::{Change, HistoryEntry, HistoryKind, Tracked};
+pub use money::{Money, MAX_MONEY};
 pub use order::{
     CardPaymentData, CreditData, Order, OrderFull, OrderItem, OrderSummary, OrderView, Payment,
     PaymentType,

@@ -6,6 +6,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::history::HistoryEntry;
+use crate::money::Money;
 
 /// The whole order in one structure: the order, its items, payments and history.
 ///
@@ -48,7 +49,7 @@ pub struct Order {
     pub subdivision: String,
     /// Total price, non-negative, at most two decimal places.
     #[schema(example = 1999.99)]
-    pub price: f64,
+    pub price: Money,
     /// Platform the order came from, e.g. `web`.
     #[serde(default)]
     pub platform: String,
@@ -82,15 +83,15 @@ pub struct OrderItem {
     #[serde(default)]
     pub status: String,
     /// Price before discounts.
-    pub base_price: f64,
+    pub base_price: Money,
     /// Price charged.
-    pub price: f64,
+    pub price: Money,
     /// Bonuses earned by this line.
     #[serde(default)]
-    pub earned_bonuses: f64,
+    pub earned_bonuses: Money,
     /// Bonuses spent on this line.
     #[serde(default)]
-    pub spent_bonuses: f64,
+    pub spent_bonuses: Money,
     /// Whether the line is a gift.
     #[serde(default)]
     pub gift: bool,
@@ -123,7 +124,7 @@ pub struct Payment {
     #[serde(rename = "type")]
     pub kind: PaymentType,
     /// Amount, non-negative, at most two decimal places.
-    pub sum: f64,
+    pub sum: Money,
     /// Whether it has been paid.
     #[serde(default)]
     pub payed: bool,
@@ -217,7 +218,7 @@ pub struct CreditData {
     pub number_of_months: i16,
     /// Monthly payment, non-negative.
     #[serde(default)]
-    pub pay_sum_per_month: f64,
+    pub pay_sum_per_month: Money,
     /// Broker id, non-negative.
     #[serde(default)]
     pub broker_id: i32,

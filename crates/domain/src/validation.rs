@@ -7,6 +7,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::money::Money;
 use crate::order::{OrderFull, Payment, PaymentType};
 
 /// Longest order id.
@@ -19,8 +20,6 @@ pub const MAX_NOTE_LEN: usize = 2000;
 pub const MAX_ITEMS: usize = 500;
 /// Most payments in one order.
 pub const MAX_PAYMENTS: usize = 50;
-/// Money is stored as NUMERIC(15,2): anything at or above this does not fit.
-pub const MAX_MONEY: f64 = 1e13;
 
 /// One rule a field broke.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -334,15 +333,9 @@ fn checked_text(
     }
 }
 
-fn money(errs: &mut ValidationErrors, field: impl Into<String>, value: f64) {
-    if !value.is_finite() {
-        errs.push(field, "must be a finite number");
-    } else if value < 0.0 {
-        errs.push(field, "must not be negative");
-    } else if value >= MAX_MONEY {
-        errs.push(field, format!("must be less than {MAX_MONEY:e}"));
-    } else if (value * 100.0).round() / 100.0 != value {
-        errs.push(field, "must have at most two decimal places");
+fn money(errs: &mut ValidationErrors, field: impl Into<String>, value: Money) {
+    if let Err(problem) = value.check() {
+        errs.push(field, problem);
     }
 }
 

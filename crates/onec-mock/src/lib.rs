@@ -13,6 +13,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use onec::{Applied, ApplyResponse, WireOrder};
 use prometheus::{Encoder, IntCounter, IntGauge};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -457,19 +458,19 @@ async fn apply_order(state: MockState, id: String, headers: HeaderMap, body: Byt
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
 
-    let parsed: serde_json::Value = match serde_json::from_slice(&body) {
+    let wire: WireOrder<serde_json::Value> = match serde_json::from_slice(&body) {
         Ok(v) => v,
-        Err(e) => return bad_request(c, format!("body is not JSON: {e}")),
+        Err(e) => return bad_request(c, format!("body is not an order version: {e}")),
     };
-    let Some(version) = parsed.get("version").and_then(serde_json::Value::as_i64) else {
-        return bad_request(c, "version must be an integer");
-    };
+    let version = wire.version;
     if version < 1 {
         return bad_request(c, "version must be positive");
     }
-    if parsed.pointer("/order/id").and_then(|v| v.as_str()) != Some(id.as_str()) {
+    if wire.snapshot.pointer("/order/id").and_then(|v| v.as_str()) != Some(id.as_str()) {
         return bad_request(c, "order.id must match the id in the path");
     }
+    // Held as 1C holds it: the body, version included.
+    let parsed = serde_json::to_value(&wire).expect("a parsed body serializes");
     let expected_key = format!("{id}:{version}");
     match headers.get("idempotency-key").map(|v| v.as_bytes()) {
         Some(k) if k == expected_key.as_bytes() => {}
@@ -502,16 +503,16 @@ async fn apply_order(state: MockState, id: String, headers: HeaderMap, body: Byt
         }
         let outcome = if entry.version == version {
             bump(&c.duplicates);
-            "duplicate"
+            Applied::Duplicate
         } else if entry.version > version {
             bump(&c.stale);
-            "stale"
+            Applied::Stale
         } else {
             bump(&c.applied);
             entry.version = version;
             entry.order = parsed;
             entry.applied_at = std::time::Instant::now();
-            "applied"
+            Applied::Applied
         };
         let held = entry.version;
         c.orders.set(orders.len() as i64);
@@ -522,7 +523,11 @@ async fn apply_order(state: MockState, id: String, headers: HeaderMap, body: Byt
         bump(&c.responses_lost);
         return injected_error(faults.retry_after_secs);
     }
-    let payload = serde_json::json!({"result": result, "version": held}).to_string();
+    let payload = serde_json::to_string(&ApplyResponse {
+        result,
+        version: held,
+    })
+    .expect("an answer serializes");
     if faults.slow_body_ms == 0 {
         return ([(header::CONTENT_TYPE, "application/json")], payload).into_response();
     }

@@ -32,14 +32,16 @@ impl Delivery {
     }
 }
 
-/// The request body: the snapshot's fields plus `version`.
-#[derive(Debug, Serialize)]
-pub struct WireOrder<'a> {
+/// The request body: the snapshot's fields plus `version`. The relay sends
+/// it over a borrowed snapshot; 1C (and the mock) read it into an owned one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireOrder<S> {
     /// The order version.
     pub version: i64,
-    /// `order`, `items`, `payments` and `history`.
+    /// `order`, `items`, `payments` and `history`: an OrderFull, money
+    /// as exact JSON numbers.
     #[serde(flatten)]
-    pub snapshot: &'a serde_json::Value,
+    pub snapshot: S,
 }
 
 /// What 1C answers on 200: what it did with the version.

@@ -8,9 +8,10 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use domain::{
-    history, Destination, HistoryEntry, Order, OrderEvent, OrderFull, OrderId, OrderSummary,
+    history, Destination, HistoryEntry, Money, Order, OrderEvent, OrderFull, OrderId, OrderSummary,
     OrderView, Routes, StatusChange, SyncStatus, TaskState, ValidOrder, ONEC,
 };
+use rust_decimal::Decimal;
 use sqlx::types::Json;
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 use uuid::Uuid;
@@ -109,7 +110,7 @@ struct OrderRow {
     status: String,
     city: String,
     subdivision: String,
-    price: f64,
+    price: Decimal,
     platform: String,
     general_id: Uuid,
     order_number: String,
@@ -127,7 +128,7 @@ impl OrderRow {
             status: self.status,
             city: self.city,
             subdivision: self.subdivision,
-            price: self.price,
+            price: Money(self.price),
             platform: self.platform,
             general_id: self.general_id,
             order_number: self.order_number,
@@ -149,8 +150,7 @@ struct FullRow {
     sync: Option<Json<SyncStatus>>,
 }
 
-const ORDER_COLUMNS: &str =
-    "o.id, o.type, o.status, o.city, o.subdivision, o.price::float8 AS price, \
+const ORDER_COLUMNS: &str = "o.id, o.type, o.status, o.city, o.subdivision, o.price, \
      o.platform, o.general_id, o.order_number, o.executor, o.version, o.created_at, o.updated_at";
 
 /// The whole OrderFull in one round trip and one snapshot, so a read never
@@ -199,15 +199,17 @@ struct Current {
 }
 
 async fn lock(conn: &mut PgConnection, id: &OrderId) -> Result<Option<Current>> {
-    let row: Option<(i64, String, f64)> = sqlx::query_as(
-        "SELECT version, status, price::float8 FROM orders WHERE id = $1 FOR UPDATE",
-    )
-    .bind(id.as_str())
-    .fetch_optional(conn)
-    .await?;
+    let row: Option<(i64, String, Decimal)> =
+        sqlx::query_as("SELECT version, status, price FROM orders WHERE id = $1 FOR UPDATE")
+            .bind(id.as_str())
+            .fetch_optional(conn)
+            .await?;
     Ok(row.map(|(version, status, price)| Current {
         version,
-        tracked: history::Tracked { status, price },
+        tracked: history::Tracked {
+            status,
+            price: Money(price),
+        },
     }))
 }
 
@@ -239,7 +241,7 @@ fn bind_order<'q>(
         .bind(&o.status)
         .bind(&o.city)
         .bind(&o.subdivision)
-        .bind(o.price)
+        .bind(o.price.0)
         .bind(&o.platform)
         .bind(o.general_id)
         .bind(&o.order_number)
@@ -364,13 +366,15 @@ async fn insert_lines(conn: &mut PgConnection, order: &ValidOrder) -> Result<()>
         let items = &full.items;
         let col =
             |f: fn(&domain::OrderItem) -> &str| -> Vec<&str> { items.iter().map(f).collect() };
-        let num = |f: fn(&domain::OrderItem) -> f64| -> Vec<f64> { items.iter().map(f).collect() };
+        let num = |f: fn(&domain::OrderItem) -> Money| -> Vec<Decimal> {
+            items.iter().map(|i| f(i).0).collect()
+        };
         sqlx::query(
             "INSERT INTO order_items (order_id, position, product_id, external_id, status,
                  base_price, price, earned_bonuses, spent_bonuses, gift, owner_id,
                  delivery_id, shop_assistant, warehouse)
              SELECT $1, * FROM UNNEST($2::int4[], $3::text[], $4::text[], $5::text[],
-                 $6::float8[], $7::float8[], $8::float8[], $9::float8[], $10::bool[],
+                 $6::numeric[], $7::numeric[], $8::numeric[], $9::numeric[], $10::bool[],
                  $11::text[], $12::text[], $13::text[], $14::text[])",
         )
         .bind(id)
@@ -400,7 +404,7 @@ async fn insert_lines(conn: &mut PgConnection, order: &ValidOrder) -> Result<()>
              SELECT $1, u.position, u.id, u.type, u.sum, u.payed, u.info,
                     NULLIF(u.credit_data, 'null'::jsonb), u.contract_number,
                     NULLIF(u.card_payment_data, 'null'::jsonb), u.external_id
-             FROM UNNEST($2::int4[], $3::uuid[], $4::text[], $5::float8[], $6::bool[],
+             FROM UNNEST($2::int4[], $3::uuid[], $4::text[], $5::numeric[], $6::bool[],
                  $7::text[], $8::jsonb[], $9::text[], $10::jsonb[], $11::text[])
                  AS u(position, id, type, sum, payed, info, credit_data, contract_number,
                       card_payment_data, external_id)",
@@ -409,7 +413,7 @@ async fn insert_lines(conn: &mut PgConnection, order: &ValidOrder) -> Result<()>
         .bind((0..pays.len() as i32).collect::<Vec<_>>())
         .bind(pays.iter().map(|p| p.id).collect::<Vec<_>>())
         .bind(pays.iter().map(|p| p.kind.as_str()).collect::<Vec<_>>())
-        .bind(pays.iter().map(|p| p.sum).collect::<Vec<_>>())
+        .bind(pays.iter().map(|p| p.sum.0).collect::<Vec<_>>())
         .bind(pays.iter().map(|p| p.payed).collect::<Vec<_>>())
         .bind(col(|p| &p.info))
         .bind(

@@ -76,9 +76,10 @@ async fn bad_input_gets_a_4xx_problem_and_writes_nothing() {
             StatusCode::UNPROCESSABLE_ENTITY,
         ),
         (
+            // Valid JSON, read digit for digit, but no amount.
             "huge number",
             put_raw(valid.replace("150.5", "1e400")),
-            StatusCode::BAD_REQUEST,
+            StatusCode::UNPROCESSABLE_ENTITY,
         ),
         (
             "JSON array body",

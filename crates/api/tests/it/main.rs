@@ -3,6 +3,7 @@
 mod auth;
 mod bad_input;
 mod create;
+mod money;
 mod ops;
 mod read;
 mod save;
