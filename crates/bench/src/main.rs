@@ -73,9 +73,12 @@ pub struct Figure {
 /// Sizes of one run.
 #[derive(Debug, Clone)]
 pub struct Sizes {
-    /// Orders pre-filled for the no-op drains, one drain each; the first
-    /// also sizes the in-order and flat-cost drains.
+    /// Orders pre-filled for the no-op drains, one drain each.
     pub noop_backlogs: Vec<i64>,
+    /// Orders of the in-order against latest-wins drains.
+    pub in_order_orders: i64,
+    /// Orders of each flat-cost drain.
+    pub flat_orders: i64,
     /// Tasks drained to the mock over HTTP.
     pub http_tasks: i64,
     /// Seconds of offered load for the latency runs.
@@ -91,6 +94,8 @@ pub struct Sizes {
 fn full() -> Sizes {
     Sizes {
         noop_backlogs: vec![200_000],
+        in_order_orders: 100_000,
+        flat_orders: 50_000,
         http_tasks: 50_000,
         latency_seconds: 30,
         rates: [500, 2000],
@@ -102,6 +107,8 @@ fn full() -> Sizes {
 fn quick() -> Sizes {
     Sizes {
         noop_backlogs: vec![5_000],
+        in_order_orders: 5_000,
+        flat_orders: 1_250,
         http_tasks: 1_000,
         latency_seconds: 2,
         rates: [100, 200],
