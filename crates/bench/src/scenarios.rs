@@ -329,7 +329,7 @@ async fn drain_noop(
 /// The claim and complete statements of the relay as pgbench runs them:
 /// the store's own SQL, with pgbench variables for the parameters and the
 /// claimed rows folded into arrays for the completion.
-fn pgbench_drain_script() -> String {
+fn pgbench_drain_script(policy: DeliveryPolicy) -> String {
     let bind = |sql: &str, names: &[&str]| {
         // Highest first, so $1 never eats the start of $10.
         names
@@ -342,8 +342,8 @@ fn pgbench_drain_script() -> String {
     };
     let candidates = bind(claim_sql::CANDIDATES, &["batch", "dest"]);
     let claim = bind(
-        claim_sql::CLAIM,
-        &["keys", "claimant", "lease", "latest", "dest"],
+        claim_sql::claim(policy),
+        &["keys", "claimant", "lease", "dest"],
     );
     let tail = claim
         .rfind("SELECT (SELECT count(*) FROM superseded)")
@@ -390,16 +390,13 @@ async fn pgbench_drain(
     let rows = backlog.rows();
     let dir = tempfile::tempdir()?;
     let script = dir.path().join("drain.sql");
-    std::fs::write(&script, pgbench_drain_script())?;
-    let latest = policy == DeliveryPolicy::LatestWins;
+    std::fs::write(&script, pgbench_drain_script(policy))?;
     let started = Instant::now();
     let mut pgbench = tokio::process::Command::new("pgbench")
         .args(["-n", "-M", "prepared", "-c", &LANES.to_string(), "-j", "2"])
         .args(["-T", "900", "-D", &format!("batch={BATCH}"), "-D"])
         .arg(format!("dest={NOOP}"))
-        .args(["-D", "claimant=pgbench", "-D", "lease=120", "-D"])
-        .arg(format!("latest={latest}"))
-        .arg("-f")
+        .args(["-D", "claimant=pgbench", "-D", "lease=120", "-f"])
         .arg(&script)
         .arg(db.url.split('?').next().unwrap_or(&db.url))
         .stdout(std::process::Stdio::null())

@@ -92,6 +92,8 @@ pub struct ClaimSpec<'a> {
 pub mod sql {
     use std::sync::LazyLock;
 
+    use domain::DeliveryPolicy;
+
     use super::UNPARK;
 
     /// Locks up to `$1` due pending rows of destination `$2`, skipping locked
@@ -106,15 +108,124 @@ pub mod sql {
                  FOR UPDATE SKIP LOCKED
              ) c";
 
-    /// Claims the heads of the locked keys `$1` (text[]) for claimant `$2`
-    /// with a lease of `$3` seconds, under latest wins when `$4`, for
-    /// destination `$5`. One row per claimed task, or one row of NULLs;
-    /// every row carries the superseded count. See
-    /// [`Store::claim_batch`](crate::Store::claim_batch).
-    pub const CLAIM: &str = "WITH lanes AS (
-                 SELECT a.busy, a.floor, a.pending, a.pending_xmin, a.doubt, a.doubt_until,
-                        a.pending[1] AS head, a.pending_pos[1] AS head_pos,
-                        a.pending_xmin[1] AS head_xmin, a.pending_run_at[1] AS head_run_at,
+    /// Claims, under `policy`, the heads of the locked keys `$1` (text[])
+    /// of destination `$4` for claimant `$2` with a lease of `$3` seconds.
+    /// One row per claimed task, or one row of NULLs; every row carries the
+    /// superseded count. See [`Store::claim_batch`](crate::Store::claim_batch).
+    pub fn claim(policy: DeliveryPolicy) -> &'static str {
+        match policy {
+            DeliveryPolicy::LatestWins => &CLAIM_LATEST,
+            DeliveryPolicy::EveryMessageInOrder => &CLAIM_IN_ORDER,
+        }
+    }
+
+    static CLAIM_LATEST: LazyLock<String> =
+        LazyLock::new(|| claim_statement(DeliveryPolicy::LatestWins));
+    static CLAIM_IN_ORDER: LazyLock<String> =
+        LazyLock::new(|| claim_statement(DeliveryPolicy::EveryMessageInOrder));
+
+    /// One statement per policy, from shared parts, so neither pays at run
+    /// time for the other's steps.
+    fn claim_statement(policy: DeliveryPolicy) -> String {
+        let latest = policy == DeliveryPolicy::LatestWins;
+        // A message's place in its lane: its version under latest wins (a
+        // snapshot restored late is still old), its write order otherwise.
+        let (pos, rank, head_pos) = if latest {
+            ("t.version", "t.version DESC", "max(t.version)")
+        } else {
+            ("t.id", "t.id", "min(t.id)")
+        };
+        // Under latest wins nothing goes that is older than what was sent.
+        let above_floor = if latest {
+            "(l.floor IS NULL OR l.head_pos > l.floor)"
+        } else {
+            "true"
+        };
+        let head_run_at = if latest {
+            "NULL::timestamptz".to_owned()
+        } else {
+            format!("(array_agg(t.run_at ORDER BY {rank}) FILTER (WHERE t.state = 'pending'))[1]")
+        };
+        let heads = if latest {
+            format!(
+                "heads AS (
+                 SELECT h.id FROM lanes l
+                 CROSS JOIN LATERAL (
+                     SELECT id FROM outbox
+                     WHERE id = l.head AND state = 'pending' AND run_at <= now()
+                     FOR UPDATE SKIP LOCKED
+                 ) h
+                 WHERE NOT l.busy AND {above_floor}
+                   AND (l.doubt IS NULL OR l.head_pos <= l.doubt)
+             )"
+            )
+        } else {
+            // In order claims a run: the head and up to 15 messages right
+            // behind it, which one worker sends one after another, so a
+            // burst on one key costs one claim instead of one each. A run
+            // stops before the first row another session holds, so it
+            // never has a gap.
+            "heads AS (
+                 SELECT r.id FROM lanes l
+                 CROSS JOIN LATERAL (
+                     SELECT v.id, bool_and(x.id IS NOT NULL) OVER (ORDER BY v.n) AS unbroken
+                     FROM unnest(l.pending[1:16]) WITH ORDINALITY AS v(id, n)
+                     LEFT JOIN LATERAL (
+                         SELECT id FROM outbox
+                         WHERE id = v.id AND state = 'pending' AND (v.n > 1 OR run_at <= now())
+                         FOR UPDATE SKIP LOCKED
+                     ) x ON true
+                 ) r
+                 WHERE r.unbroken AND l.free
+             )"
+            .to_owned()
+        };
+        let older = if latest {
+            // Every pending version but the newest, or all of them when
+            // something newer was already sent.
+            "older AS (
+                 SELECT o.id FROM lanes l
+                 CROSS JOIN LATERAL unnest(
+                     CASE WHEN l.head_pos <= l.floor THEN l.pending ELSE l.pending[2:] END
+                 ) AS v(id)
+                 CROSS JOIN LATERAL (
+                     SELECT id FROM outbox WHERE id = v.id AND state = 'pending'
+                     FOR UPDATE SKIP LOCKED
+                 ) o
+             )"
+        } else {
+            "older AS (SELECT NULL::bigint AS id WHERE false)"
+        };
+        let behind = if latest {
+            "behind AS (SELECT NULL::bigint AS id, NULL::timestamptz AS until WHERE false)"
+        } else {
+            // The messages behind a head (or behind its run, when it goes
+            // now) wait for it the way a head waits for its blocker: until
+            // it can have gone (its backoff, a doubt, or at most a second),
+            // unparked as soon as it leaves `running`.
+            "behind AS (
+                 SELECT b.id, b.until FROM lanes l
+                 CROSS JOIN LATERAL unnest(
+                     CASE WHEN l.free THEN l.pending[17:] ELSE l.pending[2:] END,
+                     CASE WHEN l.free THEN l.pending_xmin[17:] ELSE l.pending_xmin[2:] END
+                 ) AS v(id, x)
+                 CROSS JOIN LATERAL (
+                     SELECT id, greatest(l.head_run_at, now() + interval '1 second',
+                                         l.doubt_until) AS until
+                     FROM outbox
+                     WHERE id = v.id AND state = 'pending' AND xmin = v.x
+                       AND run_at < greatest(l.head_run_at, now() + interval '1 second',
+                                             l.doubt_until)
+                     FOR UPDATE SKIP LOCKED
+                 ) b
+             )"
+        };
+        format!(
+            "WITH lanes AS (
+                 SELECT a.*, a.pending[1] AS head, a.pending_xmin[1] AS head_xmin,
+                        -- The head may go now.
+                        NOT a.busy AND a.head_run_at <= now()
+                            AND (a.doubt IS NULL OR a.head_pos <= a.doubt) AS free,
                         -- Behind a running message, at most a second: a
                         -- completion whose snapshot predates a new message
                         -- cannot unpark it, so a missed wake-up costs no more.
@@ -125,62 +236,19 @@ pub mod sql {
                      SELECT bool_or(t.state = 'running') AS busy,
                             max(t.claim_expires_at) AS busy_until,
                             max(t.in_doubt_until) AS doubt_until,
-                            max(t.pos) FILTER (WHERE t.state IN ('running', 'done')) AS floor,
-                            max(t.pos) FILTER (WHERE t.in_doubt_until > now()) AS doubt,
-                            array_agg(t.id ORDER BY t.rank) FILTER (WHERE t.state = 'pending')
+                            max({pos}) FILTER (WHERE t.state IN ('running', 'done')) AS floor,
+                            max({pos}) FILTER (WHERE t.in_doubt_until > now()) AS doubt,
+                            {head_pos} FILTER (WHERE t.state = 'pending') AS head_pos,
+                            {head_run_at} AS head_run_at,
+                            array_agg(t.id ORDER BY {rank}) FILTER (WHERE t.state = 'pending')
                                 AS pending,
-                            array_agg(t.pos ORDER BY t.rank) FILTER (WHERE t.state = 'pending')
-                                AS pending_pos,
-                            array_agg(t.xmin ORDER BY t.rank) FILTER (WHERE t.state = 'pending')
-                                AS pending_xmin,
-                            array_agg(t.run_at ORDER BY t.rank)
-                                FILTER (WHERE t.state = 'pending') AS pending_run_at
-                     FROM (
-                         -- A message's place in its lane: the version under
-                         -- latest wins (a snapshot restored late is still
-                         -- old), the write order otherwise. Heads rank first.
-                         SELECT p.*, CASE WHEN $4 THEN -p.pos ELSE p.pos END AS rank
-                         FROM (SELECT x.id, x.state, x.claim_expires_at, x.in_doubt_until,
-                                      x.run_at, x.xmin,
-                                      CASE WHEN $4 THEN x.version ELSE x.id END AS pos
-                               FROM outbox x
-                               WHERE x.destination = $5 AND x.aggregateid = o.key) p
-                     ) t
+                            array_agg(t.xmin ORDER BY {rank}) FILTER (WHERE t.state = 'pending')
+                                AS pending_xmin
+                     FROM outbox t WHERE t.destination = $4 AND t.aggregateid = o.key
                  ) a
              ),
-             -- Latest wins claims the head alone. In order claims a run:
-             -- the head and up to 15 messages right behind it, which one
-             -- worker sends one after another, so a burst on one key costs
-             -- one claim instead of one each. A run stops before the first
-             -- row another session holds, so it never has a gap.
-             heads AS (
-                 SELECT r.id FROM lanes l
-                 CROSS JOIN LATERAL (
-                     SELECT v.id, bool_and(x.id IS NOT NULL) OVER (ORDER BY v.n) AS unbroken
-                     FROM unnest(CASE WHEN $4 THEN l.pending[1:1] ELSE l.pending[1:16] END)
-                          WITH ORDINALITY AS v(id, n)
-                     LEFT JOIN LATERAL (
-                         SELECT id FROM outbox
-                         WHERE id = v.id AND state = 'pending' AND (v.n > 1 OR run_at <= now())
-                         FOR UPDATE SKIP LOCKED
-                     ) x ON true
-                 ) r
-                 WHERE r.unbroken
-                   AND NOT l.busy AND (NOT $4 OR l.floor IS NULL OR l.head_pos > l.floor)
-                   AND (l.doubt IS NULL OR l.head_pos <= l.doubt)
-             ),
-             older AS (
-                 SELECT o.id FROM lanes l
-                 CROSS JOIN LATERAL unnest(
-                     CASE WHEN NOT $4 THEN '{}'::bigint[]
-                          WHEN l.head_pos <= l.floor THEN l.pending
-                          ELSE l.pending[2:] END
-                 ) AS v(id)
-                 CROSS JOIN LATERAL (
-                     SELECT id FROM outbox WHERE id = v.id AND state = 'pending'
-                     FOR UPDATE SKIP LOCKED
-                 ) o
-             ),
+             {heads},
+             {older},
              -- A head that cannot go now (its key runs elsewhere, or an
              -- older message may still land) waits until the blocker can
              -- end, out of the candidate pages, so it never crowds out
@@ -197,30 +265,9 @@ pub mod sql {
                        AND run_at < l.blocked_until
                      FOR UPDATE SKIP LOCKED
                  ) h
-                 WHERE (NOT $4 OR l.floor IS NULL OR l.head_pos > l.floor)
-                   AND (l.busy OR l.head_pos > l.doubt)
+                 WHERE {above_floor} AND (l.busy OR l.head_pos > l.doubt)
              ),
-             -- In order, the messages behind a head (or its run) wait for
-             -- it the same way: until it can have gone (its backoff, a
-             -- doubt, or at most a second), unparked as soon as it leaves
-             -- `running`.
-             behind AS (
-                 SELECT b.id, b.until FROM lanes l
-                 CROSS JOIN LATERAL unnest(
-                     CASE WHEN $4 THEN '{}'::bigint[] ELSE l.pending[2:] END,
-                     CASE WHEN $4 THEN '{}'::xid[] ELSE l.pending_xmin[2:] END
-                 ) AS v(id, x)
-                 CROSS JOIN LATERAL (
-                     SELECT id, greatest(l.head_run_at, now() + interval '1 second',
-                                         l.doubt_until) AS until
-                     FROM outbox
-                     WHERE id = v.id AND state = 'pending' AND xmin = v.x
-                       AND run_at < greatest(l.head_run_at, now() + interval '1 second',
-                                             l.doubt_until)
-                       AND id <> ALL(ARRAY(SELECT id FROM heads))
-                     FOR UPDATE SKIP LOCKED
-                 ) b
-             ),
+             {behind},
              -- Every row this statement writes was locked with SKIP LOCKED
              -- above, so a claim never waits on a row lock: it cannot
              -- deadlock with completions unparking the same keys. A row it
@@ -247,7 +294,9 @@ pub mod sql {
                            attempts, claim_token, traceparent, created_at
              )
              SELECT (SELECT count(*) FROM superseded) AS superseded, c.*
-             FROM (SELECT 1) one LEFT JOIN claimed c ON true";
+             FROM (SELECT 1) one LEFT JOIN claimed c ON true"
+        )
+    }
 
     /// Marks the running tasks `$1` (bigint[]) done, each fenced by its own
     /// token in `$2` (uuid[]), and unparks what waited behind them; returns
@@ -418,11 +467,10 @@ impl Store {
         // copies of a joined CTE for rechecks. `pending` lists a lane's
         // pending ids head first: newest first under latest wins ($4), oldest
         // first under every message in order.
-        let rows: Vec<ClaimedRow> = sqlx::query_as(sql::CLAIM)
+        let rows: Vec<ClaimedRow> = sqlx::query_as(sql::claim(spec.policy))
             .bind(&keys)
             .bind(spec.claimant)
             .bind(spec.lease.as_secs_f64())
-            .bind(spec.policy == DeliveryPolicy::LatestWins)
             .bind(spec.destination.as_str())
             .fetch_all(&mut *tx)
             .await?;

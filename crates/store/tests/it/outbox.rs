@@ -17,18 +17,29 @@ async fn count(pool: &sqlx::PgPool, table: &str) -> i64 {
         .unwrap()
 }
 
+/// Makes every outbox insert for order `key` fail, as a full disk or a
+/// broken constraint would.
+async fn refuse_outbox_rows_of(pool: &sqlx::PgPool, key: &str) {
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION refuse_outbox_row() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.aggregateid = '{key}' THEN RAISE EXCEPTION 'outbox refused'; END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_outbox_row BEFORE INSERT ON outbox
+             FOR EACH ROW EXECUTE FUNCTION refuse_outbox_row();"
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 /// The outbox guarantee: if the task row cannot be written, neither is the order.
 #[tokio::test]
 async fn a_failing_task_insert_rolls_back_the_whole_save() {
     let db = testkit::database().await;
     let store = Store::new(db.pool.clone());
-    // A task already holding (ATOM, 1) makes the save's own task insert fail.
-    sqlx::query(
-        "INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version, payload) VALUES (gen_random_uuid(), 'onec', 'order', 'order.created', 'ATOM', 1, '{}')",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    refuse_outbox_rows_of(&db.pool, "ATOM").await;
 
     let result = store
         .save_order(
@@ -63,12 +74,7 @@ async fn a_failing_task_insert_leaves_an_existing_order_untouched() {
         )
         .await
         .unwrap();
-    sqlx::query(
-        "INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version, payload) VALUES (gen_random_uuid(), 'onec', 'order', 'order.updated', 'KEEP', 2, '{}')",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    refuse_outbox_rows_of(&db.pool, "KEEP").await;
 
     let result = store
         .save_order(
@@ -97,12 +103,7 @@ async fn a_committed_save_notifies_the_relays_and_a_failed_one_does_not() {
     let mut listener = PgListener::connect_with(&db.pool).await.unwrap();
     listener.listen(store::NOTIFY_CHANNEL).await.unwrap();
 
-    sqlx::query(
-        "INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version, payload) VALUES (gen_random_uuid(), 'onec', 'order', 'order.created', 'FAIL', 1, '{}')",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    refuse_outbox_rows_of(&db.pool, "FAIL").await;
     assert!(store
         .save_order(
             &order("FAIL", "new"),
