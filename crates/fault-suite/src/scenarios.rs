@@ -235,7 +235,7 @@ pub async fn onec_outage(sys: &mut System, outage: Duration) -> Result<Figures> 
     let (mut breaker_open, mut dead_during) = (0f64, 0);
     while down.elapsed() < outage {
         breaker_open = breaker_open.max(
-            sys.relay_metric_max("orders_center_sink_breaker_state")
+            sys.relay_metric_max("orders_center_sink_breaker_state", &[])
                 .await?,
         );
         dead_during = dead_during.max(sys.backlog().await?.dead);
@@ -271,7 +271,8 @@ pub async fn slow_onec(sys: &mut System) -> Result<Figures> {
     let saved = saves(&c, "SLOW", 2000, 16).await?;
     let timeouts = sys
         .relay_metric_max(
-            "orders_center_outbox_failed_total{destination=\"onec\",class=\"timeout\"}",
+            "orders_center_outbox_failed_total",
+            &[r#"destination="onec""#, r#"class="timeout""#],
         )
         .await?;
     sys.drained(Duration::from_secs(120)).await?;

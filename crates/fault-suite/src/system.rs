@@ -291,14 +291,21 @@ impl System {
     }
 
     /// The highest value of `metric` over the running relays' /metrics.
-    pub async fn relay_metric_max(&self, metric: &str) -> Result<f64> {
+    /// The largest value of series `metric` carrying every one of `labels`
+    /// (e.g. `class="timeout"`) over the relays' expositions.
+    pub async fn relay_metric_max(&self, metric: &str, labels: &[&str]) -> Result<f64> {
         let mut max = 0f64;
         for url in self.relay_urls() {
             let Ok(res) = self.http.get(format!("{url}/metrics")).send().await else {
                 continue;
             };
             let text = res.text().await?;
-            for line in text.lines().filter(|l| l.starts_with(metric)) {
+            let series = text.lines().filter(|l| {
+                l.strip_prefix(metric)
+                    .is_some_and(|rest| rest.starts_with([' ', '{']))
+                    && labels.iter().all(|label| l.contains(label))
+            });
+            for line in series {
                 if let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
                     max = max.max(v);
                 }
