@@ -185,7 +185,8 @@ fn bump(c: &IntCounter) {
 
 struct Held {
     version: i64,
-    order: serde_json::Value,
+    /// The body as received, version included; `None` before the first.
+    order: Option<WireOrder<serde_json::Value>>,
     /// Trace ids of the deliveries of this order, oldest first (at most 20).
     trace_ids: Vec<String>,
     /// When the held version was applied, for in-process latency benchmarks.
@@ -469,8 +470,6 @@ async fn apply_order(state: MockState, id: String, headers: HeaderMap, body: Byt
     if wire.snapshot.pointer("/order/id").and_then(|v| v.as_str()) != Some(id.as_str()) {
         return bad_request(c, "order.id must match the id in the path");
     }
-    // Held as 1C holds it: the body, version included.
-    let parsed = serde_json::to_value(&wire).expect("a parsed body serializes");
     let expected_key = format!("{id}:{version}");
     match headers.get("idempotency-key").map(|v| v.as_bytes()) {
         Some(k) if k == expected_key.as_bytes() => {}
@@ -491,7 +490,7 @@ async fn apply_order(state: MockState, id: String, headers: HeaderMap, body: Byt
         bump(&c.received);
         let entry = orders.entry(id).or_insert_with(|| Held {
             version: 0,
-            order: serde_json::Value::Null,
+            order: None,
             trace_ids: Vec::new(),
             applied_at: std::time::Instant::now(),
         });
@@ -510,7 +509,7 @@ async fn apply_order(state: MockState, id: String, headers: HeaderMap, body: Byt
         } else {
             bump(&c.applied);
             entry.version = version;
-            entry.order = parsed;
+            entry.order = Some(wire);
             entry.applied_at = std::time::Instant::now();
             Applied::Applied
         };

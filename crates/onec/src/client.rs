@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
 
 use crate::outcome::{classify_error, classify_response};
-use crate::{Delivery, Outcome, WireOrder};
+use crate::{Delivery, Outcome};
 
 /// Delivers order versions to 1C.
 #[cfg_attr(any(test, feature = "mock"), mockall::automock)]
@@ -91,18 +91,12 @@ impl HttpOnecClient {
 #[async_trait]
 impl OnecClient for HttpOnecClient {
     async fn put_order(&self, d: &Delivery) -> Outcome {
-        let body = match serde_json::to_vec(&WireOrder {
-            version: d.version,
-            snapshot: &d.snapshot,
-        }) {
-            Ok(b) => b,
-            Err(e) => {
-                return Outcome::Failed(crate::Failure {
-                    class: crate::ErrorClass::Rejected,
-                    retry_after: None,
-                    detail: format!("snapshot does not serialize: {e}"),
-                })
-            }
+        let Some(body) = d.body() else {
+            return Outcome::Failed(crate::Failure {
+                class: crate::ErrorClass::Rejected,
+                retry_after: None,
+                detail: "the snapshot is not a JSON object".into(),
+            });
         };
         let mut req = self
             .http

@@ -13,14 +13,14 @@ pub use outcome::{classify_response, parse_retry_after, Applied, ErrorClass, Fai
 use serde::{Deserialize, Serialize};
 
 /// One delivery: an order version and the snapshot committed with it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Delivery {
     /// The order id, URL-safe by the domain's id rules.
     pub order_id: String,
     /// The order version.
     pub version: i64,
-    /// The OrderFull as committed.
-    pub snapshot: serde_json::Value,
+    /// The OrderFull as committed, as JSON text.
+    pub snapshot: Box<serde_json::value::RawValue>,
     /// W3C trace context of the save, passed on to 1C.
     pub traceparent: Option<String>,
 }
@@ -29,6 +29,25 @@ impl Delivery {
     /// The `Idempotency-Key` 1C deduplicates on.
     pub fn idempotency_key(&self) -> String {
         format!("{}:{}", self.order_id, self.version)
+    }
+
+    /// The request body, a [`WireOrder`]: `version` spliced into the
+    /// snapshot's text, which is never parsed on the way (nor its money
+    /// rounded). `None` when the snapshot is not a JSON object.
+    pub fn body(&self) -> Option<String> {
+        let fields = self
+            .snapshot
+            .get()
+            .trim()
+            .strip_prefix('{')?
+            .strip_suffix('}')?
+            .trim();
+        let version = self.version;
+        Some(if fields.is_empty() {
+            format!("{{\"version\":{version}}}")
+        } else {
+            format!("{{\"version\":{version},{fields}}}")
+        })
     }
 }
 

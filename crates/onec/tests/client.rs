@@ -39,7 +39,10 @@ fn delivery() -> Delivery {
     Delivery {
         order_id: "ORD-1".into(),
         version: 3,
-        snapshot: serde_json::json!({"order": {"id": "ORD-1"}, "items": []}),
+        snapshot: serde_json::value::RawValue::from_string(
+            r#"{"order": {"id": "ORD-1", "price": 9999999999999.99}, "items": []}"#.into(),
+        )
+        .unwrap(),
         traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
     }
 }
@@ -79,10 +82,26 @@ async fn a_delivery_sends_the_contract_headers_and_body() {
     );
     // "relay:s3cret" in base64.
     assert_eq!(headers["authorization"], "Basic cmVsYXk6czNjcmV0");
+    // The body is the WireOrder contract, its money digit for digit.
+    let wire: onec::WireOrder<serde_json::Value> = serde_json::from_value(body).unwrap();
+    assert_eq!(wire.version, 3);
     assert_eq!(
-        body,
-        serde_json::json!({"version": 3, "order": {"id": "ORD-1"}, "items": []})
+        wire.snapshot,
+        serde_json::json!({"order": {"id": "ORD-1", "price": 9999999999999.99}, "items": []})
     );
+    assert_eq!(
+        wire.snapshot["order"]["price"].to_string(),
+        "9999999999999.99"
+    );
+}
+
+#[test]
+fn a_body_is_the_snapshot_with_its_version_and_needs_an_object() {
+    let mut d = delivery();
+    d.snapshot = serde_json::value::RawValue::from_string("{ }".into()).unwrap();
+    assert_eq!(d.body().as_deref(), Some(r#"{"version":3}"#));
+    d.snapshot = serde_json::value::RawValue::from_string("[1]".into()).unwrap();
+    assert_eq!(d.body(), None);
 }
 
 #[tokio::test]

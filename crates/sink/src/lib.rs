@@ -10,7 +10,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 /// One outbox message, as a sink receives it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Message {
     /// The event's id, the same on every destination's copy; a consumer
     /// deduplicates on it.
@@ -23,10 +23,18 @@ pub struct Message {
     pub kind: String,
     /// The aggregate's version the event belongs to.
     pub version: i64,
-    /// The payload as committed.
-    pub payload: serde_json::Value,
+    /// The payload as committed, as JSON text: a sink passes it on without
+    /// parsing it.
+    pub payload: Box<serde_json::value::RawValue>,
     /// W3C trace context of the delivery span, to pass on.
     pub traceparent: Option<String>,
+}
+
+impl Message {
+    /// The payload parsed, for a sink that needs to look inside.
+    pub fn payload_json(&self) -> serde_json::Result<serde_json::Value> {
+        serde_json::from_str(self.payload.get())
+    }
 }
 
 /// How a failed delivery is handled.

@@ -60,8 +60,9 @@ pub struct ClaimedTask {
     pub kind: String,
     /// The aggregate's version the event belongs to.
     pub version: i64,
-    /// The event's payload (for order saves, the OrderFull as committed).
-    pub payload: serde_json::Value,
+    /// The event's payload (for order saves, the OrderFull as committed),
+    /// as JSON text: the relay passes it on without parsing it.
+    pub payload: Box<serde_json::value::RawValue>,
     /// Attempts including this one.
     pub attempts: i32,
     /// Fences every outcome of this claim.
@@ -70,6 +71,13 @@ pub struct ClaimedTask {
     pub traceparent: Option<String>,
     /// When the event committed; the start of the commit-to-delivery lag.
     pub created_at: DateTime<Utc>,
+}
+
+impl ClaimedTask {
+    /// The payload parsed, for a caller that needs to look inside.
+    pub fn payload_json(&self) -> serde_json::Result<serde_json::Value> {
+        serde_json::from_str(self.payload.get())
+    }
 }
 
 /// Claim settings.
@@ -411,7 +419,7 @@ struct ClaimedRow {
     #[sqlx(rename = "type")]
     kind: Option<String>,
     version: Option<i64>,
-    payload: Option<Json<serde_json::Value>>,
+    payload: Option<Json<Box<serde_json::value::RawValue>>>,
     attempts: Option<i32>,
     claim_token: Option<Uuid>,
     traceparent: Option<String>,

@@ -101,7 +101,7 @@ async fn each_outcome_of_the_sink_lands_the_task_in_its_state() {
     let mut sink = MockSink::new();
     sink.expect_deliver().times(4).returning(|m| {
         assert_eq!(m.kind, "order.updated");
-        assert_eq!(m.payload["seq"], 1);
+        assert_eq!(m.payload_json().unwrap()["seq"], 1);
         match m.aggregate_id.as_str() {
             "ok" => Ok(()),
             "transient" => Err(failure(
@@ -187,7 +187,7 @@ async fn in_order_a_key_behind_an_unanswered_attempt_waits_while_others_flow() {
             record
                 .lock()
                 .unwrap()
-                .push(m.payload["seq"].as_i64().unwrap());
+                .push(m.payload_json().unwrap()["seq"].as_i64().unwrap());
             Ok(())
         });
     let engine = engine(&db.pool, sink, DeliveryPolicy::EveryMessageInOrder);

@@ -167,7 +167,8 @@ async fn only_the_newest_pending_version_is_sent_and_older_ones_are_superseded()
             .iter()
             .find(|t| t.aggregate_id == "A")
             .unwrap()
-            .payload["v"],
+            .payload_json()
+            .unwrap()["v"],
         3
     );
     assert_eq!(state_of(&db.pool, v1).await, "superseded");

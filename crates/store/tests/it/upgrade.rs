@@ -107,7 +107,10 @@ async fn the_upgrade_keeps_every_pending_running_and_dead_task() {
         .iter()
         .find(|t| t.aggregate_id == "P-1")
         .unwrap();
-    assert_eq!((p1.version, p1.payload["v"].as_i64()), (2, Some(2)));
+    assert_eq!(
+        (p1.version, p1.payload_json().unwrap()["v"].as_i64()),
+        (2, Some(2))
+    );
     assert!(!claim.tasks.iter().any(|t| t.aggregate_id == "R-1"));
     // And a dead one replays.
     let replayed = store.retry_task(TaskId(dead[0].id)).await.unwrap();
