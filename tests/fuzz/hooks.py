@@ -13,7 +13,7 @@ import schemathesis
 COUNTS = """
 SELECT (SELECT count(*) FROM orders), (SELECT count(*) FROM order_items),
        (SELECT count(*) FROM order_payments), (SELECT count(*) FROM order_history),
-       (SELECT count(*) FROM onec_tasks), (SELECT count(*) FROM idempotency_keys)
+       (SELECT count(*) FROM outbox), (SELECT count(*) FROM idempotency_keys)
 """
 
 _db = psycopg.connect(os.environ["FUZZ_DATABASE_URL"], autocommit=True)
