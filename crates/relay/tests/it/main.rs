@@ -1,12 +1,7 @@
 //! The relay against real PostgreSQL, with the 1C mock served in-process over
-//! HTTP or a mocked client where a failure must be forced, and the kube
-//! backend against a real kube-apiserver (behaviour) and a mocked one (exact
-//! requests).
+//! HTTP, or a mocked client or sink where a failure must be forced.
 
 mod delivery;
 mod engine;
-mod kube_api_lease;
-mod kube_lease;
 mod overlap;
-mod pg_election;
 mod support;
