@@ -73,6 +73,13 @@ impl SinkGuard {
         self.breaker.state()
     }
 
+    /// Sets the breaker gauge of this destination, for a scrape.
+    pub fn report_breaker(&self) {
+        self.metrics
+            .breaker_state
+            .set(self.breaker.state().as_gauge());
+    }
+
     /// Sends `message` when a slot and the rate limit allow and the breaker
     /// admits it. Waiting ends early, unsent, when `cancel` fires; a request
     /// already sent is always awaited (the sink's own timeout bounds it).

@@ -69,7 +69,7 @@ impl Leadership {
 struct Inner {
     store: Store,
     leader: Arc<dyn Leader>,
-    guards: Vec<(Destination, Arc<SinkGuard>)>,
+    guards: Vec<Arc<SinkGuard>>,
     pool: WorkerPool,
     supervisor: Supervisor,
     metrics: Arc<RelayMetrics>,
@@ -95,7 +95,7 @@ impl Relay {
         let m = metrics.clone();
         let cron = PoolCron::new(pool.clone(), supervisor.clone(), leadership.leader.clone())
             .on_success(Arc::new(move |job| m.ticked(job)));
-        let (mut guards, mut wakes) = (Vec::new(), Vec::new());
+        let (mut destinations, mut guards, mut wakes) = (Vec::new(), Vec::new(), Vec::new());
         for outlet in outlets {
             let figures = metrics.destination(outlet.destination.as_str());
             let guard = Arc::new(SinkGuard::new(
@@ -114,11 +114,12 @@ impl Relay {
             );
             engine.register(&cron);
             wakes.push(engine.wake());
-            guards.push((outlet.destination, guard));
+            guards.push(guard);
+            destinations.push(outlet.destination);
         }
         Upkeep::new(
             store.clone(),
-            guards.iter().map(|(d, _)| d.clone()).collect(),
+            destinations,
             config.service,
             metrics.clone(),
             wakes.clone(),
@@ -198,11 +199,8 @@ async fn readyz(State(relay): State<Relay>) -> impl IntoResponse {
 
 async fn metrics(State(relay): State<Relay>) -> impl IntoResponse {
     let i = &relay.inner;
-    for (destination, guard) in &i.guards {
-        i.metrics
-            .destination(destination.as_str())
-            .breaker_state
-            .set(guard.breaker_state().as_gauge());
+    for guard in &i.guards {
+        guard.report_breaker();
     }
     i.metrics.workers_busy.set(i.pool.busy() as i64);
     (
