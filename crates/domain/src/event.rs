@@ -55,6 +55,58 @@ impl OrderEvent {
     }
 }
 
+impl FromStr for OrderEvent {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::parse(s).ok_or_else(|| {
+            format!(
+                "unknown event {s:?}; known: {}",
+                Self::ALL.map(Self::as_str).join(", ")
+            )
+        })
+    }
+}
+
+/// What an event stream (Kafka, RabbitMQ, a consumer in PostgreSQL) gets for
+/// every order event: seed 001's order message, extended with the version
+/// and the event. 1C gets whole snapshots instead (see
+/// [`Destination::takes_snapshots`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderNotice {
+    /// The event id, the same on every copy: a consumer's inbox key.
+    pub idempotent_key: uuid::Uuid,
+    /// The order.
+    pub order_id: String,
+    /// The order version the event belongs to.
+    pub version: i64,
+    /// The order's status at that version.
+    pub status: String,
+    /// What happened.
+    #[serde(rename = "type")]
+    pub kind: OrderEvent,
+    /// When the save committed (within the transaction's clock).
+    pub occurred_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl OrderNotice {
+    /// Checks what a consumer must not apply: an empty order id, a version
+    /// below 1, an empty status.
+    pub fn check(&self) -> Result<(), String> {
+        if self.order_id.is_empty() {
+            return Err("order_id must not be empty".into());
+        }
+        if self.version < 1 {
+            return Err(format!("version must be at least 1, got {}", self.version));
+        }
+        if self.status.is_empty() {
+            return Err("status must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Display for OrderEvent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -74,6 +126,12 @@ impl Destination {
     /// 1C.
     pub fn onec() -> Self {
         Self(ONEC.to_owned())
+    }
+
+    /// Whether it gets OrderFull snapshots (1C) rather than
+    /// [`OrderNotice`]s (every event stream).
+    pub fn takes_snapshots(&self) -> bool {
+        self.0 == ONEC
     }
 
     /// The name.
@@ -187,12 +245,9 @@ impl FromStr for Routes {
                 .ok_or_else(|| format!("route {route:?} is not destination=event,..."))?;
             let destination: Destination = destination.trim().parse()?;
             for event in events.split(',').map(str::trim) {
-                let event = OrderEvent::parse(event).ok_or_else(|| {
-                    format!(
-                        "unknown event {event:?} in route {route:?}; known: {}",
-                        OrderEvent::ALL.map(OrderEvent::as_str).join(", ")
-                    )
-                })?;
+                let event: OrderEvent = event
+                    .parse()
+                    .map_err(|e| format!("{e} in route {route:?}"))?;
                 routes = routes.with(event, destination.clone());
             }
         }

@@ -8,7 +8,9 @@ pub mod order;
 pub mod task;
 pub mod validation;
 
-pub use event::{DeliveryPolicy, Destination, OrderEvent, Routes, ONEC, ORDER_AGGREGATE};
+pub use event::{
+    DeliveryPolicy, Destination, OrderEvent, OrderNotice, Routes, ONEC, ORDER_AGGREGATE,
+};
 pub use history::{Change, HistoryEntry, HistoryKind, Tracked};
 pub use money::{Money, MAX_MONEY};
 pub use order::{

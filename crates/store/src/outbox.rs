@@ -3,7 +3,7 @@
 //! belong to the relay (`tasks.rs`).
 
 use chrono::{DateTime, Utc};
-use domain::{Destination, OrderEvent, OrderFull, OrderId, Routes, ORDER_AGGREGATE};
+use domain::{Destination, OrderEvent, OrderFull, OrderId, OrderNotice, Routes, ORDER_AGGREGATE};
 use sqlx::types::Json;
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -41,6 +41,7 @@ pub(crate) async fn enqueue(
     save: &SaveEvents<'_>,
 ) -> Result<Vec<Enqueued>> {
     let status = &save.snapshot.order.status;
+    let occurred_at = Utc::now();
     let (mut destinations, mut types, mut event_ids, mut payloads) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for event in OrderEvent::of_save(save.previous_status, status) {
@@ -49,18 +50,27 @@ pub(crate) async fn enqueue(
             continue;
         }
         let event_id = Uuid::now_v7();
-        let payload = match event {
-            OrderEvent::Created | OrderEvent::Updated => serde_json::to_value(save.snapshot)
-                .map_err(|e| Error::Invariant(format!("a snapshot does not serialize: {e}")))?,
-            OrderEvent::StatusChanged => {
-                serde_json::json!({"from": save.previous_status, "to": status})
-            }
+        let notice = OrderNotice {
+            idempotent_key: event_id,
+            order_id: save.order.as_str().to_owned(),
+            version: save.version,
+            status: status.clone(),
+            kind: event,
+            occurred_at,
         };
         for d in to {
+            let payload = if !d.takes_snapshots() {
+                serde_json::to_value(&notice)
+            } else if event == OrderEvent::StatusChanged {
+                Ok(serde_json::json!({"from": save.previous_status, "to": status}))
+            } else {
+                serde_json::to_value(save.snapshot)
+            }
+            .map_err(|e| Error::Invariant(format!("an event does not serialize: {e}")))?;
             destinations.push(d.as_str());
             types.push(event.as_str());
             event_ids.push(event_id);
-            payloads.push(payload.clone());
+            payloads.push(payload);
         }
     }
     if destinations.is_empty() {

@@ -160,3 +160,46 @@ async fn prepare_template(admin_url: &str) -> String {
     admin.close().await.ok();
     template
 }
+
+static KAFKA: OnceCell<ephemeral_infra::Kafka> = OnceCell::const_new();
+static RABBITMQ: OnceCell<ephemeral_infra::RabbitMq> = OnceCell::const_new();
+
+/// The embedded Kafka of this test binary, started on first use and
+/// stopped when the binary exits. Give each test its own topics.
+pub async fn kafka() -> &'static ephemeral_infra::Kafka {
+    KAFKA
+        .get_or_init(|| async {
+            tokio::task::spawn_blocking(ephemeral_infra::Kafka::start)
+                .await
+                .expect("Kafka start task")
+                .unwrap_or_else(|e| {
+                    panic!("no embedded Kafka: {e}; `bash scripts/test` installs Java and fetches Kafka's jars")
+                })
+        })
+        .await
+}
+
+/// The throwaway RabbitMQ node of this test binary, started on first use
+/// and stopped when the binary exits. Give each test its own names.
+pub async fn rabbitmq() -> &'static ephemeral_infra::RabbitMq {
+    RABBITMQ
+        .get_or_init(|| async {
+            tokio::task::spawn_blocking(ephemeral_infra::RabbitMq::start)
+                .await
+                .expect("RabbitMQ start task")
+                .unwrap_or_else(|e| {
+                    panic!("no RabbitMQ: {e}; `bash scripts/test` installs it (apt-get install rabbitmq-server)")
+                })
+        })
+        .await
+}
+
+/// A name no other test of any run uses, e.g. for topics, exchanges and
+/// queues: `<prefix>-<pid>-<n>-`.
+pub fn unique_prefix(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}-",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}

@@ -1,0 +1,190 @@
+//! The inbox consumer over Kafka.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use inbox::{ConsumerMetrics, Handler, Inbox, Incoming, Poison, Verdict};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientContext, Message as _};
+use tokio_util::sync::CancellationToken;
+
+use super::{dead_topic, KafkaConfig};
+use crate::{apply, headers, pause, Error, RETRY_DELAY};
+
+/// What one consumer reads.
+#[derive(Debug, Clone)]
+pub struct KafkaSubscription {
+    /// Full topic names, e.g. `order`.
+    pub topics: Vec<String>,
+    /// The consumer group; partitions are shared among its members.
+    pub group: String,
+    /// Most messages applied in one inbox transaction.
+    pub batch: usize,
+}
+
+/// Reports the consumer lag librdkafka computes for each partition.
+struct LagReporter {
+    consumer: String,
+    metrics: ConsumerMetrics,
+}
+
+impl ClientContext for LagReporter {
+    fn stats(&self, stats: Statistics) {
+        for (name, topic) in &stats.topics {
+            for (id, p) in &topic.partitions {
+                // -1 is librdkafka's "unknown", and partition -1 its
+                // internal unassigned one.
+                if *id >= 0 && p.consumer_lag >= 0 {
+                    self.metrics
+                        .set_lag(&self.consumer, &format!("{name}/{id}"), p.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for LagReporter {}
+
+/// Runs `inbox` over `subscription` until `cancel`. Offsets are stored only
+/// after a batch's inbox transaction commits (and its poison is in the
+/// dead-letter topic), and committed from there, so a crash redelivers at
+/// most what the inbox already has.
+pub async fn consume<H: Handler>(
+    config: &KafkaConfig,
+    subscription: &KafkaSubscription,
+    inbox: &Inbox<H>,
+    cancel: CancellationToken,
+) -> Result<(), Error> {
+    let consumer: StreamConsumer<LagReporter> = config
+        .client()
+        .set("group.id", &subscription.group)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "200")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("statistics.interval.ms", "2000")
+        .create_with_context(LagReporter {
+            consumer: inbox.consumer().to_owned(),
+            metrics: inbox.metrics().clone(),
+        })?;
+    let topics: Vec<&str> = subscription.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    let dead_letters = config.producer()?;
+    let mut batches = consumer.stream().ready_chunks(subscription.batch.max(1));
+    loop {
+        let batch = tokio::select! {
+            () = cancel.cancelled() => break,
+            batch = batches.next() => match batch {
+                Some(batch) => batch,
+                None => break,
+            },
+        };
+        let mut messages = Vec::with_capacity(batch.len());
+        for m in batch {
+            match m {
+                Ok(m) => messages.push(m.detach()),
+                // Broker trouble librdkafka recovers from by itself.
+                Err(e) => tracing::warn!(error = %e, "kafka consumer"),
+            }
+        }
+        if messages.is_empty() {
+            continue;
+        }
+        let incoming: Vec<Incoming> = messages.iter().map(incoming).collect();
+        let Some(verdicts) = apply(inbox, &incoming, &cancel).await else {
+            break;
+        };
+        for (m, v) in messages.iter().zip(&verdicts) {
+            if let Verdict::Dead(poison) = v {
+                if !bury(&dead_letters, inbox.consumer(), m, poison, &cancel).await {
+                    return Ok(());
+                }
+            }
+        }
+        // The last offset of each partition covers the ones before it.
+        let mut last: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+        for m in &messages {
+            last.insert((m.topic(), m.partition()), m.offset());
+        }
+        for ((topic, partition), offset) in last {
+            consumer.store_offset(topic, partition, offset)?;
+        }
+    }
+    drop(batches);
+    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+        // Nothing stored since the last commit is not an error worth more.
+        tracing::debug!(error = %e, "final offset commit");
+    }
+    Ok(())
+}
+
+fn incoming(m: &OwnedMessage) -> Incoming {
+    let id = m.headers().and_then(|h| {
+        h.iter()
+            .find(|h| h.key == headers::EVENT_ID)
+            .and_then(|h| h.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::to_owned)
+    });
+    Incoming {
+        id,
+        payload: m.payload().unwrap_or_default().to_vec(),
+        origin: format!("{}/{}@{}", m.topic(), m.partition(), m.offset()),
+    }
+}
+
+/// Produces `m` to its topic's dead-letter topic with the reason, until the
+/// broker has it; `false` when cancelled first.
+async fn bury(
+    producer: &FutureProducer,
+    consumer: &str,
+    m: &OwnedMessage,
+    poison: &Poison,
+    cancel: &CancellationToken,
+) -> bool {
+    let origin = format!("{}/{}@{}", m.topic(), m.partition(), m.offset());
+    tracing::warn!(consumer, origin, %poison, "dead-lettering a message");
+    let topic = dead_topic(m.topic());
+    loop {
+        let mut h = OwnedHeaders::new();
+        if let Some(original) = m.headers() {
+            for o in original.iter() {
+                h = h.insert(Header {
+                    key: o.key,
+                    value: o.value,
+                });
+            }
+        }
+        for (key, value) in [
+            (headers::DEAD_CLASS, poison.class),
+            (headers::DEAD_REASON, poison.reason.as_str()),
+            (headers::DEAD_CONSUMER, consumer),
+            (headers::DEAD_ORIGIN, origin.as_str()),
+        ] {
+            h = h.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+        let mut record = FutureRecord::<[u8], [u8]>::to(&topic).headers(h);
+        if let Some(key) = m.key() {
+            record = record.key(key);
+        }
+        if let Some(payload) = m.payload() {
+            record = record.payload(payload);
+        }
+        match producer.send(record, Duration::from_secs(1)).await {
+            Ok(_) => return true,
+            Err((e, _)) => {
+                tracing::warn!(error = %e, topic, "dead letter not produced; retrying");
+                if !pause(RETRY_DELAY, cancel).await {
+                    return false;
+                }
+            }
+        }
+    }
+}

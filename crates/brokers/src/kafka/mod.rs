@@ -1,0 +1,105 @@
+//! Kafka: the outbox sink ([`KafkaSink`]) and the inbox consumer
+//! ([`consume`]). Topics are named `<prefix><aggregate type>`, e.g. `order`;
+//! a consumer's poison goes to `<topic>.dead`.
+
+mod consumer;
+mod sink;
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::producer::FutureProducer;
+use rdkafka::ClientConfig;
+
+pub use consumer::{consume, KafkaSubscription};
+pub use sink::KafkaSink;
+
+use crate::Error;
+
+/// How to reach Kafka and name topics.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub bootstrap: String,
+    /// Put before every topic name, e.g. for one environment per cluster.
+    pub topic_prefix: String,
+    /// How long a produce may wait for the broker's acknowledgement before
+    /// it counts as failed (librdkafka's `message.timeout.ms`). Short enough
+    /// that an outage opens the breaker instead of piling up sends.
+    pub delivery_timeout: Duration,
+    /// Partitions of topics this process creates.
+    pub partitions: i32,
+}
+
+impl KafkaConfig {
+    /// Defaults for `bootstrap`.
+    pub fn new(bootstrap: &str) -> Self {
+        Self {
+            bootstrap: bootstrap.to_owned(),
+            topic_prefix: String::new(),
+            delivery_timeout: Duration::from_secs(10),
+            partitions: 6,
+        }
+    }
+
+    /// The topic of `aggregate_type`'s events.
+    pub fn topic(&self, aggregate_type: &str) -> String {
+        format!("{}{aggregate_type}", self.topic_prefix)
+    }
+
+    fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap);
+        c
+    }
+
+    /// An idempotent producer with `acks=all`: a retried send never
+    /// duplicates or reorders within a partition.
+    pub fn producer(&self) -> Result<FutureProducer, Error> {
+        Ok(self
+            .client()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("compression.type", "lz4")
+            .set(
+                "message.timeout.ms",
+                self.delivery_timeout.as_millis().to_string(),
+            )
+            .create()?)
+    }
+
+    /// Creates the topics of `aggregate_types` and their dead-letter topics
+    /// if they are missing.
+    pub async fn ensure_topics(&self, aggregate_types: &[&str]) -> Result<(), Error> {
+        let admin: AdminClient<DefaultClientContext> = self.client().create()?;
+        let names: Vec<String> = aggregate_types
+            .iter()
+            .flat_map(|t| [self.topic(t), dead_topic(&self.topic(t))])
+            .collect();
+        let topics: Vec<NewTopic<'_>> = names
+            .iter()
+            .map(|n| NewTopic::new(n, self.partitions, TopicReplication::Fixed(-1)))
+            .collect();
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        for result in admin.create_topics(&topics, &options).await? {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => {
+                    return Err(Error::Topic {
+                        topic,
+                        detail: code.to_string(),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a consumer of `topic` puts the messages it can never apply.
+pub fn dead_topic(topic: &str) -> String {
+    format!("{topic}.dead")
+}

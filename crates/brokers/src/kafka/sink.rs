@@ -1,0 +1,115 @@
+//! The outbox sink to Kafka.
+
+use std::time::Duration;
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sink::{Failure, FailureKind, Message, Outcome, Sink};
+
+use super::KafkaConfig;
+use crate::{headers, Error};
+
+/// Publishes outbox messages to `<prefix><aggregate type>`, keyed by the
+/// aggregate id. A message counts as delivered when every in-sync replica
+/// has it (`acks=all`).
+pub struct KafkaSink {
+    config: KafkaConfig,
+    producer: FutureProducer,
+}
+
+impl KafkaSink {
+    /// A sink with its own producer; connects lazily.
+    pub fn new(config: KafkaConfig) -> Result<Self, Error> {
+        let producer = config.producer()?;
+        Ok(Self { config, producer })
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for KafkaSink {
+    async fn deliver(&self, m: &Message) -> Outcome {
+        let topic = self.config.topic(&m.aggregate_type);
+        let event_id = m.event_id.to_string();
+        let version = m.version.to_string();
+        let mut h = OwnedHeaders::new_with_capacity(4)
+            .insert(header(headers::EVENT_ID, &event_id))
+            .insert(header(headers::TYPE, &m.kind))
+            .insert(header(headers::VERSION, &version));
+        if let Some(tp) = &m.traceparent {
+            h = h.insert(header(headers::TRACEPARENT, tp));
+        }
+        let record = FutureRecord::to(&topic)
+            .key(&m.aggregate_id)
+            .payload(m.payload.get())
+            .headers(h);
+        // A full local queue waits this long before it counts as a failure.
+        match self.producer.send(record, Duration::from_secs(1)).await {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(classify(&e)),
+        }
+    }
+}
+
+fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
+    Header {
+        key,
+        value: Some(value),
+    }
+}
+
+/// What a failed produce means for the outbox row.
+fn classify(e: &KafkaError) -> Failure {
+    use RDKafkaErrorCode as C;
+    let code = e.rdkafka_error_code();
+    let (kind, class, counts) = match code {
+        // The message itself is unacceptable: retrying cannot help.
+        Some(
+            C::MessageSizeTooLarge
+            | C::InvalidMessage
+            | C::InvalidMessageSize
+            | C::InvalidRecord
+            | C::InvalidTopic
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed,
+        ) => (FailureKind::Permanent, "rejected", false),
+        // Our own queue is full: we are too fast, not the broker unwell.
+        Some(C::QueueFull) => (FailureKind::Transient, "queue_full", false),
+        Some(C::MessageTimedOut) => (FailureKind::Transient, "timeout", true),
+        _ => (FailureKind::Transient, "broker", true),
+    };
+    Failure {
+        kind,
+        class,
+        counts_against_destination: counts,
+        retry_after: None,
+        detail: format!("kafka: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_message_is_permanent_and_an_unreachable_broker_transient() {
+        let too_big = classify(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageSizeTooLarge,
+        ));
+        assert_eq!(too_big.kind, FailureKind::Permanent);
+        assert!(!too_big.counts_against_destination);
+        let timeout = classify(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageTimedOut,
+        ));
+        assert_eq!(
+            (
+                timeout.kind,
+                timeout.class,
+                timeout.counts_against_destination
+            ),
+            (FailureKind::Transient, "timeout", true)
+        );
+        let full = classify(&KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull));
+        assert!(!full.counts_against_destination);
+    }
+}

@@ -1,0 +1,162 @@
+//! The outbox sink to RabbitMQ.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::Confirmation;
+use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
+use sink::{Failure, FailureKind, Message, Outcome, Sink};
+use tokio::sync::Mutex;
+
+use super::{declare_exchange, RabbitConfig};
+use crate::headers;
+
+/// How long connecting may take before the attempt counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Publishes outbox messages, persistent and mandatory, to the exchange of
+/// their aggregate type with the event name as routing key. A message
+/// counts as delivered only when the broker confirms it; a nack or a return
+/// (no queue bound) is a failure. Reconnects after the connection drops.
+pub struct RabbitSink {
+    config: RabbitConfig,
+    link: Mutex<Option<Link>>,
+}
+
+struct Link {
+    // Dropping the connection closes the channel.
+    _connection: Connection,
+    channel: Channel,
+    declared: HashSet<String>,
+}
+
+impl RabbitSink {
+    /// A sink for `config`; connects on first use.
+    pub fn new(config: RabbitConfig) -> Self {
+        Self {
+            config,
+            link: Mutex::new(None),
+        }
+    }
+
+    /// A connected channel in confirm mode on which `exchange` exists.
+    async fn channel(&self, exchange: &str) -> Result<Channel, Failure> {
+        let mut link = self.link.lock().await;
+        if link
+            .as_ref()
+            .is_some_and(|l| !l.channel.status().connected())
+        {
+            *link = None;
+        }
+        if link.is_none() {
+            let connect = async {
+                let connection = self.config.connect().await?;
+                let channel = connection.create_channel().await?;
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await?;
+                Ok::<_, crate::Error>(Link {
+                    _connection: connection,
+                    channel,
+                    declared: HashSet::new(),
+                })
+            };
+            let connected = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+                .await
+                .map_err(|_| unreachable_broker("connect timed out"))?
+                .map_err(|e| unreachable_broker(&e.to_string()))?;
+            *link = Some(connected);
+        }
+        let l = link.as_mut().expect("connected above");
+        if !l.declared.contains(exchange) {
+            declare_exchange(&l.channel, exchange, ExchangeKind::Topic)
+                .await
+                .map_err(|e| unreachable_broker(&e.to_string()))?;
+            l.declared.insert(exchange.to_owned());
+        }
+        Ok(l.channel.clone())
+    }
+}
+
+fn unreachable_broker(detail: &str) -> Failure {
+    Failure {
+        kind: FailureKind::Transient,
+        class: "connection",
+        counts_against_destination: true,
+        retry_after: None,
+        detail: format!("rabbitmq: {detail}"),
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for RabbitSink {
+    async fn deliver(&self, m: &Message) -> Outcome {
+        let exchange = self.config.exchange(&m.aggregate_type);
+        let channel = self.channel(&exchange).await?;
+        let mut table = FieldTable::default();
+        let text = |s: &str| AMQPValue::LongString(LongString::from(s));
+        table.insert(ShortString::from(headers::TYPE), text(&m.kind));
+        table.insert(
+            ShortString::from(headers::VERSION),
+            AMQPValue::LongLongInt(m.version),
+        );
+        table.insert(ShortString::from("aggregate-id"), text(&m.aggregate_id));
+        if let Some(tp) = &m.traceparent {
+            table.insert(ShortString::from(headers::TRACEPARENT), text(tp));
+        }
+        let properties = BasicProperties::default()
+            .with_message_id(m.event_id.to_string().into())
+            .with_type(m.kind.as_str().into())
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_headers(table);
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let confirm = channel
+            .basic_publish(
+                exchange.as_str().into(),
+                m.kind.as_str().into(),
+                options,
+                m.payload.get().as_bytes(),
+                properties,
+            )
+            .await
+            .map_err(|e| unreachable_broker(&e.to_string()))?;
+        match confirm.await {
+            Ok(Confirmation::Ack(None)) => Ok(()),
+            Ok(Confirmation::Ack(Some(returned))) => Err(Failure {
+                // No queue is bound for this event yet; a consumer declared
+                // later will be, so retry, but say nothing of the broker.
+                kind: FailureKind::Transient,
+                class: "unroutable",
+                counts_against_destination: false,
+                retry_after: None,
+                detail: format!(
+                    "rabbitmq returned the message from {exchange} ({} {})",
+                    returned.reply_code, returned.reply_text
+                ),
+            }),
+            Ok(Confirmation::Nack(_)) => Err(Failure {
+                kind: FailureKind::Transient,
+                class: "nacked",
+                counts_against_destination: true,
+                retry_after: None,
+                detail: format!("rabbitmq nacked the message on {exchange}"),
+            }),
+            Ok(Confirmation::NotRequested) => Err(Failure {
+                kind: FailureKind::Transient,
+                class: "unconfirmed",
+                counts_against_destination: true,
+                retry_after: None,
+                detail: "rabbitmq channel is not in confirm mode".into(),
+            }),
+            // The connection dropped before the confirm: a copy may be in
+            // the queue already, which the consumer's inbox absorbs.
+            Err(e) => Err(unreachable_broker(&e.to_string())),
+        }
+    }
+}

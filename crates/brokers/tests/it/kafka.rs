@@ -1,0 +1,148 @@
+use std::time::Duration;
+
+use brokers::headers;
+use brokers::kafka::{consume, dead_topic, KafkaConfig, KafkaSink, KafkaSubscription};
+use futures::StreamExt;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message as _};
+use sink::Sink;
+use tokio_util::sync::CancellationToken;
+
+use crate::*;
+
+async fn setup() -> (testkit::TestDb, KafkaConfig) {
+    let db = testkit::database().await;
+    let kafka = testkit::kafka().await;
+    let mut config = KafkaConfig::new(&kafka.bootstrap_servers());
+    config.topic_prefix = testkit::unique_prefix("t");
+    config.partitions = 3;
+    config.ensure_topics(&["order"]).await.unwrap();
+    (db, config)
+}
+
+fn start_journal(
+    config: &KafkaConfig,
+    pool: &sqlx::PgPool,
+) -> (
+    ConsumerMetrics,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let (inbox, metrics) = journal(pool);
+    let subscription = KafkaSubscription {
+        topics: vec![config.topic("order")],
+        group: format!("{}journal", config.topic_prefix),
+        batch: 100,
+    };
+    let cancel = CancellationToken::new();
+    let (config, stop) = (config.clone(), cancel.clone());
+    let task = tokio::spawn(async move {
+        consume(&config, &subscription, &inbox, stop).await.unwrap();
+    });
+    (metrics, cancel, task)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_event_reaches_the_journal_once_and_in_order_through_kafka() {
+    let (db, config) = setup().await;
+    let sink = KafkaSink::new(config.clone()).unwrap();
+    let all = notices(200, 3);
+    publish_all(&sink, &all).await;
+    // A redelivery of an event already sent: the inbox absorbs it.
+    sink.deliver(&message(&all[0])).await.unwrap();
+
+    let (metrics, cancel, task) = start_journal(&config, &db.pool);
+    journal_reaches(&db.pool, all.len() as i64).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while metrics.count("journal", "duplicate") < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the duplicate is never seen"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cancel.cancel();
+    task.await.unwrap();
+    assert_each_once_in_order(&db.pool, &all).await;
+    assert_eq!(metrics.count("journal", "applied"), all.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_goes_to_the_dead_topic_with_its_reason_and_the_rest_flows() {
+    let (db, config) = setup().await;
+    let producer: FutureProducer = config.producer().unwrap();
+    let good = notices(1, 2);
+    let topic = config.topic("order");
+    // All on one key, so one partition: the poison sits between the two
+    // good messages.
+    let poison = poison_bodies();
+    let mut bodies = vec![("good", serde_json::to_vec(&good[0]).unwrap())];
+    bodies.extend(poison.clone());
+    bodies.push(("good", serde_json::to_vec(&good[1]).unwrap()));
+    for (i, (_, body)) in bodies.iter().enumerate() {
+        let id = if i == 0 {
+            good[0].idempotent_key.to_string()
+        } else if i == bodies.len() - 1 {
+            good[1].idempotent_key.to_string()
+        } else {
+            uuid::Uuid::now_v7().to_string()
+        };
+        let h = OwnedHeaders::new().insert(Header {
+            key: headers::EVENT_ID,
+            value: Some(&id),
+        });
+        producer
+            .send(
+                FutureRecord::to(&topic)
+                    .key("ORD-0")
+                    .payload(body)
+                    .headers(h),
+                Duration::from_secs(5),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+
+    let (metrics, cancel, task) = start_journal(&config, &db.pool);
+    journal_reaches(&db.pool, 2).await;
+    let reader: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.bootstrap)
+        .set("group.id", format!("{}dead-reader", config.topic_prefix))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    reader.subscribe(&[&dead_topic(&topic)]).unwrap();
+    let mut dead = Vec::new();
+    let mut stream = reader.stream();
+    while dead.len() < 3 {
+        let m = tokio::time::timeout(Duration::from_secs(60), stream.next())
+            .await
+            .expect("three dead letters within 60 s")
+            .unwrap()
+            .unwrap();
+        let header = |key: &str| {
+            m.headers()
+                .and_then(|h| h.iter().find(|h| h.key == key))
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default()
+        };
+        dead.push((
+            header(headers::DEAD_CLASS),
+            header(headers::DEAD_REASON),
+            m.payload().unwrap_or_default().to_vec(),
+        ));
+    }
+    cancel.cancel();
+    task.await.unwrap();
+    for ((class, reason, body), (want_class, want_body)) in dead.iter().zip(&poison) {
+        assert_eq!(class, want_class);
+        assert!(!reason.is_empty(), "{class} carries its reason");
+        assert_eq!(body, want_body, "the dead letter keeps the body");
+    }
+    assert_each_once_in_order(&db.pool, &good).await;
+    assert_eq!(metrics.count("journal", "dead"), 3);
+}

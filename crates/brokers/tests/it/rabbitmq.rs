@@ -1,0 +1,171 @@
+use std::time::Duration;
+
+use brokers::headers;
+use brokers::rabbitmq::{
+    consume, dead_queue, declare, RabbitConfig, RabbitSink, RabbitSubscription,
+};
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use sink::{FailureKind, Sink};
+use tokio_util::sync::CancellationToken;
+
+use crate::*;
+
+/// A database and names of its own; the journal's queue is declared.
+async fn setup() -> (testkit::TestDb, RabbitConfig) {
+    let db = testkit::database().await;
+    let rabbit = testkit::rabbitmq().await;
+    let mut config = RabbitConfig::new(&rabbit.url());
+    config.prefix = testkit::unique_prefix("t");
+    declare(&config, "journal", &subscription()).await.unwrap();
+    (db, config)
+}
+
+fn subscription() -> RabbitSubscription {
+    RabbitSubscription {
+        aggregate_type: "order".into(),
+        events: domain::OrderEvent::ALL
+            .map(|e| e.as_str().to_owned())
+            .to_vec(),
+        prefetch: 200,
+    }
+}
+
+fn start_journal(
+    config: &RabbitConfig,
+    pool: &sqlx::PgPool,
+) -> (
+    ConsumerMetrics,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let (inbox, metrics) = journal(pool);
+    let cancel = CancellationToken::new();
+    let (config, stop) = (config.clone(), cancel.clone());
+    let task = tokio::spawn(async move {
+        consume(&config, &subscription(), &inbox, stop)
+            .await
+            .unwrap();
+    });
+    (metrics, cancel, task)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_event_reaches_the_journal_once_and_in_order_through_rabbitmq() {
+    let (db, config) = setup().await;
+    let sink = RabbitSink::new(config.clone());
+    let all = notices(200, 3);
+    publish_all(&sink, &all).await;
+    // A redelivery of an event already sent: the inbox absorbs it.
+    sink.deliver(&message(&all[0])).await.unwrap();
+
+    let (metrics, cancel, task) = start_journal(&config, &db.pool);
+    journal_reaches(&db.pool, all.len() as i64).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while metrics.count("journal", "duplicate") < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the duplicate is never seen"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cancel.cancel();
+    task.await.unwrap();
+    assert_each_once_in_order(&db.pool, &all).await;
+    assert_eq!(metrics.count("journal", "applied"), all.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_no_queue_takes_is_a_failure_not_a_success() {
+    let (_db, config) = setup().await;
+    let sink = RabbitSink::new(config);
+    let mut m = message(&notices(1, 1)[0]);
+    m.aggregate_type = "nobody-listens".into();
+    let failure = sink.deliver(&m).await.unwrap_err();
+    assert_eq!(
+        (failure.kind, failure.class),
+        (FailureKind::Transient, "unroutable")
+    );
+    assert!(!failure.counts_against_destination);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_goes_to_the_dead_queue_with_its_reason_and_the_rest_flows() {
+    let (db, config) = setup().await;
+    let connection = Connection::connect(&config.url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let good = notices(1, 2);
+    let poison = poison_bodies();
+    let mut bodies = vec![(
+        serde_json::to_vec(&good[0]).unwrap(),
+        good[0].idempotent_key,
+    )];
+    bodies.extend(
+        poison
+            .clone()
+            .into_iter()
+            .map(|(_, b)| (b, uuid::Uuid::now_v7())),
+    );
+    bodies.push((
+        serde_json::to_vec(&good[1]).unwrap(),
+        good[1].idempotent_key,
+    ));
+    for (body, id) in &bodies {
+        let confirm = channel
+            .basic_publish(
+                config.exchange("order").as_str().into(),
+                "order.updated".into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                BasicProperties::default().with_message_id(id.to_string().into()),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack() && confirm.take_message().is_none());
+    }
+
+    let (metrics, cancel, task) = start_journal(&config, &db.pool);
+    journal_reaches(&db.pool, 2).await;
+    let dead = channel
+        .basic_consume(
+            dead_queue(&config.queue("journal", "order"))
+                .as_str()
+                .into(),
+            "dead-reader".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let letters = tokio::time::timeout(Duration::from_secs(30), dead.take(3).collect::<Vec<_>>())
+        .await
+        .expect("three dead letters within 30 s");
+    cancel.cancel();
+    task.await.unwrap();
+    for (letter, (want_class, want_body)) in letters.into_iter().zip(poison) {
+        let d = letter.unwrap();
+        let table = d.properties.headers().clone().unwrap_or_default();
+        let text = |key: &str| match table.inner().get(key) {
+            Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+            other => panic!("{key}: {other:?}"),
+        };
+        assert_eq!(text(headers::DEAD_CLASS), want_class);
+        assert!(!text(headers::DEAD_REASON).is_empty());
+        assert_eq!(d.data, want_body, "the dead letter keeps the body");
+    }
+    assert_each_once_in_order(&db.pool, &good).await;
+    assert_eq!(metrics.count("journal", "dead"), 3);
+}

@@ -1,0 +1,68 @@
+//! The `journal` consumer: records every order event it receives, in the
+//! order applied, in `order_journal`. It is the simplest real consumer of
+//! the `order` stream, and the one the end-to-end tests read to prove that
+//! every event arrives once and in version order.
+
+use domain::{OrderEvent, OrderNotice};
+use sqlx::PgConnection;
+
+use crate::{Handler, Incoming, Poison};
+
+/// The journal's handler.
+pub struct Journal {
+    consumer: String,
+}
+
+impl Journal {
+    /// The journal of consumer `consumer` (its rows carry the name, so two
+    /// journals can share a database).
+    pub fn new(consumer: &str) -> Self {
+        Self {
+            consumer: consumer.to_owned(),
+        }
+    }
+}
+
+/// Decodes an order notice, telling apart the three kinds of poison.
+pub fn decode_notice(payload: &[u8]) -> Result<OrderNotice, Poison> {
+    let value: serde_json::Value = serde_json::from_slice(payload)
+        .map_err(|e| Poison::new("bad_json", format!("the body is not JSON: {e}")))?;
+    let kind = value.get("type").and_then(|t| t.as_str()).unwrap_or("");
+    if OrderEvent::parse(kind).is_none() {
+        return Err(Poison::new(
+            "unknown_type",
+            format!("{kind:?} is not an order event"),
+        ));
+    }
+    let notice: OrderNotice = serde_json::from_value(value)
+        .map_err(|e| Poison::new("invalid", format!("not an order notice: {e}")))?;
+    notice.check().map_err(|e| Poison::new("invalid", e))?;
+    Ok(notice)
+}
+
+#[async_trait::async_trait]
+impl Handler for Journal {
+    type Message = OrderNotice;
+
+    fn decode(&self, incoming: &Incoming) -> Result<OrderNotice, Poison> {
+        decode_notice(&incoming.payload)
+    }
+
+    async fn apply(&self, conn: &mut PgConnection, n: &OrderNotice) -> sqlx::Result<()> {
+        sqlx::query(
+            "INSERT INTO order_journal
+                 (consumer, event_id, order_id, version, type, status, occurred_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&self.consumer)
+        .bind(n.idempotent_key)
+        .bind(&n.order_id)
+        .bind(n.version)
+        .bind(n.kind.as_str())
+        .bind(&n.status)
+        .bind(n.occurred_at)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}

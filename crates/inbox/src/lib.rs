@@ -1,0 +1,260 @@
+//! Consumers with an inbox. A transport (Kafka, RabbitMQ, or the outbox
+//! itself in PostgreSQL) hands [`Inbox::process`] a batch of messages; each
+//! decodable one is recorded as `(consumer, message id)` in `inbox` and its
+//! effect applied in one transaction, so a redelivered message finds its row
+//! and changes nothing. The transport acknowledges only after that commit:
+//! delivery is at least once, the effect exactly once.
+//!
+//! A message that can never be applied (bad JSON, an unknown type, failed
+//! validation) is a [`Poison`]: the transport moves it to its dead-letter
+//! destination with the reason and goes on with the messages behind it.
+
+pub mod journal;
+pub mod local;
+mod metrics;
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use sqlx::{PgConnection, PgPool};
+
+pub use metrics::ConsumerMetrics;
+
+/// One message as a transport received it.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// The message id (Kafka's `event-id` header, AMQP's `message_id`, the
+    /// outbox event id): the inbox key. A message without one is poison.
+    pub id: Option<String>,
+    /// The body.
+    pub payload: Vec<u8>,
+    /// Where it came from, for logs and dead letters, e.g. `order/2@1041`.
+    pub origin: String,
+}
+
+/// Why a message can never be applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{class}: {reason}")]
+pub struct Poison {
+    /// A stable label: `no_id`, `bad_json`, `unknown_type`, `invalid` or
+    /// `apply_failed`.
+    pub class: &'static str,
+    /// What is wrong, for the dead letter.
+    pub reason: String,
+}
+
+impl Poison {
+    /// A poison of `class` for `reason`.
+    pub fn new(class: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            class,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What one consumer does with its messages.
+#[async_trait::async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// A decoded message.
+    type Message: Send + Sync;
+
+    /// Decodes and validates a message without touching the database, so
+    /// that a poison never costs a transaction.
+    fn decode(&self, incoming: &Incoming) -> Result<Self::Message, Poison>;
+
+    /// Applies the effect inside the inbox transaction; follow-up events go
+    /// to the outbox on the same connection.
+    async fn apply(&self, conn: &mut PgConnection, message: &Self::Message) -> sqlx::Result<()>;
+}
+
+/// What became of one message of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Its effect committed now.
+    Applied,
+    /// Its id was in the inbox already: nothing changed.
+    Duplicate,
+    /// It can never be applied; the transport dead-letters it.
+    Dead(Poison),
+}
+
+/// Errors of the inbox.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database could not be reached or the transaction failed for a
+    /// reason that is not the message's fault: retry the whole batch.
+    #[error("inbox transaction: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// One consumer's inbox.
+pub struct Inbox<H> {
+    pool: PgPool,
+    consumer: String,
+    handler: H,
+    metrics: ConsumerMetrics,
+}
+
+impl<H: Handler> Inbox<H> {
+    /// The inbox of `consumer`, applying with `handler`.
+    pub fn new(pool: PgPool, consumer: &str, handler: H, metrics: ConsumerMetrics) -> Self {
+        Self {
+            pool,
+            consumer: consumer.to_owned(),
+            handler,
+            metrics,
+        }
+    }
+
+    /// The consumer's name.
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    /// Its metrics.
+    pub fn metrics(&self) -> &ConsumerMetrics {
+        &self.metrics
+    }
+
+    /// Applies a batch in one transaction, in order, and answers a verdict
+    /// per message. On `Err` nothing committed and the transport must not
+    /// acknowledge any of the batch.
+    pub async fn process(&self, batch: &[Incoming]) -> Result<Vec<Verdict>, Error> {
+        let started = Instant::now();
+        let mut verdicts = vec![Verdict::Duplicate; batch.len()];
+        let mut decoded = Vec::with_capacity(batch.len());
+        for (i, incoming) in batch.iter().enumerate() {
+            let message = match &incoming.id {
+                None => Err(Poison::new("no_id", "the message carries no id")),
+                Some(id) => self.handler.decode(incoming).map(|m| (i, id.as_str(), m)),
+            };
+            match message {
+                Ok(m) => decoded.push(m),
+                Err(poison) => verdicts[i] = Verdict::Dead(poison),
+            }
+        }
+        match self.apply(&decoded).await {
+            Ok(applied) => {
+                for i in applied {
+                    verdicts[i] = Verdict::Applied;
+                }
+            }
+            // One message the database refuses must not block the ones
+            // behind it: apply one by one, and bury only the refused one.
+            Err(e) if decoded.len() > 1 && !is_outage(&e) => {
+                for one in decoded.chunks(1) {
+                    match self.apply(one).await {
+                        Ok(applied) => {
+                            for i in applied {
+                                verdicts[i] = Verdict::Applied;
+                            }
+                        }
+                        Err(e) if !is_outage(&e) => {
+                            verdicts[one[0].0] =
+                                Verdict::Dead(Poison::new("apply_failed", e.to_string()));
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            Err(e) if !is_outage(&e) => {
+                if let Some(&(i, _, _)) = decoded.first() {
+                    verdicts[i] = Verdict::Dead(Poison::new("apply_failed", e.to_string()));
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.metrics
+            .observe(&self.consumer, &verdicts, started.elapsed());
+        fault::after_commit(&verdicts).await;
+        Ok(verdicts)
+    }
+
+    /// Records and applies `messages` in one transaction; returns the batch
+    /// positions applied (the rest were in the inbox already).
+    async fn apply(&self, messages: &[(usize, &str, H::Message)]) -> sqlx::Result<Vec<usize>> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<&str> = messages.iter().map(|(_, id, _)| *id).collect();
+        let mut tx = self.pool.begin().await?;
+        // A batch may carry one id twice; only its first copy is new.
+        let mut fresh: HashSet<String> = sqlx::query_scalar(
+            "INSERT INTO inbox (consumer, message_id)
+             SELECT $1, unnest($2::text[])
+             ON CONFLICT DO NOTHING
+             RETURNING message_id",
+        )
+        .bind(&self.consumer)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        let mut applied = Vec::with_capacity(fresh.len());
+        for (i, id, message) in messages {
+            if fresh.remove(*id) {
+                self.handler.apply(&mut tx, message).await?;
+                applied.push(*i);
+            }
+        }
+        tx.commit().await?;
+        Ok(applied)
+    }
+}
+
+/// Whether `e` says the database is away rather than that it refused this
+/// message.
+fn is_outage(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            // Class 08 (connection), 53 (resources), 57 (operator
+            // intervention, e.g. a shutdown), 40 (serialization, deadlock).
+            let code = db.code().unwrap_or_default();
+            ["08", "53", "57", "40"]
+                .iter()
+                .any(|class| code.starts_with(class))
+        }
+        _ => true,
+    }
+}
+
+/// Deletes up to `limit` inbox rows received before `window` ago; returns
+/// how many went. A leader job calls it until it returns less than `limit`.
+pub async fn purge(pool: &PgPool, window: std::time::Duration, limit: i64) -> sqlx::Result<u64> {
+    let deleted = sqlx::query(
+        "DELETE FROM inbox WHERE ctid = ANY(ARRAY(
+             SELECT ctid FROM inbox
+             WHERE received_at < now() - make_interval(secs => $1)
+             LIMIT $2))",
+    )
+    .bind(window.as_secs_f64())
+    .bind(limit)
+    .execute(pool)
+    .await?;
+    Ok(deleted.rows_affected())
+}
+
+/// The fault suite's hook between an inbox commit and the transport's
+/// acknowledgement.
+mod fault {
+    use super::Verdict;
+
+    /// With `ORDERS_CENTER_HOLD_AFTER_COMMIT=<file>`, the first commit that
+    /// applied something writes `<file>` and never returns, so a test can
+    /// SIGKILL the consumer exactly between its commit and its ack.
+    pub(crate) async fn after_commit(verdicts: &[Verdict]) {
+        let Some(marker) = std::env::var_os("ORDERS_CENTER_HOLD_AFTER_COMMIT") else {
+            return;
+        };
+        if !verdicts.contains(&Verdict::Applied) {
+            return;
+        }
+        if let Err(e) = std::fs::write(&marker, b"committed, not acknowledged\n") {
+            tracing::error!(error = %e, "cannot write the hold marker");
+        }
+        tracing::warn!("holding after an inbox commit, as the fault hook asks");
+        std::future::pending::<()>().await;
+    }
+}
