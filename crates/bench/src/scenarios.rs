@@ -51,6 +51,7 @@ fn relay_config(batch: u32, lanes: usize) -> RelayConfig {
             rescue_interval: Duration::from_secs(60),
             retention: Duration::from_secs(86_400),
             idempotency_key_ttl: Duration::from_secs(86_400),
+            inbox_retention: Duration::from_secs(86_400),
             retention_interval: Duration::from_secs(3600),
             backlog_interval: Duration::from_secs(3600),
             in_doubt: Duration::from_secs(30),

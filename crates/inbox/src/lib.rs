@@ -220,22 +220,6 @@ fn is_outage(e: &sqlx::Error) -> bool {
     }
 }
 
-/// Deletes up to `limit` inbox rows received before `window` ago; returns
-/// how many went. A leader job calls it until it returns less than `limit`.
-pub async fn purge(pool: &PgPool, window: std::time::Duration, limit: i64) -> sqlx::Result<u64> {
-    let deleted = sqlx::query(
-        "DELETE FROM inbox WHERE ctid = ANY(ARRAY(
-             SELECT ctid FROM inbox
-             WHERE received_at < now() - make_interval(secs => $1)
-             LIMIT $2))",
-    )
-    .bind(window.as_secs_f64())
-    .bind(limit)
-    .execute(pool)
-    .await?;
-    Ok(deleted.rows_affected())
-}
-
 /// The fault suite's hook between an inbox commit and the transport's
 /// acknowledgement.
 mod fault {

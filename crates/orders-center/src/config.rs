@@ -29,19 +29,64 @@ pub struct Config {
 
     /// Which destinations receive which order events, as
     /// `destination=event,...;destination=event,...`. Events:
-    /// `order.created`, `order.updated`, `order.status_changed`. The default
-    /// sends every version to 1C.
-    #[arg(
-        long,
-        env = "EVENT_ROUTES",
-        default_value = "onec=order.created,order.updated",
-        global = true
-    )]
-    pub event_routes: domain::Routes,
+    /// `order.created`, `order.updated`, `order.status_changed`.
+    /// Destinations: `onec` (snapshots, latest version wins), `kafka` and
+    /// `rabbitmq` (the broker of --broker), `journal` (the journal consumer
+    /// in PostgreSQL). By default every version goes to 1C, and every event
+    /// to the broker when there is one.
+    #[arg(long, env = "EVENT_ROUTES", global = true)]
+    pub event_routes: Option<domain::Routes>,
+
+    /// The message broker of order events and consumers:
+    /// `kafka://host:port[,host:port]` or
+    /// `amqp://user:password@host:port/vhost`.
+    #[arg(long, env = "BROKER", global = true, hide_env_values = true)]
+    pub broker: Option<brokers::Broker>,
+
+    /// Put before every topic, exchange and queue name, e.g. `staging.`.
+    #[arg(long, env = "BROKER_PREFIX", default_value = "", global = true)]
+    pub broker_prefix: String,
 
     /// What to run.
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Config {
+    /// The routes in force: `--event-routes`, or 1C plus the broker; `dev`
+    /// without a broker sends every event to the journal in PostgreSQL.
+    pub fn routes(&self) -> domain::Routes {
+        match (&self.event_routes, &self.broker) {
+            (Some(routes), _) => routes.clone(),
+            (None, Some(broker)) => every_event(domain::Routes::default(), broker.destination()),
+            (None, None) if matches!(self.command, Command::Dev(_)) => {
+                every_event(domain::Routes::default(), "journal")
+            }
+            (None, None) => domain::Routes::default(),
+        }
+    }
+
+    /// The Kafka settings of `--broker kafka://…`.
+    pub fn kafka(&self, bootstrap: &str) -> brokers::kafka::KafkaConfig {
+        let mut c = brokers::kafka::KafkaConfig::new(bootstrap);
+        c.topic_prefix = self.broker_prefix.clone();
+        c
+    }
+
+    /// The RabbitMQ settings of `--broker amqp://…`.
+    pub fn rabbitmq(&self, url: &str) -> brokers::rabbitmq::RabbitConfig {
+        let mut c = brokers::rabbitmq::RabbitConfig::new(url);
+        c.prefix = self.broker_prefix.clone();
+        c
+    }
+}
+
+/// `routes` with every order event also sent to `destination`.
+pub fn every_event(routes: domain::Routes, destination: &str) -> domain::Routes {
+    let destination: domain::Destination = destination.parse().expect("a valid name");
+    domain::OrderEvent::ALL
+        .into_iter()
+        .fold(routes, |r, e| r.with(e, destination.clone()))
 }
 
 /// Log line formats.
@@ -66,8 +111,12 @@ pub enum Command {
     /// List or replay outbox tasks.
     #[command(subcommand)]
     Tasks(TasksCommand),
+    /// Run a consumer over the broker of --broker: each message applied once
+    /// through the inbox; serves /metrics, /healthz and /readyz.
+    Consume(ConsumeArgs),
     /// Everything in one process for a laptop: a throwaway PostgreSQL unless
-    /// DATABASE_URL is set, migrations, the API, a relay and the 1C mock.
+    /// DATABASE_URL is set, migrations, the API, a relay, the 1C mock and
+    /// the journal consumer (over --broker, or in PostgreSQL without one).
     Dev(DevArgs),
 }
 
@@ -117,6 +166,33 @@ pub struct DevArgs {
 
     #[command(flatten)]
     pub relay: RelayTuning,
+}
+
+/// The consumers orders-center runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConsumerName {
+    /// Records every order event in `order_journal`.
+    Journal,
+}
+
+/// Flags of `consume`.
+#[derive(Debug, Args)]
+pub struct ConsumeArgs {
+    /// Which consumer.
+    #[arg(value_enum)]
+    pub consumer: ConsumerName,
+
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:9091")]
+    pub listen: SocketAddr,
+
+    /// Most messages applied in one inbox transaction (and, on RabbitMQ,
+    /// unacknowledged at once).
+    #[arg(long, env = "CONSUMER_BATCH", default_value_t = 500)]
+    pub batch: u16,
+
+    #[command(flatten)]
+    pub http: HttpArgs,
 }
 
 /// Flags of `relay`.
@@ -270,6 +346,11 @@ pub struct RelayTuning {
     #[arg(long, env = "IDEMPOTENCY_KEY_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub idempotency_key_ttl: Duration,
 
+    /// How long consumers remember a message id: a redelivery within this
+    /// window changes nothing.
+    #[arg(long, env = "INBOX_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub inbox_retention: Duration,
+
     /// How often the leader deletes rows past retention.
     #[arg(long, env = "RELAY_RETENTION_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
     pub retention_interval: Duration,
@@ -277,6 +358,10 @@ pub struct RelayTuning {
     /// How often the leader recounts the backlog.
     #[arg(long, env = "RELAY_BACKLOG_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub backlog_interval: Duration,
+
+    /// Most publishes to the broker in flight from this relay.
+    #[arg(long, env = "BROKER_MAX_IN_FLIGHT", default_value_t = 2000)]
+    pub broker_max_in_flight: usize,
 
     /// Consecutive 1C failures that open the circuit breaker.
     #[arg(long, env = "ONEC_BREAKER_FAILURES", default_value_t = 5)]
@@ -309,6 +394,7 @@ impl RelayTuning {
                 rescue_interval: self.rescue_interval,
                 retention: self.retention,
                 idempotency_key_ttl: self.idempotency_key_ttl,
+                inbox_retention: self.inbox_retention,
                 retention_interval: self.retention_interval,
                 backlog_interval: self.backlog_interval,
                 in_doubt: self.onec_in_doubt,
@@ -325,6 +411,15 @@ impl RelayTuning {
                 failure_threshold: self.breaker_failures.max(1),
                 cool_down: self.breaker_cool_down,
             },
+        }
+    }
+
+    /// The limits and breaker in front of the broker.
+    pub fn broker_protection(&self) -> relay::ProtectionConfig {
+        relay::ProtectionConfig {
+            max_in_flight: self.broker_max_in_flight.max(1),
+            rate_per_second: None,
+            ..self.onec_protection()
         }
     }
 

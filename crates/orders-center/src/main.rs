@@ -3,6 +3,7 @@
 
 mod config;
 mod tasks_cli;
+mod transports;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -65,8 +66,76 @@ async fn run(config: &Config, shutdown: CancellationToken) -> Result<()> {
             let store = open_store(config, require_url(config, "tasks")?)?;
             tasks_cli::run(&store, command).await
         }
+        Command::Consume(args) => consume(config, args, shutdown).await,
         Command::Dev(args) => dev(config, args, shutdown).await,
     }
+}
+
+/// `consume`: one consumer over `--broker`, with its status endpoints. The
+/// process ends with the consumer: an error there is the exit status.
+async fn consume(
+    config: &Config,
+    args: &config::ConsumeArgs,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let store = open_store(config, require_url(config, "consume")?)?;
+    let transport = transports::Transport::of(config).context(
+        "`consume` needs --broker (BROKER); without a broker the relay feeds consumers from PostgreSQL",
+    )?;
+    let broker = config.broker.as_ref().expect("a transport has a broker");
+    let listener = bind(args.listen).await?;
+    let config::ConsumerName::Journal = args.consumer;
+    tracing::info!(url = %url_of(&listener)?, %broker, consumer = transports::JOURNAL, "consumer started");
+    let status = serve_consumer_status(listener, store.clone(), args.http.limits(), &shutdown);
+    let result = transports::run_journal(transport, store, args.batch, shutdown.clone()).await;
+    // Whatever ended the consumer ends the process.
+    shutdown.cancel();
+    status
+        .await?
+        .context("serving the consumer status endpoints")?;
+    result?;
+    tracing::info!("consumer stopped");
+    Ok(())
+}
+
+/// /metrics (the default registry), /healthz and /readyz of a consumer.
+fn serve_consumer_status(
+    listener: TcpListener,
+    store: store::Store,
+    limits: http_server::Limits,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    use axum::routing::get;
+    let router = axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let store = store.clone();
+                async move {
+                    match store.ping().await {
+                        Ok(()) => (axum::http::StatusCode::OK, "ready"),
+                        Err(_) => (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "database unavailable",
+                        ),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|| async {
+                let mut buf = String::new();
+                prometheus::TextEncoder::new()
+                    .encode_utf8(&prometheus::gather(), &mut buf)
+                    .expect("text encoding cannot fail");
+                buf
+            }),
+        );
+    let router = http_server::with_limits(router, &limits);
+    let shutdown = shutdown.clone().cancelled_owned();
+    tokio::spawn(async move { http_server::serve(listener, router, &limits, shutdown).await })
 }
 
 async fn run_relay(config: &Config, args: &RelayArgs, shutdown: CancellationToken) -> Result<()> {
@@ -74,9 +143,11 @@ async fn run_relay(config: &Config, args: &RelayArgs, shutdown: CancellationToke
     let onec = args
         .tuning
         .onec_config(&args.onec_url, &args.onec_username, &args.onec_password);
-    let client = onec::HttpOnecClient::new(&onec)?;
     let relay_config = args.tuning.relay_config();
-    let outlets = vec![args.tuning.onec_outlet(client)];
+    let outlets = transports::outlets(config, &args.tuning, &store, || {
+        Ok(onec::HttpOnecClient::new(&onec)?)
+    })
+    .await?;
     let listener = bind(args.listen).await?;
     tracing::info!(
         url = %url_of(&listener)?,
@@ -184,10 +255,25 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
         mock_shutdown.clone().cancelled_owned(),
     )
     .map_err(anyhow::Error::msg)?;
-    let client = onec::HttpOnecClient::new(&args.relay.onec_config(&mock_url, user, &password))?;
+    let onec = args.relay.onec_config(&mock_url, user, &password);
+    let outlets = transports::outlets(config, &args.relay, &store, || {
+        Ok(onec::HttpOnecClient::new(&onec)?)
+    })
+    .await?;
+    // With a broker the journal reads it; without one the relay feeds the
+    // journal from the outbox (one of the outlets above).
+    let journal = transports::Transport::of(config).map(|transport| {
+        let (store, shutdown) = (store.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let result = transports::run_journal(transport, store, 500, shutdown.clone()).await;
+            // A consumer that dies stops dev, as any role would.
+            shutdown.cancel();
+            result
+        })
+    });
     let relay = relay::Relay::start(
         store.clone(),
-        vec![args.relay.onec_outlet(client)],
+        outlets,
         args.relay.relay_config(),
         relay::Leadership::always(),
         shutdown.clone(),
@@ -201,6 +287,10 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
     println!("  Health        {api_url}/healthz");
     println!("  Metrics       {api_url}/metrics  (relay: {relay_url}/metrics)");
     println!("  1C mock       {mock_url}/stats  (orders: {mock_url}/admin/orders)");
+    match &config.broker {
+        Some(broker) => println!("  Events        to {broker}, read by the journal consumer"),
+        None => println!("  Events        to the journal consumer in PostgreSQL (order_journal)"),
+    }
     match &throwaway {
         Some(pg) => println!(
             "  PostgreSQL    {url}  (throwaway in {}, removed on exit)",
@@ -222,6 +312,9 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
     relay_status
         .await?
         .context("serving the relay status endpoints")?;
+    if let Some(journal) = journal {
+        journal.await?.context("the journal consumer")?;
+    }
     mock_shutdown.cancel();
     mock_server.await?.context("serving the 1C mock")?;
     pool.close().await;
@@ -301,7 +394,7 @@ fn open_store(config: &Config, url: &str) -> Result<store::Store> {
         },
     )
     .context("parsing the database URL")?;
-    Ok(store::Store::new(pool).with_routes(config.event_routes.clone()))
+    Ok(store::Store::new(pool).with_routes(config.routes()))
 }
 
 /// Cancels `token` on Ctrl-C or SIGTERM. The roles receive the token; none

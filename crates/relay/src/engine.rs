@@ -43,6 +43,9 @@ pub struct ServiceConfig {
     pub retention: Duration,
     /// How long idempotency keys of creates are kept.
     pub idempotency_key_ttl: Duration,
+    /// How long consumers' inbox rows are kept: the window in which a
+    /// redelivered message is recognised.
+    pub inbox_retention: Duration,
     /// How often the leader deletes rows past retention.
     pub retention_interval: Duration,
     /// How often the leader recounts the backlog.

@@ -230,10 +230,13 @@ impl RelayMetrics {
         self.cron_last_success.with_label_values(&[job]).set(now);
     }
 
-    /// The text exposition: every metric, plus the backlog while leading.
+    /// The text exposition: every metric, plus the backlog while leading,
+    /// plus the process-wide default registry (where consumers that run
+    /// inside the relay, fed from the outbox, register theirs).
     pub fn render(&self, leading: bool) -> String {
         self.is_leader.set(i64::from(leading));
         let mut families = self.registry.gather();
+        families.extend(prometheus::gather());
         if leading {
             families.extend(self.leader_registry.gather());
         }

@@ -95,7 +95,7 @@ impl Upkeep {
         let c = &self.config;
         let deleted = self
             .store
-            .delete_finished(c.retention, c.idempotency_key_ttl, BATCH)
+            .delete_finished(c.retention, c.idempotency_key_ttl, c.inbox_retention, BATCH)
             .await?;
         Ok(more_if(deleted == u64::from(BATCH)))
     }
@@ -138,6 +138,7 @@ pub(crate) mod tests {
             rescue_interval: Duration::from_secs(7),
             retention: Duration::from_secs(86_400),
             idempotency_key_ttl: Duration::from_secs(86_400),
+            inbox_retention: Duration::from_secs(86_400),
             retention_interval: Duration::from_secs(60),
             backlog_interval: Duration::from_secs(5),
             in_doubt: Duration::from_secs(30),

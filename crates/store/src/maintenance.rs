@@ -68,12 +68,15 @@ impl Store {
     }
 
     /// Deletes up to `limit` done or superseded tasks that finished more
-    /// than `retention` ago, and idempotency keys older than `key_ttl`.
-    /// Returns the number of tasks deleted.
+    /// than `retention` ago, idempotency keys older than `key_ttl`, and
+    /// consumers' inbox rows older than `inbox_window` (a redelivery later
+    /// than that would be applied again). Returns the number of tasks
+    /// deleted.
     pub async fn delete_finished(
         &self,
         retention: Duration,
         key_ttl: Duration,
+        inbox_window: Duration,
         limit: u32,
     ) -> Result<u64> {
         let tasks = sqlx::query(
@@ -96,6 +99,16 @@ impl Store {
                  LIMIT $2 FOR UPDATE SKIP LOCKED)",
         )
         .bind(key_ttl.as_secs_f64())
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        sqlx::query(
+            "DELETE FROM inbox WHERE (consumer, message_id) IN (
+                 SELECT consumer, message_id FROM inbox
+                 WHERE received_at < now() - make_interval(secs => $1)
+                 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(inbox_window.as_secs_f64())
         .bind(i64::from(limit))
         .execute(&self.pool)
         .await?;

@@ -34,6 +34,7 @@ pub fn config() -> OnecRelayConfig {
             rescue_interval: Duration::from_secs(60),
             retention: Duration::from_secs(86_400),
             idempotency_key_ttl: Duration::from_secs(86_400),
+            inbox_retention: Duration::from_secs(86_400),
             retention_interval: Duration::from_secs(60),
             backlog_interval: Duration::from_secs(60),
             in_doubt: Duration::from_secs(30),
