@@ -289,7 +289,7 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
     println!("  1C mock       {mock_url}/stats  (orders: {mock_url}/admin/orders)");
     match &config.broker {
         Some(broker) => println!("  Events        to {broker}, read by the journal consumer"),
-        None => println!("  Events        to the journal consumer in PostgreSQL (order_journal)"),
+        None => println!("  Events        to the journal consumer, fed from the outbox (order_journal)"),
     }
     match &throwaway {
         Some(pg) => println!(
