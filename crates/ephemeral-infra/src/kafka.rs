@@ -100,6 +100,17 @@ impl Kafka {
         &self.dir
     }
 
+    /// Freezes the broker (SIGSTOP to its process group): connections
+    /// stay open and go silent, the harshest kind of outage for a client.
+    pub fn pause(&self) -> Result<()> {
+        self.watchdog.signal("STOP")
+    }
+
+    /// Thaws the broker after [`pause`](Self::pause).
+    pub fn resume(&self) -> Result<()> {
+        self.watchdog.signal("CONT")
+    }
+
     /// Stops the broker, waiting until its files are gone.
     pub fn stop(mut self) {
         self.watchdog.stop();

@@ -80,6 +80,17 @@ impl RabbitMq {
         &self.dir
     }
 
+    /// Freezes the node (SIGSTOP to its process group): connections
+    /// stay open and go silent, the harshest kind of outage for a client.
+    pub fn pause(&self) -> Result<()> {
+        self.watchdog.signal("STOP")
+    }
+
+    /// Thaws the node after [`pause`](Self::pause).
+    pub fn resume(&self) -> Result<()> {
+        self.watchdog.signal("CONT")
+    }
+
     /// Stops the node, waiting until its files are gone.
     pub fn stop(mut self) {
         self.watchdog.stop();

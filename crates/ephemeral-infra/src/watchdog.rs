@@ -20,6 +20,7 @@ const SCRIPT: &str = r#"
 log=$1; remove=$2; after=$3; shift 3
 setsid "$@" >>"$log" 2>&1 &
 pid=$!
+echo "$pid" >"$log.pid"
 cat >/dev/null
 kill -KILL "-$pid" 2>/dev/null
 wait "$pid"
@@ -112,6 +113,25 @@ impl Watchdog {
             &std::fs::read_to_string(&self.log).unwrap_or_default(),
             lines,
         )
+    }
+
+    /// Sends `signal` (e.g. `STOP`, `CONT`) to the server's process group.
+    pub(crate) fn signal(&self, signal: &str) -> Result<()> {
+        let pid_file = self.log.with_extension("log.pid");
+        let pid = std::fs::read_to_string(&pid_file)?;
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg("--")
+            .arg(format!("-{}", pid.trim()))
+            .status()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(Error::Prepare {
+                step: format!("kill -{signal} of the server's group"),
+                detail: status.to_string(),
+            })
+        }
     }
 
     /// Kills the server and waits until the clean-up is done.

@@ -118,15 +118,57 @@ pub async fn saves(
     creates: usize,
     concurrency: usize,
 ) -> Result<Saved> {
-    // (id, price): updates change the price, so each is a real new version.
+    // (id, status, price): updates change the price, so each is a real new
+    // version.
     let mut ops = Vec::with_capacity(creates * 4 / 3);
     for n in 0..creates {
-        ops.push((format!("{prefix}-{n}"), 100.0));
+        ops.push((format!("{prefix}-{n}"), "new", 100.0));
         if n % 3 == 2 {
             let earlier = rand::random_range(0..n);
-            ops.push((format!("{prefix}-{earlier}"), 200.0 + n as f64));
+            ops.push((format!("{prefix}-{earlier}"), "new", 200.0 + n as f64));
         }
     }
+    run(client, ops, concurrency).await
+}
+
+/// `creates` new orders `prefix-N`, then an update of each of the first
+/// `updates`, every other one a status change too.
+pub async fn creates_then_updates(
+    client: &Client,
+    prefix: &str,
+    creates: usize,
+    updates: usize,
+    concurrency: usize,
+) -> Result<Saved> {
+    let mut saved = run(
+        client,
+        (0..creates)
+            .map(|n| (format!("{prefix}-{n}"), "new", 100.0))
+            .collect(),
+        concurrency,
+    )
+    .await?;
+    let changed = run(
+        client,
+        (0..updates.min(creates))
+            .map(|n| {
+                let status = if n % 2 == 0 { "confirmed" } else { "new" };
+                (format!("{prefix}-{n}"), status, 150.0)
+            })
+            .collect(),
+        concurrency,
+    )
+    .await?;
+    saved.saves += changed.saves;
+    saved.versions.extend(changed.versions);
+    Ok(saved)
+}
+
+async fn run(
+    client: &Client,
+    ops: Vec<(String, &'static str, f64)>,
+    concurrency: usize,
+) -> Result<Saved> {
     let ops = Arc::new(ops);
     let next = Arc::new(AtomicUsize::new(0));
     let workers = (0..concurrency).map(|_| {
@@ -135,10 +177,10 @@ pub async fn saves(
             let mut versions: Vec<(String, i64)> = Vec::new();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some((id, price)) = ops.get(i) else {
+                let Some((id, status, price)) = ops.get(i) else {
                     return Ok::<_, anyhow::Error>(versions);
                 };
-                let body = testkit::sample_order_with(id, "new", *price);
+                let body = testkit::sample_order_with(id, status, *price);
                 versions.push((id.clone(), client.save(id, &body).await?));
             }
         })

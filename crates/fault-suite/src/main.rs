@@ -2,13 +2,16 @@
 //! leader through PostgreSQL, and `onec-mock` on a throwaway PostgreSQL, and
 //! breaks things while orders are saved: SIGKILLed relays, a PostgreSQL
 //! restart, a 1C outage, a slow 1C, racing conditional saves, and SIGTERM
-//! under load, and 1,000 orders held in doubt beside fresh ones. After each scenario every order must be in 1C at its latest
-//! version, with nothing stale and nothing dead; at the end, no log may
-//! hold a secret.
+//! under load, 1,000 orders held in doubt beside fresh ones, and order
+//! events over a real Kafka and a real RabbitMQ through relay and consumer
+//! SIGKILLs and a frozen broker. After each scenario every order must be in
+//! 1C at its latest version, with nothing stale and nothing dead; at the
+//! end, no log may hold a secret.
 //!
 //! Run from a release build: `cargo build --release --locked --bins &&
-//! target/release/fault-suite`. Bounded: about four minutes.
+//! target/release/fault-suite`. Bounded: about six minutes.
 
+mod event_streams;
 mod load;
 mod scenarios;
 mod system;
@@ -32,6 +35,9 @@ struct Args {
     /// How long 1C stays down in the outage scenario.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     outage: Duration,
+    /// How long the broker stays frozen in the event-stream scenarios.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    broker_outage: Duration,
     /// Run only these scenarios, by number (repeatable); all when omitted.
     #[arg(long)]
     only: Vec<u8>,
@@ -73,6 +79,17 @@ async fn main() -> Result<()> {
     }
     if only(7) {
         figures.push(scenarios::held_orders(&mut sys).await?);
+        report(figures.last());
+    }
+
+    if only(8) {
+        let kafka = event_streams::Broker::start_kafka().await?;
+        figures.push(event_streams::event_stream(&mut sys, kafka, args.broker_outage).await?);
+        report(figures.last());
+    }
+    if only(9) {
+        let rabbit = event_streams::Broker::start_rabbitmq().await?;
+        figures.push(event_streams::event_stream(&mut sys, rabbit, args.broker_outage).await?);
         report(figures.last());
     }
 

@@ -41,7 +41,7 @@ fn stat(v: &Value, key: &str) -> u64 {
 
 /// Waits for the drain, then compares 1C with the database, the source of
 /// truth, for the orders this scenario saved.
-async fn settle(
+pub(crate) async fn settle(
     sys: &System,
     scenario: &'static str,
     before: &Value,

@@ -97,19 +97,7 @@ impl System {
             &logs.join("onec-mock.log"),
         )
         .await?;
-        let api = spawn(
-            "orders-center",
-            &["api", "--listen", "127.0.0.1:0", "--migrate"],
-            &[
-                ("DATABASE_URL", &db_url),
-                ("API_TOKENS", API_TOKEN),
-                ("REQUEST_TIMEOUT", "10s"),
-                ("RUST_LOG", VERBOSE),
-            ],
-            "api listening",
-            &logs.join("api.log"),
-        )
-        .await?;
+        let api = spawn_api(&db_url, &[], &logs).await?;
         let mut system = Self {
             pg,
             db_url,
@@ -129,6 +117,14 @@ impl System {
         }
         system.wait_for_leader(Duration::from_secs(15)).await?;
         Ok(system)
+    }
+
+    /// Stops the API (SIGTERM) and starts it again with `env` added.
+    pub async fn restart_api_with(&mut self, env: &[(&str, &str)]) -> Result<()> {
+        let fresh = spawn_api(&self.db_url, env, &self.logs).await?;
+        let old = std::mem::replace(&mut self.api, fresh);
+        old.stop().await?;
+        Ok(())
     }
 
     /// Relays started from now on use `key=value` instead of the default.
@@ -333,6 +329,24 @@ impl System {
         tokio::task::spawn_blocking(move || self.pg.stop()).await??;
         Ok(())
     }
+}
+
+async fn spawn_api(db_url: &str, extra: &[(&str, &str)], logs: &std::path::Path) -> Result<Proc> {
+    let mut env = vec![
+        ("DATABASE_URL", db_url),
+        ("API_TOKENS", API_TOKEN),
+        ("REQUEST_TIMEOUT", "10s"),
+        ("RUST_LOG", VERBOSE),
+    ];
+    env.extend_from_slice(extra);
+    spawn(
+        "orders-center",
+        &["api", "--listen", "127.0.0.1:0", "--migrate"],
+        &env,
+        "api listening",
+        &logs.join("api.log"),
+    )
+    .await
 }
 
 pub fn relay_name(i: usize) -> String {

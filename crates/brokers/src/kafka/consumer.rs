@@ -66,6 +66,8 @@ pub async fn consume<H: Handler>(
         .set("auto.commit.interval.ms", "200")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
+        // A member that died hands its partitions over within this.
+        .set("session.timeout.ms", "10000")
         .set("statistics.interval.ms", "2000")
         .create_with_context(LagReporter {
             consumer: inbox.consumer().to_owned(),
@@ -73,6 +75,7 @@ pub async fn consume<H: Handler>(
         })?;
     let topics: Vec<&str> = subscription.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
+    tracing::info!(consumer = inbox.consumer(), ?topics, group = subscription.group, "consuming");
     let dead_letters = config.producer()?;
     let mut batches = consumer.stream().ready_chunks(subscription.batch.max(1));
     loop {

@@ -34,6 +34,10 @@ pub struct RabbitConfig {
     pub url: String,
     /// Put before every exchange and queue name.
     pub prefix: String,
+    /// How long a publish may wait for the broker's confirm before it
+    /// counts as failed and the connection is dropped: a frozen broker
+    /// keeps the socket open and never answers.
+    pub confirm_timeout: std::time::Duration,
 }
 
 impl RabbitConfig {
@@ -42,6 +46,7 @@ impl RabbitConfig {
         Self {
             url: url.to_owned(),
             prefix: String::new(),
+            confirm_timeout: std::time::Duration::from_secs(10),
         }
     }
 

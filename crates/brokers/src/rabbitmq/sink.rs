@@ -126,7 +126,22 @@ impl Sink for RabbitSink {
             )
             .await
             .map_err(|e| unreachable_broker(&e.to_string()))?;
-        match confirm.await {
+        let Ok(confirmed) = tokio::time::timeout(self.config.confirm_timeout, confirm).await else {
+            // Whatever is wrong with this connection, the next attempt
+            // starts on a fresh one.
+            self.link.lock().await.take();
+            return Err(Failure {
+                kind: FailureKind::Transient,
+                class: "timeout",
+                counts_against_destination: true,
+                retry_after: None,
+                detail: format!(
+                    "rabbitmq did not confirm within {:?}",
+                    self.config.confirm_timeout
+                ),
+            });
+        };
+        match confirmed {
             Ok(Confirmation::Ack(None)) => Ok(()),
             Ok(Confirmation::Ack(Some(returned))) => Err(Failure {
                 // No queue is bound for this event yet; a consumer declared

@@ -1,0 +1,262 @@
+//! 8 and 9: order events over a real Kafka and a real RabbitMQ. The API
+//! and the three relays are restarted with `--broker`, and a `consume
+//! journal` process records every order event. Then:
+//!
+//! - 5,000 orders are saved and 1,000 of them updated (half with a status
+//!   change); meanwhile a relay is SIGKILLed, and the consumer is SIGKILLed
+//!   right after its first inbox commit, before its ack or offset commit
+//!   (the `ORDERS_CENTER_HOLD_AFTER_COMMIT` hook holds it there);
+//! - the broker is frozen (SIGSTOP) for the outage while saves go on, then
+//!   thawed.
+//!
+//! Every broker event of the outbox must then be in the journal exactly
+//! once, each order's in the order written; the broker's breaker must have
+//! opened during the outage and closed after it; and 1C must still have
+//! every order at its latest version.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use ephemeral_infra::{Kafka, RabbitMq};
+use testkit::process::{spawn, Proc};
+
+use crate::load::{creates_then_updates, saves, Client};
+use crate::scenarios::{settle, Figures};
+use crate::system::System;
+
+/// A broker of this scenario.
+pub enum Broker {
+    Kafka(Kafka),
+    RabbitMq(RabbitMq),
+}
+
+impl Broker {
+    pub async fn start_kafka() -> Result<Self> {
+        let k = tokio::task::spawn_blocking(Kafka::start).await??;
+        Ok(Self::Kafka(k))
+    }
+
+    pub async fn start_rabbitmq() -> Result<Self> {
+        let r = tokio::task::spawn_blocking(RabbitMq::start).await??;
+        Ok(Self::RabbitMq(r))
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Kafka(_) => "kafka",
+            Self::RabbitMq(_) => "rabbitmq",
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Self::Kafka(k) => format!("kafka://{}", k.bootstrap_servers()),
+            Self::RabbitMq(r) => r.url(),
+        }
+    }
+
+    fn pause(&self) -> Result<()> {
+        Ok(match self {
+            Self::Kafka(k) => k.pause(),
+            Self::RabbitMq(r) => r.pause(),
+        }?)
+    }
+
+    fn resume(&self) -> Result<()> {
+        Ok(match self {
+            Self::Kafka(k) => k.resume(),
+            Self::RabbitMq(r) => r.resume(),
+        }?)
+    }
+
+    fn stop(self) {
+        match self {
+            Self::Kafka(k) => k.stop(),
+            Self::RabbitMq(r) => r.stop(),
+        }
+    }
+}
+
+const CREATES: usize = 5000;
+const UPDATES: usize = 1000;
+/// Saves made while the broker is frozen.
+const OUTAGE_SAVES: usize = 1500;
+
+async fn start_consumer(sys: &System, env: &[(&str, &str)], hold: Option<&Path>) -> Result<Proc> {
+    let mut env = env.to_vec();
+    env.push(("DATABASE_URL", &sys.db_url));
+    env.push(("LISTEN_ADDR", "127.0.0.1:0"));
+    let marker;
+    if let Some(path) = hold {
+        marker = path.display().to_string();
+        env.push(("ORDERS_CENTER_HOLD_AFTER_COMMIT", &marker));
+    }
+    spawn(
+        "orders-center",
+        &["consume", "journal"],
+        &env,
+        "consuming",
+        &sys.logs.join("consumer.log"),
+    )
+    .await
+}
+
+/// Scrapes one series of a process's /metrics.
+async fn metric(sys: &System, url: &str, series: &str) -> Result<f64> {
+    let text = sys
+        .http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0))
+}
+
+pub async fn event_stream(sys: &mut System, broker: Broker, outage: Duration) -> Result<Figures> {
+    let name = broker.name();
+    let scenario = match broker {
+        Broker::Kafka(_) => "8 Kafka event stream",
+        Broker::RabbitMq(_) => "9 RabbitMQ event stream",
+    };
+    let url = broker.url();
+    let prefix = format!("fs-{name}-");
+    let env = [("BROKER", url.as_str()), ("BROKER_PREFIX", prefix.as_str())];
+    // The consumer first: on RabbitMQ it declares the queue that the
+    // relays' publishes are routed to.
+    let marker = sys.logs.join(format!("{name}-held-after-commit"));
+    let mut consumer = start_consumer(sys, &env, Some(&marker)).await?;
+    sys.restart_api_with(&env).await?;
+    sys.restart_relays_with(&env).await?;
+    let before = sys.mock_stats().await?;
+
+    let c = Client::new(sys.http.clone(), &sys.api.url);
+    let ids = format!("EV{}", name.to_uppercase());
+    let load = tokio::spawn({
+        let (c, ids) = (c.clone(), ids.clone());
+        async move { creates_then_updates(&c, &ids, CREATES, UPDATES, 32).await }
+    });
+    let started = Instant::now();
+    let (mut consumer_killed, mut relay_killed) = (false, false);
+    while !(consumer_killed && relay_killed) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if !consumer_killed && marker.exists() {
+            consumer.kill().await?;
+            consumer = start_consumer(sys, &env, None).await?;
+            consumer_killed = true;
+        }
+        if !relay_killed && started.elapsed() > Duration::from_secs(3) {
+            sys.kill_relay(1).await?;
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            sys.start_relay(1).await?;
+            relay_killed = true;
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "the consumer never reached its first commit"
+        );
+    }
+    let mut saved = load.await??;
+
+    // The outage: saves go on while the broker is frozen.
+    let destination = format!("destination=\"{name}\"");
+    let breaker = ["orders_center_sink_breaker_state", destination.as_str()];
+    let outage_load = tokio::spawn({
+        let (c, ids) = (c.clone(), format!("{ids}OUT"));
+        async move {
+            let mut all = crate::load::Saved::default();
+            // Spread over the outage, a batch a second.
+            for round in 0..20 {
+                let s = saves(&c, &format!("{ids}{round}"), OUTAGE_SAVES / 20, 4).await?;
+                all.saves += s.saves;
+                all.versions.extend(s.versions);
+                tokio::time::sleep(Duration::from_millis(900)).await;
+            }
+            anyhow::Ok(all)
+        }
+    });
+    broker.pause()?;
+    let frozen = Instant::now();
+    let mut opened = 0f64;
+    while frozen.elapsed() < outage {
+        opened = opened.max(sys.relay_metric_max(breaker[0], &breaker[1..]).await?);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    broker.resume()?;
+    let thawed = Instant::now();
+    let out = outage_load.await??;
+    saved.saves += out.saves;
+    saved.versions.extend(out.versions);
+    sys.drained(Duration::from_secs(180)).await?;
+
+    // Every broker event, in the journal once and in order.
+    let expected: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE destination = $1")
+        .bind(name)
+        .fetch_one(&sys.pool)
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let journaled: i64 = sqlx::query_scalar("SELECT count(DISTINCT event_id) FROM order_journal")
+            .fetch_one(&sys.pool)
+            .await?;
+        if journaled >= expected {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the journal has {journaled} of {expected} events after 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let recovery = thawed.elapsed();
+    let (lost, twice, misordered): (i64, i64, i64) = sqlx::query_as(
+        "SELECT
+           (SELECT count(*) FROM outbox o WHERE o.destination = $1
+              AND NOT EXISTS (SELECT 1 FROM order_journal j WHERE j.event_id = o.event_id)),
+           (SELECT count(*) - count(DISTINCT event_id) FROM order_journal),
+           (SELECT count(*) FROM (
+              SELECT o.id, lag(o.id) OVER (PARTITION BY j.order_id ORDER BY j.seq) AS prev
+              FROM order_journal j JOIN outbox o ON o.event_id = j.event_id AND o.destination = $1
+            ) x WHERE prev > id)",
+    )
+    .bind(name)
+    .fetch_one(&sys.pool)
+    .await?;
+    let duplicates = metric(
+        sys,
+        &consumer.url,
+        "orders_center_consumer_messages_total{consumer=\"journal\",outcome=\"duplicate\"}",
+    )
+    .await?;
+    let closed = sys.relay_metric_max(breaker[0], &breaker[1..]).await?;
+    ensure!(lost == 0, "{lost} {name} events never reached the journal");
+    ensure!(twice == 0, "{twice} events applied twice");
+    ensure!(misordered == 0, "{misordered} events applied before an older one of their order");
+    ensure!(opened >= 1.0, "the {name} breaker never opened during the outage");
+    ensure!(closed == 0.0, "the {name} breaker is still open after the drain");
+    ensure!(
+        duplicates >= 1.0,
+        "the batch committed before the kill was not redelivered and recognised"
+    );
+    let notes = format!(
+        "{expected} events once each, in order; consumer SIGKILLed after commit, \
+         {duplicates:.0} redelivered and skipped; relay SIGKILLed; {} s frozen, \
+         breaker opened and closed, journal complete {:.1} s after the thaw",
+        outage.as_secs(),
+        recovery.as_secs_f64()
+    );
+    let mut figures = settle(sys, scenario, &before, &saved, thawed, notes).await?;
+    figures.recovery_s = recovery.as_secs_f64();
+
+    // Back to the 1C-only system for whatever runs next.
+    consumer.stop().await.context("stopping the consumer")?;
+    sys.clear_relay_env(&["BROKER", "BROKER_PREFIX"]);
+    sys.restart_relays_with(&[]).await?;
+    sys.restart_api_with(&[]).await?;
+    tokio::task::spawn_blocking(move || broker.stop()).await?;
+    Ok(figures)
+}
