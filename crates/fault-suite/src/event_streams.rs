@@ -96,7 +96,7 @@ async fn start_consumer(sys: &System, env: &[(&str, &str)], hold: Option<&Path>)
         "orders-center",
         &["consume", "journal"],
         &env,
-        "consuming",
+        "consumer started",
         &sys.logs.join("consumer.log"),
     )
     .await
@@ -200,9 +200,10 @@ pub async fn event_stream(sys: &mut System, broker: Broker, outage: Duration) ->
         .await?;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let journaled: i64 = sqlx::query_scalar("SELECT count(DISTINCT event_id) FROM order_journal")
-            .fetch_one(&sys.pool)
-            .await?;
+        let journaled: i64 =
+            sqlx::query_scalar("SELECT count(DISTINCT event_id) FROM order_journal")
+                .fetch_one(&sys.pool)
+                .await?;
         if journaled >= expected {
             break;
         }
@@ -235,9 +236,18 @@ pub async fn event_stream(sys: &mut System, broker: Broker, outage: Duration) ->
     let closed = sys.relay_metric_max(breaker[0], &breaker[1..]).await?;
     ensure!(lost == 0, "{lost} {name} events never reached the journal");
     ensure!(twice == 0, "{twice} events applied twice");
-    ensure!(misordered == 0, "{misordered} events applied before an older one of their order");
-    ensure!(opened >= 1.0, "the {name} breaker never opened during the outage");
-    ensure!(closed == 0.0, "the {name} breaker is still open after the drain");
+    ensure!(
+        misordered == 0,
+        "{misordered} events applied before an older one of their order"
+    );
+    ensure!(
+        opened >= 1.0,
+        "the {name} breaker never opened during the outage"
+    );
+    ensure!(
+        closed == 0.0,
+        "the {name} breaker is still open after the drain"
+    );
     ensure!(
         duplicates >= 1.0,
         "the batch committed before the kill was not redelivered and recognised"

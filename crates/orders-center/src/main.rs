@@ -85,6 +85,7 @@ async fn consume(
     let broker = config.broker.as_ref().expect("a transport has a broker");
     let listener = bind(args.listen).await?;
     let config::ConsumerName::Journal = args.consumer;
+    transport.prepare_journal().await?;
     tracing::info!(url = %url_of(&listener)?, %broker, consumer = transports::JOURNAL, "consumer started");
     let status = serve_consumer_status(listener, store.clone(), args.http.limits(), &shutdown);
     let result = transports::run_journal(transport, store, args.batch, shutdown.clone()).await;
@@ -262,7 +263,11 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
     .await?;
     // With a broker the journal reads it; without one the relay feeds the
     // journal from the outbox (one of the outlets above).
-    let journal = transports::Transport::of(config).map(|transport| {
+    let transport = transports::Transport::of(config);
+    if let Some(t) = &transport {
+        t.prepare_journal().await?;
+    }
+    let journal = transport.map(|transport| {
         let (store, shutdown) = (store.clone(), shutdown.clone());
         tokio::spawn(async move {
             let result = transports::run_journal(transport, store, 500, shutdown.clone()).await;
@@ -289,7 +294,9 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
     println!("  1C mock       {mock_url}/stats  (orders: {mock_url}/admin/orders)");
     match &config.broker {
         Some(broker) => println!("  Events        to {broker}, read by the journal consumer"),
-        None => println!("  Events        to the journal consumer, fed from the outbox (order_journal)"),
+        None => {
+            println!("  Events        to the journal consumer, fed from the outbox (order_journal)")
+        }
     }
     match &throwaway {
         Some(pg) => println!(

@@ -102,9 +102,34 @@ impl Transport {
             Broker::RabbitMq { url } => Self::RabbitMq(config.rabbitmq(url)),
         })
     }
+
+    /// Creates the journal's topics, or its queue with bindings, so that
+    /// events published from now on wait for it.
+    pub async fn prepare_journal(&self) -> Result<()> {
+        match self {
+            Self::Kafka(kafka) => kafka
+                .ensure_topics(&[ORDER_AGGREGATE])
+                .await
+                .context("creating the Kafka topics")?,
+            Self::RabbitMq(rabbit) => {
+                brokers::rabbitmq::declare(rabbit, JOURNAL, &rabbit_journal(0))
+                    .await
+                    .context("declaring the journal's RabbitMQ queue")?
+            }
+        }
+        Ok(())
+    }
 }
 
-/// Runs the journal over `transport` until `shutdown`.
+fn rabbit_journal(prefetch: u16) -> RabbitSubscription {
+    RabbitSubscription {
+        aggregate_type: ORDER_AGGREGATE.into(),
+        events: OrderEvent::ALL.map(|e| e.as_str().to_owned()).to_vec(),
+        prefetch,
+    }
+}
+
+/// Runs the journal over `transport` (prepared) until `shutdown`.
 pub async fn run_journal(
     transport: Transport,
     store: store::Store,
@@ -114,10 +139,6 @@ pub async fn run_journal(
     let inbox = journal_inbox(&store);
     match transport {
         Transport::Kafka(kafka) => {
-            kafka
-                .ensure_topics(&[ORDER_AGGREGATE])
-                .await
-                .context("creating the Kafka topics")?;
             let subscription = KafkaSubscription {
                 topics: vec![kafka.topic(ORDER_AGGREGATE)],
                 group: format!("{}{JOURNAL}", kafka.topic_prefix),
@@ -126,12 +147,7 @@ pub async fn run_journal(
             brokers::kafka::consume(&kafka, &subscription, &inbox, shutdown).await?;
         }
         Transport::RabbitMq(rabbit) => {
-            let subscription = RabbitSubscription {
-                aggregate_type: ORDER_AGGREGATE.into(),
-                events: OrderEvent::ALL.map(|e| e.as_str().to_owned()).to_vec(),
-                prefetch: batch,
-            };
-            brokers::rabbitmq::consume(&rabbit, &subscription, &inbox, shutdown).await?;
+            brokers::rabbitmq::consume(&rabbit, &rabbit_journal(batch), &inbox, shutdown).await?;
         }
     }
     Ok(())

@@ -75,7 +75,12 @@ pub async fn consume<H: Handler>(
         })?;
     let topics: Vec<&str> = subscription.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
-    tracing::info!(consumer = inbox.consumer(), ?topics, group = subscription.group, "consuming");
+    tracing::info!(
+        consumer = inbox.consumer(),
+        ?topics,
+        group = subscription.group,
+        "consuming"
+    );
     let dead_letters = config.producer()?;
     let mut batches = consumer.stream().ready_chunks(subscription.batch.max(1));
     loop {

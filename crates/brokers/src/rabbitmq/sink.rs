@@ -1,7 +1,7 @@
 //! The outbox sink to RabbitMQ.
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -15,6 +15,8 @@ use crate::headers;
 
 /// How long connecting may take before the attempt counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How soon after a failed connect the next is tried.
+const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 
 /// Publishes outbox messages, persistent and mandatory, to the exchange of
 /// their aggregate type with the event name as routing key. A message
@@ -22,7 +24,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// (no queue bound) is a failure. Reconnects after the connection drops.
 pub struct RabbitSink {
     config: RabbitConfig,
-    link: Mutex<Option<Link>>,
+    link: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    link: Option<Link>,
+    /// When connecting last failed: callers queued behind a failed attempt
+    /// fail at once instead of each waiting out its own timeout.
+    failed_at: Option<Instant>,
 }
 
 struct Link {
@@ -37,20 +47,27 @@ impl RabbitSink {
     pub fn new(config: RabbitConfig) -> Self {
         Self {
             config,
-            link: Mutex::new(None),
+            link: Mutex::new(State::default()),
         }
     }
 
     /// A connected channel in confirm mode on which `exchange` exists.
     async fn channel(&self, exchange: &str) -> Result<Channel, Failure> {
-        let mut link = self.link.lock().await;
-        if link
+        let mut state = self.link.lock().await;
+        if state
+            .link
             .as_ref()
             .is_some_and(|l| !l.channel.status().connected())
         {
-            *link = None;
+            state.link = None;
         }
-        if link.is_none() {
+        if state.link.is_none() {
+            if state
+                .failed_at
+                .is_some_and(|at| at.elapsed() < RECONNECT_AFTER)
+            {
+                return Err(unreachable_broker("not connected; retrying shortly"));
+            }
             let connect = async {
                 let connection = self.config.connect().await?;
                 let channel = connection.create_channel().await?;
@@ -63,13 +80,19 @@ impl RabbitSink {
                     declared: HashSet::new(),
                 })
             };
-            let connected = tokio::time::timeout(CONNECT_TIMEOUT, connect)
-                .await
-                .map_err(|_| unreachable_broker("connect timed out"))?
-                .map_err(|e| unreachable_broker(&e.to_string()))?;
-            *link = Some(connected);
+            match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+                Ok(Ok(link)) => state.link = Some(link),
+                failed => {
+                    state.failed_at = Some(Instant::now());
+                    let why = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "connect timed out".to_owned(),
+                    };
+                    return Err(unreachable_broker(&why));
+                }
+            }
         }
-        let l = link.as_mut().expect("connected above");
+        let l = state.link.as_mut().expect("connected above");
         if !l.declared.contains(exchange) {
             declare_exchange(&l.channel, exchange, ExchangeKind::Topic)
                 .await
@@ -78,23 +101,9 @@ impl RabbitSink {
         }
         Ok(l.channel.clone())
     }
-}
 
-fn unreachable_broker(detail: &str) -> Failure {
-    Failure {
-        kind: FailureKind::Transient,
-        class: "connection",
-        counts_against_destination: true,
-        retry_after: None,
-        detail: format!("rabbitmq: {detail}"),
-    }
-}
-
-#[async_trait::async_trait]
-impl Sink for RabbitSink {
-    async fn deliver(&self, m: &Message) -> Outcome {
-        let exchange = self.config.exchange(&m.aggregate_type);
-        let channel = self.channel(&exchange).await?;
+    /// Publishes and waits for the confirm.
+    async fn publish(&self, channel: &Channel, exchange: &str, m: &Message) -> Outcome {
         let mut table = FieldTable::default();
         let text = |s: &str| AMQPValue::LongString(LongString::from(s));
         table.insert(ShortString::from(headers::TYPE), text(&m.kind));
@@ -118,7 +127,7 @@ impl Sink for RabbitSink {
         };
         let confirm = channel
             .basic_publish(
-                exchange.as_str().into(),
+                exchange.into(),
                 m.kind.as_str().into(),
                 options,
                 m.payload.get().as_bytes(),
@@ -126,22 +135,7 @@ impl Sink for RabbitSink {
             )
             .await
             .map_err(|e| unreachable_broker(&e.to_string()))?;
-        let Ok(confirmed) = tokio::time::timeout(self.config.confirm_timeout, confirm).await else {
-            // Whatever is wrong with this connection, the next attempt
-            // starts on a fresh one.
-            self.link.lock().await.take();
-            return Err(Failure {
-                kind: FailureKind::Transient,
-                class: "timeout",
-                counts_against_destination: true,
-                retry_after: None,
-                detail: format!(
-                    "rabbitmq did not confirm within {:?}",
-                    self.config.confirm_timeout
-                ),
-            });
-        };
-        match confirmed {
+        match confirm.await {
             Ok(Confirmation::Ack(None)) => Ok(()),
             Ok(Confirmation::Ack(Some(returned))) => Err(Failure {
                 // No queue is bound for this event yet; a consumer declared
@@ -172,6 +166,48 @@ impl Sink for RabbitSink {
             // The connection dropped before the confirm: a copy may be in
             // the queue already, which the consumer's inbox absorbs.
             Err(e) => Err(unreachable_broker(&e.to_string())),
+        }
+    }
+}
+
+fn unreachable_broker(detail: &str) -> Failure {
+    Failure {
+        kind: FailureKind::Transient,
+        class: "connection",
+        counts_against_destination: true,
+        retry_after: None,
+        detail: format!("rabbitmq: {detail}"),
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for RabbitSink {
+    async fn deliver(&self, m: &Message) -> Outcome {
+        let exchange = self.config.exchange(&m.aggregate_type);
+        let channel = self.channel(&exchange).await?;
+        // A frozen broker keeps the socket open and never answers: both the
+        // write and the confirm can hang, so the bound covers both.
+        match tokio::time::timeout(
+            self.config.confirm_timeout,
+            self.publish(&channel, &exchange, m),
+        )
+        .await
+        {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                // The next attempt starts on a fresh connection.
+                self.link.lock().await.link = None;
+                Err(Failure {
+                    kind: FailureKind::Transient,
+                    class: "timeout",
+                    counts_against_destination: true,
+                    retry_after: None,
+                    detail: format!(
+                        "rabbitmq did not confirm within {:?}",
+                        self.config.confirm_timeout
+                    ),
+                })
+            }
         }
     }
 }
