@@ -1,6 +1,7 @@
 //! `bench`: measures how fast the relay drains a backlog, how quickly a saved
 //! order reaches 1C, how fast the API saves, whether claim cost stays flat as
-//! the table grows, and the memory of the api and relay processes. Prints a
+//! the table grows, the memory of the api and relay processes, and the
+//! relay and inbox consumer over a real Kafka and RabbitMQ. Prints a
 //! table and writes JSON. `--quick` runs every scenario small, asserting
 //! correctness (every task done exactly once), not speed.
 //!
@@ -8,6 +9,7 @@
 //! target/release/bench`. The database is `DATABASE_URL`, or a throwaway
 //! cluster (fsync off) when it is unset.
 
+mod brokers;
 mod scenarios;
 
 use std::path::PathBuf;
@@ -51,6 +53,10 @@ pub enum Scenario {
     Api,
     /// 5: claim cost and drain rate as the table grows.
     Flat,
+    /// 6 and 7: relay, inbox consumer and latency over a real Kafka.
+    Kafka,
+    /// 6 and 7: the same over a real RabbitMQ.
+    Rabbitmq,
 }
 
 /// One measured figure.
@@ -89,6 +95,8 @@ pub struct Sizes {
     pub api_seconds: u64,
     /// Finished rows added for the flat-cost run.
     pub finished_rows: i64,
+    /// Events of each broker drain.
+    pub broker_events: i64,
 }
 
 fn full() -> Sizes {
@@ -101,6 +109,7 @@ fn full() -> Sizes {
         rates: [500, 2000],
         api_seconds: 20,
         finished_rows: 2_000_000,
+        broker_events: 100_000,
     }
 }
 
@@ -114,12 +123,16 @@ fn quick() -> Sizes {
         rates: [100, 200],
         api_seconds: 2,
         finished_rows: 10_000,
+        broker_events: 2_000,
     }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Quiet unless RUST_LOG asks: the figures go to stdout.
+    let _telemetry =
+        std::env::var_os("RUST_LOG").map(|_| telemetry::init("bench", telemetry::LogFormat::Text));
     let mut sizes = if args.quick { quick() } else { full() };
     if !args.backlog.is_empty() {
         sizes.noop_backlogs.clone_from(&args.backlog);

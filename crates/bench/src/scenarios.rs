@@ -35,7 +35,7 @@ const NOOP: &str = "bench";
 const BATCH: u32 = 500;
 const LANES: usize = 3;
 
-fn relay_config(batch: u32, lanes: usize) -> RelayConfig {
+pub(crate) fn relay_config(batch: u32, lanes: usize) -> RelayConfig {
     RelayConfig {
         service: ServiceConfig {
             relay_id: "bench".into(),
@@ -118,7 +118,7 @@ async fn count(pool: &PgPool, sql: &str) -> Result<i64> {
     Ok(sqlx::query_scalar(sql).fetch_one(pool).await?)
 }
 
-fn figure(
+pub(crate) fn figure(
     scenario: &str,
     metric: &str,
     value: f64,
@@ -135,7 +135,7 @@ fn figure(
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -195,6 +195,13 @@ pub async fn run_all(
     }
     if only(Scenario::Flat) {
         flat_cost(sizes, quick, out).await?;
+    }
+    if only(Scenario::Kafka) {
+        crate::brokers::run_all(crate::brokers::Broker::kafka().await?, sizes, quick, out).await?;
+    }
+    if only(Scenario::Rabbitmq) {
+        let broker = crate::brokers::Broker::rabbitmq().await?;
+        crate::brokers::run_all(broker, sizes, quick, out).await?;
     }
     Ok(())
 }

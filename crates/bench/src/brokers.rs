@@ -1,0 +1,653 @@
+//! 6 and 7: the relay and the inbox consumer against a real Kafka and a
+//! real RabbitMQ (started here), each figure next to the same run's plain
+//! client of the broker doing the same work without our machinery:
+//!
+//! - drain: a backlog of order notices through an in-process relay to the
+//!   broker, against a plain producer (Kafka: the same idempotent `acks=all`
+//!   producer; RabbitMQ: the same persistent, confirmed publishes);
+//! - apply: the journal consumer applying those messages through its inbox,
+//!   against a plain consumer that only reads and acknowledges them;
+//! - latency: saves at 500/s through the store, relay to broker to journal,
+//!   commit to the journal's commit, against a plain produce-to-consume
+//!   round trip at the same rate.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Result};
+use brokers::kafka::{KafkaConfig, KafkaSink, KafkaSubscription};
+use brokers::rabbitmq::{RabbitConfig, RabbitSink, RabbitSubscription};
+use domain::{DeliveryPolicy, OrderEvent};
+use futures::{StreamExt, TryStreamExt};
+use inbox::journal::Journal;
+use inbox::{ConsumerMetrics, Inbox};
+use relay::{Leadership, Outlet, ProtectionConfig, Relay};
+use sqlx::PgPool;
+use store::{Precondition, SaveContext, Store};
+use tokio_util::sync::CancellationToken;
+
+use crate::scenarios::{figure, percentile, relay_config};
+use crate::Figure;
+
+/// A broker under measurement.
+pub enum Broker {
+    Kafka(ephemeral_infra::Kafka, KafkaConfig),
+    RabbitMq(ephemeral_infra::RabbitMq, RabbitConfig),
+}
+
+impl Broker {
+    pub async fn kafka() -> Result<Self> {
+        let k = tokio::task::spawn_blocking(ephemeral_infra::Kafka::start).await??;
+        let config = KafkaConfig::new(&k.bootstrap_servers());
+        Ok(Self::Kafka(k, config))
+    }
+
+    pub async fn rabbitmq() -> Result<Self> {
+        let r = tokio::task::spawn_blocking(ephemeral_infra::RabbitMq::start).await??;
+        let config = RabbitConfig::new(&r.url());
+        Ok(Self::RabbitMq(r, config))
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Kafka(..) => "kafka",
+            Self::RabbitMq(..) => "rabbitmq",
+        }
+    }
+
+    /// The same broker with names no earlier run used.
+    fn fresh(&mut self, run: &str) {
+        match self {
+            Self::Kafka(_, c) => c.topic_prefix = format!("{run}-"),
+            Self::RabbitMq(_, c) => c.prefix = format!("{run}-"),
+        }
+    }
+
+    async fn prepare(&self) -> Result<()> {
+        match self {
+            Self::Kafka(_, c) => c.ensure_topics(&["order"]).await?,
+            Self::RabbitMq(_, c) => {
+                brokers::rabbitmq::declare(c, "journal", &rabbit_subscription()).await?
+            }
+        }
+        Ok(())
+    }
+
+    fn outlet(&self) -> Result<Outlet> {
+        let sink: Arc<dyn sink::Sink> = match self {
+            Self::Kafka(_, c) => Arc::new(KafkaSink::new(c.clone())?),
+            Self::RabbitMq(_, c) => Arc::new(RabbitSink::new(c.clone())),
+        };
+        Ok(Outlet {
+            destination: self.name().parse().expect("a destination name"),
+            policy: DeliveryPolicy::EveryMessageInOrder,
+            sink,
+            protection: ProtectionConfig {
+                max_in_flight: 2000,
+                rate_per_second: None,
+                breaker: worker::BreakerConfig {
+                    failure_threshold: 1000,
+                    cool_down: Duration::from_secs(1),
+                },
+            },
+        })
+    }
+
+    /// Runs the journal until `cancel`.
+    fn spawn_journal(
+        &self,
+        pool: &PgPool,
+        metrics: ConsumerMetrics,
+        cancel: CancellationToken,
+    ) -> tokio::task::JoinHandle<Result<()>> {
+        let inbox = Inbox::new(pool.clone(), "journal", Journal::new("journal"), metrics);
+        match self {
+            Self::Kafka(_, c) => {
+                let (c, sub) = (c.clone(), kafka_subscription(c, "journal"));
+                tokio::spawn(
+                    async move { Ok(brokers::kafka::consume(&c, &sub, &inbox, cancel).await?) },
+                )
+            }
+            Self::RabbitMq(_, c) => {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    Ok(
+                        brokers::rabbitmq::consume(&c, &rabbit_subscription(), &inbox, cancel)
+                            .await?,
+                    )
+                })
+            }
+        }
+    }
+
+    fn stop(self) {
+        match self {
+            Self::Kafka(k, _) => k.stop(),
+            Self::RabbitMq(r, _) => r.stop(),
+        }
+    }
+}
+
+fn kafka_subscription(c: &KafkaConfig, group: &str) -> KafkaSubscription {
+    KafkaSubscription {
+        topics: vec![c.topic("order")],
+        group: format!("{}{group}", c.topic_prefix),
+        batch: 500,
+    }
+}
+
+fn rabbit_subscription() -> RabbitSubscription {
+    RabbitSubscription {
+        aggregate_type: "order".into(),
+        events: OrderEvent::ALL.map(|e| e.as_str().to_owned()).to_vec(),
+        prefetch: 500,
+    }
+}
+
+/// Queues `n` order notices for `destination`, one per order, as a save
+/// would have written them.
+async fn prefill(pool: &PgPool, destination: &str, n: i64) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO outbox (event_id, destination, aggregatetype, type, aggregateid, version,
+                             payload)
+         SELECT e.id, $1, 'order', 'order.created', 'B-' || g, 1,
+                jsonb_build_object('idempotent_key', e.id, 'order_id', 'B-' || g, 'version', 1,
+                                   'status', 'new', 'type', 'order.created',
+                                   'occurred_at', now())
+         FROM generate_series(1, $2) g
+         -- Correlated, so that every row draws its own id.
+         CROSS JOIN LATERAL (SELECT gen_random_uuid() AS id WHERE g IS NOT NULL) e",
+    )
+    .bind(destination)
+    .bind(n)
+    .execute(pool)
+    .await?;
+    sqlx::query("ANALYZE outbox").execute(pool).await?;
+    Ok(())
+}
+
+/// A notice body the size of a real one.
+fn body(i: i64) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "idempotent_key": uuid::Uuid::now_v7(), "order_id": format!("P-{i}"), "version": 1,
+        "status": "new", "type": "order.created", "occurred_at": chrono::Utc::now(),
+    }))
+    .expect("serializable")
+}
+
+pub async fn run(broker: &mut Broker, n: i64, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
+    let name = broker.name();
+    let (drain_target, ceiling_name) = match broker {
+        Broker::Kafka(..) => (20_000.0, "plain idempotent producer"),
+        Broker::RabbitMq(..) => (10_000.0, "plain confirmed publisher"),
+    };
+    let scenario = format!("6 {name}");
+    eprintln!("{name}: relaying {n} events");
+
+    // The drain, then the journal applying what it sent.
+    broker.fresh(&format!("drain{n}"));
+    broker.prepare().await?;
+    let db = testkit::database().await;
+    prefill(&db.pool, name, n).await?;
+    let shutdown = CancellationToken::new();
+    let relay = Relay::start(
+        Store::new(db.pool.clone()),
+        vec![broker.outlet()?],
+        relay_config(500, 3),
+        Leadership::always(),
+        shutdown.clone(),
+    );
+    let started = Instant::now();
+    while (relay.metrics().delivered_total(name) as i64) < n {
+        ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "drain to {name} did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let drain = n as f64 / started.elapsed().as_secs_f64();
+    shutdown.cancel();
+    relay.stopped().await?;
+    out.push(figure(
+        &scenario,
+        &format!("{n} events relayed"),
+        drain,
+        "msg/s",
+        (!quick).then_some((
+            if drain_target > 15_000.0 {
+                "≥ 20000"
+            } else {
+                "≥ 10000"
+            },
+            drain >= drain_target,
+        )),
+    ));
+
+    eprintln!("{name}: applying them through the inbox");
+    let metrics = ConsumerMetrics::unregistered();
+    let cancel = CancellationToken::new();
+    let started = Instant::now();
+    let journal = broker.spawn_journal(&db.pool, metrics.clone(), cancel.clone());
+    while (metrics.count("journal", "applied") as i64) < n {
+        ensure!(
+            started.elapsed() < Duration::from_secs(600) && !journal.is_finished(),
+            "the journal did not apply everything: {} applied, {} duplicates, {} dead",
+            metrics.count("journal", "applied"),
+            metrics.count("journal", "duplicate"),
+            metrics.count("journal", "dead"),
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let apply = n as f64 / started.elapsed().as_secs_f64();
+    cancel.cancel();
+    journal.await??;
+    let rows: i64 = sqlx::query_scalar("SELECT count(DISTINCT event_id) FROM order_journal")
+        .fetch_one(&db.pool)
+        .await?;
+    ensure!(rows == n, "{rows} of {n} events journaled");
+    // The plain clients after the journal, so that it sees only the relay's
+    // messages.
+    eprintln!("{name}: plain clients");
+    let ceiling = plain_publish(broker, n).await?;
+    out.push(figure(&scenario, ceiling_name, ceiling, "msg/s", None));
+    let read = plain_consume(broker, n).await?;
+    out.push(figure(
+        &scenario,
+        &format!("{n} messages applied through the inbox"),
+        apply,
+        "msg/s",
+        (!quick).then_some(("≥ 10000", apply >= 10_000.0)),
+    ));
+    out.push(figure(
+        &scenario,
+        "plain consumer, read and ack",
+        read,
+        "msg/s",
+        None,
+    ));
+    Ok(())
+}
+
+/// Publishes `n` notices with no relay and no database; returns msg/s.
+async fn plain_publish(broker: &Broker, n: i64) -> Result<f64> {
+    const WINDOW: usize = 2000;
+    let started = Instant::now();
+    match broker {
+        Broker::Kafka(_, c) => {
+            let producer = c.producer()?;
+            let topic = c.topic("order");
+            futures::stream::iter(0..n)
+                .map(|i| {
+                    let (producer, topic) = (&producer, &topic);
+                    async move {
+                        let (key, payload) = (format!("P-{i}"), body(i));
+                        producer
+                            .send(
+                                rdkafka::producer::FutureRecord::to(topic)
+                                    .key(&key)
+                                    .payload(&payload),
+                                Duration::from_secs(5),
+                            )
+                            .await
+                            .map_err(|(e, _)| e)
+                    }
+                })
+                .buffer_unordered(WINDOW)
+                .try_collect::<Vec<_>>()
+                .await?;
+        }
+        Broker::RabbitMq(_, c) => {
+            let connection =
+                lapin::Connection::connect(&c.url, lapin::ConnectionProperties::default()).await?;
+            let channel = connection.create_channel().await?;
+            channel
+                .confirm_select(lapin::options::ConfirmSelectOptions::default())
+                .await?;
+            let exchange = c.exchange("order");
+            futures::stream::iter(0..n)
+                .map(|i| {
+                    let (channel, exchange) = (&channel, &exchange);
+                    async move {
+                        let confirm = channel
+                            .basic_publish(
+                                exchange.as_str().into(),
+                                "order.created".into(),
+                                lapin::options::BasicPublishOptions {
+                                    mandatory: true,
+                                    ..Default::default()
+                                },
+                                &body(i),
+                                lapin::BasicProperties::default().with_delivery_mode(2),
+                            )
+                            .await?
+                            .await?;
+                        ensure!(confirm.is_ack(), "nacked");
+                        anyhow::Ok(())
+                    }
+                })
+                .buffer_unordered(WINDOW)
+                .try_collect::<Vec<_>>()
+                .await?;
+            connection.close(200, "done".into()).await?;
+        }
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Reads and acknowledges `n` messages with a plain consumer (Kafka: a
+/// new group from the start of the topic; RabbitMQ: what the plain
+/// publisher left in the journal's queue); returns msg/s.
+async fn plain_consume(broker: &Broker, n: i64) -> Result<f64> {
+    let started = Instant::now();
+    match broker {
+        Broker::Kafka(_, c) => {
+            use rdkafka::consumer::{Consumer, StreamConsumer};
+            let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &c.bootstrap)
+                .set("group.id", format!("{}plain", c.topic_prefix))
+                .set("auto.offset.reset", "earliest")
+                .create()?;
+            consumer.subscribe(&[&c.topic("order")])?;
+            // The topic holds the relay's n and the plain producer's n.
+            let mut stream = consumer.stream();
+            for _ in 0..n {
+                stream.next().await.expect("a message")?;
+            }
+        }
+        Broker::RabbitMq(_, c) => {
+            let connection =
+                lapin::Connection::connect(&c.url, lapin::ConnectionProperties::default()).await?;
+            let channel = connection.create_channel().await?;
+            channel
+                .basic_qos(500, lapin::options::BasicQosOptions::default())
+                .await?;
+            let mut deliveries = channel
+                .basic_consume(
+                    c.queue("journal", "order").as_str().into(),
+                    "plain".into(),
+                    lapin::options::BasicConsumeOptions::default(),
+                    lapin::types::FieldTable::default(),
+                )
+                .await?;
+            for i in 0..n {
+                let d = deliveries.next().await.expect("a delivery")?;
+                if i % 250 == 249 || i == n - 1 {
+                    d.acker
+                        .ack(lapin::options::BasicAckOptions { multiple: true })
+                        .await?;
+                }
+            }
+            connection.close(200, "done".into()).await?;
+        }
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Saves at `rate` per second for `seconds` through the store, relayed to
+/// the broker and applied by the journal; commit-to-journal latency, on
+/// the database's clock, next to a plain round trip at the same rate.
+pub async fn latency(
+    broker: &mut Broker,
+    rate: u64,
+    seconds: u64,
+    quick: bool,
+    out: &mut Vec<Figure>,
+) -> Result<()> {
+    let name = broker.name();
+    broker.fresh(&format!("latency{rate}"));
+    broker.prepare().await?;
+    let db = testkit::database().await;
+    let destination: domain::Destination = name.parse().expect("a destination name");
+    let routes = OrderEvent::ALL
+        .into_iter()
+        .fold(domain::Routes::none(), |r, e| {
+            r.with(e, destination.clone())
+        });
+    let store = Store::new(db.pool.clone()).with_routes(routes);
+    let shutdown = CancellationToken::new();
+    let relay = Relay::start(
+        store.clone(),
+        vec![broker.outlet()?],
+        relay_config(100, 3),
+        Leadership::always(),
+        shutdown.clone(),
+    );
+    let metrics = ConsumerMetrics::unregistered();
+    let journal = broker.spawn_journal(&db.pool, metrics.clone(), shutdown.clone());
+    // Let the consumer join before the clock starts.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    eprintln!("{name}: {rate} saves/s for {seconds} s");
+    let total = rate * seconds;
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    let started = tokio::time::Instant::now();
+    let mut saves = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        tokio::time::sleep_until(started + period * i as u32).await;
+        let store = store.clone();
+        saves.push(tokio::spawn(async move {
+            let id = format!("L-{i}");
+            let full: domain::OrderFull =
+                serde_json::from_value(testkit::sample_order(&id)).expect("a sample order");
+            let order = full
+                .validate(Some(&domain::OrderId::parse(&id).expect("an id")))
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let ctx = SaveContext {
+                user_id: "bench".into(),
+                traceparent: None,
+            };
+            store.save_order(&order, Precondition::None, &ctx).await?;
+            anyhow::Ok(())
+        }));
+    }
+    for s in saves {
+        s.await??;
+    }
+    let achieved = total as f64 / started.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metrics.count("journal", "applied") < total {
+        ensure!(
+            Instant::now() < deadline,
+            "not every save reached the journal"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    shutdown.cancel();
+    relay.stopped().await?;
+    journal.await??;
+    let mut lat: Vec<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM j.recorded_at - o.created_at)::float8 * 1000
+         FROM order_journal j JOIN outbox o ON o.event_id = j.event_id",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    ensure!(
+        lat.len() as u64 == total,
+        "{} of {total} latencies",
+        lat.len()
+    );
+    lat.sort_by(f64::total_cmp);
+    let plain = plain_round_trip(broker, rate, seconds.min(10)).await?;
+
+    let scenario = format!("7 {name} latency at {rate} saves/s");
+    let p99 = percentile(&lat, 0.99);
+    out.push(figure(
+        &scenario,
+        "saves/s achieved",
+        achieved,
+        "save/s",
+        None,
+    ));
+    out.push(figure(
+        &scenario,
+        "p50 commit → journal",
+        percentile(&lat, 0.5),
+        "ms",
+        None,
+    ));
+    out.push(figure(
+        &scenario,
+        "p99 commit → journal",
+        p99,
+        "ms",
+        (!quick && rate == 500).then_some(("≤ 50", p99 <= 50.0)),
+    ));
+    out.push(figure(
+        &scenario,
+        "plain produce → consume p50",
+        plain.0,
+        "ms",
+        None,
+    ));
+    out.push(figure(
+        &scenario,
+        "plain produce → consume p99",
+        plain.1,
+        "ms",
+        None,
+    ));
+    Ok(())
+}
+
+/// p50 and p99 of a plain publish-to-receive at `rate` for `seconds`.
+async fn plain_round_trip(broker: &mut Broker, rate: u64, seconds: u64) -> Result<(f64, f64)> {
+    broker.fresh(&format!("plainrt{rate}"));
+    broker.prepare().await?;
+    let total = rate * seconds;
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    let epoch = Instant::now();
+    let stamp = move || epoch.elapsed().as_secs_f64() * 1000.0;
+    // The receiver records now minus the sent stamp carried in the body.
+    let receiver: tokio::task::JoinHandle<Result<Vec<f64>>> = match broker {
+        Broker::Kafka(_, c) => {
+            use rdkafka::consumer::{Consumer, StreamConsumer};
+            use rdkafka::Message as _;
+            let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &c.bootstrap)
+                .set("group.id", format!("{}rt", c.topic_prefix))
+                .set("auto.offset.reset", "earliest")
+                .set("fetch.wait.max.ms", "5")
+                .create()?;
+            consumer.subscribe(&[&c.topic("order")])?;
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut stream = consumer.stream();
+                while (lat.len() as u64) < total {
+                    let m = stream.next().await.expect("a message")?;
+                    let sent: f64 =
+                        std::str::from_utf8(m.payload().unwrap_or_default())?.parse()?;
+                    lat.push(stamp() - sent);
+                }
+                Ok(lat)
+            })
+        }
+        Broker::RabbitMq(_, c) => {
+            let connection =
+                lapin::Connection::connect(&c.url, lapin::ConnectionProperties::default()).await?;
+            let channel = connection.create_channel().await?;
+            let mut deliveries = channel
+                .basic_consume(
+                    c.queue("journal", "order").as_str().into(),
+                    "rt".into(),
+                    lapin::options::BasicConsumeOptions {
+                        no_ack: true,
+                        ..Default::default()
+                    },
+                    lapin::types::FieldTable::default(),
+                )
+                .await?;
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                while (lat.len() as u64) < total {
+                    let d = deliveries.next().await.expect("a delivery")?;
+                    let sent: f64 = std::str::from_utf8(&d.data)?.parse()?;
+                    lat.push(stamp() - sent);
+                }
+                drop(connection);
+                Ok(lat)
+            })
+        }
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = tokio::time::Instant::now();
+    match broker {
+        Broker::Kafka(_, c) => {
+            let producer = c.producer()?;
+            let topic = c.topic("order");
+            let mut sends = Vec::new();
+            for i in 0..total {
+                tokio::time::sleep_until(started + period * i as u32).await;
+                let (producer, topic) = (producer.clone(), topic.clone());
+                sends.push(tokio::spawn(async move {
+                    let payload = stamp().to_string();
+                    producer
+                        .send(
+                            rdkafka::producer::FutureRecord::to(&topic)
+                                .key(&format!("P-{i}"))
+                                .payload(&payload),
+                            Duration::from_secs(5),
+                        )
+                        .await
+                        .map_err(|(e, _)| e)
+                }));
+            }
+            for s in sends {
+                s.await??;
+            }
+        }
+        Broker::RabbitMq(_, c) => {
+            let connection =
+                lapin::Connection::connect(&c.url, lapin::ConnectionProperties::default()).await?;
+            let channel = connection.create_channel().await?;
+            channel
+                .confirm_select(lapin::options::ConfirmSelectOptions::default())
+                .await?;
+            let exchange = c.exchange("order");
+            let mut sends = Vec::new();
+            for i in 0..total {
+                tokio::time::sleep_until(started + period * i as u32).await;
+                let (channel, exchange) = (channel.clone(), exchange.clone());
+                sends.push(tokio::spawn(async move {
+                    let confirm = channel
+                        .basic_publish(
+                            exchange.as_str().into(),
+                            "order.created".into(),
+                            lapin::options::BasicPublishOptions::default(),
+                            stamp().to_string().as_bytes(),
+                            lapin::BasicProperties::default().with_delivery_mode(2),
+                        )
+                        .await?
+                        .await?;
+                    ensure!(confirm.is_ack(), "nacked");
+                    anyhow::Ok(())
+                }));
+            }
+            for s in sends {
+                s.await??;
+            }
+        }
+    }
+    let mut lat = tokio::time::timeout(Duration::from_secs(60), receiver).await???;
+    lat.sort_by(f64::total_cmp);
+    Ok((percentile(&lat, 0.5), percentile(&lat, 0.99)))
+}
+
+/// Runs every broker figure on `broker`, then stops it.
+pub async fn run_all(
+    mut broker: Broker,
+    sizes: &crate::Sizes,
+    quick: bool,
+    out: &mut Vec<Figure>,
+) -> Result<()> {
+    run(&mut broker, sizes.broker_events, quick, out).await?;
+    latency(
+        &mut broker,
+        sizes.rates[0],
+        sizes.latency_seconds,
+        quick,
+        out,
+    )
+    .await?;
+    tokio::task::spawn_blocking(move || broker.stop()).await?;
+    Ok(())
+}
