@@ -77,7 +77,7 @@ def test_custom_resources(docs):
     assert rules["spec"]["groups"] == tested["groups"], "the PrometheusRule differs from the promtool-tested rules"
     assert rules["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     monitors = by_kind(docs, "ServiceMonitor")
-    assert {m["metadata"]["labels"]["app.kubernetes.io/component"] for m in monitors} == {"api", "relay"}, "the mock is off in production"
+    assert {m["metadata"]["labels"]["app.kubernetes.io/component"] for m in monitors} == {"api", "relay", "consumer-journal"}, "the mock is off in production"
     services = {s["metadata"]["labels"]["app.kubernetes.io/component"]: s for s in by_kind(docs, "Service")}
     for m in monitors:
         component = m["metadata"]["labels"]["app.kubernetes.io/component"]
@@ -146,6 +146,7 @@ def test_rendered_contract(docs):
         "api": routes(ROOT / "crates/api/src/routes/mod.rs"),
         "relay": routes(ROOT / "crates/relay/src/runtime.rs"),
         "onec-mock": routes(ROOT / "crates/onec-mock/src/lib.rs"),
+        "consumer-journal": routes(ROOT / "crates/orders-center/src/main.rs"),
     }
     for component, deployment in deployments.items():
         container = deployment["spec"]["template"]["spec"]["containers"][0]
@@ -154,6 +155,22 @@ def test_rendered_contract(docs):
             get = container[probe]["httpGet"]
             assert get["path"] in served[component], f"{component} {probe} {get['path']} is not served"
             assert get["port"] in ports, f"{component} {probe} port {get['port']}"
+
+    # With a broker, every role gets its URL from the Secret; the journal
+    # consumer runs `consume journal`, and restricted egress lets the relay
+    # and the consumer reach the broker.
+    if "consumer-journal" in deployments:
+        consumer = deployments["consumer-journal"]["spec"]["template"]["spec"]["containers"][0]
+        assert consumer["args"] == ["consume", "journal"]
+        for container in (api, relay, consumer):
+            ref = env(container, "BROKER")["valueFrom"]["secretKeyRef"]
+            assert ref == env(consumer, "BROKER")["valueFrom"]["secretKeyRef"], ref
+        egress = {p["metadata"]["name"]: p for p in by_kind(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("-egress")}
+        for component in ("relay", "consumer-journal"):
+            policy = egress[f"{RELEASE}-{component}-egress"] if f"{RELEASE}-{component}-egress" in egress else next(
+                p for n, p in egress.items() if n.endswith(f"{component}-egress"))
+            ports = {port["port"] for rule in policy["spec"]["egress"] for port in rule["ports"]}
+            assert {53, 5432, 9092, 5672}.issubset(ports), f"{component} egress: {ports}"
 
     # Everything runs as non-root with a read-only root filesystem.
     for name, spec in pod_specs(docs):
@@ -234,6 +251,7 @@ def main():
             ("an error rate above 1", {"onecMock": {"errorRate": 1.5}}),
             ("a malformed duration", {"onec": {"timeout": "ten seconds"}}),
             ("a boolean where an object belongs", {"metrics": {"serviceMonitor": True}}),
+            ("a broker URL of an unknown scheme", {"broker": {"url": "redis://cache:6379"}}),
         ])),
         ("skaffold.yaml", test_skaffold),
         ("Dockerfile", test_dockerfile),

@@ -107,6 +107,26 @@ app.kubernetes.io/component: {{ .component }}
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
   value: {{ . | quote }}
 {{- end }}
+{{- if include "orders-center.brokerEnabled" . }}
+# The API routes events to the broker; the relay publishes; consumers read.
+- name: BROKER
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "orders-center.brokerSecret" . }}
+      key: {{ .Values.broker.existingSecretKey }}
+- name: BROKER_PREFIX
+  value: {{ .Values.broker.prefix | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Non-empty when a broker is configured. */}}
+{{- define "orders-center.brokerEnabled" -}}
+{{- if or .Values.broker.url .Values.broker.existingSecret }}true{{ end }}
+{{- end }}
+
+{{/* Secret holding the broker URL. */}}
+{{- define "orders-center.brokerSecret" -}}
+{{- default (printf "%s-broker" (include "orders-center.fullname" .)) .Values.broker.existingSecret }}
 {{- end }}
 
 {{- define "orders-center.apiSecret" -}}

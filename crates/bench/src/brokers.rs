@@ -414,8 +414,14 @@ pub async fn latency(
     );
     let metrics = ConsumerMetrics::unregistered();
     let journal = broker.spawn_journal(&db.pool, metrics.clone(), shutdown.clone());
-    // Let the consumer join before the clock starts.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // One save through the whole path first: the clock starts once the
+    // producer has its id and the consumer its partitions.
+    save(&store, "WARM").await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metrics.count("journal", "applied") < 1 {
+        ensure!(Instant::now() < deadline, "the warm-up save never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
     eprintln!("{name}: {rate} saves/s for {seconds} s");
     let total = rate * seconds;
@@ -425,27 +431,14 @@ pub async fn latency(
     for i in 0..total {
         tokio::time::sleep_until(started + period * i as u32).await;
         let store = store.clone();
-        saves.push(tokio::spawn(async move {
-            let id = format!("L-{i}");
-            let full: domain::OrderFull =
-                serde_json::from_value(testkit::sample_order(&id)).expect("a sample order");
-            let order = full
-                .validate(Some(&domain::OrderId::parse(&id).expect("an id")))
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-            let ctx = SaveContext {
-                user_id: "bench".into(),
-                traceparent: None,
-            };
-            store.save_order(&order, Precondition::None, &ctx).await?;
-            anyhow::Ok(())
-        }));
+        saves.push(tokio::spawn(async move { save(&store, &format!("L-{i}")).await }));
     }
     for s in saves {
         s.await??;
     }
     let achieved = total as f64 / started.elapsed().as_secs_f64();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while metrics.count("journal", "applied") < total {
+    while metrics.count("journal", "applied") < total + 1 {
         ensure!(
             Instant::now() < deadline,
             "not every save reached the journal"
@@ -457,7 +450,8 @@ pub async fn latency(
     journal.await??;
     let mut lat: Vec<f64> = sqlx::query_scalar(
         "SELECT extract(epoch FROM j.recorded_at - o.created_at)::float8 * 1000
-         FROM order_journal j JOIN outbox o ON o.event_id = j.event_id",
+         FROM order_journal j JOIN outbox o ON o.event_id = j.event_id
+         WHERE j.order_id <> 'WARM'",
     )
     .fetch_all(&db.pool)
     .await?;
@@ -509,6 +503,21 @@ pub async fn latency(
     Ok(())
 }
 
+/// Saves order `id` through the store, as the API would.
+async fn save(store: &Store, id: &str) -> Result<()> {
+    let full: domain::OrderFull =
+        serde_json::from_value(testkit::sample_order(id)).expect("a sample order");
+    let order = full
+        .validate(Some(&domain::OrderId::parse(id).expect("an id")))
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let ctx = SaveContext {
+        user_id: "bench".into(),
+        traceparent: None,
+    };
+    store.save_order(&order, Precondition::None, &ctx).await?;
+    Ok(())
+}
+
 /// p50 and p99 of a plain publish-to-receive at `rate` for `seconds`.
 async fn plain_round_trip(broker: &mut Broker, rate: u64, seconds: u64) -> Result<(f64, f64)> {
     broker.fresh(&format!("plainrt{rate}"));
@@ -517,6 +526,8 @@ async fn plain_round_trip(broker: &mut Broker, rate: u64, seconds: u64) -> Resul
     let period = Duration::from_secs_f64(1.0 / rate as f64);
     let epoch = Instant::now();
     let stamp = move || epoch.elapsed().as_secs_f64() * 1000.0;
+    // Message 0 warms the path up and is not measured.
+    let warm = Arc::new(tokio::sync::Notify::new());
     // The receiver records now minus the sent stamp carried in the body.
     let receiver: tokio::task::JoinHandle<Result<Vec<f64>>> = match broker {
         Broker::Kafka(_, c) => {
@@ -556,26 +567,32 @@ async fn plain_round_trip(broker: &mut Broker, rate: u64, seconds: u64) -> Resul
                     lapin::types::FieldTable::default(),
                 )
                 .await?;
+            let warm = warm.clone();
             tokio::spawn(async move {
                 let mut lat = Vec::new();
-                while (lat.len() as u64) < total {
+                while (lat.len() as u64) < total + 1 {
                     let d = deliveries.next().await.expect("a delivery")?;
                     let sent: f64 = std::str::from_utf8(&d.data)?.parse()?;
                     lat.push(stamp() - sent);
+                    warm.notify_one();
                 }
                 drop(connection);
-                Ok(lat)
+                Ok(lat.split_off(1))
             })
         }
     };
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let started = tokio::time::Instant::now();
     match broker {
         Broker::Kafka(_, c) => {
             let producer = c.producer()?;
             let topic = c.topic("order");
             let mut sends = Vec::new();
-            for i in 0..total {
+            let mut started = started;
+            for i in 0..=total {
+                if i == 1 {
+                    warm.notified().await;
+                    started = tokio::time::Instant::now();
+                }
                 tokio::time::sleep_until(started + period * i as u32).await;
                 let (producer, topic) = (producer.clone(), topic.clone());
                 sends.push(tokio::spawn(async move {
@@ -604,7 +621,12 @@ async fn plain_round_trip(broker: &mut Broker, rate: u64, seconds: u64) -> Resul
                 .await?;
             let exchange = c.exchange("order");
             let mut sends = Vec::new();
-            for i in 0..total {
+            let mut started = started;
+            for i in 0..=total {
+                if i == 1 {
+                    warm.notified().await;
+                    started = tokio::time::Instant::now();
+                }
                 tokio::time::sleep_until(started + period * i as u32).await;
                 let (channel, exchange) = (channel.clone(), exchange.clone());
                 sends.push(tokio::spawn(async move {
