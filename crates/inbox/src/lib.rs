@@ -44,6 +44,15 @@ pub struct Poison {
 }
 
 impl Poison {
+    /// Every class.
+    pub const CLASSES: [&'static str; 5] = [
+        "no_id",
+        "bad_json",
+        "unknown_type",
+        "invalid",
+        "apply_failed",
+    ];
+
     /// A poison of `class` for `reason`.
     pub fn new(class: &'static str, reason: impl Into<String>) -> Self {
         Self {
@@ -99,6 +108,7 @@ pub struct Inbox<H> {
 impl<H: Handler> Inbox<H> {
     /// The inbox of `consumer`, applying with `handler`.
     pub fn new(pool: PgPool, consumer: &str, handler: H, metrics: ConsumerMetrics) -> Self {
+        metrics.start(consumer);
         Self {
             pool,
             consumer: consumer.to_owned(),

@@ -65,6 +65,17 @@ impl ConsumerMetrics {
         Self::register(&Registry::new()).expect("fresh registry")
     }
 
+    /// Creates the consumer's series at zero, so that rates and increases
+    /// have a start and dashboards show it before its first message.
+    pub(crate) fn start(&self, consumer: &str) {
+        for outcome in ["applied", "duplicate", "dead"] {
+            self.messages.with_label_values(&[consumer, outcome]);
+        }
+        for class in crate::Poison::CLASSES {
+            self.dead.with_label_values(&[consumer, class]);
+        }
+    }
+
     pub(crate) fn observe(&self, consumer: &str, verdicts: &[Verdict], took: Duration) {
         let (mut applied, mut duplicate) = (0, 0);
         for v in verdicts {

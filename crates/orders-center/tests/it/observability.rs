@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{get_json, workspace_root, System};
+use crate::support::{get_json, orders_center, stop, workspace_root, Role, System};
 
 #[tokio::test]
 async fn the_trace_id_of_a_save_is_the_one_1c_receives() {
@@ -108,11 +108,25 @@ async fn prometheus_scrapes_every_role_and_every_dashboard_and_alert_query_works
         alerts.len()
     );
     let db = testkit::unmigrated_database().await;
+    // Order events go to a real RabbitMQ and a journal consumer reads them,
+    // so the consumer panels and rules have series too.
+    let rabbit = testkit::rabbitmq().await;
+    let prefix = testkit::unique_prefix("obs");
+    let broker = [("BROKER", rabbit.url()), ("BROKER_PREFIX", prefix)];
+    let broker: Vec<(&str, &str)> = broker.iter().map(|(k, v)| (*k, v.as_str())).collect();
     // Some failures, so the error panels have series to show.
-    let system = System::start(
+    let system = System::start_with_env(
         &db.url,
         &["--error-rate", "0.1", "--retry-after-secs", "0"],
         2,
+        &broker,
+    )
+    .await;
+    let mut consumer = Role::spawn(
+        orders_center(&["consume", "journal", "--listen", "127.0.0.1:0"])
+            .env("DATABASE_URL", &db.url)
+            .envs(broker.iter().copied()),
+        "consumer started",
     )
     .await;
     let dir = tempfile::tempdir().unwrap();
@@ -122,12 +136,14 @@ async fn prometheus_scrapes_every_role_and_every_dashboard_and_alert_query_works
          scrape_configs:\n\
          - job_name: api\n  static_configs: [{{targets: ['{api}']}}]\n\
          - job_name: relay\n  static_configs: [{{targets: ['{r0}', '{r1}']}}]\n\
-         - job_name: onec-mock\n  static_configs: [{{targets: ['{mock}']}}]\n",
+         - job_name: onec-mock\n  static_configs: [{{targets: ['{mock}']}}]\n\
+         - job_name: consumer\n  static_configs: [{{targets: ['{consumer}']}}]\n",
         rules = workspace_root().join("observability/alerts.yml").display(),
         api = host(&system.api.url),
         r0 = host(&system.relays[0].url),
         r1 = host(&system.relays[1].url),
         mock = host(&system.mock.url),
+        consumer = host(&consumer.url),
     );
     std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
     let port = free_port();
@@ -172,7 +188,7 @@ async fn prometheus_scrapes_every_role_and_every_dashboard_and_alert_query_works
         .iter()
         .map(|t| t["health"].as_str().unwrap())
         .collect();
-    assert_eq!(health, ["up"; 4], "{targets}");
+    assert_eq!(health, ["up"; 5], "{targets}");
 
     let query = |expr: String| {
         let (http, prom) = (http.clone(), prom.clone());
@@ -223,5 +239,6 @@ async fn prometheus_scrapes_every_role_and_every_dashboard_and_alert_query_works
     assert_eq!(evaluated.len(), alerts.len());
     assert!(evaluated.iter().all(|(_, h)| h == "ok"), "{evaluated:?}");
 
+    stop(&mut consumer.child, "TERM", Duration::from_secs(15)).await;
     system.stop().await;
 }

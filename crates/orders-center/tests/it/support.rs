@@ -206,6 +206,16 @@ pub struct System {
 
 impl System {
     pub async fn start(db_url: &str, mock_faults: &[&str], relays: usize) -> Self {
+        Self::start_with_env(db_url, mock_faults, relays, &[]).await
+    }
+
+    /// The same, with `env` added to the api and every relay.
+    pub async fn start_with_env(
+        db_url: &str,
+        mock_faults: &[&str],
+        relays: usize,
+        env: &[(&str, &str)],
+    ) -> Self {
         let mock_args = [
             &[
                 "--listen",
@@ -221,7 +231,8 @@ impl System {
         let mock = Role::spawn(&mut onec_mock(&mock_args), "onec-mock listening").await;
         let api = Role::spawn(
             orders_center(&["api", "--listen", "127.0.0.1:0", "--migrate"])
-                .env("DATABASE_URL", db_url),
+                .env("DATABASE_URL", db_url)
+                .envs(env.iter().copied()),
             "api listening",
         )
         .await;
@@ -259,7 +270,10 @@ impl System {
                 "--backlog-interval",
                 "1s",
             ]);
-            relay.env("DATABASE_URL", db_url).env("ONEC_PASSWORD", "pw");
+            relay
+                .env("DATABASE_URL", db_url)
+                .env("ONEC_PASSWORD", "pw")
+                .envs(env.iter().copied());
             started.push(Role::spawn(&mut relay, "relay started").await);
         }
         Self {
