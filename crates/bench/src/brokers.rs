@@ -546,16 +546,22 @@ async fn plain_round_trip(broker: &mut Broker, rate: u64, seconds: u64) -> Resul
                 .set("fetch.wait.max.ms", "5")
                 .create()?;
             consumer.subscribe(&[&c.topic("order")])?;
+            let warm = warm.clone();
             tokio::spawn(async move {
                 let mut lat = Vec::new();
                 let mut stream = consumer.stream();
-                while (lat.len() as u64) < total {
-                    let m = stream.next().await.expect("a message")?;
+                while (lat.len() as u64) < total + 1 {
+                    // Errors here are the client's transient reports (e.g.
+                    // a topic not yet known to the broker); it recovers.
+                    let Ok(m) = stream.next().await.expect("a message") else {
+                        continue;
+                    };
                     let sent: f64 =
                         std::str::from_utf8(m.payload().unwrap_or_default())?.parse()?;
                     lat.push(stamp() - sent);
+                    warm.notify_one();
                 }
-                Ok(lat)
+                Ok(lat.split_off(1))
             })
         }
         Broker::RabbitMq(_, c) => {

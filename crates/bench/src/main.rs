@@ -139,7 +139,12 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut figures = Vec::new();
     let only = |s| args.only.is_empty() || args.only.contains(&s);
-    scenarios::run_all(&sizes, args.quick, only, &mut figures).await?;
+    if let Err(e) = scenarios::run_all(&sizes, args.quick, only, &mut figures).await {
+        // Exit now: dropping broker clients whose broker is gone can block
+        // the runtime's shutdown for good.
+        eprintln!("bench failed: {e:#}");
+        std::process::exit(1);
+    }
 
     println!();
     println!(

@@ -1,0 +1,160 @@
+//! The inbox on a real PostgreSQL: duplicates change nothing, poison is
+//! told apart from an unreachable database, and one refused message does
+//! not take its batch down with it.
+
+use inbox::journal::Journal;
+use inbox::{ConsumerMetrics, Handler, Inbox, Incoming, Poison, Verdict};
+use sqlx::PgConnection;
+
+fn notice(order: &str, version: i64) -> (String, Vec<u8>) {
+    let id = uuid::Uuid::now_v7();
+    let body = serde_json::json!({
+        "idempotent_key": id, "order_id": order, "version": version, "status": "new",
+        "type": if version == 1 { "order.created" } else { "order.updated" },
+        "occurred_at": chrono::Utc::now(),
+    });
+    (id.to_string(), serde_json::to_vec(&body).unwrap())
+}
+
+fn incoming((id, payload): &(String, Vec<u8>)) -> Incoming {
+    Incoming {
+        id: Some(id.clone()),
+        payload: payload.clone(),
+        origin: "test".into(),
+    }
+}
+
+async fn journal_rows(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM order_journal")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_duplicate_in_the_batch_or_from_before_changes_nothing() {
+    let db = testkit::database().await;
+    let metrics = ConsumerMetrics::unregistered();
+    let inbox = Inbox::new(
+        db.pool.clone(),
+        "journal",
+        Journal::new("journal"),
+        metrics.clone(),
+    );
+    let (a, b) = (notice("O-1", 1), notice("O-1", 2));
+    assert_eq!(
+        inbox.process(&[incoming(&a)]).await.unwrap(),
+        [Verdict::Applied]
+    );
+    let verdicts = inbox
+        .process(&[incoming(&a), incoming(&b), incoming(&b)])
+        .await
+        .unwrap();
+    assert_eq!(
+        verdicts,
+        [Verdict::Duplicate, Verdict::Applied, Verdict::Duplicate]
+    );
+    assert_eq!(journal_rows(&db.pool).await, 2);
+    assert_eq!(
+        (
+            metrics.count("journal", "applied"),
+            metrics.count("journal", "duplicate")
+        ),
+        (2, 2)
+    );
+}
+
+#[tokio::test]
+async fn poison_is_classified_and_the_rest_of_the_batch_applies() {
+    let db = testkit::database().await;
+    let inbox = Inbox::new(
+        db.pool.clone(),
+        "journal",
+        Journal::new("journal"),
+        ConsumerMetrics::unregistered(),
+    );
+    let good = notice("O-2", 1);
+    let mut no_id = incoming(&notice("O-3", 1));
+    no_id.id = None;
+    let bad_json = Incoming {
+        payload: b"{".to_vec(),
+        ..incoming(&notice("O-4", 1))
+    };
+    let verdicts = inbox
+        .process(&[no_id, bad_json, incoming(&good)])
+        .await
+        .unwrap();
+    let classes: Vec<&str> = verdicts
+        .iter()
+        .map(|v| match v {
+            Verdict::Dead(p) => p.class,
+            Verdict::Applied => "applied",
+            Verdict::Duplicate => "duplicate",
+        })
+        .collect();
+    assert_eq!(classes, ["no_id", "bad_json", "applied"]);
+    // Poison is not recorded: a fixed copy with the same id still applies.
+    let inbox_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(inbox_rows, 1);
+}
+
+/// Applies by running the payload as SQL: `SELECT 1` goes, `SELECT 1/0` is
+/// refused by the database for this message alone.
+struct RunsSql;
+
+#[async_trait::async_trait]
+impl Handler for RunsSql {
+    type Message = String;
+
+    fn decode(&self, incoming: &Incoming) -> Result<String, Poison> {
+        String::from_utf8(incoming.payload.clone())
+            .map_err(|e| Poison::new("bad_json", e.to_string()))
+    }
+
+    async fn apply(&self, conn: &mut PgConnection, sql: &String) -> sqlx::Result<()> {
+        sqlx::query(sql).execute(conn).await.map(drop)
+    }
+}
+
+#[tokio::test]
+async fn a_message_the_database_refuses_is_buried_alone_and_an_outage_is_an_error() {
+    let db = testkit::database().await;
+    let inbox = Inbox::new(
+        db.pool.clone(),
+        "sql",
+        RunsSql,
+        ConsumerMetrics::unregistered(),
+    );
+    let message = |id: &str, sql: &str| Incoming {
+        id: Some(id.into()),
+        payload: sql.as_bytes().to_vec(),
+        origin: "test".into(),
+    };
+    let verdicts = inbox
+        .process(&[
+            message("1", "SELECT 1"),
+            message("2", "SELECT 1/0"),
+            message("3", "SELECT 1"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(verdicts[0], Verdict::Applied);
+    assert!(
+        matches!(&verdicts[1], Verdict::Dead(p) if p.class == "apply_failed" && p.reason.contains("division by zero")),
+        "{verdicts:?}"
+    );
+    assert_eq!(verdicts[2], Verdict::Applied);
+    let recorded: Vec<String> =
+        sqlx::query_scalar("SELECT message_id FROM inbox WHERE consumer = 'sql' ORDER BY 1")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(recorded, ["1", "3"]);
+
+    // With the database gone, nothing is decided: the transport retries.
+    db.pool.close().await;
+    assert!(inbox.process(&[message("4", "SELECT 1")]).await.is_err());
+}
