@@ -136,6 +136,34 @@ async fn dev_mode_serves_within_30s_runs_the_readme_tour_and_cleans_up_on_ctrl_c
     let stats: Value = get_json(&format!("{base}/api/v1/sync/stats")).await;
     assert_eq!(stats["pending"], 0, "{stats}");
 
+    // With no broker, the journal consumer is fed from the outbox: it has
+    // the order's events, once each, in version order.
+    let db_url = pg_line.split_whitespace().nth(1).expect("the PostgreSQL URL");
+    let pool = sqlx::PgPool::connect(db_url).await.unwrap();
+    let mut journal: Vec<(i64, String)> = Vec::new();
+    for _ in 0..100 {
+        journal = sqlx::query_as(
+            "SELECT version, type FROM order_journal WHERE order_id = 'ORD-1001' ORDER BY seq",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        if journal.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let journal: Vec<(i64, &str)> = journal.iter().map(|(v, t)| (*v, t.as_str())).collect();
+    assert_eq!(
+        journal,
+        [
+            (1, "order.created"),
+            (2, "order.updated"),
+            (2, "order.status_changed")
+        ]
+    );
+    pool.close().await;
+
     stop(&mut dev, "INT", Duration::from_secs(15)).await;
     assert!(
         !std::path::Path::new(&throwaway).exists(),
