@@ -47,6 +47,13 @@ pub struct Config {
     #[arg(long, env = "BROKER_PREFIX", default_value = "", global = true)]
     pub broker_prefix: String,
 
+    /// How long a publish may wait for the broker's acknowledgement (Kafka)
+    /// or confirm (RabbitMQ) before it counts as failed. Keep it well under
+    /// the relay's claim lease.
+    #[arg(long, env = "BROKER_TIMEOUT", default_value = "10s", global = true,
+          value_parser = humantime::parse_duration)]
+    pub broker_timeout: Duration,
+
     /// What to run.
     #[command(subcommand)]
     pub command: Command,
@@ -70,6 +77,7 @@ impl Config {
     pub fn kafka(&self, bootstrap: &str) -> brokers::kafka::KafkaConfig {
         let mut c = brokers::kafka::KafkaConfig::new(bootstrap);
         c.topic_prefix = self.broker_prefix.clone();
+        c.delivery_timeout = self.broker_timeout;
         c
     }
 
@@ -77,6 +85,7 @@ impl Config {
     pub fn rabbitmq(&self, url: &str) -> brokers::rabbitmq::RabbitConfig {
         let mut c = brokers::rabbitmq::RabbitConfig::new(url);
         c.prefix = self.broker_prefix.clone();
+        c.confirm_timeout = self.broker_timeout;
         c
     }
 }

@@ -99,7 +99,7 @@ impl CircuitBreaker {
             (State::Closed { failures }, _, false)
                 if failures + 1 >= self.config.failure_threshold =>
             {
-                tracing::warn!(cool_down = ?self.config.cool_down, "1C keeps failing; circuit breaker opens");
+                tracing::warn!(cool_down = ?self.config.cool_down, "the destination keeps failing; circuit breaker opens");
                 self.opened()
             }
             (State::Closed { failures }, _, false) => State::Closed {

@@ -68,6 +68,12 @@ pub async fn consume<H: Handler>(
         .set("auto.offset.reset", "earliest")
         // A member that died hands its partitions over within this.
         .set("session.timeout.ms", "10000")
+        // Also the rebalance timeout: how long the coordinator waits for
+        // members to rejoin. The 5-minute default kept a consumer restarted
+        // across a broker freeze out of its partitions for 80 s. Polls are
+        // never that far apart except while the database is down, and then
+        // leaving the group and rejoining is right.
+        .set("max.poll.interval.ms", "30000")
         .set("statistics.interval.ms", "2000")
         .create_with_context(LagReporter {
             consumer: inbox.consumer().to_owned(),

@@ -43,10 +43,18 @@ impl Sink for KafkaSink {
             .key(&m.aggregate_id)
             .payload(m.payload.get())
             .headers(h);
-        // A full local queue waits this long before it counts as a failure.
-        match self.producer.send(record, Duration::from_secs(1)).await {
-            Ok(_) => Ok(()),
-            Err((e, _)) => Err(classify(&e)),
+        // A full local queue waits a second before it counts as a failure.
+        // librdkafka times a message out itself, but not one inside a
+        // request to a frozen broker until that request times out; this
+        // bound keeps a delivery from outliving the claim.
+        let bound = self.config.delivery_timeout + Duration::from_secs(1);
+        match tokio::time::timeout(bound, self.producer.send(record, Duration::from_secs(1))).await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(classify(&e)),
+            Err(_) => Err(classify(&KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageTimedOut,
+            ))),
         }
     }
 }

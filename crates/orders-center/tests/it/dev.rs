@@ -138,7 +138,10 @@ async fn dev_mode_serves_within_30s_runs_the_readme_tour_and_cleans_up_on_ctrl_c
 
     // With no broker, the journal consumer is fed from the outbox: it has
     // the order's events, once each, in version order.
-    let db_url = pg_line.split_whitespace().nth(1).expect("the PostgreSQL URL");
+    let db_url = pg_line
+        .split_whitespace()
+        .nth(1)
+        .expect("the PostgreSQL URL");
     let pool = sqlx::PgPool::connect(db_url).await.unwrap();
     let mut journal: Vec<(i64, String)> = Vec::new();
     for _ in 0..100 {
