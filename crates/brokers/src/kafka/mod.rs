@@ -62,8 +62,11 @@ impl KafkaConfig {
             .client()
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "2")
-            .set("compression.type", "lz4")
+            // Fewer, fuller requests: with 2 ms (and lz4) the commit-to-
+            // consumer p99 at 500 saves/s was 160–175 ms, with 10 ms 48 ms,
+            // and the drain went from 16,600 to 19,300 events/s
+            // (BENCHMARKS.md). Notices are small; compression bought nothing.
+            .set("linger.ms", "10")
             .set(
                 "message.timeout.ms",
                 self.delivery_timeout.as_millis().to_string(),
