@@ -23,8 +23,9 @@ pub struct RabbitSubscription {
     pub aggregate_type: String,
     /// The events (routing keys) bound to the consumer's queue.
     pub events: Vec<String>,
-    /// Unacknowledged messages the broker may push at once, and the most
-    /// applied in one inbox transaction.
+    /// The most messages applied in one inbox transaction. The broker may
+    /// push twice as many unacknowledged, so the next batch is already here
+    /// while one commits.
     pub prefetch: u16,
 }
 
@@ -69,7 +70,7 @@ async fn session<H: Handler>(
     declare_queue(&channel, config, &exchange, &queue, &subscription.events).await?;
     let prefetch = subscription.prefetch.max(1);
     channel
-        .basic_qos(prefetch, BasicQosOptions::default())
+        .basic_qos(prefetch.saturating_mul(2), BasicQosOptions::default())
         .await?;
     let deliveries = channel
         .basic_consume(
