@@ -48,25 +48,7 @@ fn start_journal(
 async fn every_event_reaches_the_journal_once_and_in_order_through_kafka() {
     let (db, config) = setup().await;
     let sink = KafkaSink::new(config.clone()).unwrap();
-    let all = notices(200, 3);
-    publish_all(&sink, &all).await;
-    // A redelivery of an event already sent: the inbox absorbs it.
-    sink.deliver(&message(&all[0])).await.unwrap();
-
-    let (metrics, cancel, task) = start_journal(&config, &db.pool);
-    journal_reaches(&db.pool, all.len() as i64).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while metrics.count("journal", "duplicate") < 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the duplicate is never seen"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    cancel.cancel();
-    task.await.unwrap();
-    assert_each_once_in_order(&db.pool, &all).await;
-    assert_eq!(metrics.count("journal", "applied"), all.len() as u64);
+    every_event_once_in_order(&sink, &db.pool, || start_journal(&config, &db.pool)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -119,6 +119,41 @@ async fn assert_each_once_in_order(pool: &PgPool, all: &[OrderNotice]) {
     }
 }
 
+/// A running journal consumer: its metrics, its stop, its task.
+type Running = (
+    ConsumerMetrics,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<()>,
+);
+
+/// 600 events and a redelivered copy of one go through `sink`; the journal
+/// started by `start` applies each once, in order per order, and counts the
+/// copy as a duplicate.
+async fn every_event_once_in_order(
+    sink: &dyn Sink,
+    pool: &PgPool,
+    start: impl FnOnce() -> Running,
+) {
+    let all = notices(200, 3);
+    publish_all(sink, &all).await;
+    sink.deliver(&message(&all[0])).await.unwrap();
+
+    let (metrics, cancel, task) = start();
+    journal_reaches(pool, all.len() as i64).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while metrics.count("journal", "duplicate") < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the duplicate is never seen"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cancel.cancel();
+    task.await.unwrap();
+    assert_each_once_in_order(pool, &all).await;
+    assert_eq!(metrics.count("journal", "applied"), all.len() as u64);
+}
+
 /// The bodies a test feeds raw to a consumer: one of each kind of poison,
 /// between two good notices.
 fn poison_bodies() -> Vec<(&'static str, Vec<u8>)> {
