@@ -7,7 +7,6 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message as _};
-use sink::Sink;
 use tokio_util::sync::CancellationToken;
 
 use crate::*;
