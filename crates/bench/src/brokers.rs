@@ -593,21 +593,13 @@ async fn plain_round_trip(broker: &mut Broker, rate: u64, seconds: u64) -> Resul
             })
         }
     };
-    let started = tokio::time::Instant::now();
     match broker {
         Broker::Kafka(_, c) => {
             let producer = c.producer()?;
             let topic = c.topic("order");
-            let mut sends = Vec::new();
-            let mut started = started;
-            for i in 0..=total {
-                if i == 1 {
-                    tokio::time::timeout(Duration::from_secs(60), warm.notified()).await?;
-                    started = tokio::time::Instant::now();
-                }
-                tokio::time::sleep_until(started + period * i as u32).await;
+            paced(total, period, &warm, |i| {
                 let (producer, topic) = (producer.clone(), topic.clone());
-                sends.push(tokio::spawn(async move {
+                async move {
                     let payload = stamp().to_string();
                     producer
                         .send(
@@ -617,12 +609,11 @@ async fn plain_round_trip(broker: &mut Broker, rate: u64, seconds: u64) -> Resul
                             Duration::from_secs(5),
                         )
                         .await
-                        .map_err(|(e, _)| e)
-                }));
-            }
-            for s in sends {
-                s.await??;
-            }
+                        .map_err(|(e, _)| e)?;
+                    anyhow::Ok(())
+                }
+            })
+            .await?;
         }
         Broker::RabbitMq(_, c) => {
             let connection =
@@ -632,16 +623,9 @@ async fn plain_round_trip(broker: &mut Broker, rate: u64, seconds: u64) -> Resul
                 .confirm_select(lapin::options::ConfirmSelectOptions::default())
                 .await?;
             let exchange = c.exchange("order");
-            let mut sends = Vec::new();
-            let mut started = started;
-            for i in 0..=total {
-                if i == 1 {
-                    tokio::time::timeout(Duration::from_secs(60), warm.notified()).await?;
-                    started = tokio::time::Instant::now();
-                }
-                tokio::time::sleep_until(started + period * i as u32).await;
+            paced(total, period, &warm, |_| {
                 let (channel, exchange) = (channel.clone(), exchange.clone());
-                sends.push(tokio::spawn(async move {
+                async move {
                     let confirm = channel
                         .basic_publish(
                             exchange.as_str().into(),
@@ -654,16 +638,39 @@ async fn plain_round_trip(broker: &mut Broker, rate: u64, seconds: u64) -> Resul
                         .await?;
                     ensure!(confirm.is_ack(), "nacked");
                     anyhow::Ok(())
-                }));
-            }
-            for s in sends {
-                s.await??;
-            }
+                }
+            })
+            .await?;
         }
     }
     let mut lat = tokio::time::timeout(Duration::from_secs(60), receiver).await???;
     lat.sort_by(f64::total_cmp);
     Ok((percentile(&lat, 0.5), percentile(&lat, 0.99)))
+}
+
+/// Sends message 0, waits until `warm` says it arrived, then sends 1 to
+/// `total` one `period` apart, each on its own task; waits for every send.
+async fn paced<F, Fut>(
+    total: u64,
+    period: Duration,
+    warm: &tokio::sync::Notify,
+    send: F,
+) -> Result<()>
+where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    let mut sends = vec![tokio::spawn(send(0))];
+    tokio::time::timeout(Duration::from_secs(60), warm.notified()).await?;
+    let started = tokio::time::Instant::now();
+    for i in 1..=total {
+        tokio::time::sleep_until(started + period * (i - 1) as u32).await;
+        sends.push(tokio::spawn(send(i)));
+    }
+    for s in sends {
+        s.await??;
+    }
+    Ok(())
 }
 
 /// Runs every broker figure on `broker`, then stops it.
