@@ -297,12 +297,7 @@ async fn plain_publish(broker: &Broker, n: i64) -> Result<f64> {
                 .await?;
         }
         Broker::RabbitMq(_, c) => {
-            let connection =
-                lapin::Connection::connect(&c.url, lapin::ConnectionProperties::default()).await?;
-            let channel = connection.create_channel().await?;
-            channel
-                .confirm_select(lapin::options::ConfirmSelectOptions::default())
-                .await?;
+            let (connection, channel) = c.confirmed_channel().await?;
             let exchange = c.exchange("order");
             futures::stream::iter(0..n)
                 .map(|i| {
@@ -616,12 +611,7 @@ async fn plain_round_trip(broker: &mut Broker, rate: u64, seconds: u64) -> Resul
             .await?;
         }
         Broker::RabbitMq(_, c) => {
-            let connection =
-                lapin::Connection::connect(&c.url, lapin::ConnectionProperties::default()).await?;
-            let channel = connection.create_channel().await?;
-            channel
-                .confirm_select(lapin::options::ConfirmSelectOptions::default())
-                .await?;
+            let (_connection, channel) = c.confirmed_channel().await?;
             let exchange = c.exchange("order");
             paced(total, period, &warm, |_| {
                 let (channel, exchange) = (channel.clone(), exchange.clone());

@@ -112,9 +112,18 @@ pub async fn consume<H: Handler>(
         let Some(verdicts) = apply(inbox, &incoming, &cancel).await else {
             break;
         };
-        for (m, v) in messages.iter().zip(&verdicts) {
+        for ((m, i), v) in messages.iter().zip(&incoming).zip(&verdicts) {
             if let Verdict::Dead(poison) = v {
-                if !bury(&dead_letters, inbox.consumer(), m, poison, &cancel).await {
+                if !bury(
+                    &dead_letters,
+                    inbox.consumer(),
+                    m,
+                    &i.origin,
+                    poison,
+                    &cancel,
+                )
+                .await
+                {
                     return Ok(());
                 }
             }
@@ -157,10 +166,10 @@ async fn bury(
     producer: &FutureProducer,
     consumer: &str,
     m: &OwnedMessage,
+    origin: &str,
     poison: &Poison,
     cancel: &CancellationToken,
 ) -> bool {
-    let origin = format!("{}/{}@{}", m.topic(), m.partition(), m.offset());
     tracing::warn!(consumer, origin, %poison, "dead-lettering a message");
     let topic = dead_topic(m.topic());
     loop {
@@ -177,7 +186,7 @@ async fn bury(
             (headers::DEAD_CLASS, poison.class),
             (headers::DEAD_REASON, poison.reason.as_str()),
             (headers::DEAD_CONSUMER, consumer),
-            (headers::DEAD_ORIGIN, origin.as_str()),
+            (headers::DEAD_ORIGIN, origin),
         ] {
             h = h.insert(Header {
                 key,

@@ -6,8 +6,7 @@ use futures::StreamExt;
 use inbox::{Handler, Inbox, Incoming, Poison, Verdict};
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel};
@@ -60,11 +59,7 @@ async fn session<H: Handler>(
     inbox: &Inbox<H>,
     cancel: &CancellationToken,
 ) -> Result<(), Error> {
-    let connection = config.connect().await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
+    let (connection, channel) = config.confirmed_channel().await?;
     let exchange = config.exchange(&subscription.aggregate_type);
     let queue = config.queue(inbox.consumer(), &subscription.aggregate_type);
     declare_queue(&channel, config, &exchange, &queue, &subscription.events).await?;
@@ -98,13 +93,22 @@ async fn session<H: Handler>(
             batch = batches.next() => batch.ok_or(Error::Closed)?,
         };
         let deliveries: Vec<Delivery> = batch.into_iter().collect::<Result<_, _>>()?;
-        let incoming: Vec<Incoming> = deliveries.iter().map(|d| incoming(&queue, d)).collect();
+        let incoming: Vec<Incoming> = deliveries.iter().map(incoming).collect();
         let Some(verdicts) = apply(inbox, &incoming, cancel).await else {
             return Ok(());
         };
-        for (d, v) in deliveries.iter().zip(&verdicts) {
+        for ((d, i), v) in deliveries.iter().zip(&incoming).zip(&verdicts) {
             if let Verdict::Dead(poison) = v {
-                bury(&channel, config, &queue, inbox.consumer(), d, poison).await?;
+                bury(
+                    &channel,
+                    config,
+                    &queue,
+                    d,
+                    inbox.consumer(),
+                    &i.origin,
+                    poison,
+                )
+                .await?;
             }
         }
         if let Some(last) = deliveries.last() {
@@ -113,11 +117,11 @@ async fn session<H: Handler>(
     }
 }
 
-fn incoming(queue: &str, d: &Delivery) -> Incoming {
+fn incoming(d: &Delivery) -> Incoming {
     Incoming {
         id: d.properties.message_id().as_ref().map(|s| s.to_string()),
         payload: d.data.clone(),
-        origin: format!("{queue}#{}", d.delivery_tag),
+        origin: format!("{}:{}", d.exchange, d.routing_key),
     }
 }
 
@@ -127,11 +131,11 @@ async fn bury(
     channel: &Channel,
     config: &RabbitConfig,
     queue: &str,
-    consumer: &str,
     d: &Delivery,
+    consumer: &str,
+    origin: &str,
     poison: &Poison,
 ) -> Result<(), Error> {
-    let origin = format!("{}:{}", d.exchange, d.routing_key);
     tracing::warn!(consumer, origin, %poison, "dead-lettering a message");
     let mut table = d.properties.headers().clone().unwrap_or_default();
     let text = |s: &str| AMQPValue::LongString(LongString::from(s));
@@ -141,7 +145,7 @@ async fn bury(
         text(&poison.reason),
     );
     table.insert(ShortString::from(headers::DEAD_CONSUMER), text(consumer));
-    table.insert(ShortString::from(headers::DEAD_ORIGIN), text(&origin));
+    table.insert(ShortString::from(headers::DEAD_ORIGIN), text(origin));
     let properties: BasicProperties = d.properties.clone().with_headers(table);
     let confirm = channel
         .basic_publish(

@@ -18,7 +18,9 @@
 mod consumer;
 mod sink;
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
@@ -67,6 +69,17 @@ impl RabbitConfig {
 
     async fn connect(&self) -> Result<Connection, Error> {
         Ok(Connection::connect(&self.url, ConnectionProperties::default()).await?)
+    }
+
+    /// A new connection and a channel on it in publisher-confirm mode. The
+    /// channel closes when the connection is dropped.
+    pub async fn confirmed_channel(&self) -> Result<(Connection, Channel), Error> {
+        let connection = self.connect().await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok((connection, channel))
     }
 }
 

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::Confirmation;
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
@@ -69,11 +69,7 @@ impl RabbitSink {
                 return Err(unreachable_broker("not connected; retrying shortly"));
             }
             let connect = async {
-                let connection = self.config.connect().await?;
-                let channel = connection.create_channel().await?;
-                channel
-                    .confirm_select(ConfirmSelectOptions::default())
-                    .await?;
+                let (connection, channel) = self.config.confirmed_channel().await?;
                 Ok::<_, crate::Error>(Link {
                     _connection: connection,
                     channel,

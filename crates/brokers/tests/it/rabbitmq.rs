@@ -5,9 +5,9 @@ use brokers::rabbitmq::{
     consume, dead_queue, declare, RabbitConfig, RabbitSink, RabbitSubscription,
 };
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::BasicProperties;
 use sink::{FailureKind, Sink};
 use tokio_util::sync::CancellationToken;
 
@@ -76,14 +76,7 @@ async fn a_message_no_queue_takes_is_a_failure_not_a_success() {
 #[tokio::test(flavor = "multi_thread")]
 async fn poison_goes_to_the_dead_queue_with_its_reason_and_the_rest_flows() {
     let (db, config) = setup().await;
-    let connection = Connection::connect(&config.url, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let (_connection, channel) = config.confirmed_channel().await.unwrap();
     let good = notices(1, 2);
     let poison = poison_bodies();
     let mut bodies = vec![(
