@@ -1,0 +1,451 @@
+//! The saga's wire contract. Every message is one flat JSON object, the
+//! same on Kafka, RabbitMQ and the PostgreSQL transport:
+//!
+//! ```json
+//! {"type": "ChargePayment", "order_id": "ORD-1", "account_id": "acc-7", "amount": 150.5}
+//! ```
+//!
+//! `type` is the event name (RabbitMQ's routing key, seed 004); the topic
+//! (Kafka topic, outbox aggregate type) is fixed per type, see [`Topic`].
+//! Its message id (Kafka's `event-id` header, AMQP's `message_id`) is the
+//! outbox event id, which the receiving inbox deduplicates on.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::str::FromStr;
+
+use domain::Money;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// What a message says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Kind {
+    /// orders-center → inventory: reserve every line, or none.
+    ReserveStock,
+    /// orders-center → inventory: give the order's reservation back.
+    ReleaseStock,
+    /// orders-center → inventory: the order is paid; the reserved stock is sold.
+    CommitStock,
+    /// orders-center → payments: take `amount` from `account_id`.
+    ChargePayment,
+    /// orders-center → payments: give the order's charge back.
+    RefundPayment,
+    /// inventory: every line is reserved.
+    StockReserved,
+    /// inventory: nothing was reserved, with the `reason`.
+    StockFailed,
+    /// inventory: the reservation (if any) is released.
+    StockReleased,
+    /// inventory: the reservation is sold.
+    StockCommitted,
+    /// payments: `amount` was charged.
+    PaymentSucceeded,
+    /// payments: nothing was charged, with the `reason`.
+    PaymentFailed,
+    /// payments: `amount` (0 when nothing had been charged) was refunded.
+    PaymentRefunded,
+    /// orders-center → notifier: the order completed.
+    OrderCompleted,
+    /// orders-center → notifier: the order was cancelled, with the `reason`.
+    OrderCancelled,
+}
+
+impl Kind {
+    /// Every kind.
+    pub const ALL: [Kind; 14] = [
+        Kind::ReserveStock,
+        Kind::ReleaseStock,
+        Kind::CommitStock,
+        Kind::ChargePayment,
+        Kind::RefundPayment,
+        Kind::StockReserved,
+        Kind::StockFailed,
+        Kind::StockReleased,
+        Kind::StockCommitted,
+        Kind::PaymentSucceeded,
+        Kind::PaymentFailed,
+        Kind::PaymentRefunded,
+        Kind::OrderCompleted,
+        Kind::OrderCancelled,
+    ];
+
+    /// The event name: the outbox `type` and RabbitMQ's routing key.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::ReserveStock => "ReserveStock",
+            Kind::ReleaseStock => "ReleaseStock",
+            Kind::CommitStock => "CommitStock",
+            Kind::ChargePayment => "ChargePayment",
+            Kind::RefundPayment => "RefundPayment",
+            Kind::StockReserved => "StockReserved",
+            Kind::StockFailed => "StockFailed",
+            Kind::StockReleased => "StockReleased",
+            Kind::StockCommitted => "StockCommitted",
+            Kind::PaymentSucceeded => "PaymentSucceeded",
+            Kind::PaymentFailed => "PaymentFailed",
+            Kind::PaymentRefunded => "PaymentRefunded",
+            Kind::OrderCompleted => "OrderCompleted",
+            Kind::OrderCancelled => "OrderCancelled",
+        }
+    }
+
+    /// The topic it travels on.
+    pub fn topic(self) -> Topic {
+        match self {
+            Kind::ReserveStock | Kind::ReleaseStock | Kind::CommitStock => Topic::ReserveCommands,
+            Kind::ChargePayment | Kind::RefundPayment => Topic::PaymentCommands,
+            Kind::StockReserved
+            | Kind::StockFailed
+            | Kind::StockReleased
+            | Kind::StockCommitted => Topic::Reserve,
+            Kind::PaymentSucceeded | Kind::PaymentFailed | Kind::PaymentRefunded => Topic::Payment,
+            Kind::OrderCompleted | Kind::OrderCancelled => Topic::Saga,
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Kind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("{s:?} is not a saga message"))
+    }
+}
+
+/// A stream of saga messages: a Kafka topic, the outbox aggregate type, and
+/// the name part of a consumer's RabbitMQ queue. One service reads each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Topic {
+    /// Commands to inventory.
+    ReserveCommands,
+    /// Commands to payments.
+    PaymentCommands,
+    /// inventory's answers (seed 001's `reserve` topic).
+    Reserve,
+    /// payments' answers (seed 001's `payment` topic).
+    Payment,
+    /// The outcomes, for the notifier.
+    Saga,
+}
+
+impl Topic {
+    /// The name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Topic::ReserveCommands => "reserve.commands",
+            Topic::PaymentCommands => "payment.commands",
+            Topic::Reserve => "reserve",
+            Topic::Payment => "payment",
+            Topic::Saga => "saga",
+        }
+    }
+
+    /// The kinds that travel on it.
+    pub fn kinds(self) -> Vec<Kind> {
+        Kind::ALL
+            .into_iter()
+            .filter(|k| k.topic() == self)
+            .collect()
+    }
+}
+
+/// One line to reserve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Line {
+    /// The product, as inventory knows it.
+    #[schema(example = "sku-1")]
+    pub product_id: String,
+    /// Units, at least 1.
+    #[schema(example = 2)]
+    pub quantity: i64,
+}
+
+/// What a new order asks of the saga: the stock to reserve and the account
+/// that pays `order.price`. An order saved without it has no saga.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Checkout {
+    /// The paying customer's account in payments.
+    #[schema(example = "acc-1")]
+    pub account_id: String,
+    /// The stock to reserve, each product once; all or nothing.
+    pub reserve: Vec<Line>,
+}
+
+/// Most lines one reservation may hold.
+pub const MAX_LINES: usize = 100;
+/// Most units of one line.
+pub const MAX_QUANTITY: i64 = 1_000_000;
+
+impl Checkout {
+    /// What is wrong with it, as `(field, message)` under `checkout`.
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if let Err(m) = check_name(&self.account_id) {
+            out.push(("checkout.account_id".into(), m));
+        }
+        if self.reserve.is_empty() {
+            out.push((
+                "checkout.reserve".into(),
+                "must name at least one line".into(),
+            ));
+        } else if self.reserve.len() > MAX_LINES {
+            out.push((
+                "checkout.reserve".into(),
+                format!("at most {MAX_LINES} lines"),
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, line) in self.reserve.iter().enumerate() {
+            if let Err(m) = check_name(&line.product_id) {
+                out.push((format!("checkout.reserve[{i}].product_id"), m));
+            } else if !seen.insert(line.product_id.as_str()) {
+                out.push((
+                    format!("checkout.reserve[{i}].product_id"),
+                    "names a product already reserved above".into(),
+                ));
+            }
+            if !(1..=MAX_QUANTITY).contains(&line.quantity) {
+                out.push((
+                    format!("checkout.reserve[{i}].quantity"),
+                    format!("must be between 1 and {MAX_QUANTITY}"),
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Product and account ids: 1-64 of `A-Z a-z 0-9 - _ .`, so they are safe
+/// in URLs, logs and queue names.
+pub fn check_name(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 64 {
+        return Err("must be 1-64 characters".into());
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err("may hold only A-Z a-z 0-9 - _ .".into());
+    }
+    Ok(())
+}
+
+/// One saga message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SagaMessage {
+    /// What it says.
+    #[serde(rename = "type")]
+    pub kind: Kind,
+    /// The order (the saga) it is about; the Kafka key.
+    pub order_id: String,
+    /// `ReserveStock`: the lines.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lines: Vec<Line>,
+    /// `ChargePayment`: who pays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_id: Option<String>,
+    /// `ChargePayment`, `PaymentSucceeded`, `PaymentRefunded`,
+    /// `OrderCompleted`: how much.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount: Option<Money>,
+    /// `StockFailed`, `PaymentFailed`, `OrderCancelled`: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl SagaMessage {
+    /// A message of `kind` about `order_id` with no other field.
+    pub fn new(kind: Kind, order_id: &str) -> Self {
+        Self {
+            kind,
+            order_id: order_id.to_owned(),
+            lines: Vec::new(),
+            account_id: None,
+            amount: None,
+            reason: None,
+        }
+    }
+
+    /// With `reason`.
+    pub fn because(mut self, reason: impl Into<String>) -> Self {
+        self.reason = Some(reason.into());
+        self
+    }
+
+    /// With `amount`.
+    pub fn amount(mut self, amount: Money) -> Self {
+        self.amount = Some(amount);
+        self
+    }
+
+    /// Parses and checks a body, saying what is wrong: not JSON, or not a
+    /// well-formed message of a known kind.
+    pub fn decode(body: &[u8]) -> Result<Self, DecodeError> {
+        let value: serde_json::Value =
+            serde_json::from_slice(body).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+        let kind = value.get("type").and_then(|t| t.as_str()).unwrap_or("");
+        kind.parse::<Kind>().map_err(DecodeError::UnknownType)?;
+        let message: SagaMessage = serde_json::from_value(value)
+            .map_err(|e| DecodeError::Invalid(format!("not a saga message: {e}")))?;
+        message.check().map_err(DecodeError::Invalid)?;
+        Ok(message)
+    }
+
+    /// Whether the fields its kind needs are there and valid.
+    pub fn check(&self) -> Result<(), String> {
+        domain::OrderId::parse(&self.order_id).map_err(|m| format!("order_id {m}"))?;
+        match self.kind {
+            Kind::ReserveStock => {
+                let checkout = Checkout {
+                    account_id: "-".into(),
+                    reserve: self.lines.clone(),
+                };
+                if let Some((field, m)) = checkout.problems().into_iter().next() {
+                    return Err(format!(
+                        "{} {m}",
+                        field.replace("checkout.reserve", "lines")
+                    ));
+                }
+            }
+            Kind::ChargePayment => {
+                let account = self.account_id.as_deref().ok_or("account_id is missing")?;
+                check_name(account).map_err(|m| format!("account_id {m}"))?;
+                self.positive_amount()?;
+            }
+            Kind::PaymentSucceeded | Kind::OrderCompleted => self.positive_amount()?,
+            Kind::PaymentRefunded => {
+                let amount = self.amount.ok_or("amount is missing")?;
+                amount.check().map_err(|m| format!("amount {m}"))?;
+            }
+            Kind::StockFailed | Kind::PaymentFailed | Kind::OrderCancelled => {
+                if self.reason.as_deref().is_none_or(str::is_empty) {
+                    return Err("reason is missing".into());
+                }
+            }
+            Kind::ReleaseStock
+            | Kind::CommitStock
+            | Kind::RefundPayment
+            | Kind::StockReserved
+            | Kind::StockReleased
+            | Kind::StockCommitted => {}
+        }
+        Ok(())
+    }
+
+    fn positive_amount(&self) -> Result<(), String> {
+        let amount = self.amount.ok_or("amount is missing")?;
+        amount.check().map_err(|m| format!("amount {m}"))?;
+        if amount == Money::ZERO {
+            return Err("amount must be above zero".into());
+        }
+        Ok(())
+    }
+
+    /// The body.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("saga messages serialize")
+    }
+}
+
+/// Why a body is not a saga message; the inbox's poison classes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// `bad_json`.
+    NotJson(String),
+    /// `unknown_type`.
+    UnknownType(String),
+    /// `invalid`.
+    Invalid(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_with_exact_amounts() {
+        let m = SagaMessage {
+            account_id: Some("acc-1".into()),
+            ..SagaMessage::new(Kind::ChargePayment, "ORD-1").amount("0.3".parse().unwrap())
+        };
+        let text = serde_json::to_string(&m).unwrap();
+        assert_eq!(
+            text,
+            r#"{"type":"ChargePayment","order_id":"ORD-1","account_id":"acc-1","amount":0.3}"#
+        );
+        assert_eq!(SagaMessage::decode(text.as_bytes()), Ok(m));
+    }
+
+    #[test]
+    fn each_kind_of_bad_body_is_told_apart() {
+        assert!(matches!(
+            SagaMessage::decode(b"{"),
+            Err(DecodeError::NotJson(_))
+        ));
+        assert!(matches!(
+            SagaMessage::decode(br#"{"type":"Teleport","order_id":"A"}"#),
+            Err(DecodeError::UnknownType(_))
+        ));
+        for bad in [
+            r#"{"type":"ChargePayment","order_id":"A","amount":1}"#,
+            r#"{"type":"ChargePayment","order_id":"A","account_id":"x","amount":0}"#,
+            r#"{"type":"ChargePayment","order_id":"A","account_id":"x","amount":0.001}"#,
+            r#"{"type":"ReserveStock","order_id":"A","lines":[]}"#,
+            r#"{"type":"ReserveStock","order_id":"A","lines":[{"product_id":"p","quantity":-1}]}"#,
+            r#"{"type":"StockFailed","order_id":"A"}"#,
+            r#"{"type":"StockReserved","order_id":"has space"}"#,
+        ] {
+            assert!(
+                matches!(
+                    SagaMessage::decode(bad.as_bytes()),
+                    Err(DecodeError::Invalid(_))
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_kind_has_one_topic_and_a_name_that_parses_back() {
+        for kind in Kind::ALL {
+            assert_eq!(kind.as_str().parse::<Kind>(), Ok(kind));
+            assert!(kind.topic().kinds().contains(&kind));
+        }
+    }
+
+    #[test]
+    fn a_checkout_names_each_problem_by_field() {
+        let checkout = Checkout {
+            account_id: String::new(),
+            reserve: vec![
+                Line {
+                    product_id: "p".into(),
+                    quantity: 0,
+                },
+                Line {
+                    product_id: "p".into(),
+                    quantity: 1,
+                },
+            ],
+        };
+        let fields: Vec<String> = checkout.problems().into_iter().map(|(f, _)| f).collect();
+        assert_eq!(
+            fields,
+            [
+                "checkout.account_id",
+                "checkout.reserve[0].quantity",
+                "checkout.reserve[1].product_id"
+            ]
+        );
+    }
+}
