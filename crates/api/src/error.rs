@@ -96,7 +96,9 @@ impl From<store::Error> for ApiError {
             )),
             S::InvalidCursor => Self::BadRequest("cursor is not one this service issued".into()),
             e @ S::TaskNotFound(_) => Self::NotFound(e.to_string()),
-            e @ S::TaskNotReplayable { .. } => Self::Conflict(e.to_string()),
+            e @ (S::TaskNotReplayable { .. } | S::CheckoutOnExisting(_)) => {
+                Self::Conflict(e.to_string())
+            }
             e @ S::Unavailable(_) => Self::Unavailable(e),
             e => Self::Internal(Box::new(e)),
         }

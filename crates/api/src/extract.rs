@@ -16,10 +16,28 @@ use crate::AppState;
 #[derive(Debug)]
 pub struct JsonBody<T>(pub T);
 
+/// The body limit a router enforces, for the 413 answer's detail.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
+impl FromRef<AppState> for BodyLimit {
+    fn from_ref(state: &AppState) -> Self {
+        BodyLimit(state.config.limits.body_limit)
+    }
+}
+
+/// The services (inventory, payments) keep only a pool as their state and
+/// the default limits.
+impl FromRef<sqlx::PgPool> for BodyLimit {
+    fn from_ref(_: &sqlx::PgPool) -> Self {
+        BodyLimit(http_server::Limits::default().body_limit)
+    }
+}
+
 impl<S, T> FromRequest<S> for JsonBody<T>
 where
     S: Send + Sync,
-    AppState: FromRef<S>,
+    BodyLimit: FromRef<S>,
     T: DeserializeOwned,
 {
     type Rejection = ApiError;
@@ -34,9 +52,7 @@ where
             )),
             Err(JsonRejection::BytesRejection(BytesRejection::FailedToBufferBody(
                 FailedToBufferBody::LengthLimitError(_),
-            ))) => Err(ApiError::PayloadTooLarge(
-                AppState::from_ref(state).config.limits.body_limit,
-            )),
+            ))) => Err(ApiError::PayloadTooLarge(BodyLimit::from_ref(state).0)),
             Err(e) => Err(ApiError::BadRequest(e.body_text())),
         }
     }

@@ -3,7 +3,7 @@
 
 mod auth;
 mod error;
-mod extract;
+pub mod extract;
 mod metrics;
 mod openapi;
 mod routes;

@@ -24,6 +24,7 @@ use crate::AppState;
         orders::get_order,
         orders::list_orders,
         orders::order_history,
+        orders::order_states,
         orders::change_status,
         ops::sync_stats,
         sync::list_tasks,

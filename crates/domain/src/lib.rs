@@ -1,6 +1,7 @@
 //! The orders-center domain: the seed's order types, their validation and the
 //! history rules. No I/O lives here.
 
+pub mod checkout;
 pub mod event;
 pub mod history;
 pub mod money;
@@ -8,6 +9,7 @@ pub mod order;
 pub mod task;
 pub mod validation;
 
+pub use checkout::Checkout;
 pub use event::{
     DeliveryPolicy, Destination, OrderEvent, OrderNotice, Routes, ONEC, ORDER_AGGREGATE,
 };

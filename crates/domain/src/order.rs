@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::checkout::Checkout;
 use crate::history::HistoryEntry;
 use crate::money::Money;
 
@@ -26,6 +27,12 @@ pub struct OrderFull {
     #[serde(default, skip_deserializing)]
     #[schema(read_only)]
     pub history: Vec<HistoryEntry>,
+    /// On create only: start the order's saga, which reserves this stock,
+    /// charges `order.price` to this account, and owns the status from
+    /// then on (`pending` → … → `completed` or `cancelled`). Never returned.
+    #[serde(default, skip_serializing)]
+    #[schema(write_only)]
+    pub checkout: Option<Checkout>,
 }
 
 /// The order header.

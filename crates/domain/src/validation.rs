@@ -155,6 +155,16 @@ impl OrderFull {
             },
         };
 
+        if let Some(checkout) = &self.checkout {
+            // The saga owns the status of an order it runs.
+            self.order.status = "pending".into();
+            for (field, message) in checkout.problems() {
+                errs.push(field, message);
+            }
+            if self.order.price.0.is_zero() {
+                errs.push("order.price", "must be above zero: the checkout charges it");
+            }
+        }
         let o = &self.order;
         required(&mut errs, "order.status", &o.status);
         for (field, value) in [

@@ -12,6 +12,7 @@
 pub mod journal;
 pub mod local;
 mod metrics;
+pub mod saga;
 
 use std::collections::HashSet;
 use std::time::Instant;

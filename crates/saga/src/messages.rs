@@ -10,13 +10,12 @@
 //! Its message id (Kafka's `event-id` header, AMQP's `message_id`) is the
 //! outbox event id, which the receiving inbox deduplicates on.
 
-use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
 
+pub use domain::checkout::{check_name, Checkout, Line, MAX_LINES, MAX_QUANTITY};
 use domain::Money;
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 /// What a message says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -150,6 +149,26 @@ impl Topic {
         }
     }
 
+    /// The consumer that reads it; on the PostgreSQL transport also the
+    /// outbox destination of its messages.
+    pub fn reader(self) -> &'static str {
+        match self {
+            Topic::ReserveCommands => "inventory",
+            Topic::PaymentCommands => "payments",
+            Topic::Reserve | Topic::Payment => "saga",
+            Topic::Saga => "notifier",
+        }
+    }
+
+    /// Every topic.
+    pub const ALL: [Topic; 5] = [
+        Topic::ReserveCommands,
+        Topic::PaymentCommands,
+        Topic::Reserve,
+        Topic::Payment,
+        Topic::Saga,
+    ];
+
     /// The kinds that travel on it.
     pub fn kinds(self) -> Vec<Kind> {
         Kind::ALL
@@ -157,87 +176,6 @@ impl Topic {
             .filter(|k| k.topic() == self)
             .collect()
     }
-}
-
-/// One line to reserve.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct Line {
-    /// The product, as inventory knows it.
-    #[schema(example = "sku-1")]
-    pub product_id: String,
-    /// Units, at least 1.
-    #[schema(example = 2)]
-    pub quantity: i64,
-}
-
-/// What a new order asks of the saga: the stock to reserve and the account
-/// that pays `order.price`. An order saved without it has no saga.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct Checkout {
-    /// The paying customer's account in payments.
-    #[schema(example = "acc-1")]
-    pub account_id: String,
-    /// The stock to reserve, each product once; all or nothing.
-    pub reserve: Vec<Line>,
-}
-
-/// Most lines one reservation may hold.
-pub const MAX_LINES: usize = 100;
-/// Most units of one line.
-pub const MAX_QUANTITY: i64 = 1_000_000;
-
-impl Checkout {
-    /// What is wrong with it, as `(field, message)` under `checkout`.
-    pub fn problems(&self) -> Vec<(String, String)> {
-        let mut out = Vec::new();
-        if let Err(m) = check_name(&self.account_id) {
-            out.push(("checkout.account_id".into(), m));
-        }
-        if self.reserve.is_empty() {
-            out.push((
-                "checkout.reserve".into(),
-                "must name at least one line".into(),
-            ));
-        } else if self.reserve.len() > MAX_LINES {
-            out.push((
-                "checkout.reserve".into(),
-                format!("at most {MAX_LINES} lines"),
-            ));
-        }
-        let mut seen = BTreeSet::new();
-        for (i, line) in self.reserve.iter().enumerate() {
-            if let Err(m) = check_name(&line.product_id) {
-                out.push((format!("checkout.reserve[{i}].product_id"), m));
-            } else if !seen.insert(line.product_id.as_str()) {
-                out.push((
-                    format!("checkout.reserve[{i}].product_id"),
-                    "names a product already reserved above".into(),
-                ));
-            }
-            if !(1..=MAX_QUANTITY).contains(&line.quantity) {
-                out.push((
-                    format!("checkout.reserve[{i}].quantity"),
-                    format!("must be between 1 and {MAX_QUANTITY}"),
-                ));
-            }
-        }
-        out
-    }
-}
-
-/// Product and account ids: 1-64 of `A-Z a-z 0-9 - _ .`, so they are safe
-/// in URLs, logs and queue names.
-pub fn check_name(s: &str) -> Result<(), String> {
-    if s.is_empty() || s.len() > 64 {
-        return Err("must be 1-64 characters".into());
-    }
-    if !s
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-    {
-        return Err("may hold only A-Z a-z 0-9 - _ .".into());
-    }
-    Ok(())
 }
 
 /// One saga message.
@@ -421,31 +359,5 @@ mod tests {
             assert_eq!(kind.as_str().parse::<Kind>(), Ok(kind));
             assert!(kind.topic().kinds().contains(&kind));
         }
-    }
-
-    #[test]
-    fn a_checkout_names_each_problem_by_field() {
-        let checkout = Checkout {
-            account_id: String::new(),
-            reserve: vec![
-                Line {
-                    product_id: "p".into(),
-                    quantity: 0,
-                },
-                Line {
-                    product_id: "p".into(),
-                    quantity: 1,
-                },
-            ],
-        };
-        let fields: Vec<String> = checkout.problems().into_iter().map(|(f, _)| f).collect();
-        assert_eq!(
-            fields,
-            [
-                "checkout.account_id",
-                "checkout.reserve[0].quantity",
-                "checkout.reserve[1].product_id"
-            ]
-        );
     }
 }

@@ -120,6 +120,31 @@ pub enum Event {
     DeadlinePassed,
 }
 
+impl Event {
+    /// The event an answer of inventory or payments carries; [`None`] for a
+    /// command or an outcome, which the saga never receives.
+    pub fn of(message: &crate::SagaMessage) -> Option<Event> {
+        use crate::Kind as K;
+        let reason = || message.reason.clone().unwrap_or_default();
+        Some(match message.kind {
+            K::StockReserved => Event::StockReserved,
+            K::StockFailed => Event::StockFailed { reason: reason() },
+            K::StockCommitted => Event::StockCommitted,
+            K::StockReleased => Event::StockReleased,
+            K::PaymentSucceeded => Event::PaymentSucceeded,
+            K::PaymentFailed => Event::PaymentFailed { reason: reason() },
+            K::PaymentRefunded => Event::PaymentRefunded,
+            K::ReserveStock
+            | K::ReleaseStock
+            | K::CommitStock
+            | K::ChargePayment
+            | K::RefundPayment
+            | K::OrderCompleted
+            | K::OrderCancelled => return None,
+        })
+    }
+}
+
 /// What the saga asks of the other services. The store fills in the data
 /// (lines, account, amount, reason) from the saga row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

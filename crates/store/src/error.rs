@@ -19,6 +19,10 @@ pub enum Error {
         /// The version it has; `None` when it does not exist.
         current: Option<i64>,
     },
+    /// A checkout came with a save that replaces an existing order; a saga
+    /// starts only with its order.
+    #[error("order {0} exists: a checkout is accepted only when the order is created")]
+    CheckoutOnExisting(OrderId),
     /// No task has this id.
     #[error("task {0} not found")]
     TaskNotFound(crate::TaskId),
@@ -89,5 +93,16 @@ fn is_unavailable(e: &sqlx::Error) -> bool {
             code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
         }),
         _ => false,
+    }
+}
+
+/// For callers that answer in `sqlx` terms (inbox handlers): a database
+/// error stays itself, so the inbox can tell an outage from a refusal.
+impl From<Error> for sqlx::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Unavailable(e) | Error::Database(e) => e,
+            e => sqlx::Error::Protocol(e.to_string()),
+        }
     }
 }

@@ -103,7 +103,7 @@ impl Store {
                     body: body.0,
                 });
             }
-            let saved = save_in(&mut tx, &self.routes, order, Precondition::Absent, ctx).await?;
+            let saved = save_in(&mut tx, self, order, Precondition::Absent, ctx).await?;
             sqlx::query(
                 "UPDATE idempotency_keys SET response_status = 201, response_body = $2
                  WHERE key = $1",
@@ -115,7 +115,7 @@ impl Store {
             tx.commit().await?;
             return Ok(CreateOutcome::Created(Box::new(saved)));
         }
-        let saved = save_in(&mut tx, &self.routes, order, Precondition::Absent, ctx).await?;
+        let saved = save_in(&mut tx, self, order, Precondition::Absent, ctx).await?;
         tx.commit().await?;
         Ok(CreateOutcome::Created(Box::new(saved)))
     }

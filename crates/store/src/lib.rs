@@ -6,7 +6,8 @@ mod idempotency;
 mod leases;
 mod maintenance;
 mod orders;
-mod outbox;
+pub mod outbox;
+pub mod saga;
 mod tasks;
 
 use std::sync::Arc;
@@ -26,6 +27,22 @@ pub use tasks::{sql as claim_sql, ClaimSpec, ClaimToken, Claimed, ClaimedTask, E
 
 /// The schema migrations from `migrations/`, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// The tables every service database shares with the orders database
+/// (outbox, backlog, leases, inbox, idempotency keys), from
+/// `migrations/services/`.
+static SERVICE_PLATFORM: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/services");
+
+/// Applies a service's migrations (`own`, from its folder under
+/// `migrations/`) after the shared platform tables, as one history.
+pub async fn migrate_service(pool: &PgPool, own: &sqlx::migrate::Migrator) -> Result<()> {
+    let migrations: Vec<_> = SERVICE_PLATFORM.iter().chain(own.iter()).cloned().collect();
+    let migrator = sqlx::migrate::Migrator {
+        migrations: migrations.into(),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    migrator.run(pool).await.map_err(Error::Migrate)
+}
 
 /// Pool settings the roles choose from their config.
 #[derive(Debug, Clone)]
@@ -66,6 +83,7 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
 pub struct Store {
     pool: PgPool,
     routes: Arc<Routes>,
+    saga: Arc<saga::SagaConfig>,
 }
 
 impl Store {
@@ -75,6 +93,7 @@ impl Store {
         Self {
             pool,
             routes: Arc::default(),
+            saga: Arc::default(),
         }
     }
 
@@ -82,6 +101,17 @@ impl Store {
     pub fn with_routes(mut self, routes: Routes) -> Self {
         self.routes = Arc::new(routes);
         self
+    }
+
+    /// Runs sagas with `config`.
+    pub fn with_saga(mut self, config: saga::SagaConfig) -> Self {
+        self.saga = Arc::new(config);
+        self
+    }
+
+    /// How sagas run.
+    pub fn saga_config(&self) -> &saga::SagaConfig {
+        &self.saga
     }
 
     /// Where saves send their events.

@@ -9,7 +9,7 @@ use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use domain::{
     history, Destination, HistoryEntry, Money, Order, OrderEvent, OrderFull, OrderId, OrderSummary,
-    OrderView, Routes, StatusChange, SyncStatus, TaskState, ValidOrder, ONEC,
+    OrderView, StatusChange, SyncStatus, TaskState, ValidOrder, ONEC,
 };
 use rust_decimal::Decimal;
 use sqlx::types::Json;
@@ -173,7 +173,7 @@ static LOAD_SQL: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-async fn load(conn: &mut PgConnection, id: &OrderId) -> Result<Option<OrderView>> {
+pub(crate) async fn load(conn: &mut PgConnection, id: &OrderId) -> Result<Option<OrderView>> {
     let row: Option<FullRow> = sqlx::query_as(LOAD_SQL.as_str())
         .bind(id.as_str())
         .fetch_optional(conn)
@@ -186,6 +186,7 @@ async fn load(conn: &mut PgConnection, id: &OrderId) -> Result<Option<OrderView>
                 items: r.items.0,
                 payments: r.payments.0,
                 history: r.history.0,
+                checkout: None,
             },
             version,
             sync: r.sync.map(|s| s.0),
@@ -252,7 +253,7 @@ fn bind_order<'q>(
 /// the save's events in the outbox and the wake-up. Any failure aborts the whole transaction.
 pub(crate) async fn save_in(
     conn: &mut PgConnection,
-    routes: &Routes,
+    store: &Store,
     order: &ValidOrder,
     pre: Precondition,
     ctx: &SaveContext,
@@ -328,9 +329,15 @@ pub(crate) async fn save_in(
     let mut view = load(conn, id)
         .await?
         .ok_or_else(|| Error::NotFound(id.clone()))?;
+    if let Some(checkout) = &order.get().checkout {
+        if !created {
+            return Err(Error::CheckoutOnExisting(id.clone()));
+        }
+        crate::saga::start(conn, store.saga_config(), id, o.price, checkout).await?;
+    }
     let enqueued = outbox::enqueue(
         conn,
-        routes,
+        store.routes(),
         &outbox::SaveEvents {
             order: id,
             version: view.version,
@@ -467,6 +474,34 @@ async fn insert_history(
     Ok(())
 }
 
+/// Changes only the status of an existing order in the caller's
+/// transaction; the rest is kept as is.
+pub(crate) async fn change_status_in(
+    conn: &mut PgConnection,
+    store: &Store,
+    id: &OrderId,
+    change: &StatusChange,
+    pre: Precondition,
+    ctx: &SaveContext,
+) -> Result<Saved> {
+    // Lock before reading, so the lines we write back are the latest ones.
+    let current = lock(conn, id).await?;
+    check(pre, id, current.map(|c| c.version))?;
+    let mut full = load(conn, id)
+        .await?
+        .ok_or_else(|| Error::NotFound(id.clone()))?
+        .full;
+    full.order.status.clone_from(&change.status);
+    let order = full.validate(Some(id)).map_err(|e| {
+        // Stored orders always validate, and the status was validated
+        // by the caller; reaching here means the rules changed under data.
+        Error::Database(sqlx::Error::Protocol(format!(
+            "stored order {id} fails validation: {e}"
+        )))
+    })?;
+    save_in(conn, store, &order, Precondition::None, ctx).await
+}
+
 impl Store {
     /// Saves a whole order (create or replace) and queues its delivery to 1C.
     pub async fn save_order(
@@ -476,7 +511,7 @@ impl Store {
         ctx: &SaveContext,
     ) -> Result<Saved> {
         let mut tx = self.pool.begin().await?;
-        let saved = save_in(&mut tx, &self.routes, order, pre, ctx).await?;
+        let saved = save_in(&mut tx, self, order, pre, ctx).await?;
         tx.commit().await?;
         Ok(saved)
     }
@@ -491,22 +526,7 @@ impl Store {
         ctx: &SaveContext,
     ) -> Result<Saved> {
         let mut tx = self.pool.begin().await?;
-        // Lock before reading, so the lines we write back are the latest ones.
-        let current = lock(&mut tx, id).await?;
-        check(pre, id, current.map(|c| c.version))?;
-        let mut full = load(&mut tx, id)
-            .await?
-            .ok_or_else(|| Error::NotFound(id.clone()))?
-            .full;
-        full.order.status.clone_from(&change.status);
-        let order = full.validate(Some(id)).map_err(|e| {
-            // Stored orders always validate, and the status was validated
-            // by the caller; reaching here means the rules changed under data.
-            Error::Database(sqlx::Error::Protocol(format!(
-                "stored order {id} fails validation: {e}"
-            )))
-        })?;
-        let saved = save_in(&mut tx, &self.routes, &order, Precondition::None, ctx).await?;
+        let saved = change_status_in(&mut tx, self, id, change, pre, ctx).await?;
         tx.commit().await?;
         Ok(saved)
     }

@@ -108,6 +108,50 @@ pub(crate) async fn enqueue(
         .collect())
 }
 
+/// One event for one destination, written by a caller other than an order
+/// save: the saga's commands and outcomes, and the services' answers.
+#[derive(Debug, Clone)]
+pub struct OutboxEvent {
+    /// Who gets it: a broker (`kafka`, `rabbitmq`) or a local consumer.
+    pub destination: Destination,
+    /// Debezium's `aggregatetype`: the topic.
+    pub aggregate_type: &'static str,
+    /// Debezium's `aggregateid`: the key whose events keep their order.
+    pub aggregate_id: String,
+    /// The event name.
+    pub kind: &'static str,
+    /// The aggregate's version it belongs to.
+    pub version: i64,
+    /// The body.
+    pub payload: serde_json::Value,
+}
+
+/// Writes `events` to the outbox in the caller's transaction and wakes the
+/// relays on commit; each gets its own event id.
+pub async fn write_events(conn: &mut PgConnection, events: &[OutboxEvent]) -> Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let column = |f: fn(&OutboxEvent) -> String| events.iter().map(f).collect::<Vec<_>>();
+    sqlx::query(
+        "INSERT INTO outbox (event_id, destination, aggregatetype, aggregateid, type, version,
+                             payload)
+         SELECT e.*
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
+                     $7::jsonb[]) AS e",
+    )
+    .bind(events.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
+    .bind(column(|e| e.destination.as_str().to_owned()))
+    .bind(column(|e| e.aggregate_type.to_owned()))
+    .bind(column(|e| e.aggregate_id.clone()))
+    .bind(column(|e| e.kind.to_owned()))
+    .bind(events.iter().map(|e| e.version).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| Json(&e.payload)).collect::<Vec<_>>())
+    .execute(&mut *conn)
+    .await?;
+    notify(conn).await
+}
+
 /// Wakes the relays when the current transaction commits.
 pub(crate) async fn notify(conn: &mut PgConnection) -> Result<()> {
     sqlx::query("SELECT pg_notify($1, '')")

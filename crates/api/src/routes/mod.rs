@@ -21,6 +21,7 @@ pub(crate) fn router() -> Router<AppState> {
         )
         .route("/api/v1/orders/{id}/history", get(orders::order_history))
         .route("/api/v1/orders/{id}/status", post(orders::change_status))
+        .route("/api/v1/orders/{id}/states", get(orders::order_states))
         .route("/api/v1/sync/stats", get(ops::sync_stats))
         .route("/api/v1/sync/tasks", get(sync::list_tasks))
         .route("/api/v1/sync/tasks/{id}/retry", post(sync::retry_task))

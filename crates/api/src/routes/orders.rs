@@ -7,6 +7,7 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use domain::{HistoryEntry, OrderFull, OrderSummary, OrderView, StatusChange};
 use serde::{Deserialize, Serialize};
+use store::saga::ChainStep;
 use store::{CreateOutcome, Cursor, ListFilter, RequestHash, SaveContext, Saved};
 use utoipa::{IntoParams, ToSchema};
 
@@ -65,6 +66,7 @@ fn save_context(headers: &HeaderMap, user_id: String) -> SaveContext {
         (status = 200, description = "Replaced", body = OrderView, headers(("ETag" = String))),
         (status = 201, description = "Created", body = OrderView, headers(("ETag" = String), ("Location" = String))),
         (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A checkout on an order that exists", body = Problem, content_type = "application/problem+json"),
         (status = 412, description = "Version precondition failed", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
@@ -119,7 +121,7 @@ pub async fn create_order(
     let key = extract::idempotency_key(&headers)?;
     let ctx = save_context(&headers, extract::user_id(&headers)?);
     // Hash what the client sent, before an id is generated for it.
-    let hash = RequestHash::of(&input);
+    let hash = RequestHash::of(&(&input, &input.checkout));
     let order = input.validate(None)?;
     let outcome = state
         .store
@@ -179,6 +181,22 @@ pub async fn order_history(
     OrderPath(id): OrderPath,
 ) -> Result<Json<Vec<HistoryEntry>>, ApiError> {
     Ok(Json(state.store.order_history(&id).await?))
+}
+
+/// The order's state chain (seed 001): every step of its saga with its
+/// time and idempotency key, oldest first. Empty for an order without a
+/// checkout.
+#[utoipa::path(get, path = "/api/v1/orders/{id}/states", tag = "orders",
+    params(("id" = String, Path, description = "Order id")),
+    responses(
+        (status = 200, description = "The chain", body = Vec<ChainStep>),
+        (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn order_states(
+    State(state): State<AppState>,
+    OrderPath(id): OrderPath,
+) -> Result<Json<Vec<ChainStep>>, ApiError> {
+    Ok(Json(state.store.order_states(&id).await?))
 }
 
 /// Changes the order's status; recorded in the history and delivered to 1C

@@ -1,0 +1,43 @@
+//! The consumer of the saga's stock commands.
+
+use inbox::{Handler, Incoming, Poison};
+use saga::{Kind, SagaMessage, Topic};
+use sqlx::PgConnection;
+use store::saga::SagaRoute;
+
+use crate::stock;
+
+/// Applies `ReserveStock`, `ReleaseStock` and `CommitStock`, and writes
+/// each answer to the outbox for `route`.
+pub struct Inventory {
+    route: SagaRoute,
+}
+
+impl Inventory {
+    /// Answers along `route`.
+    pub fn new(route: SagaRoute) -> Self {
+        Self { route }
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for Inventory {
+    type Message = SagaMessage;
+
+    fn decode(&self, incoming: &Incoming) -> Result<SagaMessage, Poison> {
+        inbox::saga::decode(Topic::ReserveCommands, incoming)
+    }
+
+    async fn apply(&self, conn: &mut PgConnection, m: &SagaMessage) -> sqlx::Result<()> {
+        let reply = match m.kind {
+            Kind::ReserveStock => Some(stock::reserve(conn, &m.order_id, &m.lines).await?),
+            Kind::ReleaseStock => stock::release(conn, &m.order_id).await?,
+            Kind::CommitStock => stock::commit(conn, &m.order_id).await?,
+            other => unreachable!("decode admits only stock commands, not {other}"),
+        };
+        match reply {
+            Some(reply) => Ok(store::saga::send(conn, &self.route, &reply).await?),
+            None => Ok(()),
+        }
+    }
+}

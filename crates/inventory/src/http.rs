@@ -1,0 +1,125 @@
+//! inventory's HTTP API: stock levels and reservations, with OpenAPI at
+//! `/openapi.json`, Swagger UI at `/docs` and problem+json errors.
+
+use api::extract::JsonBody;
+use api::{ApiError, Problem};
+use axum::extract::{Path, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use domain::{FieldError, ValidationErrors};
+use serde::Deserialize;
+use sqlx::PgPool;
+use utoipa::{OpenApi, ToSchema};
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::stock::{self, Reservation, StockLevel};
+
+/// The body of a stock update.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetStock {
+    /// Units free to reserve, at least 0.
+    #[schema(example = 100)]
+    pub available: i64,
+}
+
+/// inventory's OpenAPI document.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "inventory",
+        description = "Stock per product and reservations per order."
+    ),
+    paths(list_stock, get_stock, set_stock, get_reservation),
+    components(schemas(Problem))
+)]
+pub struct InventoryApi;
+
+/// The routes over inventory's database.
+pub fn router(pool: PgPool) -> Router {
+    Router::new()
+        .route("/api/v1/stock", get(list_stock))
+        .route("/api/v1/stock/{product_id}", get(get_stock).put(set_stock))
+        .route("/api/v1/reservations/{order_id}", get(get_reservation))
+        .with_state(pool)
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", InventoryApi::openapi()))
+}
+
+fn invalid(field: &str, message: String) -> ApiError {
+    ApiError::Validation(ValidationErrors(vec![FieldError {
+        field: field.into(),
+        message,
+    }]))
+}
+
+fn db(e: sqlx::Error) -> ApiError {
+    store::Error::from(e).into()
+}
+
+/// Every product's stock.
+#[utoipa::path(get, path = "/api/v1/stock", tag = "stock",
+    responses((status = 200, description = "Stock by product id", body = Vec<StockLevel>)))]
+async fn list_stock(State(pool): State<PgPool>) -> Result<Json<Vec<StockLevel>>, ApiError> {
+    Ok(Json(stock::levels(&pool).await.map_err(db)?))
+}
+
+/// One product's stock.
+#[utoipa::path(get, path = "/api/v1/stock/{product_id}", tag = "stock",
+    params(("product_id" = String, Path, description = "1-64 of A-Z a-z 0-9 - _ .")),
+    responses(
+        (status = 200, description = "The stock", body = StockLevel),
+        (status = 404, description = "Unknown product", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn get_stock(
+    State(pool): State<PgPool>,
+    Path(product): Path<String>,
+) -> Result<Json<StockLevel>, ApiError> {
+    stock::level(&pool, &product)
+        .await
+        .map_err(db)?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("product {product:?} is unknown")))
+}
+
+/// Sets a product's available stock, creating the product.
+#[utoipa::path(put, path = "/api/v1/stock/{product_id}", tag = "stock",
+    params(("product_id" = String, Path, description = "1-64 of A-Z a-z 0-9 - _ .")),
+    request_body = SetStock,
+    responses(
+        (status = 200, description = "The stock now", body = StockLevel),
+        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid product id or level", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn set_stock(
+    State(pool): State<PgPool>,
+    Path(product): Path<String>,
+    JsonBody(body): JsonBody<SetStock>,
+) -> Result<Json<StockLevel>, ApiError> {
+    saga::messages::check_name(&product).map_err(|m| invalid("product_id", m))?;
+    if body.available < 0 {
+        return Err(invalid("available", "must not be negative".into()));
+    }
+    Ok(Json(
+        stock::set_available(&pool, &product, body.available)
+            .await
+            .map_err(db)?,
+    ))
+}
+
+/// One order's reservation.
+#[utoipa::path(get, path = "/api/v1/reservations/{order_id}", tag = "stock",
+    params(("order_id" = String, Path, description = "Order id")),
+    responses(
+        (status = 200, description = "The reservation", body = Reservation),
+        (status = 404, description = "No reservation for this order", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn get_reservation(
+    State(pool): State<PgPool>,
+    Path(order): Path<String>,
+) -> Result<Json<Reservation>, ApiError> {
+    stock::reservation(&pool, &order)
+        .await
+        .map_err(db)?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("order {order:?} has no reservation")))
+}

@@ -1,0 +1,418 @@
+//! The saga's SQL in the orders database: starting a saga with its order,
+//! applying an answer or a passed deadline through the pure
+//! [`saga::transition`], and reading the state chain.
+//!
+//! Every write happens in the caller's transaction (the order save, or the
+//! orchestrator's inbox transaction), so the saga row, its chain, the new
+//! order version and the commands it sends commit together or not at all.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use domain::{Destination, Money, OrderId, StatusChange};
+use saga::{Command, Deadline, Event, Kind, Line, SagaMessage, State, Step, Topic, Transition};
+use serde::Serialize;
+use sqlx::types::Json;
+use sqlx::PgConnection;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::outbox::{write_events, OutboxEvent};
+use crate::{Error, Precondition, Result, SaveContext, Store};
+
+/// Where the saga's messages go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SagaRoute {
+    /// The PostgreSQL transport: to each topic's reader as a destination
+    /// (`inventory`, `payments`, `saga`, `notifier`).
+    Local,
+    /// Every topic to this broker destination (`kafka`, `rabbitmq`).
+    Broker(Destination),
+}
+
+impl SagaRoute {
+    /// The outbox destination of `topic`'s messages.
+    pub fn destination(&self, topic: Topic) -> Destination {
+        match self {
+            SagaRoute::Local => topic
+                .reader()
+                .parse()
+                .expect("readers are destination names"),
+            SagaRoute::Broker(d) => d.clone(),
+        }
+    }
+
+    /// The destinations this route writes to.
+    pub fn destinations(&self) -> Vec<Destination> {
+        let mut all: Vec<Destination> = Topic::ALL.iter().map(|t| self.destination(*t)).collect();
+        all.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        all.dedup();
+        all
+    }
+}
+
+/// How sagas run.
+#[derive(Debug, Clone)]
+pub struct SagaConfig {
+    /// Where their messages go.
+    pub route: SagaRoute,
+    /// How long a step may go unanswered before compensation (or, once
+    /// paid, a resend of the commit).
+    pub step_timeout: Duration,
+}
+
+impl Default for SagaConfig {
+    fn default() -> Self {
+        Self {
+            route: SagaRoute::Local,
+            step_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One step of an order's state chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct ChainStep {
+    /// Seed 001's name, e.g. `RESERVE_CREATED`.
+    #[schema(example = "RESERVE_CREATED")]
+    pub step: String,
+    /// The message (or deadline) that caused it.
+    pub idempotency_key: String,
+    /// Why, for failures and cancellations.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// When it was recorded.
+    pub at: DateTime<Utc>,
+}
+
+/// What applying an event did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// The saga moved (or resent commands) to this state.
+    Moved(State),
+    /// The saga's state did not expect the event: nothing changed.
+    Ignored(State),
+    /// No saga has this order id.
+    NoSaga,
+}
+
+struct Row {
+    state: State,
+    version: i64,
+    account_id: String,
+    amount: Money,
+    lines: Vec<Line>,
+    reason: Option<String>,
+}
+
+/// Starts the saga of an order just created with `checkout`: the row, the
+/// first chain step and the reservation command.
+pub(crate) async fn start(
+    conn: &mut PgConnection,
+    config: &SagaConfig,
+    order: &OrderId,
+    amount: Money,
+    checkout: &saga::Checkout,
+) -> Result<()> {
+    let first = saga::transition::start();
+    sqlx::query(
+        "INSERT INTO sagas (order_id, state, account_id, amount, lines, deadline_at)
+         VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))",
+    )
+    .bind(order.as_str())
+    .bind(first.state.as_str())
+    .bind(&checkout.account_id)
+    .bind(amount.0)
+    .bind(Json(&checkout.reserve))
+    .bind(config.step_timeout.as_secs_f64())
+    .execute(&mut *conn)
+    .await?;
+    let row = Row {
+        state: first.state,
+        version: 1,
+        account_id: checkout.account_id.clone(),
+        amount,
+        lines: checkout.reserve.clone(),
+        reason: None,
+    };
+    record(conn, order, &first.steps, &Uuid::now_v7().to_string(), None).await?;
+    send_commands(conn, config, order, &row, &first.commands).await
+}
+
+/// Applies `event` (caused by message `cause`) to the saga of `order`
+/// inside the caller's transaction: the transition, its chain steps, its
+/// commands and, when the state changes, a new order version with the state
+/// as its status, so it reaches 1C like any save.
+async fn apply(
+    conn: &mut PgConnection,
+    store: &Store,
+    order: &OrderId,
+    event: &Event,
+    cause: &str,
+) -> Result<Applied> {
+    let Some(row) = lock(conn, order).await? else {
+        return Ok(Applied::NoSaga);
+    };
+    let Some(t) = saga::transition(row.state, event) else {
+        return Ok(Applied::Ignored(row.state));
+    };
+    write(conn, store, order, &row, &t, cause).await?;
+    if t.state.as_str() != row.state.as_str() {
+        let change = StatusChange {
+            status: t.state.as_str().to_owned(),
+            user_id: "saga".into(),
+        };
+        let ctx = SaveContext {
+            user_id: "saga".into(),
+            ..SaveContext::default()
+        };
+        crate::orders::change_status_in(conn, store, order, &change, Precondition::None, &ctx)
+            .await?;
+    }
+    Ok(Applied::Moved(t.state))
+}
+
+async fn lock(conn: &mut PgConnection, order: &OrderId) -> Result<Option<Row>> {
+    type Raw = (
+        String,
+        bool,
+        bool,
+        i64,
+        String,
+        rust_decimal::Decimal,
+        Json<Vec<Line>>,
+        Option<String>,
+    );
+    let raw: Option<Raw> = sqlx::query_as(
+        "SELECT state, awaiting_release, awaiting_refund, version, account_id, amount, lines,
+                reason
+         FROM sagas WHERE order_id = $1 FOR UPDATE",
+    )
+    .bind(order.as_str())
+    .fetch_optional(&mut *conn)
+    .await?;
+    raw.map(
+        |(state, release, refund, version, account_id, amount, lines, reason)| {
+            Ok(Row {
+                state: State::parse(&state, release, refund)
+                    .ok_or_else(|| Error::Invariant(format!("saga state {state:?}")))?,
+                version,
+                account_id,
+                amount: Money(amount),
+                lines: lines.0,
+                reason,
+            })
+        },
+    )
+    .transpose()
+}
+
+async fn write(
+    conn: &mut PgConnection,
+    store: &Store,
+    order: &OrderId,
+    row: &Row,
+    t: &Transition,
+    cause: &str,
+) -> Result<()> {
+    let config = store.saga_config();
+    let (release, refund) = t.state.awaiting();
+    let updated = sqlx::query(
+        "UPDATE sagas SET state = $3, awaiting_release = $4, awaiting_refund = $5,
+             version = version + 1, reason = coalesce(reason, $6),
+             deadline_at = CASE WHEN $7 THEN now() + make_interval(secs => $8) END,
+             finished_at = CASE WHEN $7 THEN NULL ELSE now() END, updated_at = now()
+         WHERE order_id = $1 AND version = $2",
+    )
+    .bind(order.as_str())
+    .bind(row.version)
+    .bind(t.state.as_str())
+    .bind(release)
+    .bind(refund)
+    .bind(&t.reason)
+    .bind(t.deadline == Deadline::Start)
+    .bind(config.step_timeout.as_secs_f64())
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if updated != 1 {
+        // The row is locked for this transaction, so this is a bug.
+        return Err(Error::Invariant(format!(
+            "saga {order} changed under its lock"
+        )));
+    }
+    let reason = row.reason.clone().or_else(|| t.reason.clone());
+    let detail = t.reason.as_deref().or(match t.steps.last() {
+        Some(Step::OrderCancelled) => reason.as_deref(),
+        _ => None,
+    });
+    record(conn, order, &t.steps, cause, detail).await?;
+    let row = Row {
+        version: row.version + 1,
+        reason,
+        state: t.state,
+        account_id: row.account_id.clone(),
+        amount: row.amount,
+        lines: row.lines.clone(),
+    };
+    send_commands(conn, config, order, &row, &t.commands).await
+}
+
+/// Appends `steps` to the chain; a step already recorded stays as it was.
+async fn record(
+    conn: &mut PgConnection,
+    order: &OrderId,
+    steps: &[Step],
+    cause: &str,
+    detail: Option<&str>,
+) -> Result<()> {
+    if steps.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = steps.iter().map(|s| s.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO order_states (order_id, step, idempotency_key, detail)
+         SELECT $1, s.step, $3, CASE WHEN s.n = $5 THEN $4 END
+         FROM unnest($2::text[]) WITH ORDINALITY AS s(step, n)
+         ORDER BY s.n
+         ON CONFLICT (order_id, step) DO NOTHING",
+    )
+    .bind(order.as_str())
+    .bind(&names)
+    .bind(cause)
+    .bind(detail)
+    .bind(names.len() as i64)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Writes `commands` to the outbox as saga messages, filled from `row`.
+async fn send_commands(
+    conn: &mut PgConnection,
+    config: &SagaConfig,
+    order: &OrderId,
+    row: &Row,
+    commands: &[Command],
+) -> Result<()> {
+    let events: Vec<OutboxEvent> = commands
+        .iter()
+        .map(|c| {
+            event(
+                &config.route,
+                &message(order.as_str(), row, *c),
+                row.version,
+            )
+        })
+        .collect();
+    write_events(conn, &events).await
+}
+
+/// Writes one saga message (a service's answer) to the outbox along
+/// `route`, keyed by its order.
+pub async fn send(conn: &mut PgConnection, route: &SagaRoute, message: &SagaMessage) -> Result<()> {
+    write_events(conn, &[event(route, message, 1)]).await
+}
+
+fn event(route: &SagaRoute, message: &SagaMessage, version: i64) -> OutboxEvent {
+    let topic = message.kind.topic();
+    OutboxEvent {
+        destination: route.destination(topic),
+        aggregate_type: topic.as_str(),
+        aggregate_id: message.order_id.clone(),
+        kind: message.kind.as_str(),
+        version,
+        payload: message.to_json(),
+    }
+}
+
+fn message(order: &str, row: &Row, command: Command) -> SagaMessage {
+    let plain = |kind| SagaMessage::new(kind, order);
+    match command {
+        Command::Reserve => SagaMessage {
+            lines: row.lines.clone(),
+            ..plain(Kind::ReserveStock)
+        },
+        Command::Release => plain(Kind::ReleaseStock),
+        Command::Commit => plain(Kind::CommitStock),
+        Command::Charge => SagaMessage {
+            account_id: Some(row.account_id.clone()),
+            ..plain(Kind::ChargePayment).amount(row.amount)
+        },
+        Command::Refund => plain(Kind::RefundPayment),
+        Command::NotifyCompleted => plain(Kind::OrderCompleted).amount(row.amount),
+        Command::NotifyCancelled => plain(Kind::OrderCancelled)
+            .because(row.reason.clone().unwrap_or_else(|| "cancelled".into())),
+    }
+}
+
+impl Store {
+    /// Applies `event`, caused by message `cause`, to the saga of `order` in
+    /// the caller's transaction (the orchestrator's inbox transaction).
+    pub async fn apply_saga_event(
+        &self,
+        conn: &mut PgConnection,
+        order: &OrderId,
+        event: &Event,
+        cause: &str,
+    ) -> Result<Applied> {
+        apply(conn, self, order, event, cause).await
+    }
+
+    /// Applies [`Event::DeadlinePassed`] to up to `limit` sagas whose step
+    /// is overdue, each in its own transaction; answers how many.
+    pub async fn pass_saga_deadlines(&self, limit: i64) -> Result<usize> {
+        let due: Vec<String> = sqlx::query_scalar(
+            "SELECT order_id FROM sagas WHERE deadline_at <= now()
+             ORDER BY deadline_at LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut passed = 0;
+        for id in due {
+            let id = OrderId::parse(&id).map_err(|e| Error::Invariant(format!("saga id: {e}")))?;
+            let mut tx = self.pool.begin().await?;
+            // Re-check under the lock: an answer may have come meanwhile.
+            let overdue: bool = sqlx::query_scalar(
+                "SELECT coalesce(deadline_at <= now(), false) FROM sagas WHERE order_id = $1",
+            )
+            .bind(id.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+            if overdue {
+                let cause = format!("deadline:{}", Uuid::now_v7());
+                self.apply_saga_event(&mut tx, &id, &Event::DeadlinePassed, &cause)
+                    .await?;
+                passed += 1;
+            }
+            tx.commit().await?;
+        }
+        Ok(passed)
+    }
+
+    /// The order's state chain, oldest first; empty for an order without
+    /// a saga.
+    pub async fn order_states(&self, id: &OrderId) -> Result<Vec<ChainStep>> {
+        let mut conn = self.pool.acquire().await?;
+        if crate::orders::load(&mut conn, id).await?.is_none() {
+            return Err(Error::NotFound(id.clone()));
+        }
+        let rows: Vec<(String, String, Option<String>, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT step, idempotency_key, detail, at FROM order_states
+             WHERE order_id = $1 ORDER BY at, id",
+        )
+        .bind(id.as_str())
+        .fetch_all(&mut *conn)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(step, idempotency_key, detail, at)| ChainStep {
+                step,
+                idempotency_key,
+                detail,
+                at,
+            })
+            .collect())
+    }
+}
