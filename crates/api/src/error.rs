@@ -105,7 +105,22 @@ impl From<store::Error> for ApiError {
     }
 }
 
+/// For the services that query with `sqlx` directly.
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        store::Error::from(e).into()
+    }
+}
+
 impl ApiError {
+    /// A 422 naming one field.
+    pub fn invalid(field: &str, message: impl Into<String>) -> Self {
+        Self::Validation(ValidationErrors(vec![FieldError {
+            field: field.into(),
+            message: message.into(),
+        }]))
+    }
+
     /// The HTTP status this error maps to.
     pub fn status_code(&self) -> StatusCode {
         match self {

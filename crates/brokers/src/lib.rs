@@ -143,8 +143,8 @@ const RETRY_DELAY: Duration = Duration::from_millis(500);
 
 /// Applies a batch, retrying while the database is away; `None` when
 /// cancelled first.
-pub(crate) async fn apply<H: inbox::Handler>(
-    inbox: &inbox::Inbox<H>,
+pub(crate) async fn apply<C: inbox::Consumer + ?Sized>(
+    inbox: &C,
     batch: &[inbox::Incoming],
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Option<Vec<inbox::Verdict>> {

@@ -96,6 +96,41 @@ pub enum Error {
     /// reason that is not the message's fault: retry the whole batch.
     #[error("inbox transaction: {0}")]
     Database(#[from] sqlx::Error),
+    /// What the consumer passes its messages on to (a webhook) is away:
+    /// retry the whole batch.
+    #[error("{0}")]
+    Downstream(String),
+}
+
+/// What a transport feeds: it hands over batches and acknowledges only
+/// what `process` answered for. An [`Inbox`] is one; a consumer with no
+/// database (the notifier) is another.
+#[async_trait::async_trait]
+pub trait Consumer: Send + Sync {
+    /// The consumer's name: its group, queue and metric label.
+    fn consumer(&self) -> &str;
+
+    /// Its metrics.
+    fn metrics(&self) -> &ConsumerMetrics;
+
+    /// Applies a batch in order and answers a verdict per message. On
+    /// `Err` the transport must not acknowledge any of the batch.
+    async fn process(&self, batch: &[Incoming]) -> Result<Vec<Verdict>, Error>;
+}
+
+#[async_trait::async_trait]
+impl<H: Handler> Consumer for Inbox<H> {
+    fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    fn metrics(&self) -> &ConsumerMetrics {
+        &self.metrics
+    }
+
+    async fn process(&self, batch: &[Incoming]) -> Result<Vec<Verdict>, Error> {
+        Inbox::process(self, batch).await
+    }
 }
 
 /// One consumer's inbox.

@@ -7,22 +7,23 @@
 
 use sink::{Failure, FailureKind, Message, Outcome, Sink};
 
-use crate::{Handler, Inbox, Incoming, Verdict};
+use crate::{Consumer, Incoming, Verdict};
 
 /// A consumer as an outbox destination.
-pub struct LocalSink<H> {
-    inbox: Inbox<H>,
+pub struct LocalSink<C> {
+    inbox: C,
 }
 
-impl<H: Handler> LocalSink<H> {
-    /// Delivers to `inbox`.
-    pub fn new(inbox: Inbox<H>) -> Self {
+impl<C: Consumer> LocalSink<C> {
+    /// Delivers to `inbox`: an [`Inbox`](crate::Inbox), in this database
+    /// or another one, or any other consumer in this process.
+    pub fn new(inbox: C) -> Self {
         Self { inbox }
     }
 }
 
 #[async_trait::async_trait]
-impl<H: Handler> Sink for LocalSink<H> {
+impl<C: Consumer + 'static> Sink for LocalSink<C> {
     async fn deliver(&self, message: &Message) -> Outcome {
         let incoming = Incoming {
             id: Some(message.event_id.to_string()),

@@ -67,7 +67,7 @@ impl ConsumerMetrics {
 
     /// Creates the consumer's series at zero, so that rates and increases
     /// have a start and dashboards show it before its first message.
-    pub(crate) fn start(&self, consumer: &str) {
+    pub fn start(&self, consumer: &str) {
         for outcome in ["applied", "duplicate", "dead"] {
             self.messages.with_label_values(&[consumer, outcome]);
         }
@@ -76,7 +76,8 @@ impl ConsumerMetrics {
         }
     }
 
-    pub(crate) fn observe(&self, consumer: &str, verdicts: &[Verdict], took: Duration) {
+    /// Counts a processed batch by verdict and times it.
+    pub fn observe(&self, consumer: &str, verdicts: &[Verdict], took: Duration) {
         let (mut applied, mut duplicate) = (0, 0);
         for v in verdicts {
             match v {

@@ -25,7 +25,7 @@ impl Handler for Inventory {
     type Message = SagaMessage;
 
     fn decode(&self, incoming: &Incoming) -> Result<SagaMessage, Poison> {
-        inbox::saga::decode(Topic::ReserveCommands, incoming)
+        inbox::saga::decode(&[Topic::ReserveCommands], incoming)
     }
 
     async fn apply(&self, conn: &mut PgConnection, m: &SagaMessage) -> sqlx::Result<()> {

@@ -6,7 +6,6 @@ use api::{ApiError, Problem};
 use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::{Json, Router};
-use domain::{FieldError, ValidationErrors};
 use serde::Deserialize;
 use sqlx::PgPool;
 use utoipa::{OpenApi, ToSchema};
@@ -45,22 +44,11 @@ pub fn router(pool: PgPool) -> Router {
         .merge(SwaggerUi::new("/docs").url("/openapi.json", InventoryApi::openapi()))
 }
 
-fn invalid(field: &str, message: String) -> ApiError {
-    ApiError::Validation(ValidationErrors(vec![FieldError {
-        field: field.into(),
-        message,
-    }]))
-}
-
-fn db(e: sqlx::Error) -> ApiError {
-    store::Error::from(e).into()
-}
-
 /// Every product's stock.
 #[utoipa::path(get, path = "/api/v1/stock", tag = "stock",
     responses((status = 200, description = "Stock by product id", body = Vec<StockLevel>)))]
 async fn list_stock(State(pool): State<PgPool>) -> Result<Json<Vec<StockLevel>>, ApiError> {
-    Ok(Json(stock::levels(&pool).await.map_err(db)?))
+    Ok(Json(stock::levels(&pool).await?))
 }
 
 /// One product's stock.
@@ -75,8 +63,7 @@ async fn get_stock(
     Path(product): Path<String>,
 ) -> Result<Json<StockLevel>, ApiError> {
     stock::level(&pool, &product)
-        .await
-        .map_err(db)?
+        .await?
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("product {product:?} is unknown")))
 }
@@ -95,14 +82,12 @@ async fn set_stock(
     Path(product): Path<String>,
     JsonBody(body): JsonBody<SetStock>,
 ) -> Result<Json<StockLevel>, ApiError> {
-    saga::messages::check_name(&product).map_err(|m| invalid("product_id", m))?;
+    saga::messages::check_name(&product).map_err(|m| ApiError::invalid("product_id", m))?;
     if body.available < 0 {
-        return Err(invalid("available", "must not be negative".into()));
+        return Err(ApiError::invalid("available", "must not be negative"));
     }
     Ok(Json(
-        stock::set_available(&pool, &product, body.available)
-            .await
-            .map_err(db)?,
+        stock::set_available(&pool, &product, body.available).await?,
     ))
 }
 
@@ -118,8 +103,7 @@ async fn get_reservation(
     Path(order): Path<String>,
 ) -> Result<Json<Reservation>, ApiError> {
     stock::reservation(&pool, &order)
-        .await
-        .map_err(db)?
+        .await?
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("order {order:?} has no reservation")))
 }

@@ -15,7 +15,7 @@ use sink::Sink;
 use store::Store;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use worker::{AlwaysLeader, Leader, PoolCron, Supervisor, SystemClock, TaskDied, WorkerPool};
+use worker::{AlwaysLeader, Cron, Leader, PoolCron, Supervisor, SystemClock, TaskDied, WorkerPool};
 
 use crate::engine::{DeliveryEngine, ServiceConfig};
 use crate::guard::{ProtectionConfig, SinkGuard};
@@ -68,6 +68,7 @@ impl Leadership {
 
 struct Inner {
     store: Store,
+    cron: PoolCron,
     leader: Arc<dyn Leader>,
     guards: Vec<Arc<SinkGuard>>,
     pool: WorkerPool,
@@ -141,6 +142,7 @@ impl Relay {
         Self {
             inner: Arc::new(Inner {
                 store,
+                cron,
                 leader: leadership.leader,
                 guards,
                 pool,
@@ -157,6 +159,13 @@ impl Relay {
         let result = self.inner.supervisor.wait().await;
         self.inner.pool.shutdown().await;
         result
+    }
+
+    /// Runs `job` on this relay's workers, under its supervisor and (for
+    /// [`Scope::Leader`](worker::Scope::Leader)) its leader, e.g. the saga's
+    /// deadline scan.
+    pub fn schedule(&self, job: worker::Job) {
+        self.inner.cron.schedule(job);
     }
 
     /// The relay's metrics.

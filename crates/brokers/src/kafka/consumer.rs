@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::StreamExt;
-use inbox::{ConsumerMetrics, Handler, Inbox, Incoming, Poison, Verdict};
+use inbox::{Consumer as InboxConsumer, ConsumerMetrics, Incoming, Poison, Verdict};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -53,10 +53,10 @@ impl ConsumerContext for LagReporter {}
 /// after a batch's inbox transaction commits (and its poison is in the
 /// dead-letter topic), and committed from there, so a crash redelivers at
 /// most what the inbox already has.
-pub async fn consume<H: Handler>(
+pub async fn consume<C: InboxConsumer + ?Sized>(
     config: &KafkaConfig,
     subscription: &KafkaSubscription,
-    inbox: &Inbox<H>,
+    inbox: &C,
     cancel: CancellationToken,
 ) -> Result<(), Error> {
     let consumer: StreamConsumer<LagReporter> = config

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use inbox::{Handler, Inbox, Incoming, Poison, Verdict};
+use inbox::{Consumer, Incoming, Poison, Verdict};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
@@ -34,10 +34,10 @@ const LAG_EVERY: Duration = Duration::from_secs(2);
 /// Runs `inbox` over the consumer's queue until `cancel`, reconnecting
 /// after the broker goes away. A batch is acknowledged only after its inbox
 /// transaction commits and its poison is confirmed in `<queue>.dead`.
-pub async fn consume<H: Handler>(
+pub async fn consume<C: Consumer + ?Sized>(
     config: &RabbitConfig,
     subscription: &RabbitSubscription,
-    inbox: &Inbox<H>,
+    inbox: &C,
     cancel: CancellationToken,
 ) -> Result<(), Error> {
     loop {
@@ -53,10 +53,10 @@ pub async fn consume<H: Handler>(
     }
 }
 
-async fn session<H: Handler>(
+async fn session<C: Consumer + ?Sized>(
     config: &RabbitConfig,
     subscription: &RabbitSubscription,
-    inbox: &Inbox<H>,
+    inbox: &C,
     cancel: &CancellationToken,
 ) -> Result<(), Error> {
     let (connection, channel) = config.confirmed_channel().await?;

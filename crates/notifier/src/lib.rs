@@ -1,0 +1,231 @@
+//! The notifier (seed 004): the consumer of the saga's outcomes
+//! (`OrderCompleted`, `OrderCancelled` with its reason). It has no
+//! database: it keeps the notifications it made in memory, logs each one,
+//! serves them at `/api/v1/notifications`, and, when a webhook is set,
+//! POSTs each one there before the message is acknowledged, so a crash
+//! loses none (the broker redelivers) and the `Idempotency-Key` header (the
+//! order id) lets the receiver drop the repeat.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use api::ApiError;
+use axum::extract::{Path, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use domain::Money;
+use inbox::{Consumer, ConsumerMetrics, Error, Incoming, Verdict};
+use saga::{Kind, Topic};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// The consumer name.
+pub const CONSUMER: &str = "notifier";
+
+/// The notifications kept for inspection and deduplication.
+pub const KEPT: usize = 100_000;
+
+/// One notification: the outcome of one order's saga.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Notification {
+    /// The order.
+    pub order_id: String,
+    /// `completed` or `cancelled`.
+    pub outcome: String,
+    /// What was charged, for a completed order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amount: Option<Money>,
+    /// Why, for a cancelled order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The id of the message it came from.
+    pub message_id: String,
+    /// When it was made.
+    pub at: DateTime<Utc>,
+}
+
+/// Where notifications are POSTed.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    /// The URL.
+    pub url: String,
+    /// Attempts per notification before the batch is handed back to the
+    /// transport (which redelivers it later).
+    pub attempts: u32,
+    /// Each attempt's timeout.
+    pub timeout: Duration,
+}
+
+#[derive(Default)]
+struct Log {
+    by_order: BTreeMap<String, Notification>,
+    order: VecDeque<String>,
+}
+
+/// The notifier.
+pub struct Notifier {
+    log: Mutex<Log>,
+    webhook: Option<(Webhook, reqwest::Client)>,
+    metrics: ConsumerMetrics,
+}
+
+impl Notifier {
+    /// A notifier, POSTing to `webhook` if given.
+    pub fn new(webhook: Option<Webhook>, metrics: ConsumerMetrics) -> Result<Self, reqwest::Error> {
+        let webhook = match webhook {
+            Some(w) => {
+                let client = reqwest::Client::builder().timeout(w.timeout).build()?;
+                Some((w, client))
+            }
+            None => None,
+        };
+        metrics.start(CONSUMER);
+        Ok(Self {
+            log: Mutex::default(),
+            webhook,
+            metrics,
+        })
+    }
+
+    /// Every notification kept, oldest first.
+    pub fn notifications(&self) -> Vec<Notification> {
+        let log = self.log.lock().expect("the log lock is never poisoned");
+        log.order
+            .iter()
+            .filter_map(|id| log.by_order.get(id).cloned())
+            .collect()
+    }
+
+    /// The notification about `order`, if one was made.
+    pub fn notification(&self, order: &str) -> Option<Notification> {
+        let log = self.log.lock().expect("the log lock is never poisoned");
+        log.by_order.get(order).cloned()
+    }
+
+    fn known(&self, order: &str) -> bool {
+        let log = self.log.lock().expect("the log lock is never poisoned");
+        log.by_order.contains_key(order)
+    }
+
+    fn keep(&self, n: Notification) {
+        let mut log = self.log.lock().expect("the log lock is never poisoned");
+        if log.by_order.contains_key(&n.order_id) {
+            return;
+        }
+        log.order.push_back(n.order_id.clone());
+        log.by_order.insert(n.order_id.clone(), n);
+        while log.order.len() > KEPT {
+            if let Some(old) = log.order.pop_front() {
+                log.by_order.remove(&old);
+            }
+        }
+    }
+
+    async fn post(&self, n: &Notification) -> Result<(), Error> {
+        let Some((webhook, client)) = &self.webhook else {
+            return Ok(());
+        };
+        let mut delay = Duration::from_millis(100);
+        let mut last = String::new();
+        for attempt in 1..=webhook.attempts.max(1) {
+            let sent = client
+                .post(&webhook.url)
+                .header("Idempotency-Key", &n.order_id)
+                .json(n)
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status().is_success() => return Ok(()),
+                Ok(r) if r.status().is_client_error() && r.status().as_u16() != 429 => {
+                    // The receiver will never take it: a retry cannot help.
+                    tracing::error!(order = n.order_id, status = %r.status(), "the webhook refused a notification; dropped");
+                    return Ok(());
+                }
+                Ok(r) => last = format!("status {}", r.status()),
+                Err(e) => last = e.to_string(),
+            }
+            tracing::warn!(
+                order = n.order_id,
+                attempt,
+                error = last,
+                "webhook attempt failed"
+            );
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        Err(Error::Downstream(format!(
+            "the webhook {}: {last}",
+            webhook.url
+        )))
+    }
+
+    /// The routes: every notification, and one order's.
+    pub fn router(self: &std::sync::Arc<Self>) -> Router {
+        Router::new()
+            .route("/api/v1/notifications", get(list))
+            .route("/api/v1/notifications/{order_id}", get(one))
+            .with_state(self.clone())
+    }
+}
+
+async fn list(State(n): State<std::sync::Arc<Notifier>>) -> Json<Vec<Notification>> {
+    Json(n.notifications())
+}
+
+async fn one(
+    State(n): State<std::sync::Arc<Notifier>>,
+    Path(order): Path<String>,
+) -> Result<Json<Notification>, ApiError> {
+    n.notification(&order)
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no notification about order {order:?}")))
+}
+
+#[async_trait::async_trait]
+impl Consumer for Notifier {
+    fn consumer(&self) -> &str {
+        CONSUMER
+    }
+
+    fn metrics(&self) -> &ConsumerMetrics {
+        &self.metrics
+    }
+
+    async fn process(&self, batch: &[Incoming]) -> Result<Vec<Verdict>, Error> {
+        let started = Instant::now();
+        let mut verdicts = Vec::with_capacity(batch.len());
+        for incoming in batch {
+            let message = match inbox::saga::decode(&[Topic::Saga], incoming) {
+                Ok(m) => m,
+                Err(poison) => {
+                    verdicts.push(Verdict::Dead(poison));
+                    continue;
+                }
+            };
+            if self.known(&message.order_id) {
+                verdicts.push(Verdict::Duplicate);
+                continue;
+            }
+            let n = Notification {
+                outcome: match message.kind {
+                    Kind::OrderCompleted => "completed",
+                    _ => "cancelled",
+                }
+                .into(),
+                order_id: message.order_id,
+                amount: message.amount,
+                reason: message.reason,
+                message_id: incoming.id.clone().unwrap_or_default(),
+                at: Utc::now(),
+            };
+            self.post(&n).await?;
+            tracing::info!(order = n.order_id, outcome = n.outcome, reason = n.reason, amount = ?n.amount, "notification");
+            self.keep(n);
+            verdicts.push(Verdict::Applied);
+        }
+        self.metrics.observe(CONSUMER, &verdicts, started.elapsed());
+        Ok(verdicts)
+    }
+}
