@@ -100,6 +100,7 @@ impl From<store::Error> for ApiError {
                 Self::Conflict(e.to_string())
             }
             e @ S::Unavailable(_) => Self::Unavailable(e),
+            e @ S::SagasDisabled => Self::UnprocessableBody(e.to_string()),
             e => Self::Internal(Box::new(e)),
         }
     }

@@ -119,6 +119,21 @@ pub trait Consumer: Send + Sync {
 }
 
 #[async_trait::async_trait]
+impl<C: Consumer + ?Sized> Consumer for std::sync::Arc<C> {
+    fn consumer(&self) -> &str {
+        (**self).consumer()
+    }
+
+    fn metrics(&self) -> &ConsumerMetrics {
+        (**self).metrics()
+    }
+
+    async fn process(&self, batch: &[Incoming]) -> Result<Vec<Verdict>, Error> {
+        (**self).process(batch).await
+    }
+}
+
+#[async_trait::async_trait]
 impl<H: Handler> Consumer for Inbox<H> {
     fn consumer(&self) -> &str {
         &self.consumer

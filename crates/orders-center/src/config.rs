@@ -54,6 +54,33 @@ pub struct Config {
           value_parser = humantime::parse_duration)]
     pub broker_timeout: Duration,
 
+    /// How long a saga step (a reservation, a charge, a commit, a
+    /// compensation) may go unanswered before the saga compensates (or, once
+    /// paid, asks again).
+    #[arg(long, env = "SAGA_STEP_TIMEOUT", default_value = "30s", global = true,
+          value_parser = humantime::parse_duration)]
+    pub saga_step_timeout: Duration,
+
+    /// inventory's own PostgreSQL URL (`inventory`; `dev` creates an
+    /// `inventory` database next to DATABASE_URL's when it is not set).
+    #[arg(
+        long,
+        env = "INVENTORY_DATABASE_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    pub inventory_database_url: Option<String>,
+
+    /// payments' own PostgreSQL URL (`payments`; `dev` creates a `payments`
+    /// database next to DATABASE_URL's when it is not set).
+    #[arg(
+        long,
+        env = "PAYMENTS_DATABASE_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    pub payments_database_url: Option<String>,
+
     /// What to run.
     #[command(subcommand)]
     pub command: Command,
@@ -70,6 +97,29 @@ impl Config {
                 every_event(domain::Routes::default(), "journal")
             }
             (None, None) => domain::Routes::default(),
+        }
+    }
+
+    /// Where saga messages go: the broker; in `dev` without one,
+    /// PostgreSQL; otherwise nowhere, and sagas are off.
+    pub fn saga_route(&self) -> Option<store::saga::SagaRoute> {
+        match &self.broker {
+            Some(broker) => Some(store::saga::SagaRoute::Broker(
+                broker
+                    .destination()
+                    .parse()
+                    .expect("broker names are destinations"),
+            )),
+            None if matches!(self.command, Command::Dev(_)) => Some(store::saga::SagaRoute::Local),
+            None => None,
+        }
+    }
+
+    /// How sagas run.
+    pub fn saga(&self) -> store::saga::SagaConfig {
+        store::saga::SagaConfig {
+            route: self.saga_route(),
+            step_timeout: self.saga_step_timeout,
         }
     }
 
@@ -124,9 +174,93 @@ pub enum Command {
     /// through the inbox; serves /metrics, /healthz and /readyz.
     Consume(ConsumeArgs),
     /// Everything in one process for a laptop: a throwaway PostgreSQL unless
-    /// DATABASE_URL is set, migrations, the API, a relay, the 1C mock and
-    /// the journal consumer (over --broker, or in PostgreSQL without one).
+    /// DATABASE_URL is set, migrations, the API, a relay, the 1C mock, the
+    /// journal consumer, and the saga's inventory, payments and notifier
+    /// with their own databases (over --broker, or in PostgreSQL without one).
     Dev(DevArgs),
+    /// The inventory service (own database, INVENTORY_DATABASE_URL): its
+    /// stock API, the consumer of the saga's stock commands over --broker,
+    /// and the relay of its answers.
+    Inventory(ServiceArgs),
+    /// The payments service (own database, PAYMENTS_DATABASE_URL): its
+    /// account API, the consumer of the saga's payment commands over
+    /// --broker, and the relay of its answers.
+    Payments(ServiceArgs),
+    /// The notifier (no database): consumes the saga's outcomes over
+    /// --broker, logs and serves one notification per order, and POSTs
+    /// each to --webhook-url if given.
+    Notifier(NotifierArgs),
+}
+
+/// Flags of `inventory` and `payments`.
+#[derive(Debug, Args)]
+pub struct ServiceArgs {
+    /// Address of the API, /metrics, /healthz and /readyz.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Apply the service's migrations before serving.
+    #[arg(long, env = "MIGRATE")]
+    pub migrate: bool,
+
+    /// Most messages applied in one inbox transaction.
+    #[arg(long, env = "CONSUMER_BATCH", default_value_t = 100)]
+    pub batch: u16,
+
+    #[command(flatten)]
+    pub tuning: RelayTuning,
+
+    #[command(flatten)]
+    pub election: ElectionArgs,
+
+    #[command(flatten)]
+    pub http: HttpArgs,
+}
+
+/// Flags of `notifier`.
+#[derive(Debug, Args)]
+pub struct NotifierArgs {
+    /// Address of /api/v1/notifications, /metrics, /healthz and /readyz.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Most messages handled per batch.
+    #[arg(long, env = "CONSUMER_BATCH", default_value_t = 100)]
+    pub batch: u16,
+
+    #[command(flatten)]
+    pub webhook: WebhookArgs,
+
+    #[command(flatten)]
+    pub http: HttpArgs,
+}
+
+/// Where the notifier POSTs.
+#[derive(Debug, Args)]
+pub struct WebhookArgs {
+    /// POST every notification here (JSON, `Idempotency-Key: <order id>`);
+    /// a message is acknowledged only once its POST succeeded.
+    #[arg(long, env = "WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+
+    /// Attempts per notification before its batch goes back to the broker.
+    #[arg(long, env = "WEBHOOK_ATTEMPTS", default_value_t = 5)]
+    pub webhook_attempts: u32,
+
+    /// Each attempt's timeout.
+    #[arg(long, env = "WEBHOOK_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub webhook_timeout: Duration,
+}
+
+impl WebhookArgs {
+    /// The webhook, if one is set.
+    pub fn webhook(&self) -> Option<notifier::Webhook> {
+        self.webhook_url.as_ref().map(|url| notifier::Webhook {
+            url: url.clone(),
+            attempts: self.webhook_attempts,
+            timeout: self.webhook_timeout,
+        })
+    }
 }
 
 /// Flags of `api`.
@@ -173,6 +307,21 @@ pub struct DevArgs {
     #[arg(long, env = "ONEC_MOCK_LISTEN_ADDR", default_value = "127.0.0.1:8081")]
     pub onec_mock_listen: SocketAddr,
 
+    /// Address of inventory's API.
+    #[arg(long, env = "INVENTORY_LISTEN_ADDR", default_value = "127.0.0.1:8082")]
+    pub inventory_listen: SocketAddr,
+
+    /// Address of payments' API.
+    #[arg(long, env = "PAYMENTS_LISTEN_ADDR", default_value = "127.0.0.1:8083")]
+    pub payments_listen: SocketAddr,
+
+    /// Address of the notifier's API.
+    #[arg(long, env = "NOTIFIER_LISTEN_ADDR", default_value = "127.0.0.1:8084")]
+    pub notifier_listen: SocketAddr,
+
+    #[command(flatten)]
+    pub webhook: WebhookArgs,
+
     #[command(flatten)]
     pub relay: RelayTuning,
 }
@@ -182,6 +331,8 @@ pub struct DevArgs {
 pub enum ConsumerName {
     /// Records every order event in `order_journal`.
     Journal,
+    /// The saga's orchestrator: applies inventory's and payments' answers.
+    Saga,
 }
 
 /// Flags of `consume`.
@@ -371,6 +522,10 @@ pub struct RelayTuning {
     /// Most publishes to the broker in flight from this relay.
     #[arg(long, env = "BROKER_MAX_IN_FLIGHT", default_value_t = 2000)]
     pub broker_max_in_flight: usize,
+
+    /// How often the leader looks for sagas whose step is overdue.
+    #[arg(long, env = "SAGA_DEADLINE_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub saga_deadline_interval: Duration,
 
     /// Consecutive 1C failures that open the circuit breaker.
     #[arg(long, env = "ONEC_BREAKER_FAILURES", default_value_t = 5)]

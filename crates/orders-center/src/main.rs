@@ -2,6 +2,7 @@
 //! crates together. Each subcommand is one role.
 
 mod config;
+mod saga_roles;
 mod tasks_cli;
 mod transports;
 
@@ -68,27 +69,51 @@ async fn run(config: &Config, shutdown: CancellationToken) -> Result<()> {
         }
         Command::Consume(args) => consume(config, args, shutdown).await,
         Command::Dev(args) => dev(config, args, shutdown).await,
+        Command::Inventory(args) => {
+            saga_roles::run_service(config, saga_roles::Service::Inventory, args, shutdown).await
+        }
+        Command::Payments(args) => {
+            saga_roles::run_service(config, saga_roles::Service::Payments, args, shutdown).await
+        }
+        Command::Notifier(args) => saga_roles::run_notifier(config, args, shutdown).await,
     }
 }
 
-/// `consume`: one consumer over `--broker`, with its status endpoints. The
-/// process ends with the consumer: an error there is the exit status.
+/// `consume`: one consumer of the orders database over `--broker`, with
+/// its status endpoints. The process ends with the consumer: an error
+/// there is the exit status.
 async fn consume(
     config: &Config,
     args: &config::ConsumeArgs,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let store = open_store(config, require_url(config, "consume")?)?;
-    let transport = transports::Transport::of(config).context(
-        "`consume` needs --broker (BROKER); without a broker the relay feeds consumers from PostgreSQL",
-    )?;
+    let transport = transports::Transport::required(config, "consume")?;
     let broker = config.broker.as_ref().expect("a transport has a broker");
+    let (name, streams, consumer): (_, _, Box<dyn inbox::Consumer>) = match args.consumer {
+        config::ConsumerName::Journal => (
+            transports::JOURNAL,
+            transports::Stream::orders(),
+            Box::new(transports::journal_inbox(&store)),
+        ),
+        config::ConsumerName::Saga => (
+            orchestrator::CONSUMER,
+            transports::Stream::saga(&orchestrator::TOPICS),
+            Box::new(transports::saga_inbox(&store)),
+        ),
+    };
     let listener = bind(args.listen).await?;
-    let config::ConsumerName::Journal = args.consumer;
-    transport.prepare_journal().await?;
-    tracing::info!(url = %url_of(&listener)?, %broker, consumer = transports::JOURNAL, "consumer started");
-    let status = serve_consumer_status(listener, store.clone(), args.http.limits(), &shutdown);
-    let result = transports::run_journal(transport, store, args.batch, shutdown.clone()).await;
+    transport.prepare(name, &streams).await?;
+    tracing::info!(url = %url_of(&listener)?, %broker, consumer = name, "consumer started");
+    let status = saga_roles::serve(
+        listener,
+        consumer_status(Some(store)),
+        args.http.limits(),
+        &shutdown,
+    );
+    let result = transport
+        .run(&*consumer, &streams, args.batch, shutdown.clone())
+        .await;
     // Whatever ended the consumer ends the process.
     shutdown.cancel();
     status
@@ -99,27 +124,23 @@ async fn consume(
     Ok(())
 }
 
-/// /metrics (the default registry), /healthz and /readyz of a consumer.
-fn serve_consumer_status(
-    listener: TcpListener,
-    store: store::Store,
-    limits: http_server::Limits,
-    shutdown: &CancellationToken,
-) -> tokio::task::JoinHandle<std::io::Result<()>> {
+/// /metrics (the default registry), /healthz and /readyz of a consumer;
+/// ready while `store` answers (always, without one).
+fn consumer_status(store: Option<store::Store>) -> axum::Router {
     use axum::routing::get;
-    let router = axum::Router::new()
+    axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/readyz",
             get(move || {
                 let store = store.clone();
                 async move {
-                    match store.ping().await {
-                        Ok(()) => (axum::http::StatusCode::OK, "ready"),
-                        Err(_) => (
+                    match store {
+                        Some(store) if store.ping().await.is_err() => (
                             axum::http::StatusCode::SERVICE_UNAVAILABLE,
                             "database unavailable",
                         ),
+                        _ => (axum::http::StatusCode::OK, "ready"),
                     }
                 }
             }),
@@ -133,10 +154,7 @@ fn serve_consumer_status(
                     .expect("text encoding cannot fail");
                 buf
             }),
-        );
-    let router = http_server::with_limits(router, &limits);
-    let shutdown = shutdown.clone().cancelled_owned();
-    tokio::spawn(async move { http_server::serve(listener, router, &limits, shutdown).await })
+        )
 }
 
 async fn run_relay(config: &Config, args: &RelayArgs, shutdown: CancellationToken) -> Result<()> {
@@ -145,9 +163,13 @@ async fn run_relay(config: &Config, args: &RelayArgs, shutdown: CancellationToke
         .tuning
         .onec_config(&args.onec_url, &args.onec_username, &args.onec_password);
     let relay_config = args.tuning.relay_config();
-    let outlets = transports::outlets(config, &args.tuning, &store, || {
-        Ok(onec::HttpOnecClient::new(&onec)?)
-    })
+    let outlets = transports::outlets(
+        config,
+        &args.tuning,
+        &store,
+        || Ok(onec::HttpOnecClient::new(&onec)?),
+        None,
+    )
     .await?;
     let listener = bind(args.listen).await?;
     tracing::info!(
@@ -163,7 +185,19 @@ async fn run_relay(config: &Config, args: &RelayArgs, shutdown: CancellationToke
         &shutdown,
     )
     .await?;
-    let relay = relay::Relay::start(store, outlets, relay_config, leadership, shutdown.clone());
+    let relay = relay::Relay::start(
+        store.clone(),
+        outlets,
+        relay_config,
+        leadership,
+        shutdown.clone(),
+    );
+    if config.saga_route().is_some() {
+        relay.schedule(orchestrator::deadline_job(
+            store,
+            args.tuning.saga_deadline_interval,
+        ));
+    }
     let status = serve_status(listener, &relay, args.http.limits(), &shutdown);
     relay.stopped().await?;
     status
@@ -237,6 +271,35 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
     let api_listener = bind(args.listen).await?;
     let relay_listener = bind(args.relay_listen).await?;
     let mock_listener = bind(args.onec_mock_listen).await?;
+    let saga_listeners = saga_roles::DevListeners {
+        inventory: bind(args.inventory_listen).await?,
+        payments: bind(args.payments_listen).await?,
+        notifier: bind(args.notifier_listen).await?,
+    };
+    let mut service_urls = Vec::new();
+    for service in [
+        saga_roles::Service::Inventory,
+        saga_roles::Service::Payments,
+    ] {
+        let url = match service.database_url(config) {
+            Some(url) => url.to_owned(),
+            None => beside(&url, service.name()).await?,
+        };
+        service_urls.push((service, url));
+    }
+    let service_urls: [_; 2] = service_urls.try_into().expect("two services");
+    let saga = saga_roles::DevSaga::start(
+        config,
+        &args.relay,
+        &store,
+        service_urls,
+        saga_listeners,
+        args.webhook.webhook(),
+        args.http.limits(),
+        args.migrate,
+        &shutdown,
+    )
+    .await?;
     let (api_url, relay_url, mock_url) = (
         url_of(&api_listener)?,
         url_of(&relay_listener)?,
@@ -257,15 +320,20 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
     )
     .map_err(anyhow::Error::msg)?;
     let onec = args.relay.onec_config(&mock_url, user, &password);
-    let outlets = transports::outlets(config, &args.relay, &store, || {
-        Ok(onec::HttpOnecClient::new(&onec)?)
-    })
+    let outlets = transports::outlets(
+        config,
+        &args.relay,
+        &store,
+        || Ok(onec::HttpOnecClient::new(&onec)?),
+        saga.peers.as_ref(),
+    )
     .await?;
     // With a broker the journal reads it; without one the relay feeds the
     // journal from the outbox (one of the outlets above).
     let transport = transports::Transport::of(config);
     if let Some(t) = &transport {
-        t.prepare_journal().await?;
+        t.prepare(transports::JOURNAL, &transports::Stream::orders())
+            .await?;
     }
     let journal = transport.map(|transport| {
         let (store, shutdown) = (store.clone(), shutdown.clone());
@@ -283,6 +351,10 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
         relay::Leadership::always(),
         shutdown.clone(),
     );
+    relay.schedule(orchestrator::deadline_job(
+        store.clone(),
+        args.relay.saga_deadline_interval,
+    ));
     let relay_status = serve_status(relay_listener, &relay, args.http.limits(), &shutdown);
 
     println!("orders-center dev is running");
@@ -292,6 +364,9 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
     println!("  Health        {api_url}/healthz");
     println!("  Metrics       {api_url}/metrics  (relay: {relay_url}/metrics)");
     println!("  1C mock       {mock_url}/stats  (orders: {mock_url}/admin/orders)");
+    for (service, url) in &saga.urls {
+        println!("  {service:<13} {url}  (API docs: {url}/docs)");
+    }
     match &config.broker {
         Some(broker) => println!("  Events        to {broker}, read by the journal consumer"),
         None => {
@@ -322,6 +397,7 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
     if let Some(journal) = journal {
         journal.await?.context("the journal consumer")?;
     }
+    saga.stopped().await.context("the saga's services")?;
     mock_shutdown.cancel();
     mock_server.await?.context("serving the 1C mock")?;
     pool.close().await;
@@ -401,7 +477,35 @@ fn open_store(config: &Config, url: &str) -> Result<store::Store> {
         },
     )
     .context("parsing the database URL")?;
-    Ok(store::Store::new(pool).with_routes(config.routes()))
+    Ok(store::Store::new(pool)
+        .with_routes(config.routes())
+        .with_saga(config.saga()))
+}
+
+/// The URL of a database named `<database of url>_<suffix>` on the server
+/// of `url`, created if it does not exist: `dev`'s service databases.
+async fn beside(url: &str, suffix: &str) -> Result<String> {
+    use sqlx::postgres::PgConnectOptions;
+    use sqlx::{ConnectOptions, Connection};
+    let options: PgConnectOptions = url.parse().context("parsing the database URL")?;
+    let base = options.get_database().unwrap_or("postgres").to_owned();
+    let name = format!("{base}_{suffix}");
+    let mut admin = sqlx::PgConnection::connect_with(&options)
+        .await
+        .context("connecting to PostgreSQL")?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut admin)
+            .await?;
+    if !exists {
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut admin)
+            .await
+            .with_context(|| format!("creating the database {name}"))?;
+    }
+    admin.close().await.ok();
+    Ok(options.database(&name).to_url_lossy().to_string())
 }
 
 /// Cancels `token` on Ctrl-C or SIGTERM. The roles receive the token; none

@@ -1,6 +1,7 @@
-//! What serves each routed destination, and the consumers: the sinks the
-//! relay delivers through, picked by destination name, and the journal
-//! consumer over the configured broker.
+//! What serves each routed destination, and what feeds each consumer: the
+//! sinks the relays deliver through, picked by destination name, and the
+//! consumers (journal, saga orchestrator, inventory, payments, notifier)
+//! over the configured broker.
 
 use std::sync::{Arc, OnceLock};
 
@@ -8,10 +9,13 @@ use anyhow::{bail, Context, Result};
 use brokers::kafka::{KafkaSink, KafkaSubscription};
 use brokers::rabbitmq::{RabbitSink, RabbitSubscription};
 use brokers::Broker;
-use domain::{DeliveryPolicy, OrderEvent, ORDER_AGGREGATE};
+use domain::{DeliveryPolicy, Destination, OrderEvent, ORDER_AGGREGATE};
 use inbox::journal::Journal;
 use inbox::local::LocalSink;
-use inbox::{ConsumerMetrics, Inbox};
+use inbox::{Consumer, ConsumerMetrics, Inbox};
+use saga::Topic;
+use sqlx::PgPool;
+use store::saga::SagaRoute;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, RelayTuning};
@@ -30,59 +34,194 @@ pub fn consumer_metrics() -> ConsumerMetrics {
         .clone()
 }
 
-/// An outlet for every destination `config`'s routes name; 1C through
-/// `onec`. A destination without a sink is a configuration error, not rows
-/// that nobody would ever deliver.
-pub async fn outlets(
-    config: &Config,
-    tuning: &RelayTuning,
-    store: &store::Store,
-    onec: impl FnOnce() -> Result<onec::HttpOnecClient>,
-) -> Result<Vec<relay::Outlet>> {
-    let mut onec = Some(onec);
-    let mut outlets = Vec::new();
-    for destination in config.routes().all_destinations() {
-        let sink: Arc<dyn sink::Sink> = match (destination.as_str(), &config.broker) {
-            (domain::ONEC, _) => {
-                let client = onec.take().expect("one 1C destination")()?;
-                outlets.push(tuning.onec_outlet(client));
-                continue;
-            }
-            ("kafka", Some(Broker::Kafka { bootstrap })) => {
-                let kafka = config.kafka(bootstrap);
-                // The relay may start before the broker; the sink then
-                // fails and retries like any delivery.
-                if let Err(e) = kafka.ensure_topics(&[ORDER_AGGREGATE]).await {
-                    tracing::warn!(error = %e, "could not create the Kafka topics yet");
-                }
-                Arc::new(KafkaSink::new(kafka)?)
-            }
-            ("rabbitmq", Some(Broker::RabbitMq { url })) => {
-                Arc::new(RabbitSink::new(config.rabbitmq(url)))
-            }
-            (JOURNAL, _) => Arc::new(LocalSink::new(journal_inbox(store))),
-            (other, _) => bail!(
-                "events are routed to {other:?}, which has no sink here: route to onec, \
-                 journal, or the destination of --broker (kafka or rabbitmq)"
-            ),
-        };
-        outlets.push(relay::Outlet {
-            destination,
-            policy: DeliveryPolicy::EveryMessageInOrder,
-            sink,
-            protection: tuning.broker_protection(),
-        });
-    }
-    Ok(outlets)
+/// The consumers that live in other databases (or, for the notifier, in
+/// this process) when the saga runs over PostgreSQL in one process (`dev`).
+#[derive(Clone)]
+pub struct LocalPeers {
+    /// The orders database, where the orchestrator's inbox is.
+    pub orders: store::Store,
+    /// inventory's database.
+    pub inventory: PgPool,
+    /// payments' database.
+    pub payments: PgPool,
+    /// The notifier.
+    pub notifier: Arc<notifier::Notifier>,
 }
 
-fn journal_inbox(store: &store::Store) -> Inbox<Journal> {
+/// The saga orchestrator's inbox in the orders database.
+pub fn saga_inbox(orders: &store::Store) -> Inbox<orchestrator::Orchestrator> {
+    Inbox::new(
+        orders.pool().clone(),
+        orchestrator::CONSUMER,
+        orchestrator::Orchestrator::new(orders.clone()),
+        consumer_metrics(),
+    )
+}
+
+/// inventory's inbox, answering along `route`.
+pub fn inventory_inbox(pool: &PgPool, route: SagaRoute) -> Inbox<inventory::Inventory> {
+    Inbox::new(
+        pool.clone(),
+        inventory::CONSUMER,
+        inventory::Inventory::new(route),
+        consumer_metrics(),
+    )
+}
+
+/// payments' inbox, answering along `route`.
+pub fn payments_inbox(pool: &PgPool, route: SagaRoute) -> Inbox<payments::Payments> {
+    Inbox::new(
+        pool.clone(),
+        payments::CONSUMER,
+        payments::Payments::new(route),
+        consumer_metrics(),
+    )
+}
+
+/// The journal's inbox.
+pub fn journal_inbox(store: &store::Store) -> Inbox<Journal> {
     Inbox::new(
         store.pool().clone(),
         JOURNAL,
         Journal::new(JOURNAL),
         consumer_metrics(),
     )
+}
+
+/// Every aggregate type (Kafka topic, RabbitMQ exchange) orders-center
+/// and its services publish.
+fn aggregate_types() -> Vec<&'static str> {
+    std::iter::once(ORDER_AGGREGATE)
+        .chain(Topic::ALL.iter().map(|t| t.as_str()))
+        .collect()
+}
+
+/// An outlet for every destination the orders database's rows name: the
+/// routes of order events (1C through `onec`) and, when sagas run, their
+/// commands and outcomes. A destination without a sink is a configuration
+/// error, not rows that nobody would ever deliver.
+pub async fn outlets(
+    config: &Config,
+    tuning: &RelayTuning,
+    store: &store::Store,
+    onec: impl FnOnce() -> Result<onec::HttpOnecClient>,
+    peers: Option<&LocalPeers>,
+) -> Result<Vec<relay::Outlet>> {
+    let mut destinations = config.routes().all_destinations();
+    if let Some(route) = config.saga_route() {
+        for topic in [Topic::ReserveCommands, Topic::PaymentCommands, Topic::Saga] {
+            destinations.push(route.destination(topic));
+        }
+    }
+    destinations.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    destinations.dedup();
+    let mut onec = Some(onec);
+    let mut outlets = Vec::new();
+    for destination in destinations {
+        if destination.as_str() == domain::ONEC {
+            let client = onec.take().expect("one 1C destination")()?;
+            outlets.push(tuning.onec_outlet(client));
+            continue;
+        }
+        outlets.push(outlet(config, tuning, store, destination, peers).await?);
+    }
+    Ok(outlets)
+}
+
+/// The outlet of a service database (inventory, payments): its answers,
+/// to the broker or, over PostgreSQL, to the orchestrator's inbox.
+pub async fn service_outlets(
+    config: &Config,
+    tuning: &RelayTuning,
+    store: &store::Store,
+    peers: Option<&LocalPeers>,
+) -> Result<Vec<relay::Outlet>> {
+    let route = config
+        .saga_route()
+        .context("the saga's services need --broker (or `orders-center dev`)")?;
+    let destination = route.destination(Topic::Reserve);
+    Ok(vec![
+        outlet(config, tuning, store, destination, peers).await?,
+    ])
+}
+
+/// An every-message-in-order outlet to `destination`, other than 1C.
+async fn outlet(
+    config: &Config,
+    tuning: &RelayTuning,
+    store: &store::Store,
+    destination: Destination,
+    peers: Option<&LocalPeers>,
+) -> Result<relay::Outlet> {
+    let local = |name: &str| {
+        peers.with_context(|| {
+            format!("rows for {name:?} are delivered in PostgreSQL only inside `orders-center dev`; elsewhere give --broker")
+        })
+    };
+    let sink: Arc<dyn sink::Sink> = match (destination.as_str(), &config.broker) {
+        ("kafka", Some(Broker::Kafka { bootstrap })) => {
+            let kafka = config.kafka(bootstrap);
+            // The relay may start before the broker; the sink then
+            // fails and retries like any delivery.
+            if let Err(e) = kafka.ensure_topics(&aggregate_types()).await {
+                tracing::warn!(error = %e, "could not create the Kafka topics yet");
+            }
+            Arc::new(KafkaSink::new(kafka)?)
+        }
+        ("rabbitmq", Some(Broker::RabbitMq { url })) => {
+            Arc::new(RabbitSink::new(config.rabbitmq(url)))
+        }
+        (JOURNAL, _) => Arc::new(LocalSink::new(journal_inbox(store))),
+        (name @ "inventory", _) => Arc::new(LocalSink::new(inventory_inbox(
+            &local(name)?.inventory,
+            SagaRoute::Local,
+        ))),
+        (name @ "payments", _) => Arc::new(LocalSink::new(payments_inbox(
+            &local(name)?.payments,
+            SagaRoute::Local,
+        ))),
+        (name @ "notifier", _) => Arc::new(LocalSink::new(local(name)?.notifier.clone())),
+        (name @ "saga", _) => Arc::new(LocalSink::new(saga_inbox(&local(name)?.orders))),
+        (other, _) => bail!(
+            "events are routed to {other:?}, which has no sink here: route to onec, \
+             journal, or the destination of --broker (kafka or rabbitmq)"
+        ),
+    };
+    Ok(relay::Outlet {
+        destination,
+        policy: DeliveryPolicy::EveryMessageInOrder,
+        sink,
+        protection: tuning.broker_protection(),
+    })
+}
+
+/// What a consumer reads: an aggregate type (Kafka topic, RabbitMQ
+/// exchange) and the events (routing keys) it takes from it.
+#[derive(Debug, Clone)]
+pub struct Stream {
+    aggregate_type: String,
+    events: Vec<String>,
+}
+
+impl Stream {
+    /// Every order event.
+    pub fn orders() -> Vec<Stream> {
+        vec![Stream {
+            aggregate_type: ORDER_AGGREGATE.into(),
+            events: OrderEvent::ALL.map(|e| e.as_str().to_owned()).to_vec(),
+        }]
+    }
+
+    /// Every saga message on `topics`.
+    pub fn saga(topics: &[Topic]) -> Vec<Stream> {
+        topics
+            .iter()
+            .map(|t| Stream {
+                aggregate_type: t.as_str().into(),
+                events: t.kinds().iter().map(|k| k.as_str().to_owned()).collect(),
+            })
+            .collect()
+    }
 }
 
 /// A broker with this process's names.
@@ -103,28 +242,71 @@ impl Transport {
         })
     }
 
-    /// Creates the journal's topics, or its queue with bindings, so that
-    /// events published from now on wait for it.
-    pub async fn prepare_journal(&self) -> Result<()> {
+    /// The transport of `--broker`, which `role` needs.
+    pub fn required(config: &Config, role: &str) -> Result<Self> {
+        Self::of(config).with_context(|| {
+            format!("`{role}` needs --broker (BROKER); without a broker `orders-center dev` runs it over PostgreSQL")
+        })
+    }
+
+    /// Creates the topics, or `consumer`'s queues with their bindings, so
+    /// that messages published from now on wait for it.
+    pub async fn prepare(&self, consumer: &str, streams: &[Stream]) -> Result<()> {
         match self {
             Self::Kafka(kafka) => kafka
-                .ensure_topics(&[ORDER_AGGREGATE])
+                .ensure_topics(&aggregate_types())
                 .await
                 .context("creating the Kafka topics")?,
             Self::RabbitMq(rabbit) => {
-                brokers::rabbitmq::declare(rabbit, JOURNAL, &rabbit_journal(0))
-                    .await
-                    .context("declaring the journal's RabbitMQ queue")?
+                for stream in streams {
+                    brokers::rabbitmq::declare(rabbit, consumer, &rabbit_subscription(stream, 0))
+                        .await
+                        .with_context(|| format!("declaring {consumer}'s RabbitMQ queue"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Feeds `consumer` from `streams` (prepared) until `shutdown`.
+    pub async fn run<C: Consumer + ?Sized>(
+        &self,
+        consumer: &C,
+        streams: &[Stream],
+        batch: u16,
+        shutdown: CancellationToken,
+    ) -> Result<()> {
+        match self {
+            Self::Kafka(kafka) => {
+                let subscription = KafkaSubscription {
+                    topics: streams
+                        .iter()
+                        .map(|s| kafka.topic(&s.aggregate_type))
+                        .collect(),
+                    group: format!("{}{}", kafka.topic_prefix, consumer.consumer()),
+                    batch: usize::from(batch),
+                };
+                brokers::kafka::consume(kafka, &subscription, consumer, shutdown).await?;
+            }
+            Self::RabbitMq(rabbit) => {
+                let queues = streams.iter().map(|stream| {
+                    let subscription = rabbit_subscription(stream, batch);
+                    let shutdown = shutdown.clone();
+                    async move {
+                        brokers::rabbitmq::consume(rabbit, &subscription, consumer, shutdown).await
+                    }
+                });
+                futures::future::try_join_all(queues).await?;
             }
         }
         Ok(())
     }
 }
 
-fn rabbit_journal(prefetch: u16) -> RabbitSubscription {
+fn rabbit_subscription(stream: &Stream, prefetch: u16) -> RabbitSubscription {
     RabbitSubscription {
-        aggregate_type: ORDER_AGGREGATE.into(),
-        events: OrderEvent::ALL.map(|e| e.as_str().to_owned()).to_vec(),
+        aggregate_type: stream.aggregate_type.clone(),
+        events: stream.events.clone(),
         prefetch,
     }
 }
@@ -136,19 +318,7 @@ pub async fn run_journal(
     batch: u16,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let inbox = journal_inbox(&store);
-    match transport {
-        Transport::Kafka(kafka) => {
-            let subscription = KafkaSubscription {
-                topics: vec![kafka.topic(ORDER_AGGREGATE)],
-                group: format!("{}{JOURNAL}", kafka.topic_prefix),
-                batch: usize::from(batch),
-            };
-            brokers::kafka::consume(&kafka, &subscription, &inbox, shutdown).await?;
-        }
-        Transport::RabbitMq(rabbit) => {
-            brokers::rabbitmq::consume(&rabbit, &rabbit_journal(batch), &inbox, shutdown).await?;
-        }
-    }
-    Ok(())
+    transport
+        .run(&journal_inbox(&store), &Stream::orders(), batch, shutdown)
+        .await
 }

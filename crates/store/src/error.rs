@@ -23,6 +23,9 @@ pub enum Error {
     /// starts only with its order.
     #[error("order {0} exists: a checkout is accepted only when the order is created")]
     CheckoutOnExisting(OrderId),
+    /// A checkout where no saga can run: no broker, outside `dev`.
+    #[error("this deployment runs no sagas: a checkout needs --broker (or `orders-center dev`)")]
+    SagasDisabled,
     /// No task has this id.
     #[error("task {0} not found")]
     TaskNotFound(crate::TaskId),

@@ -54,8 +54,9 @@ impl SagaRoute {
 /// How sagas run.
 #[derive(Debug, Clone)]
 pub struct SagaConfig {
-    /// Where their messages go.
-    pub route: SagaRoute,
+    /// Where their messages go; `None` when this deployment runs no sagas
+    /// (no broker outside `dev`), and a checkout is refused.
+    pub route: Option<SagaRoute>,
     /// How long a step may go unanswered before compensation (or, once
     /// paid, a resend of the commit).
     pub step_timeout: Duration,
@@ -64,7 +65,7 @@ pub struct SagaConfig {
 impl Default for SagaConfig {
     fn default() -> Self {
         Self {
-            route: SagaRoute::Local,
+            route: None,
             step_timeout: Duration::from_secs(30),
         }
     }
@@ -114,6 +115,9 @@ pub(crate) async fn start(
     amount: Money,
     checkout: &saga::Checkout,
 ) -> Result<()> {
+    if config.route.is_none() {
+        return Err(Error::SagasDisabled);
+    }
     let first = saga::transition::start();
     sqlx::query(
         "INSERT INTO sagas (order_id, state, account_id, amount, lines, deadline_at)
@@ -295,15 +299,10 @@ async fn send_commands(
     row: &Row,
     commands: &[Command],
 ) -> Result<()> {
+    let route = config.route.as_ref().ok_or(Error::SagasDisabled)?;
     let events: Vec<OutboxEvent> = commands
         .iter()
-        .map(|c| {
-            event(
-                &config.route,
-                &message(order.as_str(), row, *c),
-                row.version,
-            )
-        })
+        .map(|c| event(route, &message(order.as_str(), row, *c), row.version))
         .collect();
     write_events(conn, &events).await
 }
