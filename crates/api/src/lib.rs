@@ -75,6 +75,18 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// A service's router (inventory, payments, notifier) with the API's error
+/// handling: unknown routes and axum's own rejections answer problem+json
+/// too, and a panic is a 500, not a dropped connection.
+pub fn with_problems(router: Router) -> Router {
+    router
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(CatchPanicLayer::new())
+        .layer(axum::middleware::map_response(
+            error::problem_for_every_error,
+        ))
+}
+
 /// The span of one request, continuing the caller's W3C trace context.
 fn request_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
     let span = tracing::info_span!("request", method = %req.method(), uri = %req.uri());

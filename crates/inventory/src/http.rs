@@ -36,11 +36,12 @@ pub struct InventoryApi;
 
 /// The routes over inventory's database.
 pub fn router(pool: PgPool) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/api/v1/stock", get(list_stock))
         .route("/api/v1/stock/{product_id}", get(get_stock).put(set_stock))
         .route("/api/v1/reservations/{order_id}", get(get_reservation))
-        .with_state(pool)
+        .with_state(pool);
+    api::with_problems(routes)
         .merge(SwaggerUi::new("/docs").url("/openapi.json", InventoryApi::openapi()))
 }
 

@@ -163,10 +163,12 @@ impl Notifier {
 
     /// The routes: every notification, and one order's.
     pub fn router(self: &std::sync::Arc<Self>) -> Router {
-        Router::new()
-            .route("/api/v1/notifications", get(list))
-            .route("/api/v1/notifications/{order_id}", get(one))
-            .with_state(self.clone())
+        api::with_problems(
+            Router::new()
+                .route("/api/v1/notifications", get(list))
+                .route("/api/v1/notifications/{order_id}", get(one))
+                .with_state(self.clone()),
+        )
     }
 }
 

@@ -49,12 +49,13 @@ pub struct PaymentsApi;
 
 /// The routes over payments' database.
 pub fn router(pool: PgPool) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/api/v1/accounts", post(open_account))
         .route("/api/v1/accounts/{id}", get(get_account))
         .route("/api/v1/accounts/{id}/top-ups", post(top_up))
         .route("/api/v1/accounts/{id}/payments", get(list_payments))
-        .with_state(pool)
+        .with_state(pool);
+    api::with_problems(routes)
         .merge(SwaggerUi::new("/docs").url("/openapi.json", PaymentsApi::openapi()))
 }
 

@@ -14,6 +14,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, Executor, PgConnection, PgPool};
 use tokio::sync::OnceCell;
 
+pub mod http;
 pub mod process;
 mod sample;
 pub use sample::{sample_order, sample_order_with};

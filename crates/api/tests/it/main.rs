@@ -6,6 +6,7 @@ mod create;
 mod money;
 mod ops;
 mod read;
+mod saga;
 mod save;
 mod support;
 mod sync;

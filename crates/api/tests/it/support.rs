@@ -64,8 +64,16 @@ impl TestApp {
     }
 
     pub async fn with_config(config: api::ApiConfig) -> Self {
+        Self::with_store(config, |s| s).await
+    }
+
+    /// An app whose store `adjust` configures.
+    pub async fn with_store(
+        config: api::ApiConfig,
+        adjust: impl FnOnce(store::Store) -> store::Store,
+    ) -> Self {
         let db = testkit::database().await;
-        let state = api::AppState::new(store::Store::new(db.pool.clone()), config);
+        let state = api::AppState::new(adjust(store::Store::new(db.pool.clone())), config);
         Self {
             router: api::router(state),
             db,
