@@ -77,7 +77,8 @@ def test_custom_resources(docs):
     assert rules["spec"]["groups"] == tested["groups"], "the PrometheusRule differs from the promtool-tested rules"
     assert rules["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     monitors = by_kind(docs, "ServiceMonitor")
-    assert {m["metadata"]["labels"]["app.kubernetes.io/component"] for m in monitors} == {"api", "relay", "consumer-journal"}, "the mock is off in production"
+    saga = {"saga-orchestrator", "saga-inventory", "saga-payments", "saga-notifier"}
+    assert {m["metadata"]["labels"]["app.kubernetes.io/component"] for m in monitors} == {"api", "relay", "consumer-journal"} | saga, "the mock is off in production"
     services = {s["metadata"]["labels"]["app.kubernetes.io/component"]: s for s in by_kind(docs, "Service")}
     for m in monitors:
         component = m["metadata"]["labels"]["app.kubernetes.io/component"]
@@ -147,6 +148,11 @@ def test_rendered_contract(docs):
         "relay": routes(ROOT / "crates/relay/src/runtime.rs"),
         "onec-mock": routes(ROOT / "crates/onec-mock/src/lib.rs"),
         "consumer-journal": routes(ROOT / "crates/orders-center/src/main.rs"),
+        "saga-orchestrator": routes(ROOT / "crates/orders-center/src/main.rs"),
+        # The services serve the relay's status routes beside their API.
+        "saga-inventory": routes(ROOT / "crates/relay/src/runtime.rs"),
+        "saga-payments": routes(ROOT / "crates/relay/src/runtime.rs"),
+        "saga-notifier": routes(ROOT / "crates/orders-center/src/main.rs"),
     }
     for component, deployment in deployments.items():
         container = deployment["spec"]["template"]["spec"]["containers"][0]
@@ -171,6 +177,39 @@ def test_rendered_contract(docs):
                 p for n, p in egress.items() if n.endswith(f"{component}-egress"))
             ports = {port["port"] for rule in policy["spec"]["egress"] for port in rule["ports"]}
             assert {53, 5432, 9092, 5672}.issubset(ports), f"{component} egress: {ports}"
+
+    # With the saga, its four roles run with the broker; inventory and
+    # payments each read their own database URL from their own Secret and
+    # elect leaders in it; the API and the relays start sagas.
+    if "saga-orchestrator" in deployments:
+        saga = {role: deployments[f"saga-{role}"]["spec"]["template"]["spec"]["containers"][0]
+                for role in ("orchestrator", "inventory", "payments", "notifier")}
+        assert saga["orchestrator"]["args"] == ["consume", "saga"]
+        for role in ("inventory", "payments", "notifier"):
+            assert saga[role]["args"] == [role], saga[role]["args"]
+        for container in (api, relay, *saga.values()):
+            assert env(container, "SAGAS")["value"] == "true", container["name"]
+            assert "secretKeyRef" in env(container, "BROKER")["valueFrom"]
+        secrets = {d["metadata"]["name"] for d in by_kind(docs, "Secret")}
+        refs = set()
+        for role in ("inventory", "payments"):
+            ref = env(saga[role], f"{role.upper()}_DATABASE_URL")["valueFrom"]["secretKeyRef"]
+            refs.add(ref["name"])
+            assert ref["name"] != env(api, "DATABASE_URL")["valueFrom"]["secretKeyRef"]["name"]
+            assert env(saga[role], "LEADER_ELECTION")["value"] == "postgres"
+            assert ref["name"] in secrets or ref["name"].startswith("orders-center-"), ref
+        assert len(refs) == 2, refs
+        services = {d["metadata"]["name"] for d in by_kind(docs, "Service")}
+        for role in saga:
+            assert f"{RELEASE}-saga-{role}" in services, role
+        egress = {p["metadata"]["name"]: p for p in by_kind(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("-egress")}
+        for role in saga:
+            policy = egress.get(f"{RELEASE}-saga-{role}-egress")
+            if policy is None:
+                continue
+            ports = {port["port"] for rule in policy["spec"]["egress"] for port in rule["ports"]}
+            need = {53, 443} if role == "notifier" else {53, 5432}
+            assert need.issubset(ports) and {9092, 5672}.issubset(ports), f"saga-{role} egress: {ports}"
 
     # Everything runs as non-root with a read-only root filesystem.
     for name, spec in pod_specs(docs):
@@ -252,6 +291,8 @@ def main():
             ("a malformed duration", {"onec": {"timeout": "ten seconds"}}),
             ("a boolean where an object belongs", {"metrics": {"serviceMonitor": True}}),
             ("a broker URL of an unknown scheme", {"broker": {"url": "redis://cache:6379"}}),
+            ("a saga step timeout that is no duration", {"saga": {"stepTimeout": "soon"}}),
+            ("an unknown saga role", {"saga": {"shipping": {"replicaCount": 1}}}),
         ])),
         ("skaffold.yaml", test_skaffold),
         ("Dockerfile", test_dockerfile),

@@ -78,6 +78,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (printf "%s-database" (include "orders-center.fullname" .)) .Values.database.existingSecret }}
 {{- end }}
 
+{{/* Secret holding a saga service's database URL: (dict "root" $ "role" "inventory"). */}}
+{{- define "orders-center.sagaDatabaseSecret" -}}
+{{- $db := (index .root.Values.saga .role).database }}
+{{- default (printf "%s-%s-database" (include "orders-center.fullname" .root) .role) $db.existingSecret }}
+{{- end }}
+
 {{/* Secret holding the 1C credentials (keys username and password). */}}
 {{- define "orders-center.onecSecret" -}}
 {{- default (printf "%s-onec" (include "orders-center.fullname" .)) .Values.onec.existingSecret }}
@@ -116,6 +122,13 @@ app.kubernetes.io/component: {{ .component }}
       key: {{ .Values.broker.existingSecretKey }}
 - name: BROKER_PREFIX
   value: {{ .Values.broker.prefix | quote }}
+{{- end }}
+{{- if .Values.saga.enabled }}
+# Orders created with a checkout start a saga; its steps are due in this.
+- name: SAGAS
+  value: "true"
+- name: SAGA_STEP_TIMEOUT
+  value: {{ .Values.saga.stepTimeout | quote }}
 {{- end }}
 {{- end }}
 

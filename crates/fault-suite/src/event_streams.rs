@@ -42,35 +42,35 @@ impl Broker {
         Ok(Self::RabbitMq(r))
     }
 
-    fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Self::Kafka(_) => "kafka",
             Self::RabbitMq(_) => "rabbitmq",
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         match self {
             Self::Kafka(k) => format!("kafka://{}", k.bootstrap_servers()),
             Self::RabbitMq(r) => r.url(),
         }
     }
 
-    fn pause(&self) -> Result<()> {
+    pub(crate) fn pause(&self) -> Result<()> {
         Ok(match self {
             Self::Kafka(k) => k.pause(),
             Self::RabbitMq(r) => r.pause(),
         }?)
     }
 
-    fn resume(&self) -> Result<()> {
+    pub(crate) fn resume(&self) -> Result<()> {
         Ok(match self {
             Self::Kafka(k) => k.resume(),
             Self::RabbitMq(r) => r.resume(),
         }?)
     }
 
-    fn stop(self) {
+    pub(crate) fn stop(self) {
         match self {
             Self::Kafka(k) => k.stop(),
             Self::RabbitMq(r) => r.stop(),

@@ -13,6 +13,7 @@
 
 mod event_streams;
 mod load;
+mod saga_run;
 mod scenarios;
 mod system;
 
@@ -90,6 +91,17 @@ async fn main() -> Result<()> {
     if only(9) {
         let rabbit = event_streams::Broker::start_rabbitmq().await?;
         figures.push(event_streams::event_stream(&mut sys, rabbit, args.broker_outage).await?);
+        report(figures.last());
+    }
+
+    if only(10) {
+        let kafka = event_streams::Broker::start_kafka().await?;
+        figures.push(saga_run::saga_run(&mut sys, kafka, args.broker_outage).await?);
+        report(figures.last());
+    }
+    if only(11) {
+        let rabbit = event_streams::Broker::start_rabbitmq().await?;
+        figures.push(saga_run::saga_run(&mut sys, rabbit, args.broker_outage).await?);
         report(figures.last());
     }
 

@@ -22,7 +22,7 @@ pub const RELAYS: usize = 3;
 /// killed relay's claims are rescued within seconds; the attempt budget
 /// (20 attempts, backoff up to 10 s) spans minutes, longer than any outage
 /// here, so an outage alone cannot kill a task.
-const RELAY_ENV: &[(&str, &str)] = &[
+pub(crate) const RELAY_ENV: &[(&str, &str)] = &[
     ("LEADER_ELECTION", "postgres"),
     ("LEASE_DURATION", "3s"),
     ("LEASE_RENEW_DEADLINE", "2s"),

@@ -2,7 +2,7 @@
 //! answers, and the leader's deadline scan. The transitions themselves are
 //! the pure [`saga::transition`]; their SQL is `store::saga`.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use domain::OrderId;
@@ -18,6 +18,71 @@ pub const CONSUMER: &str = "saga";
 
 /// The topics it reads.
 pub const TOPICS: [Topic; 2] = [Topic::Reserve, Topic::Payment];
+
+/// The saga's series, on the default registry: transitions by the state
+/// they reach (in the orchestrator), and, from the leader's deadline scan,
+/// passed deadlines and the sagas still running.
+#[derive(Clone)]
+pub struct SagaMetrics {
+    moved: prometheus::IntCounterVec,
+    ignored: prometheus::IntCounter,
+    deadlines: prometheus::IntCounter,
+    running: prometheus::IntGauge,
+    oldest: prometheus::Gauge,
+}
+
+impl SagaMetrics {
+    /// This process's series, registered once.
+    pub fn get() -> &'static SagaMetrics {
+        static METRICS: OnceLock<SagaMetrics> = OnceLock::new();
+        METRICS.get_or_init(|| {
+            let r = prometheus::default_registry();
+            let metrics = SagaMetrics {
+                moved: prometheus::IntCounterVec::new(
+                    prometheus::Opts::new(
+                        "orders_center_saga_transitions_total",
+                        "Saga transitions applied, by the state reached.",
+                    ),
+                    &["state"],
+                )
+                .expect("valid"),
+                ignored: prometheus::IntCounter::new(
+                    "orders_center_saga_ignored_total",
+                    "Answers a saga's state did not expect (late or repeated); nothing changed.",
+                )
+                .expect("valid"),
+                deadlines: prometheus::IntCounter::new(
+                    "orders_center_saga_deadlines_total",
+                    "Saga steps whose answer did not come before the deadline.",
+                )
+                .expect("valid"),
+                running: prometheus::IntGauge::new(
+                    "orders_center_sagas_running",
+                    "Sagas not yet completed or cancelled (the leader's last scan).",
+                )
+                .expect("valid"),
+                oldest: prometheus::Gauge::new(
+                    "orders_center_saga_oldest_running_seconds",
+                    "Age of the oldest saga still running (the leader's last scan).",
+                )
+                .expect("valid"),
+            };
+            for c in [
+                Box::new(metrics.moved.clone()) as Box<dyn prometheus::core::Collector>,
+                Box::new(metrics.ignored.clone()),
+                Box::new(metrics.deadlines.clone()),
+                Box::new(metrics.running.clone()),
+                Box::new(metrics.oldest.clone()),
+            ] {
+                r.register(c).expect("saga metrics register once");
+            }
+            for state in ["reserved", "paid", "completed", "compensating", "cancelled"] {
+                metrics.moved.with_label_values(&[state]);
+            }
+            metrics
+        })
+    }
+}
 
 /// An answer with the id of the message that carried it, which the chain
 /// records as the step's idempotency key.
@@ -61,11 +126,14 @@ impl Handler for Orchestrator {
             .store
             .apply_saga_event(conn, &answer.order, &answer.event, &answer.id)
             .await?;
+        let metrics = SagaMetrics::get();
         match applied {
             Applied::Moved(state) => {
+                metrics.moved.with_label_values(&[state.as_str()]).inc();
                 tracing::debug!(order = %answer.order, %state, event = ?answer.event, "saga moved")
             }
             Applied::Ignored(state) => {
+                metrics.ignored.inc();
                 tracing::info!(order = %answer.order, %state, event = ?answer.event, "a late or repeated answer; nothing changes")
             }
             Applied::NoSaga => {
@@ -91,13 +159,18 @@ pub fn deadline_job(store: Store, every: Duration) -> Job {
         run: Arc::new(move |_| {
             let store = store.clone();
             Box::pin(async move {
+                let metrics = SagaMetrics::get();
                 let passed = store
                     .pass_saga_deadlines(DEADLINES_PER_RUN)
                     .await
                     .map_err(JobError::from)?;
                 if passed > 0 {
+                    metrics.deadlines.inc_by(passed as u64);
                     tracing::info!(passed, "saga deadlines passed");
                 }
+                let (running, oldest) = store.running_sagas().await.map_err(JobError::from)?;
+                metrics.running.set(running);
+                metrics.oldest.set(oldest);
                 Ok(if passed as i64 == DEADLINES_PER_RUN {
                     Progress::MoreWork
                 } else {

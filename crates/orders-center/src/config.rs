@@ -54,6 +54,13 @@ pub struct Config {
           value_parser = humantime::parse_duration)]
     pub broker_timeout: Duration,
 
+    /// Start a saga for every order created with a `checkout` (`dev` always
+    /// does). Turn it on once inventory, payments, the notifier and
+    /// `consume saga` run on --broker; until then a checkout is refused.
+    #[arg(long, env = "SAGAS", default_value_t = false, global = true, action = ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub sagas: bool,
+
     /// How long a saga step (a reservation, a charge, a commit, a
     /// compensation) may go unanswered before the saga compensates (or, once
     /// paid, asks again).
@@ -115,10 +122,15 @@ impl Config {
         }
     }
 
-    /// How sagas run.
+    /// Whether orders created with a checkout start sagas here.
+    pub fn sagas_enabled(&self) -> bool {
+        self.sagas || matches!(self.command, Command::Dev(_))
+    }
+
+    /// How sagas run: not at all unless enabled.
     pub fn saga(&self) -> store::saga::SagaConfig {
         store::saga::SagaConfig {
-            route: self.saga_route(),
+            route: self.saga_route().filter(|_| self.sagas_enabled()),
             step_timeout: self.saga_step_timeout,
         }
     }

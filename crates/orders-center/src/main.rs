@@ -102,6 +102,9 @@ async fn consume(
             Box::new(transports::saga_inbox(&store)),
         ),
     };
+    if args.consumer == config::ConsumerName::Saga {
+        orchestrator::SagaMetrics::get();
+    }
     let listener = bind(args.listen).await?;
     transport.prepare(name, &streams).await?;
     tracing::info!(url = %url_of(&listener)?, %broker, consumer = name, "consumer started");
@@ -192,7 +195,8 @@ async fn run_relay(config: &Config, args: &RelayArgs, shutdown: CancellationToke
         leadership,
         shutdown.clone(),
     );
-    if config.saga_route().is_some() {
+    if config.saga().route.is_some() {
+        orchestrator::SagaMetrics::get();
         relay.schedule(orchestrator::deadline_job(
             store,
             args.tuning.saga_deadline_interval,
@@ -351,6 +355,7 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
         relay::Leadership::always(),
         shutdown.clone(),
     );
+    orchestrator::SagaMetrics::get();
     relay.schedule(orchestrator::deadline_job(
         store.clone(),
         args.relay.saga_deadline_interval,

@@ -108,7 +108,7 @@ pub async fn outlets(
     peers: Option<&LocalPeers>,
 ) -> Result<Vec<relay::Outlet>> {
     let mut destinations = config.routes().all_destinations();
-    if let Some(route) = config.saga_route() {
+    if let Some(route) = config.saga().route {
         for topic in [Topic::ReserveCommands, Topic::PaymentCommands, Topic::Saga] {
             destinations.push(route.destination(topic));
         }

@@ -13,4 +13,4 @@ pub mod messages;
 pub mod transition;
 
 pub use messages::{Checkout, Kind, Line, SagaMessage, Topic};
-pub use transition::{transition, Command, Deadline, Event, State, Step, Transition};
+pub use transition::{replay, transition, Command, Deadline, Event, State, Step, Transition};

@@ -413,6 +413,48 @@ fn confirmed(release: bool, refund: bool, step: Step) -> Transition {
     }
 }
 
+/// Checks that `chain` is one the machine can record: replayed from
+/// [`start`], each step is the next one a transition writes. Answers the
+/// state it ends in.
+pub fn replay(chain: &[Step]) -> Result<State, String> {
+    let first = start();
+    let mut expected: std::collections::VecDeque<Step> = first.steps.into();
+    let mut state = first.state;
+    let mut at = 0;
+    while at < chain.len() {
+        if let Some(step) = expected.pop_front() {
+            if chain[at] != step {
+                return Err(format!("step {at} is {:?}, {step:?} was due", chain[at]));
+            }
+            at += 1;
+            continue;
+        }
+        let event = match chain[at] {
+            Step::ReserveCreated => Event::StockReserved,
+            Step::ReserveFailed => Event::StockFailed {
+                reason: String::new(),
+            },
+            Step::PaymentCompleted => Event::PaymentSucceeded,
+            Step::PaymentFailed => Event::PaymentFailed {
+                reason: String::new(),
+            },
+            Step::DeadlinePassed => Event::DeadlinePassed,
+            Step::ReserveCommitted => Event::StockCommitted,
+            Step::ReserveReleased => Event::StockReleased,
+            Step::PaymentRefunded => Event::PaymentRefunded,
+            other => return Err(format!("step {at}, {other:?}, follows no answer")),
+        };
+        let t = transition(state, &event)
+            .ok_or_else(|| format!("step {at}, {:?}, is not possible in {state}", chain[at]))?;
+        state = t.state;
+        expected = t.steps.into();
+    }
+    match expected.front() {
+        Some(step) => Err(format!("the chain ends before {step:?}")),
+        None => Ok(state),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -642,6 +684,48 @@ mod tests {
         let mut ends = 0;
         walk(first.state, first.steps, first.commands, 6, &mut ends);
         assert!(ends > 10, "only {ends} paths end");
+    }
+
+    #[test]
+    fn only_chains_the_machine_writes_replay() {
+        use Step as T;
+        let completed = [
+            T::OrderCreated,
+            T::ReserveCreated,
+            T::PaymentCreated,
+            T::PaymentCompleted,
+            T::ReserveCommitted,
+            T::OrderCompleted,
+        ];
+        assert_eq!(replay(&completed), Ok(S::Completed));
+        let timed_out = [
+            T::OrderCreated,
+            T::ReserveCreated,
+            T::PaymentCreated,
+            T::DeadlinePassed,
+            T::PaymentRefunded,
+            T::ReserveReleased,
+            T::OrderCancelled,
+        ];
+        assert_eq!(replay(&timed_out), Ok(S::Cancelled));
+        assert_eq!(replay(&completed[..4]), Ok(S::Paid), "a saga still running");
+        for bad in [
+            &[T::OrderCreated, T::PaymentCreated][..],
+            &[T::OrderCreated, T::ReserveCreated][..],
+            &[T::OrderCreated, T::ReserveFailed, T::ReserveReleased][..],
+            &[
+                T::OrderCreated,
+                T::ReserveCreated,
+                T::PaymentCreated,
+                T::PaymentCompleted,
+                T::ReserveCommitted,
+                T::OrderCompleted,
+                T::OrderCompleted,
+            ][..],
+            &[T::ReserveCreated][..],
+        ] {
+            assert!(replay(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -390,6 +390,18 @@ impl Store {
         Ok(passed)
     }
 
+    /// How many sagas are still running, and the age in seconds of the
+    /// oldest of them (0 when none).
+    pub async fn running_sagas(&self) -> Result<(i64, f64)> {
+        Ok(sqlx::query_as(
+            "SELECT count(*),
+                    coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
+             FROM sagas WHERE deadline_at IS NOT NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     /// The order's state chain, oldest first; empty for an order without
     /// a saga.
     pub async fn order_states(&self, id: &OrderId) -> Result<Vec<ChainStep>> {

@@ -8,6 +8,9 @@ use crate::support::{
 
 const README_API: &str = "http://127.0.0.1:8080";
 const README_MOCK: &str = "http://127.0.0.1:8081";
+const README_INVENTORY: &str = "http://127.0.0.1:8082";
+const README_PAYMENTS: &str = "http://127.0.0.1:8083";
+const README_NOTIFIER: &str = "http://127.0.0.1:8084";
 
 /// The curl commands between the README's tour markers, one per line.
 fn readme_tour() -> Vec<String> {
@@ -38,6 +41,12 @@ async fn dev_mode_serves_within_30s_runs_the_readme_tour_and_cleans_up_on_ctrl_c
         "127.0.0.1:0",
         "--onec-mock-listen",
         "127.0.0.1:0",
+        "--inventory-listen",
+        "127.0.0.1:0",
+        "--payments-listen",
+        "127.0.0.1:0",
+        "--notifier-listen",
+        "127.0.0.1:0",
     ])
     .spawn()
     .unwrap();
@@ -48,6 +57,13 @@ async fn dev_mode_serves_within_30s_runs_the_readme_tour_and_cleans_up_on_ctrl_c
         .to_owned();
     let mock_line = line_containing(&mut out, "1C mock", Duration::from_secs(5)).await;
     let mock = url_in(&mock_line).trim_end_matches("/stats").to_owned();
+    let mut services = Vec::new();
+    for name in ["inventory", "payments", "notifier"] {
+        services.push(url_in(
+            &line_containing(&mut out, name, Duration::from_secs(5)).await,
+        ));
+    }
+    let [inventory, payments, notifier]: [String; 3] = services.try_into().unwrap();
     let pg_line = line_containing(&mut out, "PostgreSQL", Duration::from_secs(5)).await;
     let throwaway = pg_line
         .split("throwaway in ")
@@ -76,7 +92,10 @@ async fn dev_mode_serves_within_30s_runs_the_readme_tour_and_cleans_up_on_ctrl_c
             .arg(
                 command
                     .replace(README_API, &base)
-                    .replace(README_MOCK, &mock),
+                    .replace(README_MOCK, &mock)
+                    .replace(README_INVENTORY, &inventory)
+                    .replace(README_PAYMENTS, &payments)
+                    .replace(README_NOTIFIER, &notifier),
             )
             .current_dir(workspace_root())
             .output()
@@ -166,6 +185,82 @@ async fn dev_mode_serves_within_30s_runs_the_readme_tour_and_cleans_up_on_ctrl_c
         ]
     );
     pool.close().await;
+
+    // The tour's two sagas end completed and cancelled, with their chains,
+    // and stock, money and notifications show it.
+    let chain = |id: &'static str| {
+        let base = base.clone();
+        async move {
+            let steps: Value = get_json(&format!("{base}/api/v1/orders/{id}/states")).await;
+            steps
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["step"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    let (mut completed, mut cancelled) = (Vec::new(), Vec::new());
+    for _ in 0..200 {
+        completed = chain("ORD-2001").await;
+        cancelled = chain("ORD-2002").await;
+        if completed.last().map(String::as_str) == Some("ORDER_COMPLETED")
+            && cancelled.last().map(String::as_str) == Some("ORDER_CANCELLED")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        completed,
+        [
+            "ORDER_CREATED",
+            "RESERVE_CREATED",
+            "PAYMENT_CREATED",
+            "PAYMENT_COMPLETED",
+            "RESERVE_COMMITTED",
+            "ORDER_COMPLETED"
+        ]
+    );
+    assert_eq!(
+        cancelled,
+        [
+            "ORDER_CREATED",
+            "RESERVE_CREATED",
+            "PAYMENT_CREATED",
+            "PAYMENT_FAILED",
+            "RESERVE_RELEASED",
+            "ORDER_CANCELLED"
+        ]
+    );
+    let order: Value = get_json(&format!("{base}/api/v1/orders/ORD-2001")).await;
+    assert_eq!(order["order"]["status"], "completed");
+    let stock: Value = get_json(&format!("{inventory}/api/v1/stock/SKU-1")).await;
+    assert_eq!(
+        (
+            stock["available"].as_i64(),
+            stock["reserved"].as_i64(),
+            stock["sold"].as_i64()
+        ),
+        (Some(8), Some(0), Some(2))
+    );
+    let account: Value = get_json(&format!("{payments}/api/v1/accounts/acc-1")).await;
+    assert_eq!(account["balance"].to_string(), "749.5");
+    let notes: Value = get_json(&format!("{notifier}/api/v1/notifications")).await;
+    let outcomes: Vec<(&str, &str)> = notes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["order_id"].as_str().unwrap(),
+                n["outcome"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(outcomes.len(), 2, "{notes}");
+    assert!(outcomes.contains(&("ORD-2001", "completed")));
+    assert!(outcomes.contains(&("ORD-2002", "cancelled")));
 
     stop(&mut dev, "INT", Duration::from_secs(15)).await;
     assert!(

@@ -112,7 +112,13 @@ async fn prometheus_scrapes_every_role_and_every_dashboard_and_alert_query_works
     // so the consumer panels and rules have series too.
     let rabbit = testkit::rabbitmq().await;
     let prefix = testkit::unique_prefix("obs");
-    let broker = [("BROKER", rabbit.url()), ("BROKER_PREFIX", prefix)];
+    // Sagas on, and an orchestrator, so the saga panels and rules have
+    // series as well.
+    let broker = [
+        ("BROKER", rabbit.url()),
+        ("BROKER_PREFIX", prefix),
+        ("SAGAS", "true".to_owned()),
+    ];
     let broker: Vec<(&str, &str)> = broker.iter().map(|(k, v)| (*k, v.as_str())).collect();
     // Some failures, so the error panels have series to show.
     let system = System::start_with_env(
@@ -129,6 +135,13 @@ async fn prometheus_scrapes_every_role_and_every_dashboard_and_alert_query_works
         "consumer started",
     )
     .await;
+    let mut orchestrator = Role::spawn(
+        orders_center(&["consume", "saga", "--listen", "127.0.0.1:0"])
+            .env("DATABASE_URL", &db.url)
+            .envs(broker.iter().copied()),
+        "consumer started",
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
         "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
@@ -137,13 +150,14 @@ async fn prometheus_scrapes_every_role_and_every_dashboard_and_alert_query_works
          - job_name: api\n  static_configs: [{{targets: ['{api}']}}]\n\
          - job_name: relay\n  static_configs: [{{targets: ['{r0}', '{r1}']}}]\n\
          - job_name: onec-mock\n  static_configs: [{{targets: ['{mock}']}}]\n\
-         - job_name: consumer\n  static_configs: [{{targets: ['{consumer}']}}]\n",
+         - job_name: consumer\n  static_configs: [{{targets: ['{consumer}', '{orchestrator}']}}]\n",
         rules = workspace_root().join("observability/alerts.yml").display(),
         api = host(&system.api.url),
         r0 = host(&system.relays[0].url),
         r1 = host(&system.relays[1].url),
         mock = host(&system.mock.url),
         consumer = host(&consumer.url),
+        orchestrator = host(&orchestrator.url),
     );
     std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
     let port = free_port();
@@ -188,7 +202,7 @@ async fn prometheus_scrapes_every_role_and_every_dashboard_and_alert_query_works
         .iter()
         .map(|t| t["health"].as_str().unwrap())
         .collect();
-    assert_eq!(health, ["up"; 5], "{targets}");
+    assert_eq!(health, ["up"; 6], "{targets}");
 
     let query = |expr: String| {
         let (http, prom) = (http.clone(), prom.clone());
@@ -240,5 +254,6 @@ async fn prometheus_scrapes_every_role_and_every_dashboard_and_alert_query_works
     assert!(evaluated.iter().all(|(_, h)| h == "ok"), "{evaluated:?}");
 
     stop(&mut consumer.child, "TERM", Duration::from_secs(15)).await;
+    stop(&mut orchestrator.child, "TERM", Duration::from_secs(15)).await;
     system.stop().await;
 }
