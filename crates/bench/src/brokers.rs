@@ -48,22 +48,35 @@ impl Broker {
         Ok(Self::RabbitMq(r, config))
     }
 
-    fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Self::Kafka(..) => "kafka",
             Self::RabbitMq(..) => "rabbitmq",
         }
     }
 
+    /// Its URL, as `--broker` takes it.
+    pub(crate) fn url(&self) -> String {
+        match self {
+            Self::Kafka(k, _) => format!("kafka://{}", k.bootstrap_servers()),
+            Self::RabbitMq(r, _) => r.url(),
+        }
+    }
+
+    /// Stops it.
+    pub(crate) fn shut_down(self) {
+        self.stop()
+    }
+
     /// The same broker with names no earlier run used.
-    fn fresh(&mut self, run: &str) {
+    pub(crate) fn fresh(&mut self, run: &str) {
         match self {
             Self::Kafka(_, c) => c.topic_prefix = format!("{run}-"),
             Self::RabbitMq(_, c) => c.prefix = format!("{run}-"),
         }
     }
 
-    async fn prepare(&self) -> Result<()> {
+    pub(crate) async fn prepare(&self) -> Result<()> {
         match self {
             Self::Kafka(_, c) => c.ensure_topics(&["order"]).await?,
             Self::RabbitMq(_, c) => {
@@ -269,7 +282,7 @@ pub async fn run(broker: &mut Broker, n: i64, quick: bool, out: &mut Vec<Figure>
 }
 
 /// Publishes `n` notices with no relay and no database; returns msg/s.
-async fn plain_publish(broker: &Broker, n: i64) -> Result<f64> {
+pub(crate) async fn plain_publish(broker: &Broker, n: i64) -> Result<f64> {
     const WINDOW: usize = 2000;
     let started = Instant::now();
     match broker {
@@ -520,7 +533,11 @@ async fn save(store: &Store, id: &str) -> Result<()> {
 }
 
 /// p50 and p99 of a plain publish-to-receive at `rate` for `seconds`.
-async fn plain_round_trip(broker: &mut Broker, rate: u64, seconds: u64) -> Result<(f64, f64)> {
+pub(crate) async fn plain_round_trip(
+    broker: &mut Broker,
+    rate: u64,
+    seconds: u64,
+) -> Result<(f64, f64)> {
     broker.fresh(&format!("plainrt{rate}"));
     broker.prepare().await?;
     let total = rate * seconds;

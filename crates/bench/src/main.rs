@@ -10,6 +10,7 @@
 //! cluster (fsync off) when it is unset.
 
 mod brokers;
+mod saga;
 mod scenarios;
 
 use std::path::PathBuf;
@@ -57,6 +58,8 @@ pub enum Scenario {
     Kafka,
     /// 6 and 7: the same over a real RabbitMQ.
     Rabbitmq,
+    /// 8: the order saga, every role a process, over Kafka and RabbitMQ.
+    Saga,
 }
 
 /// One measured figure.

@@ -203,6 +203,17 @@ pub async fn run_all(
         let broker = crate::brokers::Broker::rabbitmq().await?;
         crate::brokers::run_all(broker, sizes, quick, out).await?;
     }
+    if only(Scenario::Saga) {
+        for kafka in [true, false] {
+            let mut broker = if kafka {
+                crate::brokers::Broker::kafka().await?
+            } else {
+                crate::brokers::Broker::rabbitmq().await?
+            };
+            crate::saga::run(&mut broker, quick, sizes.latency_seconds, out).await?;
+            tokio::task::spawn_blocking(move || broker.shut_down()).await?;
+        }
+    }
     Ok(())
 }
 

@@ -103,7 +103,7 @@ async fn start_consumer(sys: &System, env: &[(&str, &str)], hold: Option<&Path>)
 }
 
 /// Scrapes one series of a process's /metrics.
-async fn metric(sys: &System, url: &str, series: &str) -> Result<f64> {
+pub(crate) async fn metric(sys: &System, url: &str, series: &str) -> Result<f64> {
     let text = sys
         .http
         .get(format!("{url}/metrics"))

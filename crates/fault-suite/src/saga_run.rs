@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use testkit::process::{spawn, Proc};
 
-use crate::event_streams::Broker;
+use crate::event_streams::{metric, Broker};
 use crate::load::{Client, Saved};
 use crate::scenarios::{settle, Figures};
 use crate::system::{System, RELAY_ENV};
@@ -456,22 +456,32 @@ async fn check(sys: &System, roles: &Roles, run: &Run) -> Result<Outcomes> {
         }
     }
 
-    // One notification per outcome, saying it.
-    let notes: Vec<Value> = sys
-        .http
-        .get(format!(
-            "{}/api/v1/notifications",
-            roles.url(Role::Notifier)
-        ))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let notes: BTreeMap<&str, &str> = notes
-        .iter()
-        .filter_map(|n| Some((n["order_id"].as_str()?, n["outcome"].as_str()?)))
-        .filter(|(id, _)| id.starts_with(&format!("{}-", run.tag)))
-        .collect();
+    // One notification per outcome, saying it; the last ones may still be
+    // on their way from the outbox.
+    let prefix = format!("{}-", run.tag);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (notes, kept) = loop {
+        let all: Vec<Value> = sys
+            .http
+            .get(format!(
+                "{}/api/v1/notifications",
+                roles.url(Role::Notifier)
+            ))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let notes: BTreeMap<String, String> = all
+            .iter()
+            .filter_map(|n| Some((n["order_id"].as_str()?, n["outcome"].as_str()?)))
+            .filter(|(id, _)| id.starts_with(&prefix))
+            .map(|(id, outcome)| (id.to_owned(), outcome.to_owned()))
+            .collect();
+        if notes.len() >= sagas.len() || Instant::now() > deadline {
+            break (notes, all.len());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     ensure!(
         notes.len() == sagas.len(),
         "{} notifications for {} sagas",
@@ -480,11 +490,22 @@ async fn check(sys: &System, roles: &Roles, run: &Run) -> Result<Outcomes> {
     );
     for (id, state, ..) in &sagas {
         ensure!(
-            notes.get(id.as_str()) == Some(&state.as_str()),
+            notes.get(id) == Some(state),
             "{id}: notified {:?}, is {state}",
-            notes.get(id.as_str())
+            notes.get(id)
         );
     }
+    // Each exactly once: the notifier made one per order it keeps, none twice.
+    let made = metric(
+        sys,
+        roles.url(Role::Notifier),
+        "orders_center_consumer_messages_total{consumer=\"notifier\",outcome=\"applied\"}",
+    )
+    .await?;
+    ensure!(
+        made as usize == kept,
+        "the notifier made {made} notifications for {kept} orders"
+    );
     Ok(outcomes)
 }
 
@@ -564,20 +585,15 @@ pub async fn saga_run(sys: &mut System, broker: Broker, outage: Duration) -> Res
         tokio::time::sleep(at.saturating_sub(faults_from.elapsed())).await;
         roles.kill(sys, *role).await?;
     }
-    // The outage once the load is in and about half of it has run its
-    // course: some sagas are over, the rest wait on the frozen broker and
-    // are compensated at their deadline.
-    let more = load.await??;
-    let half = faulty.ids.len() / 2;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while finished(sys, &faulty.ids).await? < half && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // The outage right after the kills, while the load still comes in:
+    // sagas in flight wait on the frozen broker and are compensated at
+    // their deadline, the rest complete or fail after the thaw.
     let over_before_outage = finished(sys, &faulty.ids).await?;
     broker.pause()?;
     tokio::time::sleep(outage).await;
     broker.resume()?;
     let thawed = Instant::now();
+    let more = load.await??;
     saved.saves += more.saves;
     saved.versions.extend(more.versions);
     let recovered = all_final(sys, &faulty.ids, Duration::from_secs(240)).await?;
@@ -585,8 +601,8 @@ pub async fn saga_run(sys: &mut System, broker: Broker, outage: Duration) -> Res
 
     let notes = format!(
         "seed {seed}; clean: {SAGAS} sagas in {:.1} s, {} completed, cancelled {:?}; \
-         faulty: kills {:?}, {} over when the broker froze for {} s, every saga over {:.1} s \
-         after the thaw, {} completed, cancelled {:?}; stock, money, chains, notifications \
+         faulty: kills {:?}, {} over when the broker froze for {} s right after them, every \
+         saga over {:.1} s after the thaw, {} completed, cancelled {:?}; stock, money, chains, notifications \
          and 1C check",
         took.as_secs_f64(),
         clean_outcomes.completed,

@@ -23,13 +23,14 @@ pub struct Account {
 }
 
 /// One order's payment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
 pub struct PaymentRecord {
     /// The order.
     pub order_id: String,
     /// `charged`, `failed` or `refunded`.
     pub state: String,
     /// Charged (and, once refunded, given back).
+    #[sqlx(try_from = "Decimal")]
     pub amount: Money,
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -91,34 +92,14 @@ pub async fn get(pool: &PgPool, id: &str) -> sqlx::Result<Option<Account>> {
 
 /// The payments of account `id`, newest first, at most `limit`.
 pub async fn payments_of(pool: &PgPool, id: &str, limit: i64) -> sqlx::Result<Vec<PaymentRecord>> {
-    let rows: Vec<(
-        String,
-        String,
-        Decimal,
-        Option<String>,
-        DateTime<Utc>,
-        DateTime<Utc>,
-    )> = sqlx::query_as(
+    sqlx::query_as(
         "SELECT order_id, state, amount, reason, created_at, updated_at FROM payments
-             WHERE account_id = $1 ORDER BY created_at DESC, order_id LIMIT $2",
+         WHERE account_id = $1 ORDER BY created_at DESC, order_id LIMIT $2",
     )
     .bind(id)
     .bind(limit)
     .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(order_id, state, amount, reason, created_at, updated_at)| PaymentRecord {
-                order_id,
-                state,
-                amount: Money(amount),
-                reason,
-                created_at,
-                updated_at,
-            },
-        )
-        .collect())
+    .await
 }
 
 async fn payment_of(

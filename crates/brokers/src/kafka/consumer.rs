@@ -1,7 +1,8 @@
 //! The inbox consumer over Kafka.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use inbox::{Consumer as InboxConsumer, ConsumerMetrics, Incoming, Poison, Verdict};
@@ -26,14 +27,28 @@ pub struct KafkaSubscription {
     pub batch: usize,
 }
 
-/// Reports the consumer lag librdkafka computes for each partition.
+/// How long the group may be out of its steady state before the consumer
+/// is replaced. A rebalance or a broker back from a 20 s freeze settles well
+/// inside it.
+const STUCK_AFTER: Duration = Duration::from_secs(45);
+
+/// Reports the consumer lag librdkafka computes for each partition, and
+/// when the consumer group was last in its steady state.
 struct LagReporter {
     consumer: String,
     metrics: ConsumerMetrics,
+    steady_at: Arc<Mutex<Instant>>,
 }
 
 impl ClientContext for LagReporter {
     fn stats(&self, stats: Statistics) {
+        if stats
+            .cgrp
+            .as_ref()
+            .is_some_and(|g| g.state == "up" && g.join_state == "steady")
+        {
+            *self.steady_at.lock().expect("never poisoned") = Instant::now();
+        }
         for (name, topic) in &stats.topics {
             for (id, p) in &topic.partitions {
                 // -1 is librdkafka's "unknown", and partition -1 its
@@ -49,16 +64,53 @@ impl ClientContext for LagReporter {
 
 impl ConsumerContext for LagReporter {}
 
+/// How a consumer session ended.
+enum Ended {
+    /// Cancelled, or the stream ended: stop.
+    Done,
+    /// The group has not been steady for [`STUCK_AFTER`].
+    Stuck,
+}
+
 /// Runs `inbox` over `subscription` until `cancel`. Offsets are stored only
 /// after a batch's inbox transaction commits (and its poison is in the
 /// dead-letter topic), and committed from there, so a crash redelivers at
 /// most what the inbox already has.
+///
+/// A consumer whose group stays out of its steady state is replaced by a
+/// new one: after a broker freeze librdkafka can keep a group coordinator
+/// handle that never sends its queued requests again, and the consumer
+/// would sit there with its partitions unread.
 pub async fn consume<C: InboxConsumer + ?Sized>(
     config: &KafkaConfig,
     subscription: &KafkaSubscription,
     inbox: &C,
     cancel: CancellationToken,
 ) -> Result<(), Error> {
+    loop {
+        match session(config, subscription, inbox, &cancel).await? {
+            Ended::Done => return Ok(()),
+            Ended::Stuck => {
+                tracing::warn!(
+                    consumer = inbox.consumer(),
+                    group = subscription.group,
+                    "the consumer group was not steady for {STUCK_AFTER:?}; starting a new consumer"
+                );
+                if !pause(RETRY_DELAY, &cancel).await {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+async fn session<C: InboxConsumer + ?Sized>(
+    config: &KafkaConfig,
+    subscription: &KafkaSubscription,
+    inbox: &C,
+    cancel: &CancellationToken,
+) -> Result<Ended, Error> {
+    let steady_at = Arc::new(Mutex::new(Instant::now()));
     let consumer: StreamConsumer<LagReporter> = config
         .client()
         .set("group.id", &subscription.group)
@@ -78,6 +130,7 @@ pub async fn consume<C: InboxConsumer + ?Sized>(
         .create_with_context(LagReporter {
             consumer: inbox.consumer().to_owned(),
             metrics: inbox.metrics().clone(),
+            steady_at: steady_at.clone(),
         })?;
     let topics: Vec<&str> = subscription.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
@@ -89,9 +142,18 @@ pub async fn consume<C: InboxConsumer + ?Sized>(
     );
     let dead_letters = config.producer()?;
     let mut batches = consumer.stream().ready_chunks(subscription.batch.max(1));
+    let mut check = tokio::time::interval(Duration::from_secs(5));
+    let mut ended = Ended::Done;
     loop {
         let batch = tokio::select! {
             () = cancel.cancelled() => break,
+            _ = check.tick() => {
+                if steady_at.lock().expect("never poisoned").elapsed() > STUCK_AFTER {
+                    ended = Ended::Stuck;
+                    break;
+                }
+                continue;
+            }
             batch = batches.next() => match batch {
                 Some(batch) => batch,
                 None => break,
@@ -109,7 +171,7 @@ pub async fn consume<C: InboxConsumer + ?Sized>(
             continue;
         }
         let incoming: Vec<Incoming> = messages.iter().map(incoming).collect();
-        let Some(verdicts) = apply(inbox, &incoming, &cancel).await else {
+        let Some(verdicts) = apply(inbox, &incoming, cancel).await else {
             break;
         };
         for ((m, i), v) in messages.iter().zip(&incoming).zip(&verdicts) {
@@ -120,11 +182,11 @@ pub async fn consume<C: InboxConsumer + ?Sized>(
                     m,
                     &i.origin,
                     poison,
-                    &cancel,
+                    cancel,
                 )
                 .await
                 {
-                    return Ok(());
+                    return Ok(Ended::Done);
                 }
             }
         }
@@ -142,7 +204,7 @@ pub async fn consume<C: InboxConsumer + ?Sized>(
         // Nothing stored since the last commit is not an error worth more.
         tracing::debug!(error = %e, "final offset commit");
     }
-    Ok(())
+    Ok(ended)
 }
 
 fn incoming(m: &OwnedMessage) -> Incoming {

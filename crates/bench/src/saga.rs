@@ -1,0 +1,320 @@
+//! 8: the order saga over a real Kafka and a real RabbitMQ, every role a
+//! release process as deployed: the API, a relay, `consume saga`,
+//! `inventory` and `payments` (each on its own database), the notifier,
+//! the journal and the 1C mock. Orders with a checkout go in through the
+//! API; stock and funds are ample, so every saga completes.
+//!
+//! - throughput: a burst of sagas as fast as 64 clients create them;
+//!   completed sagas per second from the first create to the last
+//!   completion (both on the database clock). Ceiling: the broker's plain
+//!   confirmed publish rate divided by the 7 messages of one saga;
+//! - latency: 200 sagas a second offered; create to `completed`, p50 and
+//!   p99. Ceiling: 6 plain publish-to-receive round trips in a row, the
+//!   hops of one saga, at the same rate.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use futures::StreamExt;
+use serde_json::json;
+use testkit::process::{self as process, Proc};
+
+use crate::brokers::Broker;
+use crate::scenarios::{figure, percentile};
+use crate::Figure;
+
+const PRODUCTS: usize = 20;
+const ACCOUNTS: usize = 200;
+
+/// The saga's processes on one broker.
+struct Platform {
+    roles: Vec<Proc>,
+    api: String,
+    orders: sqlx::PgPool,
+}
+
+fn log(role: &str) -> std::path::PathBuf {
+    testkit::target_tmp()
+        .join("bench")
+        .join(format!("saga-{role}.log"))
+}
+
+impl Platform {
+    async fn start(broker: &Broker, prefix: &str) -> Result<Self> {
+        let url = broker.url();
+        let orders = testkit::database().await;
+        let inventory = testkit::unmigrated_database().await;
+        let payments = testkit::unmigrated_database().await;
+        let env = [
+            ("DATABASE_URL", orders.url.as_str()),
+            ("INVENTORY_DATABASE_URL", inventory.url.as_str()),
+            ("PAYMENTS_DATABASE_URL", payments.url.as_str()),
+            ("BROKER", url.as_str()),
+            ("BROKER_PREFIX", prefix),
+            ("SAGAS", "true"),
+            ("LISTEN_ADDR", "127.0.0.1:0"),
+            ("ONEC_USERNAME", "bench"),
+            ("ONEC_PASSWORD", "bench"),
+            ("RELAY_POLL_INTERVAL", "100ms"),
+            ("CONSUMER_BATCH", "100"),
+        ];
+        let mock = process::spawn(
+            "onec-mock",
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--username",
+                "bench",
+                "--password",
+                "bench",
+            ],
+            &[],
+            "onec-mock listening",
+            &log("onec-mock"),
+        )
+        .await?;
+        let onec = [("ONEC_URL", mock.url.clone())];
+        let mut env: Vec<(&str, &str)> = env.to_vec();
+        env.extend(onec.iter().map(|(k, v)| (*k, v.as_str())));
+        let mut roles = vec![mock];
+        // Consumers first: on RabbitMQ they declare the queues publishes go to.
+        for (name, args, ready) in [
+            ("journal", &["consume", "journal"][..], "consumer started"),
+            ("orchestrator", &["consume", "saga"][..], "consumer started"),
+            (
+                "inventory",
+                &["inventory", "--migrate"][..],
+                "service started",
+            ),
+            (
+                "payments",
+                &["payments", "--migrate"][..],
+                "service started",
+            ),
+            ("notifier", &["notifier"][..], "notifier started"),
+            (
+                "api",
+                &["api", "--database-max-connections", "32"][..],
+                "api listening",
+            ),
+            ("relay", &["relay"][..], "relay started"),
+        ] {
+            roles.push(process::spawn("orders-center", args, &env, ready, &log(name)).await?);
+        }
+        let url = |i: usize| roles[i].url.clone();
+        let (inventory, payments, api) = (url(3), url(4), url(6));
+        let http = reqwest::Client::new();
+        for p in 0..PRODUCTS {
+            let res = http
+                .put(format!("{inventory}/api/v1/stock/sku-{p}"))
+                .json(&json!({"available": 1_000_000_000i64}))
+                .send()
+                .await?;
+            ensure!(res.status().is_success(), "stocking: {}", res.status());
+        }
+        for a in 0..ACCOUNTS {
+            let id = format!("acc-{a}");
+            for (path, body) in [
+                (String::new(), json!({"account_id": id})),
+                (format!("/{id}/top-ups"), json!({"amount": 1_000_000_000})),
+            ] {
+                let res = http
+                    .post(format!("{payments}/api/v1/accounts{path}"))
+                    .json(&body)
+                    .send()
+                    .await?;
+                ensure!(res.status().is_success(), "funding: {}", res.status());
+            }
+        }
+        Ok(Self {
+            roles,
+            api,
+            orders: orders.pool,
+        })
+    }
+
+    async fn stop(self) -> Result<()> {
+        for role in self.roles.into_iter().rev() {
+            role.stop().await?;
+        }
+        Ok(())
+    }
+
+    /// Creates saga `id` through the API.
+    async fn create(&self, http: &reqwest::Client, id: &str, i: usize) -> Result<()> {
+        let mut body = testkit::sample_order_with(id, "new", 150.5);
+        body["checkout"] = json!({
+            "account_id": format!("acc-{}", i % ACCOUNTS),
+            "reserve": [{"product_id": format!("sku-{}", i % PRODUCTS), "quantity": 1}],
+        });
+        let res = http
+            .put(format!("{}/api/v1/orders/{id}", self.api))
+            .json(&body)
+            .send()
+            .await?;
+        ensure!(res.status().is_success(), "create {id}: {}", res.status());
+        Ok(())
+    }
+
+    /// Waits until the sagas named `prefix…` are over; all must complete.
+    async fn finished(&self, prefix: &str, n: usize, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            let (done, completed): (i64, i64) = sqlx::query_as(
+                "SELECT count(*) FILTER (WHERE finished_at IS NOT NULL),
+                        count(*) FILTER (WHERE state = 'completed')
+                 FROM sagas WHERE order_id LIKE $1 || '%'",
+            )
+            .bind(prefix)
+            .fetch_one(&self.orders)
+            .await?;
+            if done as usize >= n {
+                ensure!(
+                    completed == done,
+                    "{} of {done} sagas did not complete",
+                    done - completed
+                );
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{done} of {n} sagas over after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Runs both saga figures on `broker`.
+pub async fn run(
+    broker: &mut Broker,
+    quick: bool,
+    seconds: u64,
+    out: &mut Vec<Figure>,
+) -> Result<()> {
+    let name = broker.name();
+    let scenario = format!("8 saga over {name}");
+    let platform = Platform::start(broker, &format!("saga-{}-", std::process::id())).await?;
+    let http = reqwest::Client::new();
+
+    // Throughput: a burst.
+    let n = if quick { 300 } else { 10_000 };
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let (platform, http) = (&platform, &http);
+            async move { platform.create(http, &format!("SB-{i}"), i).await }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<Result<()>>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>>>()?;
+    platform
+        .finished("SB-", n, Duration::from_secs(600))
+        .await?;
+    let span: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM max(finished_at) - min(created_at))::float8
+         FROM sagas WHERE order_id LIKE 'SB-%'",
+    )
+    .fetch_one(&platform.orders)
+    .await?;
+    let rate = n as f64 / span;
+    out.push(figure(
+        &scenario,
+        &format!("{n} sagas, create to completed"),
+        rate,
+        "saga/s",
+        (!quick).then_some(("≥ 500", rate >= 500.0)),
+    ));
+
+    // Latency at 200 sagas a second offered.
+    let offered = 200u64;
+    let total = (offered * seconds) as usize;
+    let period = Duration::from_secs_f64(1.0 / offered as f64);
+    let started = tokio::time::Instant::now();
+    let mut creates = Vec::with_capacity(total);
+    for i in 0..total {
+        tokio::time::sleep_until(started + period * i as u32).await;
+        let (http, api) = (http.clone(), platform.api.clone());
+        let id = format!("SL-{i}");
+        let body = {
+            let mut b = testkit::sample_order_with(&id, "new", 150.5);
+            b["checkout"] = json!({
+                "account_id": format!("acc-{}", i % ACCOUNTS),
+                "reserve": [{"product_id": format!("sku-{}", i % PRODUCTS), "quantity": 1}],
+            });
+            b
+        };
+        creates.push(tokio::spawn(async move {
+            let res = http
+                .put(format!("{api}/api/v1/orders/{id}"))
+                .json(&body)
+                .send()
+                .await?;
+            ensure!(res.status().is_success(), "create {id}: {}", res.status());
+            anyhow::Ok(())
+        }));
+    }
+    for c in creates {
+        c.await??;
+    }
+    platform
+        .finished("SL-", total, Duration::from_secs(300))
+        .await?;
+    let mut took: Vec<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM finished_at - created_at)::float8 * 1000
+         FROM sagas WHERE order_id LIKE 'SL-%'",
+    )
+    .fetch_all(&platform.orders)
+    .await?;
+    took.sort_by(f64::total_cmp);
+    let (p50, p99) = (percentile(&took, 0.50), percentile(&took, 0.99));
+    out.push(figure(
+        &scenario,
+        &format!("{offered} sagas/s offered: p50"),
+        p50,
+        "ms",
+        None,
+    ));
+    out.push(figure(
+        &scenario,
+        &format!("{offered} sagas/s offered: p99"),
+        p99,
+        "ms",
+        (!quick).then_some(("≤ 250", p99 <= 250.0)),
+    ));
+    platform
+        .stop()
+        .await
+        .context("stopping the saga's processes")?;
+
+    // The broker alone: confirmed publishes per second over 7 messages a
+    // saga, and 6 plain round trips in a row.
+    broker.fresh(&format!("sagaplain{}", std::process::id()));
+    broker.prepare().await?;
+    let published =
+        crate::brokers::plain_publish(broker, if quick { 2_000 } else { 50_000 }).await?;
+    out.push(figure(
+        &scenario,
+        "ceiling: plain publishes / 7",
+        published / 7.0,
+        "saga/s",
+        None,
+    ));
+    let (rt50, rt99) = crate::brokers::plain_round_trip(broker, offered, seconds.min(10)).await?;
+    out.push(figure(
+        &scenario,
+        "ceiling: 6 plain round trips, p50",
+        rt50 * 6.0,
+        "ms",
+        None,
+    ));
+    out.push(figure(
+        &scenario,
+        "ceiling: 6 plain round trips, p99",
+        rt99 * 6.0,
+        "ms",
+        None,
+    ));
+    Ok(())
+}
