@@ -3,7 +3,7 @@
 //! `consume saga` (the orchestrator), `inventory` and `payments` (each on
 //! its own database), and `notifier`.
 //!
-//! Two runs of 1,000 sagas each (2,000 in all), on their own products and
+//! Two runs of 2,000 sagas each, on their own products and
 //! accounts. Some orders ask for more stock than exists, some accounts
 //! cannot pay. The first run has no fault. During the second the
 //! orchestrator, inventory and payments are each SIGKILLed at a random
@@ -31,10 +31,10 @@ use crate::scenarios::{settle, Figures};
 use crate::system::{System, RELAY_ENV};
 
 /// Sagas per run.
-const SAGAS: usize = 1000;
+const SAGAS: usize = 2000;
 /// Products per run, and the units of each.
 const PRODUCTS: usize = 10;
-const STOCK: i64 = 150;
+const STOCK: i64 = 300;
 /// Paying accounts per run, and what each holds; one more cannot pay.
 const ACCOUNTS: usize = 20;
 const FUNDS: i64 = 100_000;
