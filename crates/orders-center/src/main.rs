@@ -474,17 +474,21 @@ fn require_url<'a>(config: &'a Config, role: &str) -> Result<&'a str> {
 }
 
 fn open_store(config: &Config, url: &str) -> Result<store::Store> {
-    let pool = store::connect_lazy(
+    Ok(store::Store::new(connect(config, url)?)
+        .with_routes(config.routes())
+        .with_saga(config.saga()))
+}
+
+/// A lazy pool on `url` of the configured size.
+fn connect(config: &Config, url: &str) -> Result<sqlx::PgPool> {
+    store::connect_lazy(
         url,
         &store::PoolConfig {
             max_connections: config.database_max_connections,
             ..Default::default()
         },
     )
-    .context("parsing the database URL")?;
-    Ok(store::Store::new(pool)
-        .with_routes(config.routes())
-        .with_saga(config.saga()))
+    .context("parsing the database URL")
 }
 
 /// The URL of a database named `<database of url>_<suffix>` on the server

@@ -78,15 +78,7 @@ impl Service {
 /// The store of a service database: the same outbox and relay machinery,
 /// with no order routes.
 pub fn service_store(config: &Config, url: &str) -> Result<store::Store> {
-    let pool = store::connect_lazy(
-        url,
-        &store::PoolConfig {
-            max_connections: config.database_max_connections,
-            ..Default::default()
-        },
-    )
-    .context("parsing the database URL")?;
-    Ok(store::Store::new(pool).with_routes(domain::Routes::none()))
+    Ok(store::Store::new(crate::connect(config, url)?).with_routes(domain::Routes::none()))
 }
 
 /// `inventory` or `payments`: the API and the relay's status on one port,
