@@ -122,9 +122,15 @@ impl Config {
         }
     }
 
-    /// Whether orders created with a checkout start sagas here.
+    /// Whether orders created with a checkout start sagas here; always in
+    /// `dev` and in the orchestrator, which exists to run them.
     pub fn sagas_enabled(&self) -> bool {
-        self.sagas || matches!(self.command, Command::Dev(_))
+        self.sagas
+            || match &self.command {
+                Command::Dev(_) => true,
+                Command::Consume(args) => args.consumer == ConsumerName::Saga,
+                _ => false,
+            }
     }
 
     /// How sagas run: not at all unless enabled.
@@ -727,6 +733,37 @@ mod tests {
     #[test]
     fn the_cli_definition_is_consistent() {
         Config::command().debug_assert();
+    }
+
+    #[test]
+    fn sagas_run_where_they_are_switched_on_and_have_a_transport() {
+        use store::saga::SagaRoute;
+        let route = |args: &[&str]| {
+            let args = [&["orders-center"][..], args].concat();
+            Config::try_parse_from(args).unwrap().saga().route
+        };
+        let kafka = Some(SagaRoute::Broker("kafka".parse().unwrap()));
+        assert_eq!(route(&["dev"]), Some(SagaRoute::Local));
+        assert_eq!(route(&["dev", "--broker", "kafka://k:9092"]), kafka);
+        assert_eq!(route(&["api"]), None);
+        assert_eq!(route(&["api", "--sagas"]), None, "no broker, no saga");
+        assert_eq!(
+            route(&["api", "--broker", "kafka://k:9092"]),
+            None,
+            "not switched on"
+        );
+        assert_eq!(
+            route(&["api", "--broker", "kafka://k:9092", "--sagas"]),
+            kafka
+        );
+        assert_eq!(
+            route(&["consume", "saga", "--broker", "kafka://k:9092"]),
+            kafka
+        );
+        assert_eq!(
+            route(&["consume", "journal", "--broker", "kafka://k:9092"]),
+            None
+        );
     }
 
     /// `relay` with the required 1C flags plus `extra`.
