@@ -225,6 +225,12 @@ pub struct ServiceArgs {
     #[arg(long, env = "CONSUMER_BATCH", default_value_t = 100)]
     pub batch: u16,
 
+    /// Kafka consumers of the group in this process, each with its share of
+    /// the partitions, applying in parallel (RabbitMQ: one active consumer
+    /// per queue, so this does not apply).
+    #[arg(long, env = "CONSUMER_MEMBERS", default_value_t = 1)]
+    pub members: usize,
+
     #[command(flatten)]
     pub tuning: RelayTuning,
 
@@ -368,6 +374,12 @@ pub struct ConsumeArgs {
     /// unacknowledged at once).
     #[arg(long, env = "CONSUMER_BATCH", default_value_t = 500)]
     pub batch: u16,
+
+    /// Kafka consumers of the group in this process, each with its share of
+    /// the partitions, applying in parallel (RabbitMQ: one active consumer
+    /// per queue, so this does not apply).
+    #[arg(long, env = "CONSUMER_MEMBERS", default_value_t = 1)]
+    pub members: usize,
 
     #[command(flatten)]
     pub http: HttpArgs,

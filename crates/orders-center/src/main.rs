@@ -114,8 +114,12 @@ async fn consume(
         args.http.limits(),
         &shutdown,
     );
+    let feed = transports::Feed {
+        batch: args.batch,
+        members: args.members,
+    };
     let result = transport
-        .run(&*consumer, &streams, args.batch, shutdown.clone())
+        .run(&*consumer, &streams, feed, shutdown.clone())
         .await;
     // Whatever ended the consumer ends the process.
     shutdown.cancel();

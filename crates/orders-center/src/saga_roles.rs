@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, NotifierArgs, RelayTuning, ServiceArgs};
-use crate::transports::{self, LocalPeers, Stream, Transport};
+use crate::transports::{self, Feed, LocalPeers, Stream, Transport};
 
 /// A service of the saga with a database of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,8 +128,12 @@ pub async fn run_service(
         .merge(relay.status_router());
     let server = serve(listener, router, args.http.limits(), &shutdown);
     let consumer = service.consumer(store.pool(), route);
+    let feed = transports::Feed {
+        batch: args.batch,
+        members: args.members,
+    };
     let consumed = transport
-        .run(&*consumer, &streams, args.batch, shutdown.clone())
+        .run(&*consumer, &streams, feed, shutdown.clone())
         .await;
     // Whatever ended the consumer ends the process.
     shutdown.cancel();
@@ -159,7 +163,12 @@ pub async fn run_notifier(
     let router = notifier.router().merge(crate::consumer_status(None));
     let server = serve(listener, router, args.http.limits(), &shutdown);
     let consumed = transport
-        .run(&notifier, &streams, args.batch, shutdown.clone())
+        .run(
+            &notifier,
+            &streams,
+            Feed::batch(args.batch),
+            shutdown.clone(),
+        )
         .await;
     shutdown.cancel();
     server.await?.context("serving the notifier")?;
@@ -322,7 +331,7 @@ fn consume(
     let shutdown = shutdown.clone();
     tokio::spawn(async move {
         let result = transport
-            .run(&*consumer, &streams, 100, shutdown.clone())
+            .run(&*consumer, &streams, Feed::batch(100), shutdown.clone())
             .await;
         shutdown.cancel();
         result

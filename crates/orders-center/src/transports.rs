@@ -268,14 +268,19 @@ impl Transport {
         Ok(())
     }
 
-    /// Feeds `consumer` from `streams` (prepared) until `shutdown`.
+    /// Feeds `consumer` from `streams` (prepared) until `shutdown`. On
+    /// Kafka, `members` consumers of one group share the partitions, each
+    /// applying its own batches, so one key's messages stay in order while
+    /// partitions go in parallel; RabbitMQ keeps one active consumer per
+    /// queue, and `members` does not apply.
     pub async fn run<C: Consumer + ?Sized>(
         &self,
         consumer: &C,
         streams: &[Stream],
-        batch: u16,
+        feed: Feed,
         shutdown: CancellationToken,
     ) -> Result<()> {
+        let batch = feed.batch;
         match self {
             Self::Kafka(kafka) => {
                 let subscription = KafkaSubscription {
@@ -286,7 +291,10 @@ impl Transport {
                     group: format!("{}{}", kafka.topic_prefix, consumer.consumer()),
                     batch: usize::from(batch),
                 };
-                brokers::kafka::consume(kafka, &subscription, consumer, shutdown).await?;
+                let members = (0..feed.members.max(1)).map(|_| {
+                    brokers::kafka::consume(kafka, &subscription, consumer, shutdown.clone())
+                });
+                futures::future::try_join_all(members).await?;
             }
             Self::RabbitMq(rabbit) => {
                 let queues = streams.iter().map(|stream| {
@@ -300,6 +308,22 @@ impl Transport {
             }
         }
         Ok(())
+    }
+}
+
+/// How a consumer takes its messages.
+#[derive(Debug, Clone, Copy)]
+pub struct Feed {
+    /// Most messages applied in one inbox transaction.
+    pub batch: u16,
+    /// Kafka consumers of the group in this process.
+    pub members: usize,
+}
+
+impl Feed {
+    /// `batch` messages a transaction, one member.
+    pub fn batch(batch: u16) -> Self {
+        Self { batch, members: 1 }
     }
 }
 
@@ -319,6 +343,11 @@ pub async fn run_journal(
     shutdown: CancellationToken,
 ) -> Result<()> {
     transport
-        .run(&journal_inbox(&store), &Stream::orders(), batch, shutdown)
+        .run(
+            &journal_inbox(&store),
+            &Stream::orders(),
+            Feed::batch(batch),
+            shutdown,
+        )
         .await
 }
