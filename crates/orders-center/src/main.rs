@@ -108,7 +108,7 @@ async fn consume(
     let listener = bind(args.listen).await?;
     transport.prepare(name, &streams).await?;
     tracing::info!(url = %url_of(&listener)?, %broker, consumer = name, "consumer started");
-    let status = saga_roles::serve(
+    let status = serve(
         listener,
         consumer_status(Some(store)),
         args.http.limits(),
@@ -442,7 +442,17 @@ fn serve_status(
     limits: http_server::Limits,
     shutdown: &CancellationToken,
 ) -> tokio::task::JoinHandle<std::io::Result<()>> {
-    let router = http_server::with_limits(relay.status_router(), &limits);
+    serve(listener, relay.status_router(), limits, shutdown)
+}
+
+/// Serves `router` in the background until `shutdown`.
+fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    limits: http_server::Limits,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    let router = http_server::with_limits(router, &limits);
     let shutdown = shutdown.clone().cancelled_owned();
     tokio::spawn(async move { http_server::serve(listener, router, &limits, shutdown).await })
 }

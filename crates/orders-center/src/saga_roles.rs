@@ -126,7 +126,7 @@ pub async fn run_service(
     let router = service
         .router(store.pool().clone())
         .merge(relay.status_router());
-    let server = serve(listener, router, args.http.limits(), &shutdown);
+    let server = crate::serve(listener, router, args.http.limits(), &shutdown);
     let consumer = service.consumer(store.pool(), route);
     let feed = transports::Feed {
         batch: args.batch,
@@ -161,7 +161,7 @@ pub async fn run_notifier(
     let listener = crate::bind(args.listen).await?;
     tracing::info!(url = %crate::url_of(&listener)?, "notifier started");
     let router = notifier.router().merge(crate::consumer_status(None));
-    let server = serve(listener, router, args.http.limits(), &shutdown);
+    let server = crate::serve(listener, router, args.http.limits(), &shutdown);
     let consumed = transport
         .run(
             &notifier,
@@ -175,18 +175,6 @@ pub async fn run_notifier(
     consumed?;
     tracing::info!("notifier stopped");
     Ok(())
-}
-
-/// Serves `router` in the background until `shutdown`.
-pub fn serve(
-    listener: TcpListener,
-    router: Router,
-    limits: http_server::Limits,
-    shutdown: &CancellationToken,
-) -> JoinHandle<std::io::Result<()>> {
-    let router = http_server::with_limits(router, &limits);
-    let shutdown = shutdown.clone().cancelled_owned();
-    tokio::spawn(async move { http_server::serve(listener, router, &limits, shutdown).await })
 }
 
 /// The saga's services inside `dev`.
@@ -269,8 +257,12 @@ impl DevSaga {
             );
             let router = service.router(store.pool().clone());
             let listener = service_listeners.next().expect("one listener per service");
-            saga.tasks
-                .push(flatten(serve(listener, router, limits.clone(), shutdown)));
+            saga.tasks.push(flatten(crate::serve(
+                listener,
+                router,
+                limits.clone(),
+                shutdown,
+            )));
             if let Some(t) = &transport {
                 let route = config.saga_route().expect("a broker gives a saga route");
                 let streams = Stream::saga(&[service.topic()]);
@@ -296,7 +288,7 @@ impl DevSaga {
                 shutdown,
             ));
         }
-        saga.tasks.push(flatten(serve(
+        saga.tasks.push(flatten(crate::serve(
             listeners.notifier,
             notifier.router(),
             limits,
