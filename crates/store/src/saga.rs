@@ -372,9 +372,12 @@ impl Store {
         for id in due {
             let id = OrderId::parse(&id).map_err(|e| Error::Invariant(format!("saga id: {e}")))?;
             let mut tx = self.pool.begin().await?;
-            // Re-check under the lock: an answer may have come meanwhile.
+            // Re-check under the row lock that the transition takes too: an
+            // answer may have moved the saga on (and reset its deadline)
+            // since the scan, and must not be compensated for.
             let overdue: bool = sqlx::query_scalar(
-                "SELECT coalesce(deadline_at <= now(), false) FROM sagas WHERE order_id = $1",
+                "SELECT coalesce(deadline_at <= now(), false) FROM sagas WHERE order_id = $1
+                 FOR UPDATE",
             )
             .bind(id.as_str())
             .fetch_one(&mut *tx)
