@@ -617,9 +617,12 @@ pub async fn saga_run(sys: &mut System, broker: Broker, outage: Duration) -> Res
         faulty_outcomes.completed,
         faulty_outcomes.cancelled,
     );
+    // Without faults some sagas must complete; with them every saga may be
+    // compensated (the broker freezes while all of them are in flight),
+    // which the invariants above cover.
     ensure!(
-        clean_outcomes.completed > 0 && faulty_outcomes.completed > 0,
-        "no saga completed: {notes}"
+        clean_outcomes.completed > 0,
+        "no saga completed without faults: {notes}"
     );
     let mut figures = settle(sys, scenario, &before, &saved, thawed, notes).await?;
     figures.recovery_s = recovered.as_secs_f64();
