@@ -63,11 +63,6 @@ impl Broker {
         }
     }
 
-    /// Stops it.
-    pub(crate) fn shut_down(self) {
-        self.stop()
-    }
-
     /// The same broker with names no earlier run used.
     pub(crate) fn fresh(&mut self, run: &str) {
         match self {
@@ -133,7 +128,7 @@ impl Broker {
         }
     }
 
-    fn stop(self) {
+    pub(crate) fn stop(self) {
         match self {
             Self::Kafka(k, _) => k.stop(),
             Self::RabbitMq(r, _) => r.stop(),

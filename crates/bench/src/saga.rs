@@ -62,21 +62,7 @@ impl Platform {
             ("RELAY_POLL_INTERVAL", "100ms"),
             ("CONSUMER_BATCH", "100"),
         ];
-        let mock = process::spawn(
-            "onec-mock",
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--username",
-                "bench",
-                "--password",
-                "bench",
-            ],
-            &[],
-            "onec-mock listening",
-            &log("onec-mock"),
-        )
-        .await?;
+        let mock = crate::scenarios::spawn_mock(0).await?;
         let onec = [("ONEC_URL", mock.url.clone())];
         let mut env: Vec<(&str, &str)> = env.to_vec();
         env.extend(onec.iter().map(|(k, v)| (*k, v.as_str())));

@@ -211,7 +211,7 @@ pub async fn run_all(
                 crate::brokers::Broker::rabbitmq().await?
             };
             crate::saga::run(&mut broker, quick, sizes.latency_seconds, out).await?;
-            tokio::task::spawn_blocking(move || broker.shut_down()).await?;
+            tokio::task::spawn_blocking(move || broker.stop()).await?;
         }
     }
     Ok(())
@@ -560,6 +560,29 @@ async fn spawn_relay(db_url: &str, onec_url: &str, batch: u32) -> Result<Proc> {
     .await
 }
 
+/// The 1C mock (user and password `bench`), adding `latency_ms` to every
+/// answer.
+pub(crate) async fn spawn_mock(latency_ms: u64) -> Result<Proc> {
+    let latency = format!("{latency_ms}ms");
+    process::spawn(
+        "onec-mock",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--username",
+            "bench",
+            "--password",
+            "bench",
+            "--latency",
+            &latency,
+        ],
+        &[],
+        "onec-mock listening",
+        &log_file("onec-mock"),
+    )
+    .await
+}
+
 /// An API process with a pool of 32 connections.
 async fn spawn_api(db_url: &str) -> Result<Proc> {
     process::spawn(
@@ -593,23 +616,7 @@ async fn drain_http(n: i64, latency_ms: u64, quick: bool, out: &mut Vec<Figure>)
     )
     .await?;
     let latency = format!("{latency_ms}ms");
-    let mock = process::spawn(
-        "onec-mock",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--username",
-            "bench",
-            "--password",
-            "bench",
-            "--latency",
-            &latency,
-        ],
-        &[],
-        "onec-mock listening",
-        &log_file("onec-mock"),
-    )
-    .await?;
+    let mock = spawn_mock(latency_ms).await?;
     let relay = spawn_relay(&db.url, &mock.url, 500).await?;
     let started = Instant::now();
     loop {

@@ -54,25 +54,33 @@ impl Checkout {
                 format!("at most {MAX_LINES} lines"),
             ));
         }
-        let mut seen = BTreeSet::new();
-        for (i, line) in self.reserve.iter().enumerate() {
-            if let Err(m) = check_name(&line.product_id) {
-                out.push((format!("checkout.reserve[{i}].product_id"), m));
-            } else if !seen.insert(line.product_id.as_str()) {
-                out.push((
-                    format!("checkout.reserve[{i}].product_id"),
-                    "names a product already reserved above".into(),
-                ));
-            }
-            if !(1..=MAX_QUANTITY).contains(&line.quantity) {
-                out.push((
-                    format!("checkout.reserve[{i}].quantity"),
-                    format!("must be between 1 and {MAX_QUANTITY}"),
-                ));
-            }
-        }
+        out.extend(line_problems(&self.reserve, "checkout.reserve"));
         out
     }
+}
+
+/// What is wrong with each of `lines`, as `(field, message)` with fields
+/// named `<at>[i].…`; shared by the checkout and the `ReserveStock` message.
+pub fn line_problems(lines: &[Line], at: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (i, line) in lines.iter().enumerate() {
+        if let Err(m) = check_name(&line.product_id) {
+            out.push((format!("{at}[{i}].product_id"), m));
+        } else if !seen.insert(line.product_id.as_str()) {
+            out.push((
+                format!("{at}[{i}].product_id"),
+                "names a product already reserved above".into(),
+            ));
+        }
+        if !(1..=MAX_QUANTITY).contains(&line.quantity) {
+            out.push((
+                format!("{at}[{i}].quantity"),
+                format!("must be between 1 and {MAX_QUANTITY}"),
+            ));
+        }
+    }
+    out
 }
 
 /// Product and account ids: 1-64 of `A-Z a-z 0-9 - _ .`, so they are safe

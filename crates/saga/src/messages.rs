@@ -13,7 +13,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-pub use domain::checkout::{check_name, Checkout, Line, MAX_LINES, MAX_QUANTITY};
+pub use domain::checkout::{check_name, line_problems, Checkout, Line, MAX_LINES, MAX_QUANTITY};
 use domain::Money;
 use serde::{Deserialize, Serialize};
 
@@ -244,15 +244,11 @@ impl SagaMessage {
         domain::OrderId::parse(&self.order_id).map_err(|m| format!("order_id {m}"))?;
         match self.kind {
             Kind::ReserveStock => {
-                let checkout = Checkout {
-                    account_id: "-".into(),
-                    reserve: self.lines.clone(),
-                };
-                if let Some((field, m)) = checkout.problems().into_iter().next() {
-                    return Err(format!(
-                        "{} {m}",
-                        field.replace("checkout.reserve", "lines")
-                    ));
+                if self.lines.is_empty() {
+                    return Err("lines must name at least one line".into());
+                }
+                if let Some((field, m)) = line_problems(&self.lines, "lines").into_iter().next() {
+                    return Err(format!("{field} {m}"));
                 }
             }
             Kind::ChargePayment => {

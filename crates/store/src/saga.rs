@@ -41,14 +41,6 @@ impl SagaRoute {
             SagaRoute::Broker(d) => d.clone(),
         }
     }
-
-    /// The destinations this route writes to.
-    pub fn destinations(&self) -> Vec<Destination> {
-        let mut all: Vec<Destination> = Topic::ALL.iter().map(|t| self.destination(*t)).collect();
-        all.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-        all.dedup();
-        all
-    }
 }
 
 /// How sagas run.
