@@ -77,6 +77,9 @@ pub enum ApiError {
     /// The database cannot be reached right now.
     #[error("the database is unavailable; retry later")]
     Unavailable(#[source] store::Error),
+    /// The order cache is still warming up (readiness only).
+    #[error("the order cache is warming up")]
+    Warming,
     /// A bug or broken invariant; logged, answered with a generic 500.
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -136,8 +139,33 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             Self::Conflict(_) => StatusCode::CONFLICT,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::Warming => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The problem document this error answers with; also the reason a
+    /// consumer gives when it dead-letters a message the API would refuse.
+    pub fn problem(&self) -> Problem {
+        let status = self.status_code();
+        let (detail, errors, current_version) = match self {
+            Self::Validation(v) => (
+                Some(format!("{} field(s) failed validation", v.0.len())),
+                Some(v.0.clone()),
+                None,
+            ),
+            Self::PreconditionFailed {
+                current_version, ..
+            } => (Some(self.to_string()), None, *current_version),
+            _ => (Some(self.to_string()), None, None),
+        };
+        Problem {
+            kind: problem_type(self.slug()),
+            title: status.canonical_reason().unwrap_or("Error").to_owned(),
+            status: status.as_u16(),
+            detail,
+            errors,
+            current_version,
         }
     }
 
@@ -155,6 +183,7 @@ impl ApiError {
             Self::Conflict(_) => "conflict",
             Self::IdempotencyKeyReused(_) => "idempotency-key-reused",
             Self::Unavailable(_) => "unavailable",
+            Self::Warming => "warming-up",
             Self::Internal(_) => "internal",
         }
     }
@@ -196,26 +225,7 @@ impl IntoResponse for ApiError {
             Self::Unavailable(e) => tracing::warn!(error = %e, "database unavailable"),
             _ => {}
         }
-        let (detail, errors, current_version) = match &self {
-            Self::Validation(v) => (
-                Some(format!("{} field(s) failed validation", v.0.len())),
-                Some(v.0.clone()),
-                None,
-            ),
-            Self::PreconditionFailed {
-                current_version, ..
-            } => (Some(self.to_string()), None, *current_version),
-            _ => (Some(self.to_string()), None, None),
-        };
-        let problem = Problem {
-            kind: problem_type(self.slug()),
-            title: status.canonical_reason().unwrap_or("Error").to_owned(),
-            status: status.as_u16(),
-            detail,
-            errors,
-            current_version,
-        };
-        let mut res = problem_response(status, &problem);
+        let mut res = problem_response(status, &self.problem());
         if status == StatusCode::SERVICE_UNAVAILABLE {
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

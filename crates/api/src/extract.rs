@@ -150,6 +150,55 @@ pub fn precondition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
     }
 }
 
+/// The versions a reader names in `If-None-Match`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Seen {
+    any: bool,
+    versions: Vec<i64>,
+}
+
+impl Seen {
+    /// Whether an order at `version` is one the reader has (a 304).
+    pub fn matches(&self, version: i64) -> bool {
+        self.any || self.versions.contains(&version)
+    }
+
+    /// The newest version named; 0 when none.
+    pub fn newest(&self) -> i64 {
+        self.versions.iter().copied().max().unwrap_or(0)
+    }
+}
+
+/// `If-None-Match` of a read: `*` or a list of ETags (`"3"`, `W/"3"`).
+/// Tags this API never issues match nothing, as RFC 9110 has it.
+pub fn seen_versions(headers: &HeaderMap) -> Result<Seen, ApiError> {
+    let Some(value) = header_str(headers, "if-none-match")? else {
+        return Ok(Seen::default());
+    };
+    if value == "*" {
+        return Ok(Seen {
+            any: true,
+            versions: Vec::new(),
+        });
+    }
+    let versions = value
+        .split(',')
+        .map(str::trim)
+        .filter_map(|tag| {
+            let tag = tag.strip_prefix("W/").unwrap_or(tag);
+            tag.strip_prefix('"')?
+                .strip_suffix('"')?
+                .parse::<i64>()
+                .ok()
+        })
+        .filter(|v| *v > 0)
+        .collect();
+    Ok(Seen {
+        any: false,
+        versions,
+    })
+}
+
 /// Who is saving, from `X-User-Id`; empty when absent.
 pub fn user_id(headers: &HeaderMap) -> Result<String, ApiError> {
     let id = header_str(headers, "x-user-id")?.unwrap_or_default();
@@ -197,6 +246,16 @@ mod tests {
             Precondition::Absent
         );
         assert_eq!(precondition(&HeaderMap::new()).unwrap(), Precondition::None);
+    }
+
+    #[test]
+    fn if_none_match_of_a_read_names_versions() {
+        let seen = seen_versions(&headers(&[("if-none-match", "\"4\", W/\"7\", \"x\"")])).unwrap();
+        assert_eq!(seen.newest(), 7);
+        assert!(seen.matches(4) && seen.matches(7) && !seen.matches(5));
+        let any = seen_versions(&headers(&[("if-none-match", "*")])).unwrap();
+        assert!(any.matches(1) && any.newest() == 0);
+        assert_eq!(seen_versions(&HeaderMap::new()).unwrap(), Seen::default());
     }
 
     #[test]

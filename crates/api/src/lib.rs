@@ -38,16 +38,30 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Limits.
     pub config: ApiConfig,
+    /// The read cache of whole orders; `None` reads every order from the
+    /// database.
+    pub cache: Option<order_cache::OrderCache>,
 }
 
 impl AppState {
-    /// State over a store with fresh metrics.
+    /// State over a store with fresh metrics and no cache.
     pub fn new(store: store::Store, config: ApiConfig) -> Self {
         Self {
             store,
             metrics: Arc::new(Metrics::new()),
             config,
+            cache: None,
         }
+    }
+
+    /// The same state with an order cache of `config`, its series on the
+    /// API's registry. It serves nothing until its listener listens
+    /// ([`order_cache::listener::run`]).
+    pub fn with_cache(mut self, config: order_cache::CacheConfig) -> Self {
+        let metrics = order_cache::CacheMetrics::register(self.metrics.registry())
+            .expect("the cache's series are registered once per API");
+        self.cache = Some(order_cache::OrderCache::new(config, metrics));
+        self
     }
 }
 

@@ -97,6 +97,11 @@ impl Metrics {
         }
     }
 
+    /// The registry, for the series of what the API owns (its cache).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

@@ -40,6 +40,9 @@ impl RabbitMq {
         std::fs::write(dir.join("rabbitmq.conf"), "")?;
         let mut server = Command::new(SERVER);
         server
+            // A node that crashes writes its MnesiaCore dump into its
+            // working directory: keep it in the run's, not the caller's.
+            .current_dir(&dir)
             // The Erlang cookie is written to and read from $HOME.
             .env("HOME", &dir)
             .env("RABBITMQ_NODENAME", format!("rabbit-{port}@localhost"))

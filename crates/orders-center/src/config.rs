@@ -303,6 +303,9 @@ pub struct ApiArgs {
 
     #[command(flatten)]
     pub auth: AuthArgs,
+
+    #[command(flatten)]
+    pub cache: CacheArgs,
 }
 
 /// Flags of `dev`.
@@ -322,6 +325,9 @@ pub struct DevArgs {
 
     #[command(flatten)]
     pub auth: AuthArgs,
+
+    #[command(flatten)]
+    pub cache: CacheArgs,
 
     /// Address of the relay's /metrics, /healthz and /readyz.
     #[arg(long, env = "RELAY_LISTEN_ADDR", default_value = "127.0.0.1:9090")]
@@ -677,6 +683,57 @@ fn parse_state(s: &str) -> Result<domain::TaskState, String> {
     })
 }
 
+/// The API's read cache of whole orders.
+#[derive(Debug, Args)]
+pub struct CacheArgs {
+    /// The most memory the cached orders may weigh, e.g. `256MiB`; `0`
+    /// turns the cache off (every read goes to the database).
+    #[arg(long, env = "CACHE_BUDGET", default_value = "64MiB", value_parser = parse_bytes)]
+    pub cache_budget: u64,
+
+    /// Readiness waits for the cache's warm-up from the database at most
+    /// this long; past it the replica serves and the warm-up goes on.
+    #[arg(long, env = "CACHE_WARMUP_LIMIT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub cache_warmup_limit: Duration,
+}
+
+impl CacheArgs {
+    /// The cache's configuration; `None` when it is off.
+    pub fn cache_config(&self) -> Option<order_cache::CacheConfig> {
+        (self.cache_budget > 0).then_some(order_cache::CacheConfig {
+            budget_bytes: self.cache_budget,
+            warmup_limit: self.cache_warmup_limit,
+        })
+    }
+}
+
+/// `1048576`, `512KiB`, `64MiB`, `2GiB` (also `KB`, `MB`, `GB` as powers
+/// of 1000).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size such as 64MiB"))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?}: use B, KiB, MiB or GiB"
+            ))
+        }
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
 /// Limits of every HTTP listener.
 #[derive(Debug, Args)]
 pub struct HttpArgs {
@@ -741,6 +798,16 @@ pub fn api_config(http: &HttpArgs, auth: &AuthArgs) -> api::ApiConfig {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert_eq!(parse_bytes("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_bytes("0"), Ok(0));
+        assert!(parse_bytes("12 parsecs").is_err());
+        assert!(parse_bytes("MiB").is_err());
+    }
 
     #[test]
     fn the_cli_definition_is_consistent() {

@@ -58,6 +58,7 @@ async fn run(config: &Config, shutdown: CancellationToken) -> Result<()> {
                 store,
                 listener,
                 config::api_config(&args.http, &args.auth),
+                args.cache.cache_config(),
                 shutdown,
             )
             .await
@@ -396,6 +397,7 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
         store,
         api_listener,
         config::api_config(&args.http, &args.auth),
+        args.cache.cache_config(),
         shutdown,
     )
     .await?;
@@ -423,16 +425,29 @@ async fn serve_api(
     store: store::Store,
     listener: TcpListener,
     config: api::ApiConfig,
+    cache: Option<order_cache::CacheConfig>,
     shutdown: CancellationToken,
 ) -> Result<()> {
     if !config.auth.enabled() {
         tracing::warn!("no API_TOKENS configured: anyone who reaches the API can write");
     }
     let limits = config.limits.clone();
-    let app = api::router(api::AppState::new(store, config));
-    http_server::serve(listener, app, &limits, shutdown.cancelled_owned())
+    let mut state = api::AppState::new(store.clone(), config);
+    // The listener reconnects by itself and returns only when cancelled.
+    let listening = cache.map(|cache| {
+        state = state.clone().with_cache(cache);
+        let cache = state.cache.clone().expect("just set");
+        tokio::spawn(order_cache::listener::run(cache, store, shutdown.clone()))
+    });
+    let app = api::router(state);
+    let served = http_server::serve(listener, app, &limits, shutdown.clone().cancelled_owned())
         .await
-        .context("serving the API")
+        .context("serving the API");
+    shutdown.cancel();
+    if let Some(listening) = listening {
+        listening.await.context("the order cache's listener")?;
+    }
+    served
 }
 
 /// Serves the relay's status endpoints in the background until `shutdown`.

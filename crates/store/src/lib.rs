@@ -21,7 +21,9 @@ use sqlx::PgPool;
 pub use error::{Error, Result};
 pub use idempotency::{CreateOutcome, IdempotencyKey, RequestHash};
 pub use leases::{LeaseHeld, LEADER_CHANNEL};
-pub use orders::{Cursor, ListFilter, Page, Precondition, SaveContext, Saved};
+pub use orders::{
+    Cursor, ListFilter, Page, Precondition, SaveContext, Saved, ORDER_CHANGED_CHANNEL,
+};
 pub use outbox::NOTIFY_CHANNEL;
 pub use tasks::{sql as claim_sql, ClaimSpec, ClaimToken, Claimed, ClaimedTask, EventId, TaskId};
 

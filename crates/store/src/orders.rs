@@ -2,6 +2,11 @@
 //! its events in the outbox in one transaction, so no destination can miss a
 //! committed save.
 
+/// The channel on which every committed write of an order row is announced
+/// (migration `…10_order_changes.sql`): payload `<version> <commit time in
+/// µs since the epoch> <order id>`.
+pub const ORDER_CHANGED_CHANNEL: &str = "order_changed";
+
 use std::sync::LazyLock;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -153,9 +158,16 @@ struct FullRow {
 const ORDER_COLUMNS: &str = "o.id, o.type, o.status, o.city, o.subdivision, o.price, \
      o.platform, o.general_id, o.order_number, o.executor, o.version, o.created_at, o.updated_at";
 
-/// The whole OrderFull in one round trip and one snapshot, so a read never
-/// mixes lines of two versions.
-static LOAD_SQL: LazyLock<String> = LazyLock::new(|| {
+/// The 1C delivery state of the order `o` (its latest snapshot task).
+const SYNC_SQL: &str = "(SELECT row_to_json(t) FROM (
+                SELECT id AS task_id, version, state, attempts, last_error, updated_at
+                FROM outbox WHERE destination = 'onec' AND aggregateid = o.id
+                  AND type <> 'order.status_changed'
+                ORDER BY id DESC LIMIT 1) t)";
+
+/// The whole OrderFull of the orders `WHERE` selects, in one round trip and
+/// one snapshot, so a read never mixes lines of two versions.
+fn load_sql(filter: &str) -> String {
     format!(
         "SELECT {ORDER_COLUMNS},
             COALESCE((SELECT json_agg(i ORDER BY i.position) FROM order_items i
@@ -164,34 +176,37 @@ static LOAD_SQL: LazyLock<String> = LazyLock::new(|| {
                       WHERE p.order_id = o.id), '[]') AS payments,
             COALESCE((SELECT json_agg(h ORDER BY h.id) FROM order_history h
                       WHERE h.order_id = o.id), '[]') AS history,
-            (SELECT row_to_json(t) FROM (
-                SELECT id AS task_id, version, state, attempts, last_error, updated_at
-                FROM outbox WHERE destination = 'onec' AND aggregateid = o.id
-                  AND type <> 'order.status_changed'
-                ORDER BY id DESC LIMIT 1) t) AS sync
-         FROM orders o WHERE o.id = $1"
+            {SYNC_SQL} AS sync
+         FROM orders o WHERE {filter}"
     )
-});
+}
+
+static LOAD_SQL: LazyLock<String> = LazyLock::new(|| load_sql("o.id = $1"));
+static LOAD_MANY_SQL: LazyLock<String> = LazyLock::new(|| load_sql("o.id = ANY($1)"));
+
+impl FullRow {
+    fn into_view(self) -> OrderView {
+        let (order, version) = self.order.into_order();
+        OrderView {
+            full: OrderFull {
+                order,
+                items: self.items.0,
+                payments: self.payments.0,
+                history: self.history.0,
+                checkout: None,
+            },
+            version,
+            sync: self.sync.map(|s| s.0),
+        }
+    }
+}
 
 pub(crate) async fn load(conn: &mut PgConnection, id: &OrderId) -> Result<Option<OrderView>> {
     let row: Option<FullRow> = sqlx::query_as(LOAD_SQL.as_str())
         .bind(id.as_str())
         .fetch_optional(conn)
         .await?;
-    Ok(row.map(|r| {
-        let (order, version) = r.order.into_order();
-        OrderView {
-            full: OrderFull {
-                order,
-                items: r.items.0,
-                payments: r.payments.0,
-                history: r.history.0,
-                checkout: None,
-            },
-            version,
-            sync: r.sync.map(|s| s.0),
-        }
-    }))
+    Ok(row.map(FullRow::into_view))
 }
 
 struct Current {
@@ -564,6 +579,52 @@ impl Store {
         load(&mut conn, id)
             .await?
             .ok_or_else(|| Error::NotFound(id.clone()))
+    }
+
+    /// The orders of `ids` that exist, in no particular order, each read
+    /// whole in one snapshot: the cache's warm-up.
+    pub async fn get_orders(&self, ids: &[String]) -> Result<Vec<OrderView>> {
+        let rows: Vec<FullRow> = sqlx::query_as(LOAD_MANY_SQL.as_str())
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(FullRow::into_view).collect())
+    }
+
+    /// The ids of the `limit` most recently updated orders, newest first.
+    /// A top-N sort over the table: run once at start, it needs no index
+    /// that every save would have to write.
+    pub async fn recently_updated(&self, limit: i64) -> Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM orders ORDER BY updated_at DESC, id LIMIT $1")
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    /// The 1C delivery state of the order's latest version alone: what a
+    /// cached order may have to refresh while that version is in flight.
+    pub async fn order_sync(&self, id: &OrderId) -> Result<Option<SyncStatus>> {
+        let row: Option<(Option<Json<SyncStatus>>,)> =
+            sqlx::query_as(&format!("SELECT {SYNC_SQL} FROM orders o WHERE o.id = $1"))
+                .bind(id.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+        let row = row.ok_or_else(|| Error::NotFound(id.clone()))?;
+        Ok(row.0.map(|s| s.0))
+    }
+
+    /// [`Store::save_order`] inside the caller's transaction, for a consumer
+    /// that records its inbox row in the same one (ingestion).
+    pub async fn save_order_in(
+        &self,
+        conn: &mut PgConnection,
+        order: &ValidOrder,
+        pre: Precondition,
+        ctx: &SaveContext,
+    ) -> Result<Saved> {
+        save_in(conn, self, order, pre, ctx).await
     }
 
     /// The order's history, oldest first.

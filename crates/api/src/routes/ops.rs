@@ -27,13 +27,15 @@ pub async fn healthz() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
-/// The process can serve: the database answers within two seconds.
+/// The process can serve: the database answers within two seconds, and the
+/// order cache (if any) is warm or its warm-up limit has passed.
 #[utoipa::path(get, path = "/readyz", tag = "ops", responses(
     (status = 200, description = "Ready", body = Health),
-    (status = 503, description = "Database unavailable", body = crate::Problem,
-        content_type = "application/problem+json")))]
+    (status = 503, description = "Database unavailable, or the order cache still warming up",
+        body = crate::Problem, content_type = "application/problem+json")))]
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
     match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
+        Ok(Ok(())) if state.cache.as_ref().is_some_and(|c| !c.is_ready()) => Err(ApiError::Warming),
         Ok(Ok(())) => Ok(Json(Health { status: "ready" })),
         // Any failure of a trivial query means this process cannot serve.
         Ok(Err(e)) => Err(ApiError::Unavailable(e)),

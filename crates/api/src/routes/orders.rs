@@ -35,6 +35,14 @@ fn view_response(status: StatusCode, view: &OrderView) -> Response {
     res
 }
 
+/// Puts what this replica committed in its cache, so its own next read
+/// is never older than its own write.
+fn remember(state: &AppState, snapshot: Option<order_cache::Snapshot>, view: &OrderView) {
+    if let (Some(cache), Some(snapshot)) = (&state.cache, snapshot) {
+        cache.fill(snapshot, view);
+    }
+}
+
 /// Who saves, and the trace the save belongs to: the request span's, which
 /// continues the caller's `traceparent`. Without a tracing layer (the API
 /// used as a library) the caller's valid `traceparent` is kept as is.
@@ -82,12 +90,14 @@ pub async fn save_order(
     let pre = extract::precondition(&headers)?;
     let ctx = save_context(&headers, extract::user_id(&headers)?);
     let order = input.validate(Some(&id))?;
+    let snapshot = state.cache.as_ref().map(|c| c.snapshot());
     let Saved {
         view,
         created,
         queued,
     } = state.store.save_order(&order, pre, &ctx).await?;
     state.metrics.saved(created, &queued);
+    remember(&state, snapshot, &view);
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -123,6 +133,7 @@ pub async fn create_order(
     // Hash what the client sent, before an id is generated for it.
     let hash = RequestHash::of(&(&input, &input.checkout));
     let order = input.validate(None)?;
+    let snapshot = state.cache.as_ref().map(|c| c.snapshot());
     let outcome = state
         .store
         .create_order(&order, key.as_ref().map(|k| (k, hash)), &ctx)
@@ -135,6 +146,7 @@ pub async fn create_order(
     match outcome {
         CreateOutcome::Created(saved) => {
             state.metrics.saved(true, &saved.queued);
+            remember(&state, snapshot, &saved.view);
             Ok(view_response(StatusCode::CREATED, &saved.view))
         }
         CreateOutcome::Replayed { status, body } => {
@@ -153,20 +165,99 @@ pub async fn create_order(
     }
 }
 
+/// What a read asks of the version it gets.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ReadParams {
+    /// Never answer an older version than this one (e.g. the version a
+    /// save returned); a replica whose cache is behind reads the database.
+    min_version: Option<i64>,
+}
+
+/// `RFC 9211` `Cache-Status` of an order read.
+const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+fn read_response(version: i64, body: axum::body::Bytes, seen: &Seen, hit: bool) -> Response {
+    let mut res = if seen.matches(version) {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response()
+    };
+    let h = res.headers_mut();
+    h.insert(header::ETAG, etag(version));
+    h.insert(
+        CACHE_STATUS,
+        HeaderValue::from_static(if hit {
+            "orders-center; hit"
+        } else {
+            "orders-center; fwd=miss"
+        }),
+    );
+    res
+}
+
+use extract::Seen;
+
 /// The order with its items, payments, history, version and 1C sync state.
+///
+/// Served from the replica's cache when it holds the order at the version
+/// asked for. `If-None-Match` with an ETag this API gave (or `min_version`)
+/// names the version the client saw: the answer is never older, and is a
+/// 304 when the order is still at it.
 #[utoipa::path(get, path = "/api/v1/orders/{id}", tag = "orders",
-    params(("id" = String, Path, description = "Order id")),
+    params(
+        ("id" = String, Path, description = "Order id"),
+        ("If-None-Match" = Option<String>, Header, description = "ETags seen, e.g. \"3\": 304 if the order is at one of them, never an older version"),
+        ReadParams,
+    ),
     responses(
-        (status = 200, description = "The order", body = OrderView, headers(("ETag" = String))),
-        (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The order", body = OrderView,
+            headers(("ETag" = String), ("Cache-Status" = String, description = "`orders-center; hit` when served from the cache"))),
+        (status = 304, description = "Still at the version named in If-None-Match", headers(("ETag" = String))),
+        (status = 400, description = "Malformed id, min_version or If-None-Match", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn get_order(
     State(state): State<AppState>,
     OrderPath(id): OrderPath,
+    headers: HeaderMap,
+    QueryParams(p): QueryParams<ReadParams>,
 ) -> Result<Response, ApiError> {
+    let seen = extract::seen_versions(&headers)?;
+    if p.min_version.is_some_and(|v| v < 1) {
+        return Err(ApiError::BadRequest("min_version must be 1 or more".into()));
+    }
+    let min = p.min_version.unwrap_or(0).max(seen.newest());
+    let Some(cache) = &state.cache else {
+        let view = state.store.get_order(&id).await?;
+        let body = serde_json::to_vec(&view).expect("orders serialize");
+        return Ok(read_response(view.version, body.into(), &seen, false));
+    };
+    let snapshot = cache.snapshot();
+    if let Some(entry) = cache.get(id.as_str(), min) {
+        let entry = if entry.sync_in_flight() {
+            let sync = state.store.order_sync(&id).await?;
+            if sync.as_ref() == entry.sync() {
+                entry
+            } else {
+                cache.refresh_sync(snapshot, id.as_str(), &entry, sync)
+            }
+        } else {
+            entry
+        };
+        return Ok(read_response(entry.version(), entry.body(), &seen, true));
+    }
     let view = state.store.get_order(&id).await?;
-    Ok(view_response(StatusCode::OK, &view))
+    cache.fill(snapshot, &view);
+    let body = serde_json::to_vec(&view).expect("orders serialize");
+    Ok(read_response(view.version, body.into(), &seen, false))
 }
 
 /// The order's status and price changes, oldest first.
@@ -223,8 +314,10 @@ pub async fn change_status(
     let pre = extract::precondition(&headers)?;
     change.validate()?;
     let ctx = save_context(&headers, change.user_id.clone());
+    let snapshot = state.cache.as_ref().map(|c| c.snapshot());
     let saved = state.store.change_status(&id, &change, pre, &ctx).await?;
     state.metrics.saved(false, &saved.queued);
+    remember(&state, snapshot, &saved.view);
     Ok(view_response(StatusCode::OK, &saved.view))
 }
 
