@@ -78,7 +78,7 @@ def test_custom_resources(docs):
     assert rules["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     monitors = by_kind(docs, "ServiceMonitor")
     saga = {"saga-orchestrator", "saga-inventory", "saga-payments", "saga-notifier"}
-    assert {m["metadata"]["labels"]["app.kubernetes.io/component"] for m in monitors} == {"api", "relay", "consumer-journal"} | saga, "the mock is off in production"
+    assert {m["metadata"]["labels"]["app.kubernetes.io/component"] for m in monitors} == {"api", "relay", "consumer-journal", "consumer-ingest"} | saga, "the mock is off in production"
     services = {s["metadata"]["labels"]["app.kubernetes.io/component"]: s for s in by_kind(docs, "Service")}
     for m in monitors:
         component = m["metadata"]["labels"]["app.kubernetes.io/component"]
@@ -148,6 +148,7 @@ def test_rendered_contract(docs):
         "relay": routes(ROOT / "crates/relay/src/runtime.rs"),
         "onec-mock": routes(ROOT / "crates/onec-mock/src/lib.rs"),
         "consumer-journal": routes(ROOT / "crates/orders-center/src/main.rs"),
+        "consumer-ingest": routes(ROOT / "crates/orders-center/src/main.rs"),
         "saga-orchestrator": routes(ROOT / "crates/orders-center/src/main.rs"),
         # The services serve the relay's status routes beside their API.
         "saga-inventory": routes(ROOT / "crates/relay/src/runtime.rs"),
@@ -161,6 +162,21 @@ def test_rendered_contract(docs):
             get = container[probe]["httpGet"]
             assert get["path"] in served[component], f"{component} {probe} {get['path']} is not served"
             assert get["port"] in ports, f"{component} {probe} port {get['port']}"
+
+    # The API's order cache is sized by the values.
+    assert re.fullmatch(r"[0-9]+(B|KiB|MiB|GiB|KB|MB|GB)?", env(api, "CACHE_BUDGET")["value"])
+    assert env(api, "CACHE_WARMUP_LIMIT")["value"]
+
+    # Ingestion runs `ingest` on its source, with the broker of every role,
+    # and may reach the broker and the database.
+    if "consumer-ingest" in deployments:
+        ingest = deployments["consumer-ingest"]["spec"]["template"]["spec"]["containers"][0]
+        assert ingest["args"] == ["ingest"]
+        assert env(ingest, "INGEST_SOURCE")["value"] == "orders.in"
+        assert env(ingest, "BROKER")["valueFrom"]["secretKeyRef"] == env(api, "BROKER")["valueFrom"]["secretKeyRef"]
+        policy = next(p for p in by_kind(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("consumer-ingest-egress"))
+        ports = {port["port"] for rule in policy["spec"]["egress"] for port in rule["ports"]}
+        assert {53, 5432, 9092, 5672}.issubset(ports), f"consumer-ingest egress: {ports}"
 
     # With a broker, every role gets its URL from the Secret; the journal
     # consumer runs `consume journal`, and restricted egress lets the relay
@@ -293,6 +309,8 @@ def main():
             ("a broker URL of an unknown scheme", {"broker": {"url": "redis://cache:6379"}}),
             ("a saga step timeout that is no duration", {"saga": {"stepTimeout": "soon"}}),
             ("an unknown saga role", {"saga": {"shipping": {"replicaCount": 1}}}),
+            ("a cache budget that is no size", {"api": {"cache": {"budget": "lots"}}}),
+            ("an ingest source with a space", {"consumers": {"ingest": {"source": "orders in"}}}),
         ])),
         ("skaffold.yaml", test_skaffold),
         ("Dockerfile", test_dockerfile),

@@ -4,7 +4,8 @@
 //! restart, a 1C outage, a slow 1C, racing conditional saves, and SIGTERM
 //! under load, 1,000 orders held in doubt beside fresh ones, and order
 //! events over a real Kafka and a real RabbitMQ through relay and consumer
-//! SIGKILLs and a frozen broker. After each scenario every order must be in
+//! SIGKILLs and a frozen broker, the order saga over both brokers, and
+//! orders ingested from both through a SIGKILL of the ingest process. After each scenario every order must be in
 //! 1C at its latest version, with nothing stale and nothing dead; at the
 //! end, no log may hold a secret.
 //!
@@ -12,6 +13,7 @@
 //! target/release/fault-suite`. Bounded: about six minutes.
 
 mod event_streams;
+mod ingest_run;
 mod load;
 mod saga_run;
 mod scenarios;
@@ -102,6 +104,17 @@ async fn main() -> Result<()> {
     if only(11) {
         let rabbit = event_streams::Broker::start_rabbitmq().await?;
         figures.push(saga_run::saga_run(&mut sys, rabbit, args.broker_outage).await?);
+        report(figures.last());
+    }
+
+    if only(12) {
+        let kafka = event_streams::Broker::start_kafka().await?;
+        figures.push(ingest_run::ingest_run(&mut sys, kafka).await?);
+        report(figures.last());
+    }
+    if only(13) {
+        let rabbit = event_streams::Broker::start_rabbitmq().await?;
+        figures.push(ingest_run::ingest_run(&mut sys, rabbit).await?);
         report(figures.last());
     }
 

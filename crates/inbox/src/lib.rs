@@ -73,6 +73,17 @@ pub trait Handler: Send + Sync + 'static {
     /// that a poison never costs a transaction.
     fn decode(&self, incoming: &Incoming) -> Result<Self::Message, Poison>;
 
+    /// Whether [`Handler::message_id`] finds the id in the body, so a
+    /// message without a transport id is not poison by that alone.
+    fn ids_from_body(&self) -> bool {
+        false
+    }
+
+    /// The inbox key of a decoded message: by default the transport's id.
+    fn message_id(&self, incoming: &Incoming, _message: &Self::Message) -> Option<String> {
+        incoming.id.clone()
+    }
+
     /// Applies the effect inside the inbox transaction; follow-up events go
     /// to the outbox on the same connection.
     async fn apply(&self, conn: &mut PgConnection, message: &Self::Message) -> sqlx::Result<()>;
@@ -187,8 +198,16 @@ impl<H: Handler> Inbox<H> {
         let mut decoded = Vec::with_capacity(batch.len());
         for (i, incoming) in batch.iter().enumerate() {
             let message = match &incoming.id {
-                None => Err(Poison::new("no_id", "the message carries no id")),
-                Some(id) => self.handler.decode(incoming).map(|m| (i, id.as_str(), m)),
+                None if !self.handler.ids_from_body() => {
+                    Err(Poison::new("no_id", "the message carries no id"))
+                }
+                _ => self.handler.decode(incoming).and_then(|m| {
+                    let id = self
+                        .handler
+                        .message_id(incoming, &m)
+                        .ok_or_else(|| Poison::new("no_id", "the message carries no id"))?;
+                    Ok((i, id, m))
+                }),
             };
             match message {
                 Ok(m) => decoded.push(m),
@@ -234,11 +253,11 @@ impl<H: Handler> Inbox<H> {
 
     /// Records and applies `messages` in one transaction; returns the batch
     /// positions applied (the rest were in the inbox already).
-    async fn apply(&self, messages: &[(usize, &str, H::Message)]) -> sqlx::Result<Vec<usize>> {
+    async fn apply(&self, messages: &[(usize, String, H::Message)]) -> sqlx::Result<Vec<usize>> {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
-        let ids: Vec<&str> = messages.iter().map(|(_, id, _)| *id).collect();
+        let ids: Vec<&str> = messages.iter().map(|(_, id, _)| id.as_str()).collect();
         let mut tx = self.pool.begin().await?;
         // A batch may carry one id twice; only its first copy is new.
         let mut fresh: HashSet<String> = sqlx::query_scalar(
@@ -255,7 +274,7 @@ impl<H: Handler> Inbox<H> {
         .collect();
         let mut applied = Vec::with_capacity(fresh.len());
         for (i, id, message) in messages {
-            if fresh.remove(*id) {
+            if fresh.remove(id.as_str()) {
                 self.handler.apply(&mut tx, message).await?;
                 applied.push(*i);
             }

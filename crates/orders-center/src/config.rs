@@ -204,6 +204,11 @@ pub enum Command {
     /// account API, the consumer of the saga's payment commands over
     /// --broker, and the relay of its answers.
     Payments(ServiceArgs),
+    /// Ingest whole orders from --broker (topic or exchange `orders.in`):
+    /// each saved through the API's validation and save path, once per
+    /// version; refused ones dead-lettered with their problem+json reason.
+    /// Serves /metrics, /healthz and /readyz.
+    Ingest(IngestArgs),
     /// The notifier (no database): consumes the saga's outcomes over
     /// --broker, logs and serves one notification per order, and POSTs
     /// each to --webhook-url if given.
@@ -372,6 +377,26 @@ pub struct ConsumeArgs {
     #[arg(value_enum)]
     pub consumer: ConsumerName,
 
+    #[command(flatten)]
+    pub run: ConsumerFlags,
+}
+
+/// Flags of `ingest`.
+#[derive(Debug, Args)]
+pub struct IngestArgs {
+    /// The Kafka topic, or the RabbitMQ exchange (read through the queue
+    /// `ingest.<source>`), that whole orders arrive on; --broker-prefix goes
+    /// before it.
+    #[arg(long, env = "INGEST_SOURCE", default_value = ingest::DEFAULT_SOURCE)]
+    pub source: String,
+
+    #[command(flatten)]
+    pub run: ConsumerFlags,
+}
+
+/// How a consumer process reads and serves.
+#[derive(Debug, Args)]
+pub struct ConsumerFlags {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:9091")]
     pub listen: SocketAddr,

@@ -69,6 +69,7 @@ async fn run(config: &Config, shutdown: CancellationToken) -> Result<()> {
             tasks_cli::run(&store, command).await
         }
         Command::Consume(args) => consume(config, args, shutdown).await,
+        Command::Ingest(args) => ingest(config, args, shutdown).await,
         Command::Dev(args) => dev(config, args, shutdown).await,
         Command::Inventory(args) => {
             saga_roles::run_service(config, saga_roles::Service::Inventory, args, shutdown).await
@@ -80,17 +81,13 @@ async fn run(config: &Config, shutdown: CancellationToken) -> Result<()> {
     }
 }
 
-/// `consume`: one consumer of the orders database over `--broker`, with
-/// its status endpoints. The process ends with the consumer: an error
-/// there is the exit status.
+/// `consume`: one consumer of the orders database over `--broker`.
 async fn consume(
     config: &Config,
     args: &config::ConsumeArgs,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let store = open_store(config, require_url(config, "consume")?)?;
-    let transport = transports::Transport::required(config, "consume")?;
-    let broker = config.broker.as_ref().expect("a transport has a broker");
     let (name, streams, consumer): (_, _, Box<dyn inbox::Consumer>) = match args.consumer {
         config::ConsumerName::Journal => (
             transports::JOURNAL,
@@ -106,21 +103,61 @@ async fn consume(
     if args.consumer == config::ConsumerName::Saga {
         orchestrator::SagaMetrics::get();
     }
-    let listener = bind(args.listen).await?;
-    transport.prepare(name, &streams).await?;
+    run_consumer(
+        config, &args.run, store, name, &streams, &*consumer, shutdown,
+    )
+    .await
+}
+
+/// `ingest`: whole orders from `--broker`, saved as `PUT` saves them.
+async fn ingest(
+    config: &Config,
+    args: &config::IngestArgs,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let store = open_store(config, require_url(config, "ingest")?)?;
+    let consumer = transports::ingest_inbox(&store);
+    let streams = transports::Stream::ingest(&args.source);
+    run_consumer(
+        config,
+        &args.run,
+        store,
+        ingest::CONSUMER,
+        &streams,
+        &consumer,
+        shutdown,
+    )
+    .await
+}
+
+/// Runs `consumer` over `--broker` with its status endpoints. The process
+/// ends with the consumer: an error there is the exit status.
+async fn run_consumer(
+    config: &Config,
+    flags: &config::ConsumerFlags,
+    store: store::Store,
+    name: &str,
+    streams: &[transports::Stream],
+    consumer: &dyn inbox::Consumer,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let transport = transports::Transport::required(config, name)?;
+    let broker = config.broker.as_ref().expect("a transport has a broker");
+    let listener = bind(flags.listen).await?;
+    transport.prepare(name, streams).await?;
     tracing::info!(url = %url_of(&listener)?, %broker, consumer = name, "consumer started");
     let status = serve(
         listener,
         consumer_status(Some(store)),
-        args.http.limits(),
+        flags.http.limits(),
         &shutdown,
     );
     let feed = transports::Feed {
-        batch: args.batch,
-        members: args.members,
+        batch: flags.batch,
+        members: flags.members,
     };
     let result = transport
-        .run(&*consumer, &streams, feed, shutdown.clone())
+        .run(consumer, streams, feed, shutdown.clone())
         .await;
     // Whatever ended the consumer ends the process.
     shutdown.cancel();

@@ -79,6 +79,15 @@ pub fn payments_inbox(pool: &PgPool, route: SagaRoute) -> Inbox<payments::Paymen
 }
 
 /// The journal's inbox.
+pub fn ingest_inbox(store: &store::Store) -> Inbox<ingest::Ingest> {
+    Inbox::new(
+        store.pool().clone(),
+        ingest::CONSUMER,
+        ingest::Ingest::new(store.clone()),
+        consumer_metrics(),
+    )
+}
+
 pub fn journal_inbox(store: &store::Store) -> Inbox<Journal> {
     Inbox::new(
         store.pool().clone(),
@@ -213,6 +222,14 @@ impl Stream {
     }
 
     /// Every saga message on `topics`.
+    /// Whatever is published to `source` (every routing key on RabbitMQ).
+    pub fn ingest(source: &str) -> Vec<Stream> {
+        vec![Stream {
+            aggregate_type: source.to_owned(),
+            events: vec!["#".into()],
+        }]
+    }
+
     pub fn saga(topics: &[Topic]) -> Vec<Stream> {
         topics
             .iter()
@@ -253,10 +270,16 @@ impl Transport {
     /// that messages published from now on wait for it.
     pub async fn prepare(&self, consumer: &str, streams: &[Stream]) -> Result<()> {
         match self {
-            Self::Kafka(kafka) => kafka
-                .ensure_topics(&aggregate_types())
-                .await
-                .context("creating the Kafka topics")?,
+            Self::Kafka(kafka) => {
+                let mut topics = aggregate_types();
+                topics.extend(streams.iter().map(|s| s.aggregate_type.as_str()));
+                topics.sort_unstable();
+                topics.dedup();
+                kafka
+                    .ensure_topics(&topics)
+                    .await
+                    .context("creating the Kafka topics")?
+            }
             Self::RabbitMq(rabbit) => {
                 for stream in streams {
                     brokers::rabbitmq::declare(rabbit, consumer, &rabbit_subscription(stream, 0))
