@@ -278,17 +278,34 @@ pub async fn run(broker: &mut Broker, n: i64, quick: bool, out: &mut Vec<Figure>
 
 /// Publishes `n` notices with no relay and no database; returns msg/s.
 pub(crate) async fn plain_publish(broker: &Broker, n: i64) -> Result<f64> {
+    plain_publish_to(broker, "order", "order.created", n, |i| {
+        (format!("P-{i}"), body(i))
+    })
+    .await
+}
+
+/// Publishes `n` messages `message(i)` = (key, body) to the topic or
+/// exchange of `aggregate` (routing key `routing_key`), 2,000 in flight;
+/// returns msg/s. Kafka keeps each key's messages in order.
+pub(crate) async fn plain_publish_to(
+    broker: &Broker,
+    aggregate: &str,
+    routing_key: &str,
+    n: i64,
+    message: impl Fn(i64) -> (String, Vec<u8>),
+) -> Result<f64> {
     const WINDOW: usize = 2000;
+    let message = &message;
     let started = Instant::now();
     match broker {
         Broker::Kafka(_, c) => {
             let producer = c.producer()?;
-            let topic = c.topic("order");
+            let topic = c.topic(aggregate);
             futures::stream::iter(0..n)
                 .map(|i| {
                     let (producer, topic) = (&producer, &topic);
+                    let (key, payload) = message(i);
                     async move {
-                        let (key, payload) = (format!("P-{i}"), body(i));
                         producer
                             .send(
                                 rdkafka::producer::FutureRecord::to(topic)
@@ -300,26 +317,27 @@ pub(crate) async fn plain_publish(broker: &Broker, n: i64) -> Result<f64> {
                             .map_err(|(e, _)| e)
                     }
                 })
-                .buffer_unordered(WINDOW)
+                .buffered(WINDOW)
                 .try_collect::<Vec<_>>()
                 .await?;
         }
         Broker::RabbitMq(_, c) => {
             let (connection, channel) = c.confirmed_channel().await?;
-            let exchange = c.exchange("order");
+            let exchange = c.exchange(aggregate);
             futures::stream::iter(0..n)
                 .map(|i| {
                     let (channel, exchange) = (&channel, &exchange);
+                    let (_, payload) = message(i);
                     async move {
                         let confirm = channel
                             .basic_publish(
                                 exchange.as_str().into(),
-                                "order.created".into(),
+                                routing_key.into(),
                                 lapin::options::BasicPublishOptions {
                                     mandatory: true,
                                     ..Default::default()
                                 },
-                                &body(i),
+                                &payload,
                                 lapin::BasicProperties::default().with_delivery_mode(2),
                             )
                             .await?
@@ -328,7 +346,7 @@ pub(crate) async fn plain_publish(broker: &Broker, n: i64) -> Result<f64> {
                         anyhow::Ok(())
                     }
                 })
-                .buffer_unordered(WINDOW)
+                .buffered(WINDOW)
                 .try_collect::<Vec<_>>()
                 .await?;
             connection.close(200, "done".into()).await?;

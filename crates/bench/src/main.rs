@@ -1,7 +1,8 @@
 //! `bench`: measures how fast the relay drains a backlog, how quickly a saved
 //! order reaches 1C, how fast the API saves, whether claim cost stays flat as
 //! the table grows, the memory of the api and relay processes, and the
-//! relay and inbox consumer over a real Kafka and RabbitMQ. Prints a
+//! relay and inbox consumer over a real Kafka and RabbitMQ, the saga, the
+//! API's order cache and ingestion. Prints a
 //! table and writes JSON. `--quick` runs every scenario small, asserting
 //! correctness (every task done exactly once), not speed.
 //!
@@ -10,6 +11,8 @@
 //! cluster (fsync off) when it is unset.
 
 mod brokers;
+mod cache;
+mod ingest;
 mod saga;
 mod scenarios;
 
@@ -60,6 +63,11 @@ pub enum Scenario {
     Rabbitmq,
     /// 8: the order saga, every role a process, over Kafka and RabbitMQ.
     Saga,
+    /// 9: the API's order cache: reads with and without it, warm-up, and
+    /// the change-to-other-replica lag.
+    Cache,
+    /// 10: `orders-center ingest` over Kafka and RabbitMQ.
+    Ingest,
 }
 
 /// One measured figure.

@@ -203,6 +203,20 @@ pub async fn run_all(
         let broker = crate::brokers::Broker::rabbitmq().await?;
         crate::brokers::run_all(broker, sizes, quick, out).await?;
     }
+    if only(Scenario::Cache) {
+        crate::cache::run(quick, out).await?;
+    }
+    if only(Scenario::Ingest) {
+        for kafka in [true, false] {
+            let mut broker = if kafka {
+                crate::brokers::Broker::kafka().await?
+            } else {
+                crate::brokers::Broker::rabbitmq().await?
+            };
+            crate::ingest::run(&mut broker, quick, out).await?;
+            tokio::task::spawn_blocking(move || broker.stop()).await?;
+        }
+    }
     if only(Scenario::Saga) {
         for kafka in [true, false] {
             let mut broker = if kafka {
@@ -585,6 +599,13 @@ pub(crate) async fn spawn_mock(latency_ms: u64) -> Result<Proc> {
 
 /// An API process with a pool of 32 connections.
 async fn spawn_api(db_url: &str) -> Result<Proc> {
+    spawn_api_with(db_url, &[]).await
+}
+
+/// The same, with `env` added.
+pub(crate) async fn spawn_api_with(db_url: &str, env: &[(&str, &str)]) -> Result<Proc> {
+    let mut env = env.to_vec();
+    env.push(("DATABASE_URL", db_url));
     process::spawn(
         "orders-center",
         &[
@@ -594,7 +615,7 @@ async fn spawn_api(db_url: &str) -> Result<Proc> {
             "--database-max-connections",
             "32",
         ],
-        &[("DATABASE_URL", db_url)],
+        &env,
         "api listening",
         &log_file("api"),
     )

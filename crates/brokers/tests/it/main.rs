@@ -2,6 +2,7 @@
 //! started once for this binary; every test has its own topics, exchanges
 //! and queues, and its own database.
 
+mod ingest;
 mod kafka;
 mod rabbitmq;
 
