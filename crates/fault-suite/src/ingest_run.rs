@@ -146,7 +146,9 @@ async fn publish(broker: &Broker, prefix: &str, messages: Vec<Message>) -> Resul
             let exchange = rabbit.exchange(ingest::DEFAULT_SOURCE);
             let mut confirms = Vec::with_capacity(messages.len());
             for m in &messages {
-                let properties = lapin::BasicProperties::default().with_delivery_mode(2);
+                let properties = lapin::BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_message_id(m.key.as_str().into());
                 confirms.push(
                     channel
                         .basic_publish(
@@ -170,10 +172,18 @@ async fn publish(broker: &Broker, prefix: &str, messages: Vec<Message>) -> Resul
     Ok(())
 }
 
-/// The dead letters of the ingest consumer: each one's class and reason.
-async fn dead_letters(broker: &Broker, prefix: &str) -> Result<Vec<(String, Value)>> {
+/// The dead letters of the ingest consumer by key (the Kafka key, the AMQP
+/// message id): each one's class and reason, and how many letters there
+/// were. A consumer killed after burying a batch's poison but before its
+/// acknowledgement buries them again when the batch comes back: dead
+/// letters are at least once.
+async fn dead_letters(
+    broker: &Broker,
+    prefix: &str,
+) -> Result<(HashMap<String, (String, Value)>, usize)> {
     let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
-    let mut found = Vec::new();
+    let mut found = HashMap::new();
+    let mut letters = 0;
     let deadline = Instant::now() + Duration::from_secs(60);
     match broker {
         Broker::Kafka(k) => {
@@ -200,10 +210,14 @@ async fn dead_letters(broker: &Broker, prefix: &str) -> Result<Vec<(String, Valu
                         .unwrap_or_default()
                 };
                 let reason = header(brokers::headers::DEAD_REASON);
-                found.push((
-                    header(brokers::headers::DEAD_CLASS),
-                    serde_json::from_str(&reason).unwrap_or(Value::String(reason)),
-                ));
+                letters += 1;
+                found.insert(
+                    m.key().map(text).unwrap_or_default(),
+                    (
+                        header(brokers::headers::DEAD_CLASS),
+                        serde_json::from_str(&reason).unwrap_or(Value::String(reason)),
+                    ),
+                );
             }
         }
         Broker::RabbitMq(r) => {
@@ -235,14 +249,23 @@ async fn dead_letters(broker: &Broker, prefix: &str) -> Result<Vec<(String, Valu
                     _ => String::new(),
                 };
                 let reason = header(brokers::headers::DEAD_REASON);
-                found.push((
-                    header(brokers::headers::DEAD_CLASS),
-                    serde_json::from_str(&reason).unwrap_or(Value::String(reason)),
-                ));
+                letters += 1;
+                found.insert(
+                    m.delivery
+                        .properties
+                        .message_id()
+                        .as_ref()
+                        .map(|id| id.to_string())
+                        .unwrap_or_default(),
+                    (
+                        header(brokers::headers::DEAD_CLASS),
+                        serde_json::from_str(&reason).unwrap_or(Value::String(reason)),
+                    ),
+                );
             }
         }
     }
-    Ok(found)
+    Ok((found, letters))
 }
 
 async fn start_ingest(sys: &System, env: &[(&str, &str)]) -> Result<Proc> {
@@ -259,13 +282,15 @@ async fn start_ingest(sys: &System, env: &[(&str, &str)]) -> Result<Proc> {
     .await
 }
 
-async fn ingested(sys: &System) -> Result<i64> {
-    Ok(
-        sqlx::query_scalar("SELECT count(*) FROM inbox WHERE consumer = $1")
-            .bind(ingest::CONSUMER)
-            .fetch_one(&sys.pool)
-            .await?,
+/// Versions of this run's orders (`<ids>-N`) in the ingest inbox.
+async fn ingested(sys: &System, ids: &str) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM inbox WHERE consumer = $1 AND message_id LIKE $2 || '-%'",
     )
+    .bind(ingest::CONSUMER)
+    .bind(ids)
+    .fetch_one(&sys.pool)
+    .await?)
 }
 
 pub async fn ingest_run(sys: &mut System, broker: Broker) -> Result<Figures> {
@@ -277,8 +302,24 @@ pub async fn ingest_run(sys: &mut System, broker: Broker) -> Result<Figures> {
     let url = broker.url();
     let prefix = format!("fs-in-{name}-");
     let env = [("BROKER", url.as_str()), ("BROKER_PREFIX", prefix.as_str())];
-    // Ingestion declares its topic or queue before it says it started.
+    // The order events of the ingested saves need a queue to be routed to
+    // on RabbitMQ: the journal's, read by nobody here.
+    if let Broker::RabbitMq(r) = &broker {
+        let mut rabbit = RabbitConfig::new(&r.url());
+        rabbit.prefix = prefix.clone();
+        let journal = brokers::rabbitmq::RabbitSubscription {
+            aggregate_type: "order".into(),
+            events: ["order.created", "order.updated", "order.status_changed"]
+                .map(str::to_owned)
+                .to_vec(),
+            prefetch: 0,
+        };
+        brokers::rabbitmq::declare(&rabbit, "journal", &journal).await?;
+    }
+    // Ingestion declares its topic or queue before it says it started. Its
+    // saves route order events to the broker too, so the relays get it.
     let mut consumer = start_ingest(sys, &env).await?;
+    sys.restart_relays_with(&env).await?;
     let before = sys.mock_stats().await?;
     let ids = format!("IN{}", name.to_uppercase());
     let (messages, last) = plan(&ids);
@@ -288,7 +329,7 @@ pub async fn ingest_run(sys: &mut System, broker: Broker) -> Result<Figures> {
     let published = started.elapsed();
 
     // SIGKILL once a third of the versions are in, then start again.
-    while ingested(sys).await? < valid_versions / 3 {
+    while ingested(sys, &ids).await? < valid_versions / 3 {
         ensure!(
             started.elapsed() < Duration::from_secs(120),
             "ingestion never reached a third"
@@ -296,11 +337,11 @@ pub async fn ingest_run(sys: &mut System, broker: Broker) -> Result<Figures> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     consumer.kill().await?;
-    let killed_at = ingested(sys).await?;
+    let killed_at = ingested(sys, &ids).await?;
     consumer = start_ingest(sys, &env).await?;
     let restarted = Instant::now();
     loop {
-        let done = ingested(sys).await?;
+        let done = ingested(sys, &ids).await?;
         if done >= valid_versions {
             break;
         }
@@ -342,21 +383,25 @@ pub async fn ingest_run(sys: &mut System, broker: Broker) -> Result<Figures> {
         refused_saved == 0,
         "{refused_saved} refused orders were saved"
     );
-    let inbox = ingested(sys).await?;
+    let inbox = ingested(sys, &ids).await?;
     ensure!(
         inbox == valid_versions,
         "{inbox} inbox rows for {valid_versions} versions"
     );
 
     // Every refused message is dead, with the problem the API would answer.
-    let dead = dead_letters(&broker, &prefix).await?;
+    let (dead, letters) = dead_letters(&broker, &prefix).await?;
     ensure!(
         dead.len() == REFUSED,
-        "{} of {REFUSED} dead letters",
+        "{} of {REFUSED} refused messages dead",
         dead.len()
     );
+    ensure!(
+        dead.keys().all(|k| k.starts_with("INBAD-")),
+        "a valid order was dead-lettered"
+    );
     let mut classes: HashMap<&str, usize> = HashMap::new();
-    for (class, problem) in &dead {
+    for (class, problem) in dead.values() {
         let status = problem["status"].as_u64().unwrap_or_default();
         ensure!(
             matches!(status, 400 | 422)
@@ -381,7 +426,7 @@ pub async fn ingest_run(sys: &mut System, broker: Broker) -> Result<Figures> {
     let notes = format!(
         "10,000 messages published in {:.1} s; {valid_versions} versions ingested once each \
          in {:.1} s ({:.0}/s), SIGKILLed at {killed_at}; {REFUSED} dead with problem+json \
-         ({classes:?}); redeliveries skipped",
+         ({classes:?}, {letters} letters); redeliveries skipped",
         published.as_secs_f64(),
         took.as_secs_f64(),
         valid_versions as f64 / took.as_secs_f64(),
@@ -393,6 +438,8 @@ pub async fn ingest_run(sys: &mut System, broker: Broker) -> Result<Figures> {
         figures.lost
     );
     consumer.stop().await.context("stopping ingestion")?;
+    sys.clear_relay_env(&["BROKER", "BROKER_PREFIX"]);
+    sys.restart_relays_with(&[]).await?;
     tokio::task::spawn_blocking(move || broker.stop()).await?;
     Ok(figures)
 }

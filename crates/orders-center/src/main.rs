@@ -381,6 +381,30 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
         t.prepare(transports::JOURNAL, &transports::Stream::orders())
             .await?;
     }
+    // With a broker, dev also ingests whole orders from it.
+    if let Some(t) = &transport {
+        t.prepare(
+            ingest::CONSUMER,
+            &transports::Stream::ingest(ingest::DEFAULT_SOURCE),
+        )
+        .await?;
+    }
+    let ingestion = transport.clone().map(|transport| {
+        let (store, shutdown) = (store.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let streams = transports::Stream::ingest(ingest::DEFAULT_SOURCE);
+            let result = transport
+                .run(
+                    &transports::ingest_inbox(&store),
+                    &streams,
+                    transports::Feed::batch(500),
+                    shutdown.clone(),
+                )
+                .await;
+            shutdown.cancel();
+            result
+        })
+    });
     let journal = transport.map(|transport| {
         let (store, shutdown) = (store.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -415,7 +439,13 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
         println!("  {service:<13} {url}  (API docs: {url}/docs)");
     }
     match &config.broker {
-        Some(broker) => println!("  Events        to {broker}, read by the journal consumer"),
+        Some(broker) => {
+            println!("  Events        to {broker}, read by the journal consumer");
+            println!(
+                "  Ingestion     whole orders from {broker}, {}",
+                ingest::DEFAULT_SOURCE
+            );
+        }
         None => {
             println!("  Events        to the journal consumer, fed from the outbox (order_journal)")
         }
@@ -444,6 +474,9 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
         .context("serving the relay status endpoints")?;
     if let Some(journal) = journal {
         journal.await?.context("the journal consumer")?;
+    }
+    if let Some(ingestion) = ingestion {
+        ingestion.await?.context("ingestion")?;
     }
     saga.stopped().await.context("the saga's services")?;
     mock_shutdown.cancel();
