@@ -56,6 +56,8 @@ impl OrderCache {
         }
         let took = started.elapsed();
         self.0.metrics.warmup.set(took.as_secs_f64());
+        // Settles moka's pending writes, so the size gauges are exact.
+        self.usage();
         self.mark_ready();
         Ok(WarmUp {
             orders,
