@@ -57,7 +57,10 @@ pub async fn run(broker: &mut Broker, quick: bool, out: &mut Vec<Figure>) -> Res
             ("DATABASE_URL", db.url.as_str()),
             ("BROKER", url.as_str()),
             ("BROKER_PREFIX", prefix.as_str()),
-            ("CONSUMER_MEMBERS", &std::env::var("BENCH_INGEST_MEMBERS").unwrap_or("1".into())),
+            (
+                "CONSUMER_MEMBERS",
+                &std::env::var("BENCH_INGEST_MEMBERS").unwrap_or("1".into()),
+            ),
         ],
         "consumer started",
         &testkit::target_tmp().join("bench").join("ingest.log"),

@@ -87,6 +87,19 @@ pub trait Handler: Send + Sync + 'static {
     /// Applies the effect inside the inbox transaction; follow-up events go
     /// to the outbox on the same connection.
     async fn apply(&self, conn: &mut PgConnection, message: &Self::Message) -> sqlx::Result<()>;
+
+    /// Applies the new messages of a batch, in order, in its transaction.
+    /// One by one unless a handler can do the batch in fewer statements.
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        messages: &[&Self::Message],
+    ) -> sqlx::Result<()> {
+        for m in messages {
+            self.apply(conn, m).await?;
+        }
+        Ok(())
+    }
 }
 
 /// What became of one message of a batch.
@@ -273,12 +286,14 @@ impl<H: Handler> Inbox<H> {
         .into_iter()
         .collect();
         let mut applied = Vec::with_capacity(fresh.len());
+        let mut new = Vec::with_capacity(fresh.len());
         for (i, id, message) in messages {
             if fresh.remove(id.as_str()) {
-                self.handler.apply(&mut tx, message).await?;
+                new.push(message);
                 applied.push(*i);
             }
         }
+        self.handler.apply_batch(&mut tx, &new).await?;
         tx.commit().await?;
         Ok(applied)
     }

@@ -16,7 +16,7 @@
 use domain::{OrderFull, ValidOrder};
 use inbox::{Handler, Incoming, Poison};
 use sqlx::PgConnection;
-use store::{Precondition, SaveContext, Store};
+use store::{SaveContext, Store};
 
 /// The consumer's name: its group, queue and inbox rows.
 pub const CONSUMER: &str = "ingest";
@@ -118,28 +118,60 @@ impl Handler for Ingest {
     }
 
     async fn apply(&self, conn: &mut PgConnection, m: &OrderMessage) -> sqlx::Result<()> {
-        let newer: Option<i32> = sqlx::query_scalar(
-            "INSERT INTO ingested_orders (order_id, version) VALUES ($1, $2)
-             ON CONFLICT (order_id) DO UPDATE
-                 SET version = EXCLUDED.version, ingested_at = now()
-                 WHERE ingested_orders.version < EXCLUDED.version
-             RETURNING 1",
-        )
-        .bind(m.order.id().as_str())
-        .bind(m.version)
-        .fetch_optional(&mut *conn)
-        .await?;
-        if newer.is_none() {
-            tracing::info!(order = %m.order.id(), version = m.version, "not newer than the version ingested; skipped");
-            return Ok(());
+        self.apply_batch(conn, &[m]).await
+    }
+
+    /// Set-based: one guard statement and one batch save per round, where
+    /// round k holds the k-th message of each order in the batch, so an
+    /// order's versions still apply in order.
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        batch: &[&OrderMessage],
+    ) -> sqlx::Result<()> {
+        let mut rounds: Vec<Vec<&OrderMessage>> = Vec::new();
+        let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        for m in batch {
+            let round = seen.entry(m.order.id().as_str()).or_insert(0);
+            if rounds.len() <= *round {
+                rounds.push(Vec::new());
+            }
+            rounds[*round].push(m);
+            *round += 1;
         }
         let ctx = SaveContext {
             user_id: USER.into(),
             traceparent: None,
         };
-        self.store
-            .save_order_in(conn, &m.order, Precondition::None, &ctx)
-            .await?;
+        for round in rounds {
+            let newer: std::collections::HashSet<String> = sqlx::query_scalar(
+                "INSERT INTO ingested_orders (order_id, version)
+                 SELECT * FROM unnest($1::text[], $2::bigint[])
+                 ON CONFLICT (order_id) DO UPDATE
+                     SET version = EXCLUDED.version, ingested_at = now()
+                     WHERE ingested_orders.version < EXCLUDED.version
+                 RETURNING order_id",
+            )
+            .bind(
+                round
+                    .iter()
+                    .map(|m| m.order.id().as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(round.iter().map(|m| m.version).collect::<Vec<_>>())
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect();
+            let (apply, stale): (Vec<&OrderMessage>, Vec<&OrderMessage>) = round
+                .iter()
+                .partition(|m| newer.contains(m.order.id().as_str()));
+            for m in stale {
+                tracing::info!(order = %m.order.id(), version = m.version, "not newer than the version ingested; skipped");
+            }
+            let orders: Vec<&ValidOrder> = apply.iter().map(|m| &m.order).collect();
+            self.store.save_orders_in(conn, &orders, &ctx).await?;
+        }
         Ok(())
     }
 }

@@ -201,6 +201,15 @@ impl FullRow {
     }
 }
 
+/// The orders of `ids` that exist, in no particular order.
+async fn load_many(conn: &mut PgConnection, ids: &[&str]) -> Result<Vec<OrderView>> {
+    let rows: Vec<FullRow> = sqlx::query_as(LOAD_MANY_SQL.as_str())
+        .bind(ids)
+        .fetch_all(conn)
+        .await?;
+    Ok(rows.into_iter().map(FullRow::into_view).collect())
+}
+
 pub(crate) async fn load(conn: &mut PgConnection, id: &OrderId) -> Result<Option<OrderView>> {
     let row: Option<FullRow> = sqlx::query_as(LOAD_SQL.as_str())
         .bind(id.as_str())
@@ -325,7 +334,7 @@ pub(crate) async fn save_in(
         }
     };
 
-    insert_lines(conn, order).await?;
+    insert_lines(conn, &[order]).await?;
     let version = before.as_ref().map_or(1, |b| b.version + 1);
     if let Some(checkout) = &order.get().checkout {
         if !created {
@@ -354,69 +363,297 @@ async fn record_save(
     ctx: &SaveContext,
     created: bool,
 ) -> Result<Saved> {
-    let previous_status = before.as_ref().map(|b| b.status.clone());
-    insert_history(
-        conn,
+    let record = SaveRecord {
         id,
         version,
-        ctx,
-        history::changes(before.as_ref(), &after),
-    )
-    .await?;
-    let mut view = load(conn, id)
-        .await?
-        .ok_or_else(|| Error::NotFound(id.clone()))?;
-    let enqueued = outbox::enqueue(
-        conn,
-        store.routes(),
-        &outbox::SaveEvents {
-            order: id,
-            version: view.version,
-            snapshot: &view.full,
-            previous_status: previous_status.as_deref(),
-            traceparent: ctx.traceparent.as_deref(),
-        },
-    )
-    .await?;
-    view.sync = enqueued
-        .iter()
-        .find(|e| e.destination.as_str() == ONEC && e.event != OrderEvent::StatusChanged)
-        .map(|task| SyncStatus {
-            task_id: task.id,
-            version: view.version,
-            state: TaskState::Pending,
-            attempts: 0,
-            last_error: None,
-            updated_at: task.created_at,
-        });
-    let queued = enqueued.into_iter().map(|e| e.destination).collect();
-    Ok(Saved {
-        view,
+        before,
+        after,
         created,
-        queued,
-    })
+    };
+    let mut saved = record_saves(conn, store, ctx, vec![record]).await?;
+    Ok(saved.pop().expect("one record, one save"))
 }
 
-async fn insert_lines(conn: &mut PgConnection, order: &ValidOrder) -> Result<()> {
-    let full = order.get();
-    let id = order.id().as_str();
-    if !full.items.is_empty() {
-        let items = &full.items;
-        let col =
-            |f: fn(&domain::OrderItem) -> &str| -> Vec<&str> { items.iter().map(f).collect() };
+/// One order row just written by a save.
+struct SaveRecord<'a> {
+    id: &'a OrderId,
+    version: i64,
+    before: Option<history::Tracked>,
+    after: history::Tracked,
+    created: bool,
+}
+
+/// [`record_save`] for several orders (each at most once) in set-based
+/// statements; the saves come back in the order of `records`.
+async fn record_saves(
+    conn: &mut PgConnection,
+    store: &Store,
+    ctx: &SaveContext,
+    records: Vec<SaveRecord<'_>>,
+) -> Result<Vec<Saved>> {
+    let changes: Vec<_> = records
+        .iter()
+        .map(|r| {
+            (
+                r.id,
+                r.version,
+                history::changes(r.before.as_ref(), &r.after),
+            )
+        })
+        .collect();
+    insert_history(conn, ctx, &changes).await?;
+    let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
+    let mut views: std::collections::HashMap<String, OrderView> = load_many(conn, &ids)
+        .await?
+        .into_iter()
+        .map(|v| (v.full.order.id.clone(), v))
+        .collect();
+    let mut saved = Vec::with_capacity(records.len());
+    for r in &records {
+        let view = views
+            .remove(r.id.as_str())
+            .ok_or_else(|| Error::NotFound(r.id.clone()))?;
+        saved.push((r, view));
+    }
+    let events: Vec<outbox::SaveEvents<'_>> = saved
+        .iter()
+        .map(|(r, view)| outbox::SaveEvents {
+            order: r.id,
+            version: view.version,
+            snapshot: &view.full,
+            previous_status: r.before.as_ref().map(|b| b.status.as_str()),
+            traceparent: ctx.traceparent.as_deref(),
+        })
+        .collect();
+    let mut enqueued = outbox::enqueue(conn, store.routes(), &events).await?;
+    Ok(saved
+        .into_iter()
+        .map(|(r, mut view)| {
+            let mine: Vec<_> = {
+                let (mine, rest) = std::mem::take(&mut enqueued)
+                    .into_iter()
+                    .partition(|e| e.order == r.id.as_str());
+                enqueued = rest;
+                mine
+            };
+            view.sync = mine
+                .iter()
+                .find(|e| e.destination.as_str() == ONEC && e.event != OrderEvent::StatusChanged)
+                .map(|task| SyncStatus {
+                    task_id: task.id,
+                    version: view.version,
+                    state: TaskState::Pending,
+                    attempts: 0,
+                    last_error: None,
+                    updated_at: task.created_at,
+                });
+            Saved {
+                view,
+                created: r.created,
+                queued: mine.into_iter().map(|e| e.destination).collect(),
+            }
+        })
+        .collect())
+}
+
+/// Saves several new or existing orders, each at most once, in the
+/// caller's transaction with set-based statements: what [`save_in`] does
+/// for one order with no precondition and no checkout, for a batch of
+/// ingested orders. The saves come back in the order given.
+pub(crate) async fn save_many_in(
+    conn: &mut PgConnection,
+    store: &Store,
+    orders: &[&ValidOrder],
+    ctx: &SaveContext,
+) -> Result<Vec<Saved>> {
+    if let Some(o) = orders.iter().find(|o| o.get().checkout.is_some()) {
+        return Err(Error::Invariant(format!(
+            "a batch save of {} carries a checkout",
+            o.id()
+        )));
+    }
+    let ids: Vec<&str> = orders.iter().map(|o| o.id().as_str()).collect();
+    if ids.iter().collect::<std::collections::HashSet<_>>().len() != ids.len() {
+        return Err(Error::Invariant("a batch save names an order twice".into()));
+    }
+    // Locked in id order, as every batch does, so two batches never deadlock.
+    let current: std::collections::HashMap<String, Current> =
+        sqlx::query_as::<_, (String, i64, String, Decimal)>(
+            "SELECT id, version, status, price FROM orders WHERE id = ANY($1)
+             ORDER BY id FOR UPDATE",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|(id, version, status, price)| {
+            let tracked = history::Tracked {
+                status,
+                price: Money(price),
+            };
+            (id, Current { version, tracked })
+        })
+        .collect();
+    let (existing, fresh): (Vec<&ValidOrder>, Vec<&ValidOrder>) = orders
+        .iter()
+        .partition(|o| current.contains_key(o.id().as_str()));
+    if !existing.is_empty() {
+        let c = OrderColumns::of(&existing);
+        sqlx::query(
+            "UPDATE orders o SET type = u.type, status = u.status, city = u.city,
+                 subdivision = u.subdivision, price = u.price, platform = u.platform,
+                 general_id = u.general_id, order_number = u.order_number,
+                 executor = u.executor, version = o.version + 1, updated_at = now()
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                         $6::numeric[], $7::text[], $8::uuid[], $9::text[], $10::text[])
+                  AS u(id, type, status, city, subdivision, price, platform, general_id,
+                       order_number, executor)
+             WHERE o.id = u.id",
+        )
+        .bind(&c.id)
+        .bind(&c.kind)
+        .bind(&c.status)
+        .bind(&c.city)
+        .bind(&c.subdivision)
+        .bind(&c.price)
+        .bind(&c.platform)
+        .bind(&c.general_id)
+        .bind(&c.order_number)
+        .bind(&c.executor)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(
+            "WITH items AS (DELETE FROM order_items WHERE order_id = ANY($1))
+             DELETE FROM order_payments WHERE order_id = ANY($1)",
+        )
+        .bind(&c.id)
+        .execute(&mut *conn)
+        .await?;
+    }
+    let mut inserted = std::collections::HashSet::new();
+    if !fresh.is_empty() {
+        let c = OrderColumns::of(&fresh);
+        inserted = sqlx::query_scalar::<_, String>(
+            "INSERT INTO orders (id, type, status, city, subdivision, price, platform,
+                                 general_id, order_number, executor, version)
+             SELECT u.*, 1
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                         $6::numeric[], $7::text[], $8::uuid[], $9::text[], $10::text[])
+             AS u
+             ON CONFLICT (id) DO NOTHING
+             RETURNING id",
+        )
+        .bind(&c.id)
+        .bind(&c.kind)
+        .bind(&c.status)
+        .bind(&c.city)
+        .bind(&c.subdivision)
+        .bind(&c.price)
+        .bind(&c.platform)
+        .bind(&c.general_id)
+        .bind(&c.order_number)
+        .bind(&c.executor)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .collect();
+    }
+    // An order created by someone else since the lock: saved on its own,
+    // as a replace, below.
+    let (written, raced): (Vec<&ValidOrder>, Vec<&ValidOrder>) = orders
+        .iter()
+        .partition(|o| current.contains_key(o.id().as_str()) || inserted.contains(o.id().as_str()));
+    insert_lines(conn, &written).await?;
+    let records = written
+        .iter()
+        .map(|o| {
+            let before = current.get(o.id().as_str()).map(|c| c.tracked.clone());
+            let order = &o.get().order;
+            SaveRecord {
+                id: o.id(),
+                version: current.get(o.id().as_str()).map_or(1, |c| c.version + 1),
+                created: before.is_none(),
+                before,
+                after: history::Tracked {
+                    status: order.status.clone(),
+                    price: order.price,
+                },
+            }
+        })
+        .collect();
+    let mut saved = record_saves(conn, store, ctx, records).await?;
+    for o in raced {
+        saved.push(save_in(conn, store, o, Precondition::None, ctx).await?);
+    }
+    let position: std::collections::HashMap<&str, usize> =
+        ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    saved.sort_by_key(|s| position[s.view.full.order.id.as_str()]);
+    Ok(saved)
+}
+
+/// The header columns of several orders, as arrays for `unnest`.
+struct OrderColumns<'a> {
+    id: Vec<&'a str>,
+    kind: Vec<&'a str>,
+    status: Vec<&'a str>,
+    city: Vec<&'a str>,
+    subdivision: Vec<&'a str>,
+    price: Vec<Decimal>,
+    platform: Vec<&'a str>,
+    general_id: Vec<Uuid>,
+    order_number: Vec<&'a str>,
+    executor: Vec<&'a str>,
+}
+
+impl<'a> OrderColumns<'a> {
+    fn of(orders: &[&'a ValidOrder]) -> Self {
+        let headers: Vec<&'a Order> = orders.iter().map(|o| &o.get().order).collect();
+        let col = |f: fn(&'a Order) -> &'a str| headers.iter().map(|o| f(o)).collect();
+        Self {
+            id: orders.iter().map(|o| o.id().as_str()).collect(),
+            kind: col(|o| &o.kind),
+            status: col(|o| &o.status),
+            city: col(|o| &o.city),
+            subdivision: col(|o| &o.subdivision),
+            price: headers.iter().map(|o| o.price.0).collect(),
+            platform: col(|o| &o.platform),
+            general_id: headers.iter().map(|o| o.general_id).collect(),
+            order_number: col(|o| &o.order_number),
+            executor: col(|o| &o.executor),
+        }
+    }
+}
+
+/// The items and payments of `orders`, in one statement each.
+async fn insert_lines(conn: &mut PgConnection, orders: &[&ValidOrder]) -> Result<()> {
+    let items: Vec<(&str, i32, &domain::OrderItem)> = orders
+        .iter()
+        .flat_map(|o| {
+            let id = o.id().as_str();
+            o.get()
+                .items
+                .iter()
+                .zip(0..)
+                .map(move |(item, p)| (id, p, item))
+        })
+        .collect();
+    if !items.is_empty() {
+        let col = |f: fn(&domain::OrderItem) -> &str| -> Vec<&str> {
+            items.iter().map(|(_, _, i)| f(i)).collect()
+        };
         let num = |f: fn(&domain::OrderItem) -> Money| -> Vec<Decimal> {
-            items.iter().map(|i| f(i).0).collect()
+            items.iter().map(|(_, _, i)| f(i).0).collect()
         };
         sqlx::query(
             "INSERT INTO order_items (order_id, position, product_id, external_id, status,
                  base_price, price, earned_bonuses, spent_bonuses, gift, owner_id,
                  delivery_id, shop_assistant, warehouse)
-             SELECT $1, * FROM UNNEST($2::int4[], $3::text[], $4::text[], $5::text[],
+             SELECT * FROM UNNEST($1::text[], $2::int4[], $3::text[], $4::text[], $5::text[],
                  $6::numeric[], $7::numeric[], $8::numeric[], $9::numeric[], $10::bool[],
                  $11::text[], $12::text[], $13::text[], $14::text[])",
         )
-        .bind(id)
-        .bind((0..items.len() as i32).collect::<Vec<_>>())
+        .bind(items.iter().map(|(id, _, _)| *id).collect::<Vec<_>>())
+        .bind(items.iter().map(|(_, p, _)| *p).collect::<Vec<_>>())
         .bind(col(|i| &i.product_id))
         .bind(col(|i| &i.external_id))
         .bind(col(|i| &i.status))
@@ -424,7 +661,7 @@ async fn insert_lines(conn: &mut PgConnection, order: &ValidOrder) -> Result<()>
         .bind(num(|i| i.price))
         .bind(num(|i| i.earned_bonuses))
         .bind(num(|i| i.spent_bonuses))
-        .bind(items.iter().map(|i| i.gift).collect::<Vec<_>>())
+        .bind(items.iter().map(|(_, _, i)| i.gift).collect::<Vec<_>>())
         .bind(col(|i| &i.owner_id))
         .bind(col(|i| &i.delivery_id))
         .bind(col(|i| &i.shop_assistant))
@@ -432,37 +669,53 @@ async fn insert_lines(conn: &mut PgConnection, order: &ValidOrder) -> Result<()>
         .execute(&mut *conn)
         .await?;
     }
-    if !full.payments.is_empty() {
-        let pays = &full.payments;
-        let col = |f: fn(&domain::Payment) -> &str| -> Vec<&str> { pays.iter().map(f).collect() };
+    let pays: Vec<(&str, i32, &domain::Payment)> = orders
+        .iter()
+        .flat_map(|o| {
+            let id = o.id().as_str();
+            o.get()
+                .payments
+                .iter()
+                .zip(0..)
+                .map(move |(p, n)| (id, n, p))
+        })
+        .collect();
+    if !pays.is_empty() {
+        let col = |f: fn(&domain::Payment) -> &str| -> Vec<&str> {
+            pays.iter().map(|(_, _, p)| f(p)).collect()
+        };
         let json = |v: Option<serde_json::Value>| v.unwrap_or(serde_json::Value::Null);
         sqlx::query(
             "INSERT INTO order_payments (order_id, position, id, type, sum, payed, info,
                  credit_data, contract_number, card_payment_data, external_id)
-             SELECT $1, u.position, u.id, u.type, u.sum, u.payed, u.info,
+             SELECT u.order_id, u.position, u.id, u.type, u.sum, u.payed, u.info,
                     NULLIF(u.credit_data, 'null'::jsonb), u.contract_number,
                     NULLIF(u.card_payment_data, 'null'::jsonb), u.external_id
-             FROM UNNEST($2::int4[], $3::uuid[], $4::text[], $5::numeric[], $6::bool[],
-                 $7::text[], $8::jsonb[], $9::text[], $10::jsonb[], $11::text[])
-                 AS u(position, id, type, sum, payed, info, credit_data, contract_number,
-                      card_payment_data, external_id)",
+             FROM UNNEST($1::text[], $2::int4[], $3::uuid[], $4::text[], $5::numeric[],
+                 $6::bool[], $7::text[], $8::jsonb[], $9::text[], $10::jsonb[], $11::text[])
+                 AS u(order_id, position, id, type, sum, payed, info, credit_data,
+                      contract_number, card_payment_data, external_id)",
         )
-        .bind(id)
-        .bind((0..pays.len() as i32).collect::<Vec<_>>())
-        .bind(pays.iter().map(|p| p.id).collect::<Vec<_>>())
-        .bind(pays.iter().map(|p| p.kind.as_str()).collect::<Vec<_>>())
-        .bind(pays.iter().map(|p| p.sum.0).collect::<Vec<_>>())
-        .bind(pays.iter().map(|p| p.payed).collect::<Vec<_>>())
+        .bind(pays.iter().map(|(id, _, _)| *id).collect::<Vec<_>>())
+        .bind(pays.iter().map(|(_, n, _)| *n).collect::<Vec<_>>())
+        .bind(pays.iter().map(|(_, _, p)| p.id).collect::<Vec<_>>())
+        .bind(
+            pays.iter()
+                .map(|(_, _, p)| p.kind.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(pays.iter().map(|(_, _, p)| p.sum.0).collect::<Vec<_>>())
+        .bind(pays.iter().map(|(_, _, p)| p.payed).collect::<Vec<_>>())
         .bind(col(|p| &p.info))
         .bind(
             pays.iter()
-                .map(|p| json(p.credit_data.as_ref().map(|c| serde_json::json!(c))))
+                .map(|(_, _, p)| json(p.credit_data.as_ref().map(|c| serde_json::json!(c))))
                 .collect::<Vec<_>>(),
         )
         .bind(col(|p| &p.contract_number))
         .bind(
             pays.iter()
-                .map(|p| json(p.card_payment_data.as_ref().map(|c| serde_json::json!(c))))
+                .map(|(_, _, p)| json(p.card_payment_data.as_ref().map(|c| serde_json::json!(c))))
                 .collect::<Vec<_>>(),
         )
         .bind(col(|p| &p.external_id))
@@ -472,34 +725,49 @@ async fn insert_lines(conn: &mut PgConnection, order: &ValidOrder) -> Result<()>
     Ok(())
 }
 
+/// The history rows of several saves: `(order, version, changes)` each.
 async fn insert_history(
     conn: &mut PgConnection,
-    id: &OrderId,
-    version: i64,
     ctx: &SaveContext,
-    changes: Vec<history::Change>,
+    saves: &[(&OrderId, i64, Vec<history::Change>)],
 ) -> Result<()> {
-    if changes.is_empty() {
+    let rows: Vec<(&str, i64, &history::Change)> = saves
+        .iter()
+        .flat_map(|(id, version, changes)| changes.iter().map(move |c| (id.as_str(), *version, c)))
+        .collect();
+    if rows.is_empty() {
         return Ok(());
     }
     sqlx::query(
         "INSERT INTO order_history (order_id, type, type_id, old_value, value, user_id, version)
-         SELECT $1, u.type, u.type_id, NULLIF(u.old_value, 'null'::jsonb), u.value, $2, $3
-         FROM UNNEST($4::text[], $5::int4[], $6::jsonb[], $7::jsonb[])
-             AS u(type, type_id, old_value, value)",
+         SELECT u.order_id, u.type, u.type_id, NULLIF(u.old_value, 'null'::jsonb), u.value, $1,
+                u.version
+         FROM UNNEST($2::text[], $3::bigint[], $4::text[], $5::int4[], $6::jsonb[], $7::jsonb[])
+             AS u(order_id, version, type, type_id, old_value, value)",
     )
-    .bind(id.as_str())
     .bind(&ctx.user_id)
-    .bind(version)
-    .bind(changes.iter().map(|c| c.kind.as_str()).collect::<Vec<_>>())
-    .bind(changes.iter().map(|c| c.kind.type_id()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(id, _, _)| *id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(_, v, _)| *v).collect::<Vec<_>>())
     .bind(
-        changes
-            .iter()
-            .map(|c| c.old_value.clone())
+        rows.iter()
+            .map(|(_, _, c)| c.kind.as_str())
             .collect::<Vec<_>>(),
     )
-    .bind(changes.iter().map(|c| c.value.clone()).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|(_, _, c)| c.kind.type_id())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|(_, _, c)| c.old_value.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|(_, _, c)| c.value.clone())
+            .collect::<Vec<_>>(),
+    )
     .execute(conn)
     .await?;
     Ok(())
@@ -615,16 +883,17 @@ impl Store {
         Ok(row.0.map(|s| s.0))
     }
 
-    /// [`Store::save_order`] inside the caller's transaction, for a consumer
-    /// that records its inbox row in the same one (ingestion).
-    pub async fn save_order_in(
+    /// Saves several orders, each at most once, with no precondition and
+    /// no checkout, inside the caller's transaction: ingestion's batches.
+    /// Every order gets exactly what [`Store::save_order`] would write
+    /// (row, lines, history, events); the saves come back in that order.
+    pub async fn save_orders_in(
         &self,
         conn: &mut PgConnection,
-        order: &ValidOrder,
-        pre: Precondition,
+        orders: &[&ValidOrder],
         ctx: &SaveContext,
-    ) -> Result<Saved> {
-        save_in(conn, self, order, pre, ctx).await
+    ) -> Result<Vec<Saved>> {
+        save_many_in(conn, self, orders, ctx).await
     }
 
     /// The order's history, oldest first.

@@ -16,6 +16,7 @@ pub const NOTIFY_CHANNEL: &str = "outbox";
 /// One outbox row just written.
 pub(crate) struct Enqueued {
     pub id: i64,
+    pub order: String,
     pub destination: Destination,
     pub event: OrderEvent,
     pub created_at: DateTime<Utc>,
@@ -31,75 +32,85 @@ pub(crate) struct SaveEvents<'a> {
     pub traceparent: Option<&'a str>,
 }
 
-/// Queues the save's events for their routed destinations and wakes the
-/// relays. Runs inside the saving transaction: the rows exist exactly when
-/// the save commits, and PostgreSQL delivers the notification only on commit.
-/// Every destination's copy of one event shares its event id.
+/// Queues the events of `saves` for their routed destinations, in one
+/// statement, and wakes the relays. Runs inside the saving transaction: the
+/// rows exist exactly when the save commits, and PostgreSQL delivers the
+/// notification only on commit. Every destination's copy of one event
+/// shares its event id.
 pub(crate) async fn enqueue(
     conn: &mut PgConnection,
     routes: &Routes,
-    save: &SaveEvents<'_>,
+    saves: &[SaveEvents<'_>],
 ) -> Result<Vec<Enqueued>> {
-    let status = &save.snapshot.order.status;
     let occurred_at = Utc::now();
+    let (mut orders, mut versions, mut traceparents) = (Vec::new(), Vec::new(), Vec::new());
     let (mut destinations, mut types, mut event_ids, mut payloads) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for event in OrderEvent::of_save(save.previous_status, status) {
-        let to = routes.destinations(event);
-        if to.is_empty() {
-            continue;
-        }
-        let event_id = Uuid::now_v7();
-        let notice = OrderNotice {
-            idempotent_key: event_id,
-            order_id: save.order.as_str().to_owned(),
-            version: save.version,
-            status: status.clone(),
-            kind: event,
-            occurred_at,
-        };
-        for d in to {
-            let payload = if !d.takes_snapshots() {
-                serde_json::to_value(&notice)
-            } else if event == OrderEvent::StatusChanged {
-                Ok(serde_json::json!({"from": save.previous_status, "to": status}))
-            } else {
-                serde_json::to_value(save.snapshot)
+    for save in saves {
+        let status = &save.snapshot.order.status;
+        for event in OrderEvent::of_save(save.previous_status, status) {
+            let to = routes.destinations(event);
+            if to.is_empty() {
+                continue;
             }
-            .map_err(|e| Error::Invariant(format!("an event does not serialize: {e}")))?;
-            destinations.push(d.as_str());
-            types.push(event.as_str());
-            event_ids.push(event_id);
-            payloads.push(payload);
+            let event_id = Uuid::now_v7();
+            let notice = OrderNotice {
+                idempotent_key: event_id,
+                order_id: save.order.as_str().to_owned(),
+                version: save.version,
+                status: status.clone(),
+                kind: event,
+                occurred_at,
+            };
+            for d in to {
+                let payload = if !d.takes_snapshots() {
+                    serde_json::to_value(&notice)
+                } else if event == OrderEvent::StatusChanged {
+                    Ok(serde_json::json!({"from": save.previous_status, "to": status}))
+                } else {
+                    serde_json::to_value(save.snapshot)
+                }
+                .map_err(|e| Error::Invariant(format!("an event does not serialize: {e}")))?;
+                orders.push(save.order.as_str());
+                versions.push(save.version);
+                traceparents.push(save.traceparent);
+                destinations.push(d.as_str());
+                types.push(event.as_str());
+                event_ids.push(event_id);
+                payloads.push(payload);
+            }
         }
     }
     if destinations.is_empty() {
         return Ok(Vec::new());
     }
-    let rows: Vec<(i64, String, String, DateTime<Utc>)> = sqlx::query_as(
+    let rows: Vec<(i64, String, String, String, DateTime<Utc>)> = sqlx::query_as(
         "INSERT INTO outbox (event_id, destination, aggregatetype, aggregateid, type, version,
                              payload, traceparent)
-         SELECT e.event_id, e.destination, $1, $2, e.type, $3, e.payload, $4
-         FROM unnest($5::uuid[], $6::text[], $7::text[], $8::jsonb[])
-              AS e(event_id, destination, type, payload)
-         RETURNING id, destination, type, created_at",
+         SELECT e.event_id, e.destination, $1, e.aggregateid, e.type, e.version, e.payload,
+                e.traceparent
+         FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::bigint[],
+                     $7::jsonb[], $8::text[])
+              AS e(event_id, destination, aggregateid, type, version, payload, traceparent)
+         RETURNING id, aggregateid, destination, type, created_at",
     )
     .bind(ORDER_AGGREGATE)
-    .bind(save.order.as_str())
-    .bind(save.version)
-    .bind(save.traceparent)
     .bind(event_ids)
     .bind(destinations)
+    .bind(orders)
     .bind(types)
+    .bind(versions)
     .bind(payloads.into_iter().map(Json).collect::<Vec<_>>())
+    .bind(traceparents)
     .fetch_all(&mut *conn)
     .await?;
     notify(conn).await?;
     Ok(rows
         .into_iter()
-        .filter_map(|(id, destination, event, created_at)| {
+        .filter_map(|(id, order, destination, event, created_at)| {
             Some(Enqueued {
                 id,
+                order,
                 destination: destination.parse().ok()?,
                 event: OrderEvent::parse(&event)?,
                 created_at,
