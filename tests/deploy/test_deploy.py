@@ -173,6 +173,7 @@ def test_rendered_contract(docs):
         ingest = deployments["consumer-ingest"]["spec"]["template"]["spec"]["containers"][0]
         assert ingest["args"] == ["ingest"]
         assert env(ingest, "INGEST_SOURCE")["value"] == "orders.in"
+        assert int(env(ingest, "CONSUMER_MEMBERS")["value"]) >= 1
         assert env(ingest, "BROKER")["valueFrom"]["secretKeyRef"] == env(api, "BROKER")["valueFrom"]["secretKeyRef"]
         policy = next(p for p in by_kind(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("consumer-ingest-egress"))
         ports = {port["port"] for rule in policy["spec"]["egress"] for port in rule["ports"]}

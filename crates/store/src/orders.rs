@@ -624,19 +624,23 @@ impl<'a> OrderColumns<'a> {
     }
 }
 
-/// The items and payments of `orders`, in one statement each.
-async fn insert_lines(conn: &mut PgConnection, orders: &[&ValidOrder]) -> Result<()> {
-    let items: Vec<(&str, i32, &domain::OrderItem)> = orders
+/// One kind of line of every order: `(order id, position, line)`.
+fn lines<'a, T>(
+    orders: &[&'a ValidOrder],
+    of: fn(&'a OrderFull) -> &'a Vec<T>,
+) -> Vec<(&'a str, i32, &'a T)> {
+    orders
         .iter()
         .flat_map(|o| {
             let id = o.id().as_str();
-            o.get()
-                .items
-                .iter()
-                .zip(0..)
-                .map(move |(item, p)| (id, p, item))
+            of(o.get()).iter().zip(0..).map(move |(line, p)| (id, p, line))
         })
-        .collect();
+        .collect()
+}
+
+/// The items and payments of `orders`, in one statement each.
+async fn insert_lines(conn: &mut PgConnection, orders: &[&ValidOrder]) -> Result<()> {
+    let items = lines(orders, |f| &f.items);
     if !items.is_empty() {
         let col = |f: fn(&domain::OrderItem) -> &str| -> Vec<&str> {
             items.iter().map(|(_, _, i)| f(i)).collect()
@@ -669,17 +673,7 @@ async fn insert_lines(conn: &mut PgConnection, orders: &[&ValidOrder]) -> Result
         .execute(&mut *conn)
         .await?;
     }
-    let pays: Vec<(&str, i32, &domain::Payment)> = orders
-        .iter()
-        .flat_map(|o| {
-            let id = o.id().as_str();
-            o.get()
-                .payments
-                .iter()
-                .zip(0..)
-                .map(move |(p, n)| (id, n, p))
-        })
-        .collect();
+    let pays = lines(orders, |f| &f.payments);
     if !pays.is_empty() {
         let col = |f: fn(&domain::Payment) -> &str| -> Vec<&str> {
             pays.iter().map(|(_, _, p)| f(p)).collect()
