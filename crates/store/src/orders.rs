@@ -633,7 +633,10 @@ fn lines<'a, T>(
         .iter()
         .flat_map(|o| {
             let id = o.id().as_str();
-            of(o.get()).iter().zip(0..).map(move |(line, p)| (id, p, line))
+            of(o.get())
+                .iter()
+                .zip(0..)
+                .map(move |(line, p)| (id, p, line))
         })
         .collect()
 }
