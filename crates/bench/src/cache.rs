@@ -66,14 +66,18 @@ async fn seed(pool: &PgPool, n: i64) -> Result<()> {
     Ok(())
 }
 
-async fn metric(http: &reqwest::Client, url: &str, series: &str) -> Result<f64> {
-    let text = http
+async fn scrape(http: &reqwest::Client, url: &str) -> Result<String> {
+    Ok(http
         .get(format!("{url}/metrics"))
         .send()
         .await?
         .text()
-        .await?;
-    Ok(text
+        .await?)
+}
+
+async fn metric(http: &reqwest::Client, url: &str, series: &str) -> Result<f64> {
+    Ok(scrape(http, url)
+        .await?
         .lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0.0))
@@ -87,12 +91,7 @@ async fn histogram_quantile(
     name: &str,
     q: f64,
 ) -> Result<(f64, u64)> {
-    let text = http
-        .get(format!("{url}/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let text = scrape(http, url).await?;
     let prefix = format!("{name}_bucket{{le=\"");
     let mut buckets: Vec<(f64, f64)> = text
         .lines()

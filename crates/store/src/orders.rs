@@ -425,17 +425,15 @@ async fn record_saves(
             traceparent: ctx.traceparent.as_deref(),
         })
         .collect();
-    let mut enqueued = outbox::enqueue(conn, store.routes(), &events).await?;
+    let mut by_order: std::collections::HashMap<String, Vec<outbox::Enqueued>> =
+        std::collections::HashMap::new();
+    for e in outbox::enqueue(conn, store.routes(), &events).await? {
+        by_order.entry(e.order.clone()).or_default().push(e);
+    }
     Ok(saved
         .into_iter()
         .map(|(r, mut view)| {
-            let mine: Vec<_> = {
-                let (mine, rest) = std::mem::take(&mut enqueued)
-                    .into_iter()
-                    .partition(|e| e.order == r.id.as_str());
-                enqueued = rest;
-                mine
-            };
+            let mine = by_order.remove(r.id.as_str()).unwrap_or_default();
             view.sync = mine
                 .iter()
                 .find(|e| e.destination.as_str() == ONEC && e.event != OrderEvent::StatusChanged)
@@ -499,7 +497,7 @@ pub(crate) async fn save_many_in(
         .partition(|o| current.contains_key(o.id().as_str()));
     if !existing.is_empty() {
         let c = OrderColumns::of(&existing);
-        sqlx::query(
+        c.bind(sqlx::query_scalar::<_, String>(
             "UPDATE orders o SET type = u.type, status = u.status, city = u.city,
                  subdivision = u.subdivision, price = u.price, platform = u.platform,
                  general_id = u.general_id, order_number = u.order_number,
@@ -508,19 +506,10 @@ pub(crate) async fn save_many_in(
                          $6::numeric[], $7::text[], $8::uuid[], $9::text[], $10::text[])
                   AS u(id, type, status, city, subdivision, price, platform, general_id,
                        order_number, executor)
-             WHERE o.id = u.id",
-        )
-        .bind(&c.id)
-        .bind(&c.kind)
-        .bind(&c.status)
-        .bind(&c.city)
-        .bind(&c.subdivision)
-        .bind(&c.price)
-        .bind(&c.platform)
-        .bind(&c.general_id)
-        .bind(&c.order_number)
-        .bind(&c.executor)
-        .execute(&mut *conn)
+             WHERE o.id = u.id
+             RETURNING o.id",
+        ))
+        .fetch_all(&mut *conn)
         .await?;
         sqlx::query(
             "WITH items AS (DELETE FROM order_items WHERE order_id = ANY($1))
@@ -533,8 +522,9 @@ pub(crate) async fn save_many_in(
     let mut inserted = std::collections::HashSet::new();
     if !fresh.is_empty() {
         let c = OrderColumns::of(&fresh);
-        inserted = sqlx::query_scalar::<_, String>(
-            "INSERT INTO orders (id, type, status, city, subdivision, price, platform,
+        inserted = c
+            .bind(sqlx::query_scalar::<_, String>(
+                "INSERT INTO orders (id, type, status, city, subdivision, price, platform,
                                  general_id, order_number, executor, version)
              SELECT u.*, 1
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
@@ -542,21 +532,11 @@ pub(crate) async fn save_many_in(
              AS u
              ON CONFLICT (id) DO NOTHING
              RETURNING id",
-        )
-        .bind(&c.id)
-        .bind(&c.kind)
-        .bind(&c.status)
-        .bind(&c.city)
-        .bind(&c.subdivision)
-        .bind(&c.price)
-        .bind(&c.platform)
-        .bind(&c.general_id)
-        .bind(&c.order_number)
-        .bind(&c.executor)
-        .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .collect();
+            ))
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect();
     }
     // An order created by someone else since the lock: saved on its own,
     // as a replace, below.
@@ -606,6 +586,23 @@ struct OrderColumns<'a> {
 }
 
 impl<'a> OrderColumns<'a> {
+    /// Binds `$1`..`$10` of the `unnest` statements: id, then the header.
+    fn bind<'q>(
+        &'q self,
+        q: sqlx::query::QueryScalar<'q, Postgres, String, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryScalar<'q, Postgres, String, sqlx::postgres::PgArguments> {
+        q.bind(&self.id)
+            .bind(&self.kind)
+            .bind(&self.status)
+            .bind(&self.city)
+            .bind(&self.subdivision)
+            .bind(&self.price)
+            .bind(&self.platform)
+            .bind(&self.general_id)
+            .bind(&self.order_number)
+            .bind(&self.executor)
+    }
+
     fn of(orders: &[&'a ValidOrder]) -> Self {
         let headers: Vec<&'a Order> = orders.iter().map(|o| &o.get().order).collect();
         let col = |f: fn(&'a Order) -> &'a str| headers.iter().map(|o| f(o)).collect();
@@ -849,11 +846,8 @@ impl Store {
     /// The orders of `ids` that exist, in no particular order, each read
     /// whole in one snapshot: the cache's warm-up.
     pub async fn get_orders(&self, ids: &[String]) -> Result<Vec<OrderView>> {
-        let rows: Vec<FullRow> = sqlx::query_as(LOAD_MANY_SQL.as_str())
-            .bind(ids)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.into_iter().map(FullRow::into_view).collect())
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        load_many(&mut *self.pool.acquire().await?, &ids).await
     }
 
     /// The ids of the `limit` most recently updated orders, newest first.

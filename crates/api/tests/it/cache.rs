@@ -61,6 +61,14 @@ impl Replica {
         send(&self.router, req).await
     }
 
+    fn cache_lag(&self) -> (u64, f64) {
+        self.cache_metrics().lag()
+    }
+
+    fn cache_metrics(&self) -> &order_cache::CacheMetrics {
+        self.cache.metrics()
+    }
+
     async fn until_ready(&self) {
         let started = Instant::now();
         while self.get("/readyz", &[]).await.status != StatusCode::OK {
@@ -133,16 +141,6 @@ async fn a_second_replica_sees_a_change_through_the_first_within_the_measured_la
     let own = a.get(uri, &[]).await;
     assert!(hit(&own) && version(&own) == 2);
     cancel.cancel();
-}
-
-impl Replica {
-    fn cache_lag(&self) -> (u64, f64) {
-        self.cache_metrics().lag()
-    }
-
-    fn cache_metrics(&self) -> &order_cache::CacheMetrics {
-        self.cache.metrics()
-    }
 }
 
 #[tokio::test]
