@@ -97,5 +97,5 @@ fn the_budget_bounds_the_weight() {
     let (entries, bytes) = c.usage();
     assert!(bytes <= one * 50, "{bytes} > {}", one * 50);
     assert!((1..=50).contains(&entries), "{entries}");
-    assert!(c.0.metrics.evictions() > 0 || entries < 2_000);
+    assert!(c.0.metrics.evictions() > 0, "nothing counted as evicted");
 }

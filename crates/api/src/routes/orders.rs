@@ -237,8 +237,7 @@ pub async fn get_order(
     let min = p.min_version.unwrap_or(0).max(seen.newest());
     let Some(cache) = &state.cache else {
         let view = state.store.get_order(&id).await?;
-        let body = serde_json::to_vec(&view).expect("orders serialize");
-        return Ok(read_response(view.version, body.into(), &seen, false));
+        return Ok(view_read(&view, &seen));
     };
     let snapshot = cache.snapshot();
     if let Some(entry) = cache.get(id.as_str(), min) {
@@ -256,8 +255,13 @@ pub async fn get_order(
     }
     let view = state.store.get_order(&id).await?;
     cache.fill(snapshot, &view);
-    let body = serde_json::to_vec(&view).expect("orders serialize");
-    Ok(read_response(view.version, body.into(), &seen, false))
+    Ok(view_read(&view, &seen))
+}
+
+/// The answer to a read served from the database.
+fn view_read(view: &OrderView, seen: &Seen) -> Response {
+    let body = serde_json::to_vec(view).expect("orders serialize");
+    read_response(view.version, body.into(), seen, false)
 }
 
 /// The order's status and price changes, oldest first.
