@@ -373,7 +373,7 @@ fn pgbench_drain_script(policy: DeliveryPolicy) -> String {
                 sql.replace(&format!("${}", i + 1), &format!(":{name}"))
             })
     };
-    let candidates = bind(claim_sql::CANDIDATES, &["batch", "dest"]);
+    let candidates = bind(claim_sql::candidates(policy), &["batch", "dest"]);
     let claim = bind(
         claim_sql::claim(policy),
         &["keys", "claimant", "lease", "dest"],
@@ -383,12 +383,14 @@ fn pgbench_drain_script(policy: DeliveryPolicy) -> String {
         .expect("the claim ends in its result select");
     let claim = format!(
         "{} SELECT (SELECT count(*) FROM superseded) AS superseded,
-                 coalesce(array_agg(c.id), '{{}}') AS ids,
-                 coalesce(array_agg(c.claim_token), '{{}}') AS tokens
-          FROM claimed c",
+                 coalesce(array_agg(c.id) FILTER (WHERE NOT c.via_head), '{{}}') AS ids,
+                 coalesce(array_agg(c.claim_token) FILTER (WHERE NOT c.via_head), '{{}}')
+                     AS tokens,
+                 coalesce(array_agg(c.id) FILTER (WHERE c.via_head), '{{}}') AS tails
+          FROM claims c",
         &claim[..tail]
     );
-    let complete = bind(claim_sql::COMPLETE.as_str(), &["ids", "tokens"]);
+    let complete = bind(claim_sql::COMPLETE.as_str(), &["ids", "tokens", "tails"]);
     // pgbench reads a command per line: drop the comments, then the breaks.
     let one_line = |sql: &str| {
         sql.lines()

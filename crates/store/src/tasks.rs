@@ -43,7 +43,25 @@ impl fmt::Display for EventId {
 /// The proof of one claim. A new one is drawn for every claim, so only the
 /// current claimant can complete, retry, release or bury the task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ClaimToken(pub Uuid);
+pub struct ClaimToken {
+    /// The claim's token, written to the claimed row.
+    pub uuid: Uuid,
+    /// The task rides in its key's run behind the run's head, and is held
+    /// through the head's claim: only the head is written `running` (which
+    /// keeps every other claimer off the key), the rest stay `pending` until
+    /// their outcome, so a run of n messages costs one claim write, not n.
+    pub via_head: bool,
+}
+
+impl ClaimToken {
+    /// The token of a task claimed in its own right.
+    pub fn own(uuid: Uuid) -> Self {
+        Self {
+            uuid,
+            via_head: false,
+        }
+    }
+}
 
 /// A task claimed for delivery.
 #[derive(Debug, Clone)]
@@ -104,17 +122,42 @@ pub mod sql {
 
     use super::UNPARK;
 
-    /// Locks up to `$1` due pending rows of destination `$2`, skipping locked
-    /// ones, and tries each row's key lock: `(key, mine)` per row.
-    pub const CANDIDATES: &str = "SELECT c.aggregateid AS key,
+    /// Locks up to `$1` due pending rows of destination `$2` under `policy`,
+    /// skipping locked ones, and tries each row's key lock: `(key, mine)`
+    /// per row.
+    pub fn candidates(policy: DeliveryPolicy) -> &'static str {
+        match policy {
+            DeliveryPolicy::LatestWins => &CANDIDATES_LATEST,
+            DeliveryPolicy::EveryMessageInOrder => &CANDIDATES_IN_ORDER,
+        }
+    }
+
+    static CANDIDATES_LATEST: LazyLock<String> = LazyLock::new(|| candidates_statement(""));
+    // A run's tail stays pending and due while its head runs; a key that
+    // runs is skipped, read only (the running keys are read once into a
+    // hashed set), instead of taking a candidate slot and being parked (a
+    // write) by every claim meanwhile.
+    static CANDIDATES_IN_ORDER: LazyLock<String> = LazyLock::new(|| {
+        candidates_statement(
+            "AND aggregateid NOT IN (
+                 SELECT aggregateid FROM outbox WHERE destination = $2 AND state = 'running'
+             )",
+        )
+    });
+
+    fn candidates_statement(filter: &str) -> String {
+        format!(
+            "SELECT c.aggregateid AS key,
                     pg_try_advisory_xact_lock(hashtext($2), hashtext(c.aggregateid)) AS mine
              FROM (
                  SELECT aggregateid FROM outbox
-                 WHERE destination = $2 AND state = 'pending' AND run_at <= now()
+                 WHERE destination = $2 AND state = 'pending' AND run_at <= now() {filter}
                  ORDER BY run_at, id
                  LIMIT $1
                  FOR UPDATE SKIP LOCKED
-             ) c";
+             ) c"
+        )
+    }
 
     /// Claims, under `policy`, the heads of the locked keys `$1` (text[])
     /// of destination `$4` for claimant `$2` with a lease of `$3` seconds.
@@ -170,23 +213,36 @@ pub mod sql {
         } else {
             // In order claims a run: the head and up to 15 messages right
             // behind it, which one worker sends one after another, so a
-            // burst on one key costs one claim instead of one each. A run
-            // stops before the first row another session holds, so it
-            // never has a gap.
+            // burst on one key costs one claim instead of one each. Only
+            // the head is locked and written: while it runs, its key is
+            // busy for every other claimer, which holds the rest of the run
+            // (see `run_tails`).
             "heads AS (
-                 SELECT r.id FROM lanes l
+                 SELECT h.id FROM lanes l
                  CROSS JOIN LATERAL (
-                     SELECT v.id, bool_and(x.id IS NOT NULL) OVER (ORDER BY v.n) AS unbroken
-                     FROM unnest(l.pending[1:16]) WITH ORDINALITY AS v(id, n)
-                     LEFT JOIN LATERAL (
-                         SELECT id FROM outbox
-                         WHERE id = v.id AND state = 'pending' AND (v.n > 1 OR run_at <= now())
-                         FOR UPDATE SKIP LOCKED
-                     ) x ON true
-                 ) r
-                 WHERE r.unbroken AND l.free
+                     SELECT id FROM outbox
+                     WHERE id = l.head AND state = 'pending' AND run_at <= now()
+                     FOR UPDATE SKIP LOCKED
+                 ) h
+                 WHERE l.free
              )"
             .to_owned()
+        };
+        let run_tails = if latest {
+            "run_tails AS (SELECT * FROM claimed WHERE false)"
+        } else {
+            // The rest of each claimed head's run, as it stands in this
+            // statement's snapshot: pending, and charged this attempt only
+            // when its outcome is recorded.
+            "run_tails AS (
+                 SELECT t.id, t.event_id, t.aggregatetype, t.aggregateid, t.type, t.version,
+                        t.payload, t.attempts + 1 AS attempts, c.claim_token, t.traceparent,
+                        t.created_at, true AS via_head
+                 FROM claimed c
+                 JOIN lanes l ON l.head = c.id
+                 CROSS JOIN LATERAL unnest(l.pending[2:16]) AS v(id)
+                 JOIN outbox t ON t.id = v.id
+             )"
         };
         let older = if latest {
             // Every pending version but the newest, or all of them when
@@ -299,27 +355,39 @@ pub mod sql {
                      updated_at = now()
                  WHERE id = ANY(ARRAY(SELECT id FROM heads))
                  RETURNING id, event_id, aggregatetype, aggregateid, type, version, payload,
-                           attempts, claim_token, traceparent, created_at
-             )
+                           attempts, claim_token, traceparent, created_at, false AS via_head
+             ),
+             {run_tails},
+             claims AS (SELECT * FROM claimed UNION ALL SELECT * FROM run_tails)
              SELECT (SELECT count(*) FROM superseded) AS superseded, c.*
-             FROM (SELECT 1) one LEFT JOIN claimed c ON true"
+             FROM (SELECT 1) one LEFT JOIN claims c ON true"
         )
     }
 
     /// Marks the running tasks `$1` (bigint[]) done, each fenced by its own
-    /// token in `$2` (uuid[]), and unparks what waited behind them; returns
-    /// how many claims were still held.
+    /// token in `$2` (uuid[]), and with them the run tails `$3` (bigint[])
+    /// whose head this very statement completes; unparks what waited
+    /// behind them. Returns how many claims were still held.
     pub static COMPLETE: LazyLock<String> = LazyLock::new(|| {
         format!(
-            "WITH left_running AS (
+            "WITH settled AS (
                  UPDATE outbox t
                  SET state = 'done', finished_at = now(), last_error = NULL, claim_token = NULL,
                      claim_expires_at = NULL, claimed_by = NULL, updated_at = now()
                  WHERE t.id = ANY($1) AND t.claim_token = ANY($2) AND t.state = 'running'
                  RETURNING destination, aggregateid, id
              ),
+             tails AS (
+                 UPDATE outbox t
+                 SET state = 'done', attempts = t.attempts + 1, finished_at = now(),
+                     last_error = NULL, updated_at = now()
+                 FROM settled s
+                 WHERE t.id = ANY($3) AND t.state = 'pending'
+                   AND t.destination = s.destination AND t.aggregateid = s.aggregateid
+                 RETURNING t.id
+             ),
              {UNPARK}
-             SELECT count(*) FROM left_running"
+             SELECT (SELECT count(*) FROM settled) + (SELECT count(*) FROM tails)"
         )
     });
 }
@@ -330,28 +398,59 @@ pub mod sql {
 /// fields in step. It also unparks the order's newer versions.
 fn fenced(set: &str) -> String {
     format!(
-        "WITH left_running AS (
+        "WITH settled AS (
              UPDATE outbox SET {set}, claim_token = NULL, claim_expires_at = NULL,
                  claimed_by = NULL, updated_at = now()
              WHERE id = $1 AND claim_token = $2 AND state = 'running'
              RETURNING destination, aggregateid, id
          ),
+         tails AS (SELECT NULL::bigint AS id WHERE false),
          {UNPARK}
-         SELECT 1 FROM left_running"
+         SELECT 1 FROM settled"
     )
 }
 
-/// A CTE that makes the messages parked behind the rows of `left_running`
-/// due now: a claim parked them for up to a second, but the key is free as
-/// soon as its running message is done with. Newer pending messages behind
-/// a running one were never tried, so none has a backoff to keep. Each is
-/// rewritten even when not parked, which fences a claim that is about to
-/// park it (the xmin checks in [`Store::claim_batch`]).
+/// The statement that records an outcome under `token`'s fence.
+fn fence(token: ClaimToken, set: &str) -> String {
+    if token.via_head {
+        fenced_tail(set)
+    } else {
+        fenced(set)
+    }
+}
+
+/// The same for a run's tail `$1`, fenced by its head's claim `$2`: the
+/// key's running message must still hold that token. The head is locked
+/// while the tail is written, so a rescue of the head cannot slip between
+/// the check and the write. Nothing is unparked: the head still runs, and
+/// its completion does that.
+fn fenced_tail(set: &str) -> String {
+    format!(
+        "WITH head AS (
+             SELECT h.id FROM outbox t
+             JOIN outbox h ON h.destination = t.destination AND h.aggregateid = t.aggregateid
+             WHERE t.id = $1 AND h.state = 'running' AND h.claim_token = $2
+             FOR SHARE OF h
+         )
+         UPDATE outbox SET {set}, attempts = attempts + 1, updated_at = now()
+         WHERE id = $1 AND state = 'pending' AND EXISTS (SELECT 1 FROM head)
+         RETURNING 1"
+    )
+}
+
+/// A CTE that makes the messages parked behind the rows of `settled` due
+/// now: a claim parked them for up to a second, but the key is free as soon
+/// as its running message is done with. Each is rewritten even when not
+/// parked, which fences a claim that is about to park it (the xmin checks in
+/// [`Store::claim_batch`]). Left alone: the run tails done in the same
+/// statement (`tails`), and messages already tried, whose `run_at` is their
+/// own backoff (a run's message that failed behind a head that went).
 const UNPARK: &str = "unparked AS (
              UPDATE outbox p SET run_at = least(p.run_at, now())
-             FROM left_running l
+             FROM settled l
              WHERE p.destination = l.destination AND p.aggregateid = l.aggregateid
-               AND p.id > l.id AND p.state = 'pending'
+               AND p.id > l.id AND p.state = 'pending' AND p.attempts = 0
+               AND p.id NOT IN (SELECT id FROM tails)
          )";
 
 #[derive(sqlx::FromRow)]
@@ -424,6 +523,7 @@ struct ClaimedRow {
     claim_token: Option<Uuid>,
     traceparent: Option<String>,
     created_at: Option<DateTime<Utc>>,
+    via_head: Option<bool>,
 }
 
 impl Store {
@@ -438,7 +538,8 @@ impl Store {
     ///    are held and so sees every committed claim of those keys, claims
     ///    for each locked key its head: the newest pending message under
     ///    *latest wins*; under *every message in order*, the oldest and up
-    ///    to 15 behind it, to be sent one after another by one worker. Only
+    ///    to 15 behind it, to be sent one after another by one worker (only
+    ///    the head is written `running`; see [`ClaimToken::via_head`]). Only
     ///    if the key has nothing running, the head is due, and no older
     ///    message is still in doubt (the destination may yet apply a
     ///    timed-out attempt). Under latest wins, older pending messages
@@ -448,7 +549,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         // One row per candidate, so a full page says more may be waiting
         // even when several candidates share a key.
-        let candidates: Vec<(String, bool)> = sqlx::query_as(sql::CANDIDATES)
+        let candidates: Vec<(String, bool)> = sqlx::query_as(sql::candidates(spec.policy))
             .bind(i64::from(spec.limit))
             .bind(spec.destination.as_str())
             .fetch_all(&mut *tx)
@@ -496,7 +597,10 @@ impl Store {
                     version: r.version?,
                     payload: r.payload?.0,
                     attempts: r.attempts?,
-                    token: ClaimToken(r.claim_token?),
+                    token: ClaimToken {
+                        uuid: r.claim_token?,
+                        via_head: r.via_head?,
+                    },
                     traceparent: r.traceparent,
                     created_at: r.created_at?,
                 })
@@ -525,11 +629,14 @@ impl Store {
         if claims.is_empty() {
             return Ok(0);
         }
-        let ids: Vec<i64> = claims.iter().map(|(id, _)| id.0).collect();
-        let tokens: Vec<Uuid> = claims.iter().map(|(_, token)| token.0).collect();
+        let (tails, heads): (Vec<_>, Vec<_>) = claims.iter().partition(|(_, t)| t.via_head);
+        let ids: Vec<i64> = heads.iter().map(|(id, _)| id.0).collect();
+        let tokens: Vec<Uuid> = heads.iter().map(|(_, token)| token.uuid).collect();
+        let tails: Vec<i64> = tails.iter().map(|(id, _)| id.0).collect();
         let done: i64 = sqlx::query_scalar(sql::COMPLETE.as_str())
             .bind(ids)
             .bind(tokens)
+            .bind(tails)
             .fetch_one(&self.pool)
             .await?;
         Ok(u64::try_from(done).unwrap_or(0))
@@ -547,14 +654,15 @@ impl Store {
         error: &str,
         in_doubt_until: Option<DateTime<Utc>>,
     ) -> Result<bool> {
-        let sql = fenced(
+        let sql = fence(
+            token,
             "state = 'pending', run_at = $3, last_error = $4,
              in_doubt_until = greatest(in_doubt_until, $5)",
         );
         self.run_fenced(
             sqlx::query(&sql)
                 .bind(id.0)
-                .bind(token.0)
+                .bind(token.uuid)
                 .bind(run_at)
                 .bind(error)
                 .bind(in_doubt_until),
@@ -571,14 +679,15 @@ impl Store {
         error: &str,
         in_doubt_until: Option<DateTime<Utc>>,
     ) -> Result<bool> {
-        let sql = fenced(
+        let sql = fence(
+            token,
             "state = 'dead', finished_at = now(), last_error = $3,
              in_doubt_until = greatest(in_doubt_until, $4)",
         );
         self.run_fenced(
             sqlx::query(&sql)
                 .bind(id.0)
-                .bind(token.0)
+                .bind(token.uuid)
                 .bind(error)
                 .bind(in_doubt_until),
         )
@@ -586,10 +695,14 @@ impl Store {
     }
 
     /// Gives a claimed task back untried, e.g. on shutdown: it is pending
-    /// again at once and the attempt it was charged is refunded.
+    /// again at once and the attempt it was charged is refunded. A run's
+    /// tail was never written, so there is nothing to give back.
     pub async fn release(&self, id: TaskId, token: ClaimToken) -> Result<bool> {
+        if token.via_head {
+            return Ok(true);
+        }
         let sql = fenced("state = 'pending', run_at = now(), attempts = greatest(attempts - 1, 0)");
-        self.run_fenced(sqlx::query(&sql).bind(id.0).bind(token.0))
+        self.run_fenced(sqlx::query(&sql).bind(id.0).bind(token.uuid))
             .await
     }
 

@@ -474,7 +474,7 @@ async fn a_batched_completion_is_fenced_claim_by_claim() {
     let claimed = claim(&store, 10).await;
     let mut claims: Vec<_> = claimed.iter().map(|t| (t.id, t.token)).collect();
     // One claim carries a token that is not (or no longer) the task's.
-    claims[1].1 = store::ClaimToken(uuid::Uuid::new_v4());
+    claims[1].1 = store::ClaimToken::own(uuid::Uuid::new_v4());
 
     let completed = store.complete_many(&claims).await.unwrap();
 

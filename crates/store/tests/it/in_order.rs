@@ -214,23 +214,133 @@ async fn a_failing_key_waits_alone_and_resumes_at_its_failed_message() {
     assert_eq!(attempts, [2, 1, 1], "released messages were refunded");
 }
 
+async fn states(pool: &PgPool, key: &str) -> Vec<(String, i32)> {
+    sqlx::query_as("SELECT state, attempts FROM outbox WHERE aggregateid = $1 ORDER BY id")
+        .bind(key)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+fn state(s: &str, attempts: i32) -> (String, i32) {
+    (s.to_owned(), attempts)
+}
+
 #[tokio::test]
-async fn a_run_stops_before_a_message_another_session_holds() {
+async fn a_run_is_held_through_its_head_and_written_once_per_message() {
     let db = testkit::database().await;
     let store = Store::new(db.pool.clone());
     queue(&db.pool, 1, 4).await;
-    // Another session holds the third message (as a claimer's candidate
-    // lock would), so the run must stop before it: no gap.
-    let mut other = db.pool.begin().await.unwrap();
-    sqlx::query("SELECT id FROM outbox WHERE aggregateid = 'K-0' AND version = 3 FOR UPDATE")
-        .execute(&mut *other)
-        .await
-        .unwrap();
 
     let run = claim(&store).await;
 
-    assert_eq!(seqs(&run), [("K-0".into(), 1), ("K-0".into(), 2)]);
-    other.rollback().await.unwrap();
+    assert_eq!(run.len(), 4);
+    assert_eq!(run.iter().filter(|t| !t.token.via_head).count(), 1);
+    assert!(run.iter().all(|t| t.attempts == 1));
+    assert_eq!(
+        states(&db.pool, "K-0").await,
+        [
+            state("running", 1),
+            state("pending", 0),
+            state("pending", 0),
+            state("pending", 0)
+        ],
+        "only the head is written"
+    );
+    let other = store.claim_batch(&spec("other", 100)).await.unwrap();
+    assert!(
+        other.tasks.is_empty(),
+        "the running head holds its whole run"
+    );
+
+    let claims: Vec<_> = run.iter().map(|t| (t.id, t.token)).collect();
+    assert_eq!(store.complete_many(&claims).await.unwrap(), 4);
+    assert_eq!(states(&db.pool, "K-0").await, vec![state("done", 1); 4]);
+}
+
+#[tokio::test]
+async fn a_tail_is_fenced_by_its_head_claim() {
+    let db = testkit::database().await;
+    let store = Store::new(db.pool.clone());
+    queue(&db.pool, 1, 3).await;
+    let mut run = claim(&store).await;
+    run.sort_by_key(|t| t.id);
+    // The head's claim expires and is rescued: the old run's outcomes are void.
+    sqlx::query("UPDATE outbox SET claim_expires_at = now() - interval '1 second' WHERE id = $1")
+        .bind(run[0].id.0)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(store.rescue_expired(10).await.unwrap(), [run[0].id]);
+
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    assert!(!store
+        .retry_later(run[1].id, run[1].token, later, "late", None)
+        .await
+        .unwrap());
+    assert!(!store
+        .mark_dead(run[2].id, run[2].token, "late", None)
+        .await
+        .unwrap());
+    let tails: Vec<_> = run[1..].iter().map(|t| (t.id, t.token)).collect();
+    assert_eq!(store.complete_many(&tails).await.unwrap(), 0);
+    assert_eq!(
+        states(&db.pool, "K-0").await,
+        [
+            state("pending", 1),
+            state("pending", 0),
+            state("pending", 0)
+        ]
+    );
+
+    // The new claimant's run goes through.
+    let again = claim(&store).await;
+    let claims: Vec<_> = again.iter().map(|t| (t.id, t.token)).collect();
+    assert_eq!(store.complete_many(&claims).await.unwrap(), 3);
+}
+
+#[tokio::test]
+async fn a_tail_that_fails_behind_a_delivered_head_keeps_its_backoff() {
+    let db = testkit::database().await;
+    let store = Store::new(db.pool.clone());
+    queue(&db.pool, 1, 3).await;
+    let mut run = claim(&store).await;
+    run.sort_by_key(|t| t.id);
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+
+    // The head went, the second failed, the third was not tried.
+    assert!(store
+        .retry_later(run[1].id, run[1].token, later, "broker said no", None)
+        .await
+        .unwrap());
+    assert!(store.release(run[2].id, run[2].token).await.unwrap());
+    assert_eq!(
+        store
+            .complete_many(&[(run[0].id, run[0].token)])
+            .await
+            .unwrap(),
+        1
+    );
+
+    assert_eq!(
+        states(&db.pool, "K-0").await,
+        [state("done", 1), state("pending", 1), state("pending", 0)]
+    );
+    let run_at: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT run_at FROM outbox WHERE id = $1")
+            .bind(run[1].id.0)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    // PostgreSQL keeps microseconds.
+    assert!(
+        run_at > later - chrono::Duration::milliseconds(1),
+        "the head's completion must not undo the backoff"
+    );
+    assert!(
+        claim(&store).await.is_empty(),
+        "the third waits behind the second"
+    );
 }
 
 #[tokio::test]
