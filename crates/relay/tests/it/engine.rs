@@ -217,3 +217,67 @@ async fn in_order_a_key_behind_an_unanswered_attempt_waits_while_others_flow() {
          untried, and nothing was superseded"
     );
 }
+
+#[tokio::test]
+async fn in_order_a_run_settles_each_message_through_its_head() {
+    let db = testkit::database().await;
+    for seq in 1..=3 {
+        queue(&db.pool, "fake", "retried", seq).await;
+        queue(&db.pool, "fake", "buried", seq).await;
+    }
+    let sent: Arc<std::sync::Mutex<Vec<(String, i64)>>> = Arc::default();
+    let record = sent.clone();
+    let mut sink = MockSink::new();
+    sink.expect_deliver().returning(move |m| {
+        let seq = m.payload_json().unwrap()["seq"].as_i64().unwrap();
+        record.lock().unwrap().push((m.aggregate_id.clone(), seq));
+        match (m.aggregate_id.as_str(), seq) {
+            (_, 1) | ("buried", 3) => Ok(()),
+            ("retried", _) => Err(failure(FailureKind::Transient, "throttled", None)),
+            _ => Err(failure(FailureKind::Permanent, "rejected", None)),
+        }
+    });
+    let engine = engine(&db.pool, sink, DeliveryPolicy::EveryMessageInOrder);
+
+    for _ in 0..3 {
+        engine
+            .claim_and_deliver(CancellationToken::new())
+            .await
+            .unwrap();
+    }
+
+    let mut sent = sent.lock().unwrap().clone();
+    sent.sort();
+    assert_eq!(
+        sent,
+        [
+            ("buried".into(), 1),
+            ("buried".into(), 2),
+            ("buried".into(), 3),
+            ("retried".into(), 1),
+            ("retried".into(), 2)
+        ],
+        "a failure ends its run; a dead message does not hold its key"
+    );
+    let states: Vec<(String, String, i32, bool)> = sqlx::query_as(
+        "SELECT aggregateid, state, attempts, run_at > now() + interval '50 seconds'
+         FROM outbox ORDER BY aggregateid, id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let row = |k: &str, s: &str, a: i32, waits: bool| (k.to_owned(), s.to_owned(), a, waits);
+    assert_eq!(
+        states,
+        [
+            row("buried", "done", 1, false),
+            row("buried", "dead", 1, false),
+            row("buried", "done", 1, false),
+            row("retried", "done", 1, false),
+            // Its backoff outlives the completion of the head it ran
+            // behind, and the untried message waits behind it.
+            row("retried", "pending", 1, true),
+            row("retried", "pending", 0, true),
+        ]
+    );
+}
