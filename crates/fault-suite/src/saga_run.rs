@@ -287,8 +287,42 @@ async fn finished(sys: &System, ids: &[String]) -> Result<usize> {
     Ok(n as usize)
 }
 
+/// What the sagas of `ids` and every database's outbox hold, for a run
+/// that did not finish.
+async fn stuck_report(sys: &System, roles: &Roles, ids: &[String]) -> Result<String> {
+    let sagas: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT state, count(*) FROM sagas WHERE order_id = ANY($1) GROUP BY state ORDER BY state",
+    )
+    .bind(ids)
+    .fetch_all(&sys.pool)
+    .await?;
+    let mut report = format!("sagas by state: {sagas:?}");
+    for (db, pool) in [
+        ("orders", &sys.pool),
+        ("inventory", &roles.inventory_pool),
+        ("payments", &roles.payments_pool),
+    ] {
+        let outbox: Vec<(String, String, i64, i32, Option<f64>)> = sqlx::query_as(
+            "SELECT destination, state, count(*), max(attempts),
+                    extract(epoch FROM max(run_at) - now())::float8
+             FROM outbox WHERE state <> 'done' GROUP BY destination, state ORDER BY 1, 2",
+        )
+        .fetch_all(pool)
+        .await?;
+        report += &format!(
+            "; {db} outbox (destination, state, rows, most attempts, latest run_at from now in s): {outbox:?}"
+        );
+    }
+    Ok(report)
+}
+
 /// Waits until every saga of `ids` is over.
-async fn all_final(sys: &System, ids: &[String], within: Duration) -> Result<Duration> {
+async fn all_final(
+    sys: &System,
+    roles: &Roles,
+    ids: &[String],
+    within: Duration,
+) -> Result<Duration> {
     let started = Instant::now();
     loop {
         let open: Vec<(String, String)> = sqlx::query_as(
@@ -302,10 +336,10 @@ async fn all_final(sys: &System, ids: &[String], within: Duration) -> Result<Dur
         if open.is_empty() {
             return Ok(started.elapsed());
         }
-        ensure!(
-            started.elapsed() < within,
-            "sagas still running after {within:?}: {open:?}"
-        );
+        if started.elapsed() >= within {
+            let report = stuck_report(sys, roles, ids).await?;
+            anyhow::bail!("sagas still running after {within:?}: {open:?}; {report}");
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -565,7 +599,7 @@ pub async fn saga_run(sys: &mut System, broker: Broker, outage: Duration) -> Res
     let mut clean = Run::prepare(sys, &roles, &format!("SG{}", &name[..1].to_uppercase())).await?;
     let started = Instant::now();
     let mut saved = create(&client, clean.orders(&mut rng)).await?;
-    all_final(sys, &clean.ids, Duration::from_secs(180)).await?;
+    all_final(sys, &roles, &clean.ids, Duration::from_secs(180)).await?;
     let took = started.elapsed();
     let clean_outcomes = check(sys, &roles, &clean).await?;
 
@@ -596,7 +630,7 @@ pub async fn saga_run(sys: &mut System, broker: Broker, outage: Duration) -> Res
     let more = load.await??;
     saved.saves += more.saves;
     saved.versions.extend(more.versions);
-    let recovered = all_final(sys, &faulty.ids, Duration::from_secs(240)).await?;
+    let recovered = all_final(sys, &roles, &faulty.ids, Duration::from_secs(240)).await?;
     let faulty_outcomes = check(sys, &roles, &faulty).await?;
 
     let notes = format!(
