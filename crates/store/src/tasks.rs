@@ -197,26 +197,17 @@ pub mod sql {
         } else {
             format!("(array_agg(t.run_at ORDER BY {rank}) FILTER (WHERE t.state = 'pending'))[1]")
         };
-        let heads = if latest {
-            format!(
-                "heads AS (
-                 SELECT h.id FROM lanes l
-                 CROSS JOIN LATERAL (
-                     SELECT id FROM outbox
-                     WHERE id = l.head AND state = 'pending' AND run_at <= now()
-                     FOR UPDATE SKIP LOCKED
-                 ) h
-                 WHERE NOT l.busy AND {above_floor}
-                   AND (l.doubt IS NULL OR l.head_pos <= l.doubt)
-             )"
-            )
+        // Which lanes' heads go now. Under latest wins the head's own due
+        // time is checked when it is locked; in order, only the head is
+        // locked and written: while it runs, its key is busy for every
+        // other claimer, which holds the rest of its run (see `run_tails`),
+        // so a burst on one key costs one claim write instead of one each.
+        let head_goes = if latest {
+            format!("NOT l.busy AND {above_floor} AND (l.doubt IS NULL OR l.head_pos <= l.doubt)")
         } else {
-            // In order claims a run: the head and up to 15 messages right
-            // behind it, which one worker sends one after another, so a
-            // burst on one key costs one claim instead of one each. Only
-            // the head is locked and written: while it runs, its key is
-            // busy for every other claimer, which holds the rest of the run
-            // (see `run_tails`).
+            "l.free".to_owned()
+        };
+        let heads = format!(
             "heads AS (
                  SELECT h.id FROM lanes l
                  CROSS JOIN LATERAL (
@@ -224,10 +215,9 @@ pub mod sql {
                      WHERE id = l.head AND state = 'pending' AND run_at <= now()
                      FOR UPDATE SKIP LOCKED
                  ) h
-                 WHERE l.free
+                 WHERE {head_goes}
              )"
-            .to_owned()
-        };
+        );
         let run_tails = if latest {
             "run_tails AS (SELECT * FROM claimed WHERE false)"
         } else {
