@@ -326,10 +326,11 @@ pub mod sql {
              -- above, so a claim never waits on a row lock: it cannot
              -- deadlock with completions unparking the same keys. A row it
              -- skips stays due and is looked at again by the next claim.
+             waits AS (SELECT * FROM stuck UNION ALL SELECT * FROM behind),
              parked AS (
                  UPDATE outbox SET run_at = w.until
-                 FROM (SELECT * FROM stuck UNION ALL SELECT * FROM behind) w
-                 WHERE outbox.id = w.id
+                 FROM waits w
+                 WHERE outbox.id = w.id AND outbox.id = ANY(ARRAY(SELECT id FROM waits))
              ),
              superseded AS (
                  UPDATE outbox
@@ -364,8 +365,7 @@ pub mod sql {
                  UPDATE outbox t
                  SET state = 'done', finished_at = now(), last_error = NULL, claim_token = NULL,
                      claim_expires_at = NULL, claimed_by = NULL, updated_at = now()
-                 FROM unnest($1::bigint[], $2::uuid[]) AS c(id, token)
-                 WHERE t.id = c.id AND t.claim_token = c.token
+                 WHERE t.id = ANY($1) AND t.claim_token = ANY($2)
                  RETURNING t.destination, t.aggregateid, t.id
              ),
              {BEHIND},
@@ -373,8 +373,7 @@ pub mod sql {
                  UPDATE outbox t
                  SET state = 'done', attempts = t.attempts + 1, finished_at = now(),
                      last_error = NULL, updated_at = now()
-                 FROM behind b
-                 WHERE t.id = b.id AND b.id = ANY($3)
+                 WHERE t.id = ANY(ARRAY(SELECT id FROM behind WHERE id = ANY($3)))
                  RETURNING t.id
              ),
              {UNPARK}
@@ -432,15 +431,19 @@ fn fenced_tail(set: &str) -> String {
 }
 
 /// A CTE of the pending messages behind the rows of `settled`, in their
-/// keys, as this statement's snapshot has them. A key's rows are reached
-/// through its own index only: the `OFFSET 0` fence keeps the planner from
-/// using the pending index for `state = 'pending'`. Statistics taken before
-/// a burst make that index look empty, and one completion then scanned
-/// every pending row of its destination (12 ms each, most of PostgreSQL's
-/// time in the saga benchmark). For the same reason the rows written
-/// through `behind` are matched by id alone: while the settled message
-/// still runs, no other claim can take them (its key is busy), and a claim
-/// that parks one meanwhile is overridden, as it should be.
+/// keys, as this statement's snapshot has them.
+///
+/// Statistics taken before a burst make the pending index look empty and
+/// the table small, so any plan that may use that index or a scan of the
+/// table looks cheap; one completion then read every pending row of its
+/// destination (12 ms each, most of PostgreSQL's time in the saga
+/// benchmark). So a key's rows are read through its own index only (the
+/// `OFFSET 0` fence keeps `state = 'pending'` away from the planner's
+/// choice of index), and the rows written are named by id (`= ANY`, which
+/// only the primary key serves). Matching them by id alone is enough:
+/// while the settled message still runs, no other claim can take them (its
+/// key is busy), and a claim that parks one meanwhile is overridden, as it
+/// should be.
 const BEHIND: &str = "behind AS MATERIALIZED (
              SELECT k.id, k.attempts FROM settled l
              CROSS JOIN LATERAL (
@@ -458,9 +461,10 @@ const BEHIND: &str = "behind AS MATERIALIZED (
 /// statement (`tails`), and messages already tried, whose `run_at` is their
 /// own backoff (a run's message that failed behind a head that went).
 const UNPARK: &str = "unparked AS (
-             UPDATE outbox p SET run_at = least(p.run_at, now())
-             FROM behind b
-             WHERE p.id = b.id AND b.attempts = 0 AND b.id NOT IN (SELECT id FROM tails)
+             UPDATE outbox SET run_at = least(run_at, now())
+             WHERE id = ANY(ARRAY(
+                 SELECT id FROM behind WHERE attempts = 0 AND id NOT IN (SELECT id FROM tails)
+             ))
          )";
 
 #[derive(sqlx::FromRow)]
