@@ -21,6 +21,7 @@ use sqlx::PgPool;
 pub use error::{Error, Result};
 pub use idempotency::{CreateOutcome, IdempotencyKey, RequestHash};
 pub use leases::{LeaseHeld, LEADER_CHANNEL};
+pub use maintenance::LIVE_COUNTS;
 pub use orders::{
     Cursor, ListFilter, Page, Precondition, SaveContext, Saved, ORDER_CHANGED_CHANNEL,
 };

@@ -418,7 +418,7 @@ async fn claims_and_completions_read_only_their_keys_when_statistics_predate_a_b
     .fetch_one(&mut *tx)
     .await
     .unwrap();
-    let read = rows_read(&plan.0[0]["Plan"]);
+    let read = crate::rows_read(&plan.0[0]["Plan"]);
     assert!(
         read < 20.0 * claim.tasks.len() as f64,
         "the claim of {} busy keys read {read} outbox rows: {plan:#?}",
@@ -437,7 +437,7 @@ async fn claims_and_completions_read_only_their_keys_when_statistics_predate_a_b
     .fetch_one(&mut *tx)
     .await
     .unwrap();
-    let read = rows_read(&plan.0[0]["Plan"]);
+    let read = crate::rows_read(&plan.0[0]["Plan"]);
     // Each completed message reads the few rows of its own key; the pending
     // rows of the destination are 20,000.
     assert!(
@@ -454,19 +454,4 @@ async fn claims_and_completions_read_only_their_keys_when_statistics_predate_a_b
     .await
     .unwrap();
     assert_eq!(done as usize, claim.tasks.len(), "heads and tails are done");
-}
-
-/// Rows the scans of `outbox` in an `EXPLAIN (ANALYZE, FORMAT JSON)` plan
-/// read, kept or filtered out.
-fn rows_read(node: &serde_json::Value) -> f64 {
-    let scans_outbox = node["Relation Name"] == "outbox" && node["Node Type"] != "ModifyTable";
-    let own = if scans_outbox {
-        let n = |k: &str| node[k].as_f64().unwrap_or(0.0);
-        (n("Actual Rows") + n("Rows Removed by Filter") + n("Rows Removed by Index Recheck"))
-            * n("Actual Loops")
-    } else {
-        0.0
-    };
-    let children = node["Plans"].as_array().into_iter().flatten();
-    own + children.map(rows_read).sum::<f64>()
 }

@@ -1,0 +1,56 @@
+//! The leader's upkeep statements stay cheap as finished rows pile up.
+
+use domain::Destination;
+use sqlx::types::Json;
+use store::Store;
+
+/// The backlog recount runs every few seconds on the leader; its cost must
+/// follow the open rows, not the finished ones kept for retention.
+#[tokio::test]
+async fn the_backlog_recount_reads_open_rows_only() {
+    let db = testkit::database().await;
+    sqlx::query(
+        "INSERT INTO outbox (event_id, destination, aggregatetype, aggregateid, type, version,
+                             payload, state, attempts, finished_at, created_at)
+         SELECT gen_random_uuid(), 'events', 'order', 'K-' || g, 'order.updated', 1, '{}',
+                CASE WHEN g < 100 THEN 'pending' WHEN g < 110 THEN 'dead' ELSE 'done' END,
+                1, CASE WHEN g >= 100 THEN now() END, now() - make_interval(secs => 20000 - g)
+         FROM generate_series(0, 19999) g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE outbox")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let plan: Json<serde_json::Value> = sqlx::query_scalar(&format!(
+        "EXPLAIN (ANALYZE, FORMAT JSON) {}",
+        store::LIVE_COUNTS
+    ))
+    .bind(vec!["events"])
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let read = crate::rows_read(&plan.0[0]["Plan"]);
+    assert!(
+        read <= 2.0 * 110.0,
+        "the recount of 110 open rows read {read} rows: {plan:#?}"
+    );
+
+    let events: Destination = "events".parse().unwrap();
+    let stats = Store::new(db.pool.clone())
+        .refresh_backlog(std::slice::from_ref(&events))
+        .await
+        .unwrap();
+    assert_eq!(
+        (stats[0].pending, stats[0].running, stats[0].dead),
+        (100, 0, 10)
+    );
+    assert!(
+        (19_999.0..20_100.0).contains(&stats[0].oldest_pending_age_seconds),
+        "the oldest pending message is 20,000 s old: {}",
+        stats[0].oldest_pending_age_seconds
+    );
+}
