@@ -6,7 +6,6 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use domain::{DeliveryPolicy, Destination};
-use sqlx::types::Json;
 use sqlx::PgPool;
 use store::{ClaimSpec, ClaimedTask, Store};
 
@@ -407,10 +406,9 @@ async fn claims_and_completions_read_only_their_keys_when_statistics_predate_a_b
     // A claim handed these keys finds them busy and parks their runs.
     let keys: Vec<&str> = heads.iter().map(|t| t.aggregate_id.as_str()).collect();
     let mut tx = db.pool.begin().await.unwrap();
-    let plan: Json<serde_json::Value> = sqlx::query_scalar(&format!(
-        "EXPLAIN (ANALYZE, FORMAT JSON) {}",
-        store::claim_sql::claim(DeliveryPolicy::EveryMessageInOrder)
-    ))
+    let plan: crate::Plan = sqlx::query_scalar(&crate::explained(store::claim_sql::claim(
+        DeliveryPolicy::EveryMessageInOrder,
+    )))
     .bind(&keys)
     .bind("other")
     .bind(60.0)
@@ -418,7 +416,7 @@ async fn claims_and_completions_read_only_their_keys_when_statistics_predate_a_b
     .fetch_one(&mut *tx)
     .await
     .unwrap();
-    let read = crate::rows_read(&plan.0[0]["Plan"]);
+    let read = crate::rows_read(&plan);
     assert!(
         read < 20.0 * claim.tasks.len() as f64,
         "the claim of {} busy keys read {read} outbox rows: {plan:#?}",
@@ -427,17 +425,15 @@ async fn claims_and_completions_read_only_their_keys_when_statistics_predate_a_b
     tx.rollback().await.unwrap();
 
     let mut tx = db.pool.begin().await.unwrap();
-    let plan: Json<serde_json::Value> = sqlx::query_scalar(&format!(
-        "EXPLAIN (ANALYZE, FORMAT JSON) {}",
-        store::claim_sql::COMPLETE.as_str()
-    ))
-    .bind(&ids)
-    .bind(&tokens)
-    .bind(&tail_ids)
-    .fetch_one(&mut *tx)
-    .await
-    .unwrap();
-    let read = crate::rows_read(&plan.0[0]["Plan"]);
+    let plan: crate::Plan =
+        sqlx::query_scalar(&crate::explained(store::claim_sql::COMPLETE.as_str()))
+            .bind(&ids)
+            .bind(&tokens)
+            .bind(&tail_ids)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+    let read = crate::rows_read(&plan);
     // Each completed message reads the few rows of its own key; the pending
     // rows of the destination are 20,000.
     assert!(

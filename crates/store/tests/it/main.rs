@@ -7,9 +7,21 @@ mod outbox;
 mod upgrade;
 mod upkeep;
 
-/// Rows the scans of `outbox` in an `EXPLAIN (ANALYZE, FORMAT JSON)` plan
-/// read, kept or filtered out.
-pub fn rows_read(node: &serde_json::Value) -> f64 {
+/// A plan as `EXPLAIN (ANALYZE, FORMAT JSON)` answers it.
+pub type Plan = sqlx::types::Json<serde_json::Value>;
+
+/// `sql` under `EXPLAIN (ANALYZE, FORMAT JSON)`, to bind and fetch as a
+/// [`Plan`].
+pub fn explained(sql: &str) -> String {
+    format!("EXPLAIN (ANALYZE, FORMAT JSON) {sql}")
+}
+
+/// Rows the scans of `outbox` in `plan` read, kept or filtered out.
+pub fn rows_read(plan: &Plan) -> f64 {
+    outbox_rows(&plan.0[0]["Plan"])
+}
+
+fn outbox_rows(node: &serde_json::Value) -> f64 {
     let scans_outbox = node["Relation Name"] == "outbox" && node["Node Type"] != "ModifyTable";
     let own = if scans_outbox {
         let n = |k: &str| node[k].as_f64().unwrap_or(0.0);
@@ -19,5 +31,5 @@ pub fn rows_read(node: &serde_json::Value) -> f64 {
         0.0
     };
     let children = node["Plans"].as_array().into_iter().flatten();
-    own + children.map(rows_read).sum::<f64>()
+    own + children.map(outbox_rows).sum::<f64>()
 }

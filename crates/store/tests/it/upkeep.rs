@@ -1,7 +1,6 @@
 //! The leader's upkeep statements stay cheap as finished rows pile up.
 
 use domain::Destination;
-use sqlx::types::Json;
 use store::Store;
 
 /// The backlog recount runs every few seconds on the leader; its cost must
@@ -25,15 +24,12 @@ async fn the_backlog_recount_reads_open_rows_only() {
         .await
         .unwrap();
 
-    let plan: Json<serde_json::Value> = sqlx::query_scalar(&format!(
-        "EXPLAIN (ANALYZE, FORMAT JSON) {}",
-        store::LIVE_COUNTS
-    ))
-    .bind(vec!["events"])
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    let read = crate::rows_read(&plan.0[0]["Plan"]);
+    let plan: crate::Plan = sqlx::query_scalar(&crate::explained(store::LIVE_COUNTS))
+        .bind(vec!["events"])
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let read = crate::rows_read(&plan);
     assert!(
         read <= 2.0 * 110.0,
         "the recount of 110 open rows read {read} rows: {plan:#?}"
