@@ -26,7 +26,7 @@ use sqlx::PgPool;
 use store::{Precondition, SaveContext, Store};
 use tokio_util::sync::CancellationToken;
 
-use crate::scenarios::{figure, percentile, relay_config};
+use crate::scenarios::{figure, latency_order, percentile, relay_config, WARM_UP};
 use crate::Figure;
 
 /// A broker under measurement.
@@ -421,6 +421,7 @@ pub async fn latency(
     let name = broker.name();
     broker.fresh(&format!("latency{rate}"));
     broker.prepare().await?;
+    testkit::settle().await;
     let db = testkit::database().await;
     let destination: domain::Destination = name.parse().expect("a destination name");
     let routes = OrderEvent::ALL
@@ -449,23 +450,26 @@ pub async fn latency(
     }
 
     eprintln!("{name}: {rate} saves/s for {seconds} s");
+    // As in the 1C latency scenario: the measured window follows a warm-up
+    // at the same rate, whose saves are left out of the figures.
+    let warm = if quick { 0 } else { rate * WARM_UP.as_secs() };
     let total = rate * seconds;
     let period = Duration::from_secs_f64(1.0 / rate as f64);
     let started = tokio::time::Instant::now();
-    let mut saves = Vec::with_capacity(total as usize);
-    for i in 0..total {
+    let mut saves = Vec::with_capacity((warm + total) as usize);
+    for i in 0..warm + total {
         tokio::time::sleep_until(started + period * i as u32).await;
         let store = store.clone();
         saves.push(tokio::spawn(async move {
-            save(&store, &format!("L-{i}")).await
+            save(&store, &latency_order(i, warm)).await
         }));
     }
     for s in saves {
         s.await??;
     }
-    let achieved = total as f64 / started.elapsed().as_secs_f64();
+    let achieved = (warm + total) as f64 / started.elapsed().as_secs_f64();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while metrics.count("journal", "applied") < total + 1 {
+    while metrics.count("journal", "applied") < warm + total + 1 {
         ensure!(
             Instant::now() < deadline,
             "not every save reached the journal"
@@ -478,7 +482,7 @@ pub async fn latency(
     let mut lat: Vec<f64> = sqlx::query_scalar(
         "SELECT extract(epoch FROM j.recorded_at - o.created_at)::float8 * 1000
          FROM order_journal j JOIN outbox o ON o.event_id = j.event_id
-         WHERE j.order_id <> 'WARM'",
+         WHERE j.order_id LIKE 'L-%'",
     )
     .fetch_all(&db.pool)
     .await?;

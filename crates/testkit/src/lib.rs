@@ -105,6 +105,32 @@ async fn create_database(server: &Server, template: &str) -> TestDb {
     TestDb { pool, url }
 }
 
+/// Drops the databases this process has made so far and writes a
+/// checkpoint, so that a timed scenario pays for neither the vacuum nor the
+/// dirty pages of the ones before it. Their pools must be done with.
+pub async fn settle() {
+    let mut admin = PgConnection::connect(&server().admin_url)
+        .await
+        .expect("connect to the test server");
+    let ours: Vec<String> =
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE $1")
+            .bind(format!("oc\\_test\\_{}\\_%", std::process::id()))
+            .fetch_all(&mut admin)
+            .await
+            .expect("list this process's databases");
+    for db in ours {
+        admin
+            .execute(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)").as_str())
+            .await
+            .expect("drop a finished database");
+    }
+    // Needs a superuser or pg_checkpoint; without it the run is only noisier.
+    if let Err(e) = admin.execute("CHECKPOINT").await {
+        eprintln!("no checkpoint before the timed scenario: {e}");
+    }
+    admin.close().await.ok();
+}
+
 /// Migrates a template database once per schema version, and drops databases
 /// left by test processes that have exited.
 async fn prepare_template(admin_url: &str) -> String {
