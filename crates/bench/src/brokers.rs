@@ -479,11 +479,27 @@ pub async fn latency(
     shutdown.cancel();
     relay.stopped().await?;
     journal.await??;
-    let mut lat: Vec<f64> = sqlx::query_scalar(
-        "SELECT extract(epoch FROM j.recorded_at - o.created_at)::float8 * 1000
-         FROM order_journal j JOIN outbox o ON o.event_id = j.event_id
-         WHERE j.order_id LIKE 'L-%'",
-    )
+    // From the save's commit to the commit of the journal's transaction
+    // that applied it, both as PostgreSQL recorded them. A server without
+    // commit timestamps gives the transactions' starts instead, which adds
+    // the save's own duration.
+    let commit_times: String = sqlx::query_scalar("SHOW track_commit_timestamp")
+        .fetch_one(&db.pool)
+        .await?;
+    let (from, to) = if commit_times == "on" {
+        (
+            "pg_xact_commit_timestamp(o.xmin)",
+            "pg_xact_commit_timestamp(j.xmin)",
+        )
+    } else {
+        eprintln!("{name}: track_commit_timestamp is off; timing from the save's start");
+        ("o.created_at", "j.recorded_at")
+    };
+    let mut lat: Vec<f64> = sqlx::query_scalar(&format!(
+        "SELECT extract(epoch FROM {to} - {from})::float8 * 1000
+         FROM order_journal j JOIN orders o ON o.id = j.order_id
+         WHERE j.order_id LIKE 'L-%'"
+    ))
     .fetch_all(&db.pool)
     .await?;
     ensure!(

@@ -155,6 +155,9 @@ impl EphemeralPostgres {
                 "listen_addresses=127.0.0.1",
                 "-c",
                 "max_connections=300",
+                // Benchmarks time commit to commit.
+                "-c",
+                "track_commit_timestamp=on",
             ]);
         if !options.durable {
             server.args(["-c", "fsync=off", "-c", "synchronous_commit=off"]);

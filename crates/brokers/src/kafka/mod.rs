@@ -62,11 +62,13 @@ impl KafkaConfig {
             .client()
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            // Fewer, fuller requests: with 2 ms (and lz4) the commit-to-
-            // consumer p99 at 500 saves/s was 160–175 ms, with 10 ms 48 ms,
-            // and the drain went from 16,600 to 19,300 events/s
-            // (BENCHMARKS.md). Notices are small; compression bought nothing.
-            .set("linger.ms", "10")
+            // Fewer, fuller requests. 2 ms (with lz4) put the commit-to-
+            // consumer p99 at 500 saves/s at 160-175 ms: small requests queued
+            // behind the idempotent producer's five in flight. 5 ms keeps
+            // the drain of 10 ms (22,800-24,200 events/s against 22,100-
+            // 23,200 in alternated runs) and takes 4-5 ms off the median.
+            // Notices are small; compression bought nothing (BENCHMARKS.md).
+            .set("linger.ms", "5")
             .set(
                 "message.timeout.ms",
                 self.delivery_timeout.as_millis().to_string(),
