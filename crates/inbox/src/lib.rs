@@ -84,6 +84,14 @@ pub trait Handler: Send + Sync + 'static {
         incoming.id.clone()
     }
 
+    /// The key whose messages must apply in the order they came, e.g. the
+    /// order id. Messages of different keys may then apply in separate
+    /// transactions at once (see [`Inbox::with_transactions`]); without a
+    /// key a batch is one transaction.
+    fn ordering_key<'m>(&self, _message: &'m Self::Message) -> Option<&'m str> {
+        None
+    }
+
     /// Applies the effect inside the inbox transaction; follow-up events go
     /// to the outbox on the same connection.
     async fn apply(&self, conn: &mut PgConnection, message: &Self::Message) -> sqlx::Result<()>;
@@ -178,6 +186,7 @@ pub struct Inbox<H> {
     consumer: String,
     handler: H,
     metrics: ConsumerMetrics,
+    transactions: usize,
 }
 
 impl<H: Handler> Inbox<H> {
@@ -189,7 +198,19 @@ impl<H: Handler> Inbox<H> {
             consumer: consumer.to_owned(),
             handler,
             metrics,
+            transactions: 1,
         }
+    }
+
+    /// Splits each batch by [`Handler::ordering_key`] over up to `n`
+    /// transactions that run at once, so the database works on one while
+    /// this process prepares another. A key's messages stay in one of them,
+    /// in order. The transport still acknowledges the batch only after all
+    /// have committed; if one fails, the batch comes again and the
+    /// committed part is found in the inbox.
+    pub fn with_transactions(mut self, n: usize) -> Self {
+        self.transactions = n.max(1);
+        self
     }
 
     /// The consumer's name.
@@ -227,41 +248,71 @@ impl<H: Handler> Inbox<H> {
                 Err(poison) => verdicts[i] = Verdict::Dead(poison),
             }
         }
-        match self.apply(&decoded).await {
-            Ok(applied) => {
-                for i in applied {
-                    verdicts[i] = Verdict::Applied;
-                }
+        let outcomes =
+            futures::future::join_all(self.split(decoded).iter().map(|part| self.settle(part)))
+                .await;
+        for outcome in outcomes {
+            for (i, verdict) in outcome? {
+                verdicts[i] = verdict;
             }
-            // One message the database refuses must not block the ones
-            // behind it: apply one by one, and bury only the refused one.
-            Err(e) if decoded.len() > 1 && !is_outage(&e) => {
-                for one in decoded.chunks(1) {
-                    match self.apply(one).await {
-                        Ok(applied) => {
-                            for i in applied {
-                                verdicts[i] = Verdict::Applied;
-                            }
-                        }
-                        Err(e) if !is_outage(&e) => {
-                            verdicts[one[0].0] =
-                                Verdict::Dead(Poison::new("apply_failed", e.to_string()));
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-            }
-            Err(e) if !is_outage(&e) => {
-                if let Some(&(i, _, _)) = decoded.first() {
-                    verdicts[i] = Verdict::Dead(Poison::new("apply_failed", e.to_string()));
-                }
-            }
-            Err(e) => return Err(e.into()),
         }
         self.metrics
             .observe(&self.consumer, &verdicts, started.elapsed());
         fault::after_commit(&verdicts).await;
         Ok(verdicts)
+    }
+
+    /// The batch's decoded messages in parts that may apply at once: one
+    /// part unless the handler keys its messages.
+    fn split(&self, decoded: Decoded<H::Message>) -> Vec<Decoded<H::Message>> {
+        let n = self.transactions;
+        let keyed = n > 1
+            && decoded
+                .iter()
+                .all(|(_, _, m)| self.handler.ordering_key(m).is_some());
+        if !keyed {
+            return vec![decoded];
+        }
+        let mut parts: Vec<Decoded<H::Message>> = (0..n).map(|_| Vec::new()).collect();
+        for message in decoded {
+            let key = self.handler.ordering_key(&message.2).unwrap_or_default();
+            let mut hash = std::collections::hash_map::DefaultHasher::new();
+            std::hash::Hash::hash(key, &mut hash);
+            parts[std::hash::Hasher::finish(&hash) as usize % n].push(message);
+        }
+        parts.retain(|p| !p.is_empty());
+        parts
+    }
+
+    /// Applies one part in a transaction and answers a verdict per message.
+    /// A message the database refuses must not block the ones behind it:
+    /// then the part is applied one by one, and only the refused one is
+    /// buried.
+    async fn settle(&self, part: &Decoded<H::Message>) -> Result<Vec<(usize, Verdict)>, Error> {
+        let applied = |ids: Vec<usize>| ids.into_iter().map(|i| (i, Verdict::Applied));
+        match self.apply(part).await {
+            Ok(ids) => Ok(applied(ids).collect()),
+            Err(e) if part.len() > 1 && !is_outage(&e) => {
+                let mut verdicts = Vec::with_capacity(part.len());
+                for one in part.chunks(1) {
+                    match self.apply(one).await {
+                        Ok(ids) => verdicts.extend(applied(ids)),
+                        Err(e) if !is_outage(&e) => verdicts.push((
+                            one[0].0,
+                            Verdict::Dead(Poison::new("apply_failed", e.to_string())),
+                        )),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Ok(verdicts)
+            }
+            Err(e) if !is_outage(&e) => Ok(part
+                .first()
+                .map(|&(i, _, _)| (i, Verdict::Dead(Poison::new("apply_failed", e.to_string()))))
+                .into_iter()
+                .collect()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Records and applies `messages` in one transaction; returns the batch
@@ -298,6 +349,9 @@ impl<H: Handler> Inbox<H> {
         Ok(applied)
     }
 }
+
+/// Decoded messages of a batch: position, inbox id, message.
+type Decoded<M> = Vec<(usize, String, M)>;
 
 /// Whether `e` says the database is away rather than that it refused this
 /// message.

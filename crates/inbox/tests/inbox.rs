@@ -158,3 +158,105 @@ async fn a_message_the_database_refuses_is_buried_alone_and_an_outage_is_an_erro
     db.pool.close().await;
     assert!(inbox.process(&[message("4", "SELECT 1")]).await.is_err());
 }
+
+/// Records `<key>/<n>` with its transaction; `<key>/<n>/refuse` is refused
+/// by the database.
+struct Keyed;
+
+#[async_trait::async_trait]
+impl Handler for Keyed {
+    type Message = (String, i32, bool);
+
+    fn decode(&self, incoming: &Incoming) -> Result<Self::Message, Poison> {
+        let text = String::from_utf8_lossy(&incoming.payload).into_owned();
+        let mut parts = text.split('/');
+        let key = parts.next().unwrap_or_default().to_owned();
+        let n = parts.next().and_then(|n| n.parse().ok());
+        let n = n.ok_or_else(|| Poison::new("bad_json", text.clone()))?;
+        Ok((key, n, parts.next() == Some("refuse")))
+    }
+
+    fn ordering_key<'m>(&self, m: &'m Self::Message) -> Option<&'m str> {
+        Some(&m.0)
+    }
+
+    async fn apply(&self, conn: &mut PgConnection, m: &Self::Message) -> sqlx::Result<()> {
+        if m.2 {
+            sqlx::query("SELECT 1/0").execute(&mut *conn).await?;
+        }
+        sqlx::query("INSERT INTO keyed (key, n, tx) VALUES ($1, $2, txid_current())")
+            .bind(&m.0)
+            .bind(m.1)
+            .execute(conn)
+            .await
+            .map(drop)
+    }
+}
+
+#[tokio::test]
+async fn a_batch_split_over_transactions_keeps_each_keys_messages_together_and_in_order() {
+    let db = testkit::database().await;
+    sqlx::query("CREATE TABLE keyed (seq serial, key text, n int, tx bigint)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let inbox = Inbox::new(
+        db.pool.clone(),
+        "keyed",
+        Keyed,
+        ConsumerMetrics::unregistered(),
+    )
+    .with_transactions(2);
+    let message = |body: String| Incoming {
+        id: Some(body.clone()),
+        payload: body.into_bytes(),
+        origin: "test".into(),
+    };
+    // Eight keys, four messages each, interleaved as a topic would hold them.
+    let batch: Vec<Incoming> = (0..4)
+        .flat_map(|n| (0..8).map(move |k| format!("K{k}/{n}")))
+        .map(message)
+        .collect();
+    let verdicts = inbox.process(&batch).await.unwrap();
+    assert!(
+        verdicts.iter().all(|v| *v == Verdict::Applied),
+        "{verdicts:?}"
+    );
+    let rows: Vec<(String, i32, i64)> = sqlx::query_as("SELECT key, n, tx FROM keyed ORDER BY seq")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 32);
+    let mut by_key: std::collections::BTreeMap<&str, Vec<(i32, i64)>> = Default::default();
+    for (key, n, tx) in &rows {
+        by_key.entry(key).or_default().push((*n, *tx));
+    }
+    for (key, applied) in &by_key {
+        let order: Vec<i32> = applied.iter().map(|a| a.0).collect();
+        assert_eq!(order, [0, 1, 2, 3], "{key} applied out of order");
+        assert!(applied.iter().all(|a| a.1 == applied[0].1), "{key} split");
+    }
+    let transactions: std::collections::BTreeSet<i64> = rows.iter().map(|r| r.2).collect();
+    assert_eq!(transactions.len(), 2, "one batch, two transactions");
+
+    // A refused message in one part buries only itself; the rest of both
+    // parts applies.
+    let mut batch: Vec<Incoming> = (0..8).map(|k| message(format!("K{k}/4"))).collect();
+    batch[3] = message("K3/4/refuse".into());
+    let verdicts = inbox.process(&batch).await.unwrap();
+    for (i, v) in verdicts.iter().enumerate() {
+        if i == 3 {
+            assert!(
+                matches!(v, Verdict::Dead(p) if p.class == "apply_failed"),
+                "{v:?}"
+            );
+        } else {
+            assert_eq!(*v, Verdict::Applied, "message {i}");
+        }
+    }
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM keyed")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(total, 39);
+}

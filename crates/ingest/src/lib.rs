@@ -117,6 +117,10 @@ impl Handler for Ingest {
         Some(format!("{}@{}", m.order.id(), m.version))
     }
 
+    fn ordering_key<'m>(&self, m: &'m OrderMessage) -> Option<&'m str> {
+        Some(m.order.id().as_str())
+    }
+
     async fn apply(&self, conn: &mut PgConnection, m: &OrderMessage) -> sqlx::Result<()> {
         self.apply_batch(conn, &[m]).await
     }

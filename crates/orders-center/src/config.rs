@@ -412,6 +412,12 @@ pub struct ConsumerFlags {
     #[arg(long, env = "CONSUMER_MEMBERS", default_value_t = 1)]
     pub members: usize,
 
+    /// Transactions a batch is split over, by order, and applied at once
+    /// (`ingest`; the other consumers apply a batch in one). One order's
+    /// messages stay in one transaction, in order.
+    #[arg(long, env = "CONSUMER_TRANSACTIONS", default_value_t = 2)]
+    pub transactions: usize,
+
     #[command(flatten)]
     pub http: HttpArgs,
 }

@@ -116,7 +116,7 @@ async fn ingest(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let store = open_store(config, require_url(config, "ingest")?)?;
-    let consumer = transports::ingest_inbox(&store);
+    let consumer = transports::ingest_inbox(&store, args.run.transactions);
     let streams = transports::Stream::ingest(&args.source);
     run_consumer(
         config,
@@ -395,7 +395,7 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
             let streams = transports::Stream::ingest(ingest::DEFAULT_SOURCE);
             let result = transport
                 .run(
-                    &transports::ingest_inbox(&store),
+                    &transports::ingest_inbox(&store, 2),
                     &streams,
                     transports::Feed::batch(500),
                     shutdown.clone(),

@@ -78,14 +78,15 @@ pub fn payments_inbox(pool: &PgPool, route: SagaRoute) -> Inbox<payments::Paymen
     )
 }
 
-/// The journal's inbox.
-pub fn ingest_inbox(store: &store::Store) -> Inbox<ingest::Ingest> {
+/// Ingestion's inbox, a batch split over `transactions` by order.
+pub fn ingest_inbox(store: &store::Store, transactions: usize) -> Inbox<ingest::Ingest> {
     Inbox::new(
         store.pool().clone(),
         ingest::CONSUMER,
         ingest::Ingest::new(store.clone()),
         consumer_metrics(),
     )
+    .with_transactions(transactions)
 }
 
 pub fn journal_inbox(store: &store::Store) -> Inbox<Journal> {

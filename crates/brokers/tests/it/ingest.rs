@@ -71,7 +71,8 @@ fn ingest_inbox(db: &testkit::TestDb) -> (Inbox<ingest::Ingest>, ConsumerMetrics
         ingest::CONSUMER,
         ingest::Ingest::new(store),
         metrics.clone(),
-    );
+    )
+    .with_transactions(2);
     (inbox, metrics)
 }
 
