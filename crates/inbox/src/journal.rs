@@ -49,18 +49,40 @@ impl Handler for Journal {
     }
 
     async fn apply(&self, conn: &mut PgConnection, n: &OrderNotice) -> sqlx::Result<()> {
+        self.apply_batch(conn, &[n]).await
+    }
+
+    /// One statement for the batch; rows take their `seq` in batch order.
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        notices: &[&OrderNotice],
+    ) -> sqlx::Result<()> {
+        if notices.is_empty() {
+            return Ok(());
+        }
+        let column = |f: fn(&OrderNotice) -> String| notices.iter().map(|n| f(n)).collect();
+        let (orders, kinds, statuses): (Vec<String>, Vec<String>, Vec<String>) = (
+            column(|n| n.order_id.clone()),
+            column(|n| n.kind.as_str().to_owned()),
+            column(|n| n.status.clone()),
+        );
         sqlx::query(
             "INSERT INTO order_journal
                  (consumer, event_id, order_id, version, type, status, occurred_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+             SELECT $1, u.event_id, u.order_id, u.version, u.type, u.status, u.occurred_at
+             FROM unnest($2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::text[],
+                         $7::timestamptz[])
+                  WITH ORDINALITY AS u(event_id, order_id, version, type, status, occurred_at, n)
+             ORDER BY u.n",
         )
         .bind(&self.consumer)
-        .bind(n.idempotent_key)
-        .bind(&n.order_id)
-        .bind(n.version)
-        .bind(n.kind.as_str())
-        .bind(&n.status)
-        .bind(n.occurred_at)
+        .bind(notices.iter().map(|n| n.idempotent_key).collect::<Vec<_>>())
+        .bind(orders)
+        .bind(notices.iter().map(|n| n.version).collect::<Vec<_>>())
+        .bind(kinds)
+        .bind(statuses)
+        .bind(notices.iter().map(|n| n.occurred_at).collect::<Vec<_>>())
         .execute(conn)
         .await?;
         Ok(())
