@@ -26,7 +26,7 @@ use sqlx::PgPool;
 use store::{Precondition, SaveContext, Store};
 use tokio_util::sync::CancellationToken;
 
-use crate::scenarios::{figure, latency_order, percentile, relay_config, WARM_UP};
+use crate::scenarios::{figure, latency_order, percentile, relay_config, warm_up_saves};
 use crate::Figure;
 
 /// A broker under measurement.
@@ -452,7 +452,7 @@ pub async fn latency(
     eprintln!("{name}: {rate} saves/s for {seconds} s");
     // As in the 1C latency scenario: the measured window follows a warm-up
     // at the same rate, whose saves are left out of the figures.
-    let warm = if quick { 0 } else { rate * WARM_UP.as_secs() };
+    let warm = warm_up_saves(rate, quick);
     let total = rate * seconds;
     let period = Duration::from_secs_f64(1.0 / rate as f64);
     let started = tokio::time::Instant::now();

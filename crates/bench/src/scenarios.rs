@@ -759,7 +759,7 @@ async fn latency(
     // PostgreSQL's and our caches (a 50 ms median in the first second); the
     // figure is the steady state after WARM_UP at the same rate, and the
     // warm-up's own p99 is printed beside it.
-    let warm = if quick { 0 } else { rate * WARM_UP.as_secs() };
+    let warm = warm_up_saves(rate, quick);
     let total = rate * seconds;
     let period = Duration::from_secs_f64(1.0 / rate as f64);
     let started = tokio::time::Instant::now();
@@ -875,7 +875,16 @@ async fn latency(
 
 /// How long the latency scenarios offer their rate before the measured
 /// window.
-pub(crate) const WARM_UP: Duration = Duration::from_secs(2);
+const WARM_UP: Duration = Duration::from_secs(2);
+
+/// Saves of the warm-up at `rate`; none in a quick run.
+pub(crate) fn warm_up_saves(rate: u64, quick: bool) -> u64 {
+    if quick {
+        0
+    } else {
+        rate * WARM_UP.as_secs()
+    }
+}
 
 /// The id of the latency scenario's `i`th save: the first `warm` are the
 /// warm-up's.

@@ -266,19 +266,27 @@ impl<H: Handler> Inbox<H> {
     /// part unless the handler keys its messages.
     fn split(&self, decoded: Decoded<H::Message>) -> Vec<Decoded<H::Message>> {
         let n = self.transactions;
-        let keyed = n > 1
-            && decoded
-                .iter()
-                .all(|(_, _, m)| self.handler.ordering_key(m).is_some());
-        if !keyed {
+        let part_of = |m: &H::Message| {
+            self.handler.ordering_key(m).map(|key| {
+                let mut hash = std::collections::hash_map::DefaultHasher::new();
+                std::hash::Hash::hash(key, &mut hash);
+                std::hash::Hasher::finish(&hash) as usize % n
+            })
+        };
+        let Some(places) = (n > 1)
+            .then(|| {
+                decoded
+                    .iter()
+                    .map(|(_, _, m)| part_of(m))
+                    .collect::<Option<Vec<_>>>()
+            })
+            .flatten()
+        else {
             return vec![decoded];
-        }
+        };
         let mut parts: Vec<Decoded<H::Message>> = (0..n).map(|_| Vec::new()).collect();
-        for message in decoded {
-            let key = self.handler.ordering_key(&message.2).unwrap_or_default();
-            let mut hash = std::collections::hash_map::DefaultHasher::new();
-            std::hash::Hash::hash(key, &mut hash);
-            parts[std::hash::Hasher::finish(&hash) as usize % n].push(message);
+        for (message, place) in decoded.into_iter().zip(places) {
+            parts[place].push(message);
         }
         parts.retain(|p| !p.is_empty());
         parts

@@ -25,6 +25,10 @@ pub const CONSUMER: &str = "ingest";
 /// exchange of that name whose queue is `ingest.orders.in`.
 pub const DEFAULT_SOURCE: &str = "orders.in";
 
+/// Transactions a batch is split over unless configured: PostgreSQL works
+/// on one while the process prepares the other (BENCHMARKS.md).
+pub const DEFAULT_TRANSACTIONS: usize = 2;
+
 /// Who a save by ingestion is recorded as in the history.
 const USER: &str = "ingest";
 

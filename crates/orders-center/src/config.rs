@@ -415,7 +415,7 @@ pub struct ConsumerFlags {
     /// Transactions a batch is split over, by order, and applied at once
     /// (`ingest`; the other consumers apply a batch in one). One order's
     /// messages stay in one transaction, in order.
-    #[arg(long, env = "CONSUMER_TRANSACTIONS", default_value_t = 2)]
+    #[arg(long, env = "CONSUMER_TRANSACTIONS", default_value_t = ingest::DEFAULT_TRANSACTIONS)]
     pub transactions: usize,
 
     #[command(flatten)]

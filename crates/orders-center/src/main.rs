@@ -395,7 +395,7 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
             let streams = transports::Stream::ingest(ingest::DEFAULT_SOURCE);
             let result = transport
                 .run(
-                    &transports::ingest_inbox(&store, 2),
+                    &transports::ingest_inbox(&store, ingest::DEFAULT_TRANSACTIONS),
                     &streams,
                     transports::Feed::batch(500),
                     shutdown.clone(),
