@@ -250,7 +250,14 @@ pub async fn event_stream(sys: &mut System, broker: Broker, outage: Duration) ->
         "orders_center_consumer_messages_total{consumer=\"journal\",outcome=\"duplicate\"}",
     )
     .await?;
-    let closed = sys.relay_metric_max(breaker[0], &breaker[1..]).await?;
+    // A relay that sat out the recovery closes its breaker at its next
+    // poll (5 s here) once it finds nothing left to deliver.
+    let mut closed = sys.relay_metric_max(breaker[0], &breaker[1..]).await?;
+    let drained_at = Instant::now();
+    while closed != 0.0 && drained_at.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        closed = sys.relay_metric_max(breaker[0], &breaker[1..]).await?;
+    }
     ensure!(lost == 0, "{lost} {name} events never reached the journal");
     ensure!(twice == 0, "{twice} events applied twice");
     ensure!(

@@ -165,6 +165,9 @@ impl DeliveryEngine {
         self.metrics.claimed(&claim);
         let more = claim.more;
         let claimed = claim.tasks.len();
+        if claimed == 0 && self.guard.probe_due() {
+            self.close_breaker_if_idle().await?;
+        }
         // One run per key, sent in order by one worker; runs go out
         // concurrently, and the successes are then recorded in one
         // statement instead of one round trip each.
@@ -203,6 +206,16 @@ impl DeliveryEngine {
         } else {
             Progress::Idle
         })
+    }
+
+    /// A probe needs a message to carry. When the destination has none left
+    /// (the other relays delivered the backlog), the breaker closes instead
+    /// of reporting half-open until the next save.
+    async fn close_breaker_if_idle(&self) -> Result<()> {
+        if !self.store.has_undelivered(&self.destination).await? && self.guard.close_when_idle() {
+            tracing::info!(destination = %self.destination, "nothing left to deliver; circuit breaker closes without a probe");
+        }
+        Ok(())
     }
 
     /// Delivers one key's run in order. After the first message that does

@@ -73,6 +73,17 @@ impl SinkGuard {
         self.breaker.state()
     }
 
+    /// Whether the breaker waits for a probe (it closes only after one).
+    pub fn probe_due(&self) -> bool {
+        self.breaker.capacity() == Some(1)
+    }
+
+    /// Closes a breaker whose probe is due when the destination has nothing
+    /// left to deliver; see [`CircuitBreaker::close_when_idle`].
+    pub fn close_when_idle(&self) -> bool {
+        self.breaker.close_when_idle()
+    }
+
     /// Sets the breaker gauge of this destination, for a scrape.
     pub fn report_breaker(&self) {
         self.metrics

@@ -627,6 +627,18 @@ impl Store {
         })
     }
 
+    /// Whether `destination` has anything left to deliver: a pending task,
+    /// due or not, or one running on some relay.
+    pub async fn has_undelivered(&self, destination: &Destination) -> Result<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM outbox WHERE destination = $1 AND state = 'pending')
+                 OR EXISTS (SELECT 1 FROM outbox WHERE destination = $1 AND state = 'running')",
+        )
+        .bind(destination.as_str())
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     /// Marks a claimed task delivered. False if the claim was lost.
     pub async fn complete(&self, id: TaskId, token: ClaimToken) -> Result<bool> {
         Ok(self.complete_many(&[(id, token)]).await? == 1)

@@ -1,6 +1,6 @@
-//! A circuit breaker in front of 1C. While 1C fails, the relay stops
+//! A circuit breaker in front of a destination. While it fails, the relay stops
 //! sending (and stops claiming), so an outage does not burn the attempts of
-//! the whole backlog; after a cool-down one probe tests whether 1C is back.
+//! the whole backlog; after a cool-down one probe tests whether it is back.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -130,6 +130,24 @@ impl CircuitBreaker {
         }
     }
 
+    /// Closes a breaker whose probe is due but has nothing to carry: the
+    /// destination's backlog is empty, so other relays delivered it all and
+    /// there is nothing left to protect. Without this, a relay that sat out
+    /// the recovery would report half-open, and alert, until its next send.
+    /// Returns whether it closed.
+    pub fn close_when_idle(&self) -> bool {
+        let mut state = self.state.lock().expect("not poisoned");
+        let due = match *state {
+            State::Open { until } => self.clock.now() >= until,
+            State::HalfOpen { probing } => !probing,
+            State::Closed { .. } => false,
+        };
+        if due {
+            *state = State::Closed { failures: 0 };
+        }
+        due
+    }
+
     /// The current state.
     pub fn state(&self) -> BreakerState {
         match *self.state.lock().expect("not poisoned") {
@@ -203,6 +221,27 @@ mod tests {
         assert_eq!(b.state(), BreakerState::Closed);
         assert_eq!(b.capacity(), None);
         assert_eq!(b.admit(), Admission::Allowed);
+    }
+
+    #[test]
+    fn an_idle_close_waits_for_the_cool_down_and_never_cuts_a_probe_short() {
+        let (b, now) = breaker();
+        for _ in 0..3 {
+            b.record(b.admit(), false);
+        }
+        assert!(!b.close_when_idle(), "still cooling down");
+        assert_eq!(b.state(), BreakerState::Open);
+
+        now.store(10_000, Ordering::SeqCst);
+        assert_eq!(b.admit(), Admission::Probe);
+        assert!(!b.close_when_idle(), "a probe in flight decides");
+        b.record(Admission::Probe, false);
+
+        now.store(20_000, Ordering::SeqCst);
+        assert!(b.close_when_idle());
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.admit(), Admission::Allowed);
+        assert!(!b.close_when_idle(), "already closed");
     }
 
     #[test]

@@ -40,16 +40,26 @@ async fn queue(pool: &PgPool, destination: &str, key: &str, seq: i64) {
 }
 
 fn engine(pool: &PgPool, sink: MockSink, policy: DeliveryPolicy) -> Arc<DeliveryEngine> {
+    let breaker = BreakerConfig {
+        failure_threshold: 100,
+        cool_down: Duration::from_secs(60),
+    };
+    engine_with(pool, sink, policy, breaker).0
+}
+
+fn engine_with(
+    pool: &PgPool,
+    sink: MockSink,
+    policy: DeliveryPolicy,
+    breaker: BreakerConfig,
+) -> (Arc<DeliveryEngine>, Arc<SinkGuard>) {
     let metrics = RelayMetrics::new().destination("fake");
     let guard = Arc::new(SinkGuard::new(
         Arc::new(sink),
         ProtectionConfig {
             max_in_flight: 8,
             rate_per_second: None,
-            breaker: BreakerConfig {
-                failure_threshold: 100,
-                cool_down: Duration::from_secs(60),
-            },
+            breaker,
         },
         Arc::new(SystemClock),
         metrics.clone(),
@@ -62,14 +72,15 @@ fn engine(pool: &PgPool, sink: MockSink, policy: DeliveryPolicy) -> Arc<Delivery
         base: Duration::from_secs(3600),
         max: Duration::from_secs(3600),
     };
-    DeliveryEngine::new(
+    let engine = DeliveryEngine::new(
         Store::new(pool.clone()),
         "fake".parse::<Destination>().unwrap(),
         policy,
-        guard,
+        guard.clone(),
         service,
         metrics,
-    )
+    );
+    (engine, guard)
 }
 
 type Row = (String, i32, Option<String>, bool, bool);
@@ -280,4 +291,46 @@ async fn in_order_a_run_settles_each_message_through_its_head() {
             row("retried", "pending", 0, true),
         ]
     );
+}
+
+/// A relay whose breaker opened while others delivered the backlog has no
+/// message left to probe with; it closes once the destination has nothing
+/// undelivered, and not before.
+#[tokio::test]
+async fn an_open_breaker_with_nothing_left_to_deliver_closes_without_a_probe() {
+    let db = testkit::database().await;
+    queue(&db.pool, "fake", "a", 1).await;
+    let mut sink = MockSink::new();
+    sink.expect_deliver()
+        .times(1)
+        .returning(|_| Err(failure(FailureKind::Transient, "unavailable", None)));
+    // Opens on the first failure; its probe is due at once.
+    let breaker = BreakerConfig {
+        failure_threshold: 1,
+        cool_down: Duration::ZERO,
+    };
+    let (engine, guard) = engine_with(&db.pool, sink, DeliveryPolicy::LatestWins, breaker);
+    engine
+        .claim_and_deliver(CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(guard.breaker_state(), worker::BreakerState::HalfOpen);
+
+    // The failed task waits out its backoff: still something to protect.
+    engine
+        .claim_and_deliver(CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(guard.breaker_state(), worker::BreakerState::HalfOpen);
+
+    // Another relay delivers it.
+    sqlx::query("UPDATE outbox SET state = 'done', finished_at = now() WHERE destination = 'fake'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    engine
+        .claim_and_deliver(CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(guard.breaker_state(), worker::BreakerState::Closed);
 }
