@@ -90,3 +90,40 @@ async fn a_batch_save_writes_what_one_save_per_order_writes() {
     let twice = [&batch[0], &batch[0]];
     assert!(b.save_orders_in(&mut tx, &twice, &ctx).await.is_err());
 }
+
+/// A single save reads its order back with a statement PostgreSQL plans
+/// once per connection: planning it on every save was two thirds of the
+/// read-back's cost in the saga benchmark.
+#[tokio::test]
+async fn a_single_save_reads_its_order_back_with_a_reused_plan() {
+    let db = testkit::database().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let store = Store::new(pool.clone());
+    let ctx = SaveContext {
+        user_id: "test".into(),
+        traceparent: None,
+    };
+    for n in 0..8 {
+        let o = order(&format!("P-{n}"), "new", 10.0);
+        store
+            .save_order(&o, Precondition::None, &ctx)
+            .await
+            .unwrap();
+    }
+    let (generic, custom): (i64, i64) = sqlx::query_as(
+        "SELECT generic_plans, custom_plans FROM pg_prepared_statements
+         WHERE statement LIKE '%json_agg(h ORDER BY h.id)%'
+           AND statement NOT LIKE '%pg_prepared_statements%'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        generic >= 3 && custom <= 5,
+        "the read-back was planned {custom} times for 8 saves ({generic} generic)"
+    );
+}
