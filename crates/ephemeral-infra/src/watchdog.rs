@@ -24,6 +24,10 @@ echo "$pid" >"$log.pid"
 cat >/dev/null
 kill -KILL "-$pid" 2>/dev/null
 wait "$pid"
+# The leader is reaped; the rest of its group may still be dying, holding
+# its ports. Wait for them, 5 s at most (a zombie nobody reaps still counts).
+n=0
+while kill -0 "-$pid" 2>/dev/null && [ "$n" -lt 100 ]; do sleep 0.05; n=$((n + 1)); done
 [ -n "$after" ] && sh -c "$after" >/dev/null 2>&1
 [ -n "$remove" ] && rm -rf "$remove"
 exit 0
