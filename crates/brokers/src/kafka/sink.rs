@@ -1,6 +1,7 @@
 //! The outbox sink to Kafka.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -15,14 +16,66 @@ use crate::{headers, Error};
 /// has it (`acks=all`).
 pub struct KafkaSink {
     config: KafkaConfig,
-    producer: FutureProducer,
+    producer: Mutex<Producer>,
+}
+
+/// The producer in use, and what decides when to replace it.
+struct Producer {
+    current: Arc<FutureProducer>,
+    last_ok: Instant,
+    since: Instant,
 }
 
 impl KafkaSink {
     /// A sink with its own producer; connects lazily.
     pub fn new(config: KafkaConfig) -> Result<Self, Error> {
-        let producer = config.producer()?;
+        let now = Instant::now();
+        let producer = Mutex::new(Producer {
+            current: Arc::new(config.producer()?),
+            last_ok: now,
+            since: now,
+        });
         Ok(Self { config, producer })
+    }
+
+    /// How long every delivery may time out before the producer is
+    /// replaced. After a broker froze for 20 s, one idempotent producer
+    /// of the fault suite never produced again (every probe timed out for
+    /// 4 minutes) while the other roles' producers recovered; a new one
+    /// starts from a fresh connection and producer id.
+    fn renew_after(&self) -> Duration {
+        (self.config.delivery_timeout * 4).max(Duration::from_secs(10))
+    }
+
+    fn producer(&self) -> Arc<FutureProducer> {
+        self.producer.lock().expect("not poisoned").current.clone()
+    }
+
+    fn delivered(&self) {
+        self.producer.lock().expect("not poisoned").last_ok = Instant::now();
+    }
+
+    /// After a timeout: replaces the producer when nothing has gone out
+    /// through it, or its predecessor, for [`Self::renew_after`], at most
+    /// once per that period.
+    fn timed_out(&self) {
+        let renew_after = self.renew_after();
+        let mut p = self.producer.lock().expect("not poisoned");
+        let now = Instant::now();
+        if now - p.last_ok < renew_after || now - p.since < renew_after {
+            return;
+        }
+        match self.config.producer() {
+            Ok(fresh) => {
+                let old = std::mem::replace(&mut p.current, Arc::new(fresh));
+                p.since = now;
+                tracing::warn!(silent = ?now - p.last_ok, "no delivery to Kafka went out for a while; the producer is replaced");
+                // Destroying a client waits for its threads: not on a
+                // runtime worker.
+                tokio::task::spawn_blocking(move || drop(old));
+            }
+            Err(e) => tracing::warn!(error = %e, "could not create a new Kafka producer"),
+        }
     }
 }
 
@@ -48,14 +101,21 @@ impl Sink for KafkaSink {
         // request to a frozen broker until that request times out; this
         // bound keeps a delivery from outliving the claim.
         let bound = self.config.delivery_timeout + Duration::from_secs(1);
-        match tokio::time::timeout(bound, self.producer.send(record, Duration::from_secs(1))).await
-        {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err((e, _))) => Err(classify(&e)),
-            Err(_) => Err(classify(&KafkaError::MessageProduction(
-                RDKafkaErrorCode::MessageTimedOut,
-            ))),
+        let producer = self.producer();
+        let sent = tokio::time::timeout(bound, producer.send(record, Duration::from_secs(1))).await;
+        drop(producer);
+        let e = match sent {
+            Ok(Ok(_)) => {
+                self.delivered();
+                return Ok(());
+            }
+            Ok(Err((e, _))) => e,
+            Err(_) => KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
+        };
+        if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut) {
+            self.timed_out();
         }
+        Err(classify(&e))
     }
 }
 
