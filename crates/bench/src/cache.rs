@@ -258,9 +258,7 @@ pub async fn run(quick: bool, out: &mut Vec<Figure>) -> Result<()> {
     let db = testkit::database().await;
     eprintln!("cache: {n} orders");
     seed(&db.pool, n).await?;
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(128)
-        .build()?;
+    let http = reqwest::Client::new();
 
     // Warm-up: start to ready, with every order fitting the budget.
     let started = Instant::now();

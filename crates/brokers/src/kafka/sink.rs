@@ -19,21 +19,19 @@ pub struct KafkaSink {
     producer: Mutex<Producer>,
 }
 
-/// The producer in use, and what decides when to replace it.
+/// The producer in use, and since when nothing has gone out: its last
+/// delivery, or its creation if none came since.
 struct Producer {
     current: Arc<FutureProducer>,
-    last_ok: Instant,
-    since: Instant,
+    quiet_since: Instant,
 }
 
 impl KafkaSink {
     /// A sink with its own producer; connects lazily.
     pub fn new(config: KafkaConfig) -> Result<Self, Error> {
-        let now = Instant::now();
         let producer = Mutex::new(Producer {
             current: Arc::new(config.producer()?),
-            last_ok: now,
-            since: now,
+            quiet_since: Instant::now(),
         });
         Ok(Self { config, producer })
     }
@@ -52,24 +50,24 @@ impl KafkaSink {
     }
 
     fn delivered(&self) {
-        self.producer.lock().expect("not poisoned").last_ok = Instant::now();
+        self.producer.lock().expect("not poisoned").quiet_since = Instant::now();
     }
 
     /// After a timeout: replaces the producer when nothing has gone out
-    /// through it, or its predecessor, for [`Self::renew_after`], at most
-    /// once per that period.
+    /// through it for [`Self::renew_after`]; a new one starts quiet, so
+    /// this happens at most once per that period.
     fn timed_out(&self) {
         let renew_after = self.renew_after();
         let mut p = self.producer.lock().expect("not poisoned");
         let now = Instant::now();
-        if now - p.last_ok < renew_after || now - p.since < renew_after {
+        if now - p.quiet_since < renew_after {
             return;
         }
         match self.config.producer() {
             Ok(fresh) => {
                 let old = std::mem::replace(&mut p.current, Arc::new(fresh));
-                p.since = now;
-                tracing::warn!(silent = ?now - p.last_ok, "no delivery to Kafka went out for a while; the producer is replaced");
+                tracing::warn!(silent = ?now - p.quiet_since, "no delivery to Kafka went out for a while; the producer is replaced");
+                p.quiet_since = now;
                 // Destroying a client waits for its threads: not on a
                 // runtime worker.
                 tokio::task::spawn_blocking(move || drop(old));
