@@ -117,9 +117,16 @@ pub(crate) async fn metric(sys: &System, url: &str, series: &str) -> Result<f64>
         .unwrap_or(0.0))
 }
 
-/// Waits until the outbox has nothing pending for `destination` and the
-/// journal holds every event sent there.
-async fn journal_caught_up(sys: &System, destination: &str, within: Duration) -> Result<i64> {
+/// Waits until the outbox has nothing pending for `broker`'s destination and
+/// the journal holds every event sent there; if it never does, says where
+/// the missing events got to.
+async fn journal_caught_up(
+    sys: &System,
+    broker: &Broker,
+    prefix: &str,
+    within: Duration,
+) -> Result<i64> {
+    let destination = broker.name();
     let deadline = Instant::now() + within;
     loop {
         let (expected, pending, journaled): (i64, i64, i64) = sqlx::query_as(
@@ -134,13 +141,89 @@ async fn journal_caught_up(sys: &System, destination: &str, within: Duration) ->
         if pending == 0 && journaled >= expected {
             return Ok(expected);
         }
-        ensure!(
-            Instant::now() < deadline,
-            "after {within:?}, {pending} {destination} events wait and the journal has \
-             {journaled} of {expected}"
-        );
+        if Instant::now() >= deadline {
+            let trail = missing_events(sys, broker, prefix).await?;
+            anyhow::bail!(
+                "after {within:?}, {pending} {destination} events wait and the journal has \
+                 {journaled} of {expected}; missing:\n{trail}"
+            );
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The outbox rows of `broker` whose event is not in the journal, at most
+/// ten, each with its outbox state, whether the inbox has it, and on Kafka
+/// where in the topic it is: a loss on the producer's side or the
+/// consumer's.
+async fn missing_events(sys: &System, broker: &Broker, prefix: &str) -> Result<String> {
+    let rows: Vec<(i64, String, i64, String, i32, Option<String>, bool, String)> =
+        sqlx::query_as(
+            "SELECT o.id, o.aggregateid, o.version, o.state, o.attempts, o.last_error,
+                    EXISTS (SELECT 1 FROM inbox i WHERE i.message_id = o.event_id::text),
+                    o.event_id::text
+             FROM outbox o WHERE o.destination = $1
+               AND NOT EXISTS (SELECT 1 FROM order_journal j WHERE j.event_id = o.event_id)
+             ORDER BY o.id LIMIT 10",
+        )
+        .bind(broker.name())
+        .fetch_all(&sys.pool)
+        .await?;
+    let ids: Vec<&str> = rows.iter().map(|r| r.7.as_str()).collect();
+    let found = match broker {
+        Broker::Kafka(k) => {
+            kafka_positions(k, &format!("{prefix}order"), &ids).await?
+        }
+        Broker::RabbitMq(_) => Default::default(),
+    };
+    Ok(rows
+        .iter()
+        .map(|(id, key, version, state, attempts, error, inbox, event)| {
+            let kafka = found.get(event).map_or("not found", String::as_str);
+            format!(
+                "  task {id} {key} v{version} {state} after {attempts} attempts \
+                 (last error {error:?}), event {event}, in the inbox: {inbox}, in Kafka: {kafka}"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+/// Where in `topic` the messages of `event_ids` are, read from the start.
+async fn kafka_positions(
+    k: &Kafka,
+    topic: &str,
+    event_ids: &[&str],
+) -> Result<std::collections::HashMap<String, String>> {
+    use futures::StreamExt;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::{Headers, Message as _};
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", k.bootstrap_servers())
+        .set("group.id", format!("{topic}-diagnosis"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let mut found = std::collections::HashMap::new();
+    let mut stream = consumer.stream();
+    // Quiet for 5 s: the topic has been read to its end.
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
+        let m = m?;
+        let id = m.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key == brokers::headers::EVENT_ID)
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        });
+        if let Some(id) = id.filter(|id| event_ids.contains(&id.as_str())) {
+            found
+                .entry(id)
+                .or_insert_with(String::new)
+                .push_str(&format!("{}/{}@{} ", m.topic(), m.partition(), m.offset()));
+        }
+    }
+    Ok(found)
 }
 
 pub async fn event_stream(sys: &mut System, broker: Broker, outage: Duration) -> Result<Figures> {
@@ -195,7 +278,7 @@ pub async fn event_stream(sys: &mut System, broker: Broker, outage: Duration) ->
     let mut saved = load.await??;
     // One fault at a time: the restarted consumer catches up before the
     // broker freezes.
-    journal_caught_up(sys, name, Duration::from_secs(120)).await?;
+    journal_caught_up(sys, &broker, &prefix, Duration::from_secs(120)).await?;
 
     // The outage: saves go on while the broker is frozen.
     let destination = format!("destination=\"{name}\"");
@@ -229,7 +312,7 @@ pub async fn event_stream(sys: &mut System, broker: Broker, outage: Duration) ->
     sys.drained(Duration::from_secs(180)).await?;
 
     // Every broker event, in the journal once and in order.
-    let expected = journal_caught_up(sys, name, Duration::from_secs(120)).await?;
+    let expected = journal_caught_up(sys, &broker, &prefix, Duration::from_secs(120)).await?;
     let recovery = thawed.elapsed();
     let (lost, twice, misordered): (i64, i64, i64) = sqlx::query_as(
         "SELECT

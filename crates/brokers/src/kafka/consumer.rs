@@ -1,7 +1,7 @@
 //! The inbox consumer over Kafka.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -27,27 +27,70 @@ pub struct KafkaSubscription {
     pub batch: usize,
 }
 
-/// How long the group may be out of its steady state before the consumer
+/// How long the consumer may be unhealthy (its group out of the steady
+/// state, or a broker connection holding requests it never sends) before it
 /// is replaced. A rebalance or a broker back from a 20 s freeze settles well
 /// inside it.
 const STUCK_AFTER: Duration = Duration::from_secs(45);
 
 /// Reports the consumer lag librdkafka computes for each partition, and
-/// when the consumer group was last in its steady state.
+/// when the consumer was last healthy.
 struct LagReporter {
     consumer: String,
     metrics: ConsumerMetrics,
-    steady_at: Arc<Mutex<Instant>>,
+    health: Mutex<Health>,
+}
+
+/// What the statistics said last.
+struct Health {
+    healthy_at: Instant,
+    /// Requests sent and timed out so far, per broker connection.
+    sent: BTreeMap<String, (u64, u64)>,
+}
+
+/// One broker connection in a statistics report.
+struct Link<'a> {
+    name: &'a str,
+    queued: i64,
+    sent: u64,
+    timed_out: u64,
+}
+
+impl Health {
+    /// Whether a report shows a healthy consumer: its group `steady`, and
+    /// every connection with requests waiting (queued, or timed out since
+    /// the last report) having sent some since. After a broker freeze, one
+    /// consumer's group coordinator connection kept 16 requests queued for
+    /// minutes while the statistics still called the group steady.
+    fn judge<'a>(&mut self, steady: bool, links: impl IntoIterator<Item = Link<'a>>) -> bool {
+        let mut stalled = false;
+        for l in links {
+            let before = self.sent.insert(l.name.to_owned(), (l.sent, l.timed_out));
+            if let Some((sent, timed_out)) = before {
+                stalled |= (l.queued > 0 || l.timed_out > timed_out) && l.sent == sent;
+            }
+        }
+        steady && !stalled
+    }
 }
 
 impl ClientContext for LagReporter {
     fn stats(&self, stats: Statistics) {
-        if stats
-            .cgrp
-            .as_ref()
-            .is_some_and(|g| g.state == "up" && g.join_state == "steady")
         {
-            *self.steady_at.lock().expect("never poisoned") = Instant::now();
+            let steady = stats
+                .cgrp
+                .as_ref()
+                .is_some_and(|g| g.state == "up" && g.join_state == "steady");
+            let links = stats.brokers.iter().map(|(name, b)| Link {
+                name,
+                queued: b.outbuf_cnt,
+                sent: b.tx,
+                timed_out: b.req_timeouts,
+            });
+            let mut health = self.health.lock().expect("never poisoned");
+            if health.judge(steady, links) {
+                health.healthy_at = Instant::now();
+            }
         }
         for (name, topic) in &stats.topics {
             for (id, p) in &topic.partitions {
@@ -68,7 +111,7 @@ impl ConsumerContext for LagReporter {}
 enum Ended {
     /// Cancelled, or the stream ended: stop.
     Done,
-    /// The group has not been steady for [`STUCK_AFTER`].
+    /// The consumer has not been healthy for [`STUCK_AFTER`].
     Stuck,
 }
 
@@ -77,10 +120,10 @@ enum Ended {
 /// dead-letter topic), and committed from there, so a crash redelivers at
 /// most what the inbox already has.
 ///
-/// A consumer whose group stays out of its steady state is replaced by a
-/// new one: after a broker freeze librdkafka can keep a group coordinator
-/// handle that never sends its queued requests again, and the consumer
-/// would sit there with its partitions unread.
+/// A consumer that stays unhealthy is replaced by a new one: after a broker
+/// freeze librdkafka can keep a group coordinator handle that never sends
+/// its queued requests again, and the consumer would sit there with its
+/// partitions unread.
 pub async fn consume<C: InboxConsumer + ?Sized>(
     config: &KafkaConfig,
     subscription: &KafkaSubscription,
@@ -94,7 +137,7 @@ pub async fn consume<C: InboxConsumer + ?Sized>(
                 tracing::warn!(
                     consumer = inbox.consumer(),
                     group = subscription.group,
-                    "the consumer group was not steady for {STUCK_AFTER:?}; starting a new consumer"
+                    "the consumer was not healthy for {STUCK_AFTER:?}; starting a new consumer"
                 );
                 if !pause(RETRY_DELAY, &cancel).await {
                     return Ok(());
@@ -110,7 +153,6 @@ async fn session<C: InboxConsumer + ?Sized>(
     inbox: &C,
     cancel: &CancellationToken,
 ) -> Result<Ended, Error> {
-    let steady_at = Arc::new(Mutex::new(Instant::now()));
     let consumer: StreamConsumer<LagReporter> = config
         .client()
         .set("group.id", &subscription.group)
@@ -130,7 +172,10 @@ async fn session<C: InboxConsumer + ?Sized>(
         .create_with_context(LagReporter {
             consumer: inbox.consumer().to_owned(),
             metrics: inbox.metrics().clone(),
-            steady_at: steady_at.clone(),
+            health: Mutex::new(Health {
+                healthy_at: Instant::now(),
+                sent: BTreeMap::new(),
+            }),
         })?;
     let topics: Vec<&str> = subscription.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
@@ -148,7 +193,8 @@ async fn session<C: InboxConsumer + ?Sized>(
         let batch = tokio::select! {
             () = cancel.cancelled() => break,
             _ = check.tick() => {
-                if steady_at.lock().expect("never poisoned").elapsed() > STUCK_AFTER {
+                let health = consumer.context().health.lock().expect("never poisoned");
+                if health.healthy_at.elapsed() > STUCK_AFTER {
                     ended = Ended::Stuck;
                     break;
                 }
@@ -271,5 +317,33 @@ async fn bury(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(queued: i64, sent: u64, timed_out: u64) -> Link<'static> {
+        Link {
+            name: "GroupCoordinator",
+            queued,
+            sent,
+            timed_out,
+        }
+    }
+
+    #[test]
+    fn a_connection_that_holds_requests_without_sending_any_is_unhealthy() {
+        let mut h = Health {
+            healthy_at: Instant::now(),
+            sent: BTreeMap::new(),
+        };
+        assert!(h.judge(true, [link(16, 40, 0)]), "a first report has nothing to compare");
+        assert!(!h.judge(true, [link(16, 40, 0)]), "queued, nothing sent since");
+        assert!(!h.judge(true, [link(0, 40, 3)]), "timed out in the queue, nothing sent");
+        assert!(h.judge(true, [link(16, 41, 3)]), "queued but sending");
+        assert!(h.judge(true, [link(0, 41, 3)]), "idle");
+        assert!(!h.judge(false, [link(0, 42, 3)]), "the group is not steady");
     }
 }

@@ -103,7 +103,15 @@ impl Sink for KafkaSink {
         let sent = tokio::time::timeout(bound, producer.send(record, Duration::from_secs(1))).await;
         drop(producer);
         let e = match sent {
-            Ok(Ok(_)) => {
+            Ok(Ok(d)) => {
+                // librdkafka acknowledges a retry the broker calls a
+                // duplicate sequence without an offset: the log then is the
+                // only trace of where the message went, if anywhere.
+                if d.offset < 0 {
+                    tracing::warn!(event_id, topic, partition = d.partition, "acknowledged without an offset (a duplicate sequence to the broker)");
+                } else {
+                    tracing::debug!(event_id, topic, partition = d.partition, offset = d.offset, "produced");
+                }
                 self.delivered();
                 return Ok(());
             }
