@@ -157,23 +157,20 @@ async fn journal_caught_up(
 /// where in the topic it is: a loss on the producer's side or the
 /// consumer's.
 async fn missing_events(sys: &System, broker: &Broker, prefix: &str) -> Result<String> {
-    let rows: Vec<(i64, String, i64, String, i32, Option<String>, bool, String)> =
-        sqlx::query_as(
-            "SELECT o.id, o.aggregateid, o.version, o.state, o.attempts, o.last_error,
+    let rows: Vec<(i64, String, i64, String, i32, Option<String>, bool, String)> = sqlx::query_as(
+        "SELECT o.id, o.aggregateid, o.version, o.state, o.attempts, o.last_error,
                     EXISTS (SELECT 1 FROM inbox i WHERE i.message_id = o.event_id::text),
                     o.event_id::text
              FROM outbox o WHERE o.destination = $1
                AND NOT EXISTS (SELECT 1 FROM order_journal j WHERE j.event_id = o.event_id)
              ORDER BY o.id LIMIT 10",
-        )
-        .bind(broker.name())
-        .fetch_all(&sys.pool)
-        .await?;
+    )
+    .bind(broker.name())
+    .fetch_all(&sys.pool)
+    .await?;
     let ids: Vec<&str> = rows.iter().map(|r| r.7.as_str()).collect();
     let found = match broker {
-        Broker::Kafka(k) => {
-            kafka_positions(k, &format!("{prefix}order"), &ids).await?
-        }
+        Broker::Kafka(k) => kafka_positions(k, &format!("{prefix}order"), &ids).await?,
         Broker::RabbitMq(_) => Default::default(),
     };
     Ok(rows

@@ -339,9 +339,18 @@ mod tests {
             healthy_at: Instant::now(),
             sent: BTreeMap::new(),
         };
-        assert!(h.judge(true, [link(16, 40, 0)]), "a first report has nothing to compare");
-        assert!(!h.judge(true, [link(16, 40, 0)]), "queued, nothing sent since");
-        assert!(!h.judge(true, [link(0, 40, 3)]), "timed out in the queue, nothing sent");
+        assert!(
+            h.judge(true, [link(16, 40, 0)]),
+            "a first report has nothing to compare"
+        );
+        assert!(
+            !h.judge(true, [link(16, 40, 0)]),
+            "queued, nothing sent since"
+        );
+        assert!(
+            !h.judge(true, [link(0, 40, 3)]),
+            "timed out in the queue, nothing sent"
+        );
         assert!(h.judge(true, [link(16, 41, 3)]), "queued but sending");
         assert!(h.judge(true, [link(0, 41, 3)]), "idle");
         assert!(!h.judge(false, [link(0, 42, 3)]), "the group is not steady");

@@ -108,9 +108,20 @@ impl Sink for KafkaSink {
                 // duplicate sequence without an offset: the log then is the
                 // only trace of where the message went, if anywhere.
                 if d.offset < 0 {
-                    tracing::warn!(event_id, topic, partition = d.partition, "acknowledged without an offset (a duplicate sequence to the broker)");
+                    tracing::warn!(
+                        event_id,
+                        topic,
+                        partition = d.partition,
+                        "acknowledged without an offset (a duplicate sequence to the broker)"
+                    );
                 } else {
-                    tracing::debug!(event_id, topic, partition = d.partition, offset = d.offset, "produced");
+                    tracing::debug!(
+                        event_id,
+                        topic,
+                        partition = d.partition,
+                        offset = d.offset,
+                        "produced"
+                    );
                 }
                 self.delivered();
                 return Ok(());
