@@ -157,10 +157,22 @@ async fn journal_caught_up(
 /// where in the topic it is: a loss on the producer's side or the
 /// consumer's.
 async fn missing_events(sys: &System, broker: &Broker, prefix: &str) -> Result<String> {
-    let rows: Vec<(i64, String, i64, String, i32, Option<String>, bool, String)> = sqlx::query_as(
+    #[derive(sqlx::FromRow)]
+    struct Missing {
+        id: i64,
+        aggregateid: String,
+        version: i64,
+        state: String,
+        attempts: i32,
+        last_error: Option<String>,
+        in_inbox: bool,
+        event: String,
+    }
+    let rows: Vec<Missing> = sqlx::query_as(
         "SELECT o.id, o.aggregateid, o.version, o.state, o.attempts, o.last_error,
-                    EXISTS (SELECT 1 FROM inbox i WHERE i.message_id = o.event_id::text),
-                    o.event_id::text
+                    EXISTS (SELECT 1 FROM inbox i WHERE i.message_id = o.event_id::text)
+                      AS in_inbox,
+                    o.event_id::text AS event
              FROM outbox o WHERE o.destination = $1
                AND NOT EXISTS (SELECT 1 FROM order_journal j WHERE j.event_id = o.event_id)
              ORDER BY o.id LIMIT 10",
@@ -168,18 +180,26 @@ async fn missing_events(sys: &System, broker: &Broker, prefix: &str) -> Result<S
     .bind(broker.name())
     .fetch_all(&sys.pool)
     .await?;
-    let ids: Vec<&str> = rows.iter().map(|r| r.7.as_str()).collect();
+    let ids: Vec<&str> = rows.iter().map(|r| r.event.as_str()).collect();
     let found = match broker {
         Broker::Kafka(k) => kafka_positions(k, &format!("{prefix}order"), &ids).await?,
         Broker::RabbitMq(_) => Default::default(),
     };
     Ok(rows
         .iter()
-        .map(|(id, key, version, state, attempts, error, inbox, event)| {
-            let kafka = found.get(event).map_or("not found", String::as_str);
+        .map(|r| {
+            let kafka = found.get(&r.event).map_or("not found", String::as_str);
             format!(
-                "  task {id} {key} v{version} {state} after {attempts} attempts \
-                 (last error {error:?}), event {event}, in the inbox: {inbox}, in Kafka: {kafka}"
+                "  task {} {} v{} {} after {} attempts (last error {:?}), event {}, \
+                 in the inbox: {}, in Kafka: {kafka}",
+                r.id,
+                r.aggregateid,
+                r.version,
+                r.state,
+                r.attempts,
+                r.last_error,
+                r.event,
+                r.in_inbox
             )
         })
         .collect::<Vec<_>>()
