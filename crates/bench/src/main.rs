@@ -12,6 +12,7 @@
 
 mod brokers;
 mod cache;
+mod cpu;
 mod ingest;
 mod saga;
 mod scenarios;

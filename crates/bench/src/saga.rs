@@ -13,6 +13,7 @@
 //!   6 plain publish-to-receive round trips in a row, the hops of one saga,
 //!   at 200 a second.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
@@ -30,6 +31,8 @@ const ACCOUNTS: usize = 200;
 /// The saga's processes on one broker.
 struct Platform {
     roles: Vec<Proc>,
+    /// Each role's process id and name, for the CPU figures.
+    names: HashMap<u32, String>,
     api: String,
     orders: sqlx::PgPool,
 }
@@ -66,6 +69,7 @@ impl Platform {
         let onec = [("ONEC_URL", mock.url.clone())];
         let mut env: Vec<(&str, &str)> = env.to_vec();
         env.extend(onec.iter().map(|(k, v)| (*k, v.as_str())));
+        let mut names = HashMap::from([(mock.pid()?, "1C mock".to_owned())]);
         let mut roles = vec![mock];
         // Consumers first: on RabbitMQ they declare the queues publishes go to.
         for (name, args, ready) in [
@@ -95,7 +99,9 @@ impl Platform {
             ),
             ("relay", &["relay"][..], "relay started"),
         ] {
-            roles.push(process::spawn("orders-center", args, &env, ready, &log(name)).await?);
+            let role = process::spawn("orders-center", args, &env, ready, &log(name)).await?;
+            names.insert(role.pid()?, name.to_owned());
+            roles.push(role);
         }
         let url = |i: usize| roles[i].url.clone();
         let (inventory, payments, api) = (url(3), url(4), url(6));
@@ -124,6 +130,7 @@ impl Platform {
         }
         Ok(Self {
             roles,
+            names,
             api,
             orders: orders.pool,
         })
@@ -191,6 +198,7 @@ pub async fn run(
 
     // Throughput: a burst.
     let n = if quick { 300 } else { 5_000 };
+    let cpu = crate::cpu::Sample::now()?;
     futures::stream::iter(0..n)
         .map(|i| {
             let (platform, http) = (&platform, &http);
@@ -210,6 +218,7 @@ pub async fn run(
     )
     .fetch_one(&platform.orders)
     .await?;
+    let spent = cpu.until(&crate::cpu::Sample::now()?, &platform.names)?;
     let rate = n as f64 / span;
     out.push(figure(
         &scenario,
@@ -218,6 +227,7 @@ pub async fn run(
         "saga/s",
         (!quick).then_some(("≥ 500", rate >= 500.0)),
     ));
+    cpu_per_saga(&scenario, &spent, n, quick, out);
 
     // Latency at 200 sagas a second offered (the target's load), and at
     // half the capacity just measured, where the pipeline is not queueing.
@@ -273,6 +283,43 @@ pub async fn run(
         None,
     ));
     Ok(())
+}
+
+/// The burst's CPU per saga: the machine's, next to what 500 sagas a second
+/// leave on its cores, and each process group's.
+fn cpu_per_saga(
+    scenario: &str,
+    spent: &crate::cpu::Spent,
+    n: usize,
+    quick: bool,
+    out: &mut Vec<Figure>,
+) {
+    let per_saga = |seconds: f64| seconds * 1000.0 / n as f64;
+    let machine = per_saga(spent.machine);
+    let budget = spent.cores as f64 * 1000.0 / 500.0;
+    out.push(figure(
+        scenario,
+        "CPU per saga, the whole machine",
+        machine,
+        "ms",
+        (!quick).then_some((
+            &format!("≤ {budget:.1} ({} cores at 500/s)", spent.cores),
+            machine <= budget,
+        )),
+    ));
+    for (group, seconds) in &spent.groups {
+        let ms = per_saga(*seconds);
+        // Below this the figure is noise of the sampling.
+        if ms >= 0.05 {
+            out.push(figure(
+                scenario,
+                &format!("CPU per saga: {group}"),
+                ms,
+                "ms",
+                None,
+            ));
+        }
+    }
 }
 
 /// Offers `offered` sagas a second for `seconds` (ids `tag…`), waits until
