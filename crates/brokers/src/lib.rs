@@ -128,6 +128,9 @@ pub enum Error {
         /// Why.
         detail: String,
     },
+    /// A thread could not be started.
+    #[error("thread: {0}")]
+    Thread(#[from] std::io::Error),
 }
 
 /// Waits `delay` unless `cancel` fires first; says whether to go on.

@@ -22,6 +22,7 @@ use ephemeral_infra::{Kafka, RabbitMq};
 use testkit::process::{spawn, Proc};
 
 use crate::load::{creates_then_updates, saves, Client};
+use crate::log_trail;
 use crate::scenarios::{settle, Figures};
 use crate::system::System;
 
@@ -189,9 +190,10 @@ async fn missing_events(sys: &System, broker: &Broker, prefix: &str) -> Result<S
         .iter()
         .map(|r| {
             let kafka = found.get(&r.event).map_or("not found", String::as_str);
+            let logged = log_trail::lines(&sys.logs, 6, |l| l.contains(&r.event));
             format!(
                 "  task {} {} v{} {} after {} attempts (last error {:?}), event {}, \
-                 in the inbox: {}, in Kafka: {kafka}",
+                 in the inbox: {}, in Kafka: {kafka}\n{}",
                 r.id,
                 r.aggregateid,
                 r.version,
@@ -199,48 +201,74 @@ async fn missing_events(sys: &System, broker: &Broker, prefix: &str) -> Result<S
                 r.attempts,
                 r.last_error,
                 r.event,
-                r.in_inbox
+                r.in_inbox,
+                logged.join("\n")
             )
         })
         .collect::<Vec<_>>()
         .join("\n"))
 }
 
-/// Where in `topic` the messages of `event_ids` are, read from the start.
+/// Where in `topic` the messages of `event_ids` are: every partition read
+/// from its start to its end as of now.
 async fn kafka_positions(
     k: &Kafka,
     topic: &str,
     event_ids: &[&str],
 ) -> Result<std::collections::HashMap<String, String>> {
-    use futures::StreamExt;
-    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::{Headers, Message as _};
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", k.bootstrap_servers())
-        .set("group.id", format!("{topic}-diagnosis"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    consumer.subscribe(&[topic])?;
-    let mut found = std::collections::HashMap::new();
-    let mut stream = consumer.stream();
-    // Quiet for 5 s: the topic has been read to its end.
-    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
-        let m = m?;
-        let id = m.headers().and_then(|h| {
-            h.iter()
-                .find(|h| h.key == brokers::headers::EVENT_ID)
-                .and_then(|h| h.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-        });
-        if let Some(id) = id.filter(|id| event_ids.contains(&id.as_str())) {
-            found
-                .entry(id)
-                .or_insert_with(String::new)
-                .push_str(&format!("{}/{}@{} ", m.topic(), m.partition(), m.offset()));
+    use rdkafka::{Offset, TopicPartitionList};
+    let (bootstrap, topic) = (k.bootstrap_servers(), topic.to_owned());
+    let ids: Vec<String> = event_ids.iter().map(|s| (*s).to_owned()).collect();
+    // librdkafka's calls block: off the runtime.
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", format!("{topic}-diagnosis"))
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let timeout = Duration::from_secs(10);
+        let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
+        let mut ends = std::collections::HashMap::new();
+        let mut assignment = TopicPartitionList::new();
+        for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+            let (_, high) = consumer.fetch_watermarks(&topic, p.id(), timeout)?;
+            if high > 0 {
+                ends.insert(p.id(), high);
+                assignment.add_partition_offset(&topic, p.id(), Offset::Beginning)?;
+            }
         }
-    }
-    Ok(found)
+        consumer.assign(&assignment)?;
+        let mut found = std::collections::HashMap::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ends.is_empty() && Instant::now() < deadline {
+            let Some(m) = consumer.poll(Duration::from_millis(500)) else {
+                continue;
+            };
+            let m = m?;
+            if ends
+                .get(&m.partition())
+                .is_some_and(|end| m.offset() + 1 >= *end)
+            {
+                ends.remove(&m.partition());
+            }
+            let id = m.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == brokers::headers::EVENT_ID)
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            });
+            if let Some(id) = id.filter(|id| ids.contains(id)) {
+                found
+                    .entry(id)
+                    .or_insert_with(String::new)
+                    .push_str(&format!("{}/{}@{} ", m.topic(), m.partition(), m.offset()));
+            }
+        }
+        Ok(found)
+    })
+    .await?
 }
 
 pub async fn event_stream(sys: &mut System, broker: Broker, outage: Duration) -> Result<Figures> {

@@ -15,6 +15,7 @@
 mod event_streams;
 mod ingest_run;
 mod load;
+mod log_trail;
 mod saga_run;
 mod scenarios;
 mod system;

@@ -27,6 +27,7 @@ use testkit::process::{spawn, Proc};
 
 use crate::event_streams::{metric, Broker};
 use crate::load::{Client, Saved};
+use crate::log_trail;
 use crate::scenarios::{settle, Figures};
 use crate::system::{System, RELAY_ENV};
 
@@ -313,6 +314,12 @@ async fn stuck_report(sys: &System, roles: &Roles, ids: &[String]) -> Result<Str
             "; {db} outbox (destination, state, rows, most attempts, latest run_at from now in s): {outbox:?}"
         );
     }
+    // How the consumers fared: the usual reason a saga waits.
+    let consumers = log_trail::lines(&sys.logs, 30, |l| {
+        (l.contains(" WARN ") || l.contains(" ERROR "))
+            && (l.contains("consumer") || l.contains("REQTMOUT") || l.contains("SESSTMOUT"))
+    });
+    report += &format!("; consumer warnings:\n{}", consumers.join("\n"));
     Ok(report)
 }
 

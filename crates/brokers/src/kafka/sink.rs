@@ -103,26 +103,36 @@ impl Sink for KafkaSink {
         let sent = tokio::time::timeout(bound, producer.send(record, Duration::from_secs(1))).await;
         drop(producer);
         let e = match sent {
-            Ok(Ok(d)) => {
+            Ok(Ok(d)) if d.offset < 0 => {
                 // librdkafka acknowledges a retry the broker calls a
-                // duplicate sequence without an offset: the log then is the
-                // only trace of where the message went, if anywhere.
-                if d.offset < 0 {
-                    tracing::warn!(
-                        event_id,
-                        topic,
-                        partition = d.partition,
-                        "acknowledged without an offset (a duplicate sequence to the broker)"
-                    );
-                } else {
-                    tracing::debug!(
-                        event_id,
-                        topic,
-                        partition = d.partition,
-                        offset = d.offset,
-                        "produced"
-                    );
-                }
+                // duplicate sequence without an offset, and such
+                // acknowledgements after a broker freeze have covered
+                // messages that never reached the log (librdkafka #4134).
+                // Sent again, it is either there once more, which the
+                // consumers' inbox skips, or there at last.
+                tracing::warn!(
+                    event_id,
+                    topic,
+                    partition = d.partition,
+                    "acknowledged without an offset; sending again"
+                );
+                self.delivered();
+                return Err(Failure {
+                    kind: FailureKind::Transient,
+                    class: "unconfirmed",
+                    counts_against_destination: false,
+                    retry_after: None,
+                    detail: "kafka: acknowledged without an offset".into(),
+                });
+            }
+            Ok(Ok(d)) => {
+                tracing::debug!(
+                    event_id,
+                    topic,
+                    partition = d.partition,
+                    offset = d.offset,
+                    "produced"
+                );
                 self.delivered();
                 return Ok(());
             }

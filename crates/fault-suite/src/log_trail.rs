@@ -1,0 +1,69 @@
+//! Lines of the roles' logs for a failure report: CI keeps only what the
+//! suite prints, not `target/tmp/fault-suite/`.
+
+use std::path::Path;
+
+/// Up to `max` lines of the `*.log` files in `dir` for which `wanted` holds,
+/// each prefixed with its file and stripped of colour codes.
+pub fn lines(dir: &Path, max: usize, wanted: impl Fn(&str) -> bool) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<_> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    files.sort();
+    let mut found = Vec::new();
+    for file in files {
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        let name = file.file_name().unwrap_or_default().to_string_lossy();
+        for line in text.lines().map(plain).filter(|l| wanted(l)) {
+            if found.len() == max {
+                return found;
+            }
+            found.push(format!("    {name}: {line}"));
+        }
+    }
+    found
+}
+
+/// `line` without ANSI colour sequences.
+fn plain(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ parameters final-letter
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn colour_codes_are_dropped_and_only_wanted_lines_kept() {
+        let dir = std::env::temp_dir().join(format!("log-trail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("relay.log"),
+            "\u{1b}[2mT\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m x=1\nT DEBUG y\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("notes.txt"), "T WARN ignored\n").unwrap();
+        let found = super::lines(&dir, 5, |l| l.contains("WARN"));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(found, vec!["    relay.log: T  WARN x=1".to_owned()]);
+    }
+}
