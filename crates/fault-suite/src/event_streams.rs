@@ -217,7 +217,7 @@ async fn kafka_positions(
     event_ids: &[&str],
 ) -> Result<std::collections::HashMap<String, String>> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::message::{Headers, Message as _};
+    use rdkafka::message::Message as _;
     use rdkafka::{Offset, TopicPartitionList};
     let (bootstrap, topic) = (k.bootstrap_servers(), topic.to_owned());
     let ids: Vec<String> = event_ids.iter().map(|s| (*s).to_owned()).collect();
@@ -253,13 +253,7 @@ async fn kafka_positions(
             {
                 ends.remove(&m.partition());
             }
-            let id = m.headers().and_then(|h| {
-                h.iter()
-                    .find(|h| h.key == brokers::headers::EVENT_ID)
-                    .and_then(|h| h.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-            });
-            if let Some(id) = id.filter(|id| ids.contains(id)) {
+            if let Some(id) = brokers::kafka::event_id(&m).filter(|id| ids.contains(id)) {
                 found
                     .entry(id)
                     .or_insert_with(String::new)

@@ -4,6 +4,7 @@
 //! set they are also exported over OTLP/HTTP.
 
 use std::collections::HashMap;
+use std::io::IsTerminal;
 
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
@@ -60,7 +61,11 @@ pub fn init(service: &'static str, format: LogFormat) -> Guard {
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(service));
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colour only for a person at a terminal: logs written to files (the
+    // fault suite's, a container's) stay plain text to search.
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let fmt = match format {
         LogFormat::Json => fmt.json().boxed(),
         LogFormat::Text => fmt.boxed(),

@@ -278,15 +278,8 @@ async fn session<C: InboxConsumer + ?Sized>(
 }
 
 fn incoming(m: &OwnedMessage) -> Incoming {
-    let id = m.headers().and_then(|h| {
-        h.iter()
-            .find(|h| h.key == headers::EVENT_ID)
-            .and_then(|h| h.value)
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .map(str::to_owned)
-    });
     Incoming {
-        id,
+        id: super::event_id(m),
         payload: m.payload().unwrap_or_default().to_vec(),
         origin: format!("{}/{}@{}", m.topic(), m.partition(), m.offset()),
     }

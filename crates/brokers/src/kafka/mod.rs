@@ -10,13 +10,24 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::{Headers, Message};
 use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 
 pub use consumer::{consume, KafkaSubscription};
 pub use sink::KafkaSink;
 
-use crate::Error;
+use crate::{headers, Error};
+
+/// The outbox event id a message carries in its header, if any.
+pub fn event_id(m: &impl Message) -> Option<String> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == headers::EVENT_ID)?
+        .value
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::to_owned)
+}
 
 /// How to reach Kafka and name topics.
 #[derive(Debug, Clone)]
