@@ -63,6 +63,28 @@ impl Poison {
     }
 }
 
+/// A dead letter the transport's dead-letter destination refused (a Kafka
+/// broker refuses a record above its size limit), to be kept by the
+/// consumer so it can acknowledge the message and go on.
+#[derive(Debug, Clone, Copy)]
+pub struct DeadLetter<'a> {
+    /// Where it was read, unique per consumer: `topic/partition@offset`.
+    pub origin: &'a str,
+    /// The message id, if it had one.
+    pub message_id: Option<&'a str>,
+    /// Why it can never be applied.
+    pub poison: &'a Poison,
+    /// Why the dead-letter destination refused it.
+    pub refused: &'a str,
+    /// The message key, if any.
+    pub key: Option<&'a [u8]>,
+    /// The body.
+    pub payload: &'a [u8],
+}
+
+/// How much of a kept dead letter's key and body is stored.
+pub const DEAD_LETTER_HEAD: usize = 64 * 1024;
+
 /// What one consumer does with its messages.
 #[async_trait::async_trait]
 pub trait Handler: Send + Sync + 'static {
@@ -148,6 +170,10 @@ pub trait Consumer: Send + Sync {
     /// Applies a batch in order and answers a verdict per message. On
     /// `Err` the transport must not acknowledge any of the batch.
     async fn process(&self, batch: &[Incoming]) -> Result<Vec<Verdict>, Error>;
+
+    /// Keeps `letter` durably; a letter kept before (same origin) is kept
+    /// once.
+    async fn keep_dead_letter(&self, letter: &DeadLetter<'_>) -> Result<(), Error>;
 }
 
 #[async_trait::async_trait]
@@ -162,6 +188,10 @@ impl<C: Consumer + ?Sized> Consumer for std::sync::Arc<C> {
 
     async fn process(&self, batch: &[Incoming]) -> Result<Vec<Verdict>, Error> {
         (**self).process(batch).await
+    }
+
+    async fn keep_dead_letter(&self, letter: &DeadLetter<'_>) -> Result<(), Error> {
+        (**self).keep_dead_letter(letter).await
     }
 }
 
@@ -178,6 +208,49 @@ impl<H: Handler> Consumer for Inbox<H> {
     async fn process(&self, batch: &[Incoming]) -> Result<Vec<Verdict>, Error> {
         Inbox::process(self, batch).await
     }
+
+    async fn keep_dead_letter(&self, letter: &DeadLetter<'_>) -> Result<(), Error> {
+        keep_dead_letter(&self.pool, &self.consumer, letter).await?;
+        self.metrics.kept(&self.consumer);
+        Ok(())
+    }
+}
+
+/// Stores `letter` of `consumer` in `dead_letters`, its key and body cut to
+/// [`DEAD_LETTER_HEAD`] bytes, with the body's size and SHA-256.
+pub async fn keep_dead_letter(
+    pool: &PgPool,
+    consumer: &str,
+    letter: &DeadLetter<'_>,
+) -> sqlx::Result<()> {
+    use sha2::Digest;
+    let head = |b: &'_ [u8]| b[..b.len().min(DEAD_LETTER_HEAD)].to_vec();
+    tracing::error!(
+        consumer,
+        origin = letter.origin,
+        poison = %letter.poison,
+        refused = letter.refused,
+        "the dead-letter destination refused a message; kept in the dead_letters table"
+    );
+    sqlx::query(
+        "INSERT INTO dead_letters (consumer, origin, message_id, class, reason, refused,
+                                   key_head, payload_head, payload_size, payload_sha256)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+         ON CONFLICT (consumer, origin) DO NOTHING",
+    )
+    .bind(consumer)
+    .bind(letter.origin)
+    .bind(letter.message_id)
+    .bind(letter.poison.class)
+    .bind(&letter.poison.reason)
+    .bind(letter.refused)
+    .bind(letter.key.map(head))
+    .bind(head(letter.payload))
+    .bind(i64::try_from(letter.payload.len()).unwrap_or(i64::MAX))
+    .bind(sha2::Sha256::digest(letter.payload).to_vec())
+    .execute(pool)
+    .await
+    .map(drop)
 }
 
 /// One consumer's inbox.

@@ -1,9 +1,9 @@
 //! inventory's HTTP API: stock levels and reservations, with OpenAPI at
 //! `/openapi.json`, Swagger UI at `/docs` and problem+json errors.
 
-use api::extract::JsonBody;
+use api::extract::{JsonBody, Name, PathId};
 use api::{ApiError, Problem};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -17,8 +17,9 @@ use crate::stock::{self, Reservation, StockLevel};
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetStock {
-    /// Units free to reserve, at least 0.
-    #[schema(example = 100)]
+    /// Units free to reserve, 0 to 1,000,000,000,000 less what the
+    /// product's reservations hold.
+    #[schema(example = 100, minimum = 0, maximum = 1_000_000_000_000_i64)]
     pub available: i64,
 }
 
@@ -57,11 +58,12 @@ async fn list_stock(State(pool): State<PgPool>) -> Result<Json<Vec<StockLevel>>,
     params(("product_id" = String, Path, description = "1-64 of A-Z a-z 0-9 - _ .")),
     responses(
         (status = 200, description = "The stock", body = StockLevel),
+        (status = 400, description = "Invalid product id", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown product", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn get_stock(
     State(pool): State<PgPool>,
-    Path(product): Path<String>,
+    PathId(Name(product)): PathId<Name>,
 ) -> Result<Json<StockLevel>, ApiError> {
     stock::level(&pool, &product)
         .await?
@@ -75,21 +77,29 @@ async fn get_stock(
     request_body = SetStock,
     responses(
         (status = 200, description = "The stock now", body = StockLevel),
-        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid product id or level", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed body or product id", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A level below 0 or over the maximum", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn set_stock(
     State(pool): State<PgPool>,
-    Path(product): Path<String>,
+    PathId(Name(product)): PathId<Name>,
     JsonBody(body): JsonBody<SetStock>,
 ) -> Result<Json<StockLevel>, ApiError> {
-    saga::messages::check_name(&product).map_err(|m| ApiError::invalid("product_id", m))?;
     if body.available < 0 {
         return Err(ApiError::invalid("available", "must not be negative"));
     }
-    Ok(Json(
-        stock::set_available(&pool, &product, body.available).await?,
-    ))
+    match stock::set_available(&pool, &product, body.available).await? {
+        Ok(level) => Ok(Json(level)),
+        Err(held) => Err(ApiError::invalid(
+            "available",
+            format!(
+                "with the {held} units its reservations hold, would take the product over \
+                 the maximum of {} units; at most {} may be available",
+                stock::MAX_STOCK,
+                stock::MAX_STOCK - held
+            ),
+        )),
+    }
 }
 
 /// One order's reservation.
@@ -97,14 +107,15 @@ async fn set_stock(
     params(("order_id" = String, Path, description = "Order id")),
     responses(
         (status = 200, description = "The reservation", body = Reservation),
+        (status = 400, description = "Invalid order id", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No reservation for this order", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn get_reservation(
     State(pool): State<PgPool>,
-    Path(order): Path<String>,
+    PathId(order): PathId<domain::OrderId>,
 ) -> Result<Json<Reservation>, ApiError> {
-    stock::reservation(&pool, &order)
+    stock::reservation(&pool, order.as_str())
         .await?
         .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("order {order:?} has no reservation")))
+        .ok_or_else(|| ApiError::NotFound(format!("order {:?} has no reservation", order.as_str())))
 }

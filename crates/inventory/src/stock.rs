@@ -177,23 +177,50 @@ pub async fn commit(conn: &mut PgConnection, order: &str) -> sqlx::Result<Option
     Ok(Some(SagaMessage::new(Kind::StockCommitted, order)))
 }
 
-/// Sets `product`'s available stock, creating the product.
+/// The most units one product may have, free and reserved together. A
+/// reservation moves units from free to reserved and a release moves them
+/// back, so neither changes the sum; only [`set_available`] raises it.
+/// Bounding it there is what keeps every release (a compensation, which
+/// must never fail) far inside `bigint`.
+pub const MAX_STOCK: i64 = 1_000_000_000_000;
+
+/// Sets `product`'s available stock, creating the product; `Err` with the
+/// units its reservations hold when the two together would exceed
+/// [`MAX_STOCK`].
 pub async fn set_available(
     pool: &PgPool,
     product: &str,
     available: i64,
-) -> sqlx::Result<StockLevel> {
+) -> sqlx::Result<Result<StockLevel, i64>> {
+    let mut tx = pool.begin().await?;
+    // The lock a reservation takes, so what it holds cannot move meanwhile.
+    sqlx::query("SELECT 1 FROM products WHERE product_id = $1 FOR UPDATE")
+        .bind(product)
+        .execute(&mut *tx)
+        .await?;
+    let held: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(l.quantity), 0)::bigint FROM reservation_lines l
+         JOIN reservations r ON r.order_id = l.order_id
+         WHERE l.product_id = $1 AND r.state = 'reserved'",
+    )
+    .bind(product)
+    .fetch_one(&mut *tx)
+    .await?;
+    if available > MAX_STOCK - held {
+        return Ok(Err(held));
+    }
     sqlx::query(
         "INSERT INTO products (product_id, available) VALUES ($1, $2)
          ON CONFLICT (product_id) DO UPDATE SET available = EXCLUDED.available, updated_at = now()",
     )
     .bind(product)
     .bind(available)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
-    Ok(level(pool, product)
+    tx.commit().await?;
+    Ok(Ok(level(pool, product)
         .await?
-        .expect("the product was just written"))
+        .expect("the product was just written")))
 }
 
 /// `product`'s stock, if it exists.

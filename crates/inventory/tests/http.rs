@@ -49,6 +49,36 @@ async fn stock_is_set_and_read_and_bad_input_writes_nothing() {
             Method::PUT,
             "/api/v1/stock/bad%20id",
             Some(json!({"available": 1})),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::PUT,
+            "/api/v1/stock/a%00b",
+            Some(json!({"available": 1})),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::GET,
+            "/api/v1/stock/a%00b",
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::GET,
+            "/api/v1/reservations/a%00b",
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::PUT,
+            "/api/v1/stock/sku-1",
+            Some(json!({"available": 9_223_372_036_854_775_807_i64})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::PUT,
+            "/api/v1/stock/sku-1",
+            Some(json!({"available": 1_000_000_000_001_i64})),
             StatusCode::UNPROCESSABLE_ENTITY,
         ),
         (
@@ -81,4 +111,36 @@ async fn stock_is_set_and_read_and_bad_input_writes_nothing() {
         Some(1),
         "and creates nothing"
     );
+}
+
+#[tokio::test]
+async fn a_release_always_fits_because_free_and_reserved_stay_within_the_maximum() {
+    use inventory::stock::{self, MAX_STOCK};
+    let db = testkit::unmigrated_database().await;
+    inventory::migrate(&db.pool).await.unwrap();
+    stock::set_available(&db.pool, "p", 10)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let line = saga::Line {
+        product_id: "p".into(),
+        quantity: 2,
+    };
+    stock::reserve(&mut conn, "ORD-1", &[line]).await.unwrap();
+    assert_eq!(
+        stock::set_available(&db.pool, "p", MAX_STOCK - 1)
+            .await
+            .unwrap(),
+        Err(2),
+        "the 2 units held leave room for MAX_STOCK - 2 free"
+    );
+    stock::set_available(&db.pool, "p", MAX_STOCK - 2)
+        .await
+        .unwrap()
+        .unwrap();
+    let released = stock::release(&mut conn, "ORD-1").await.unwrap();
+    assert!(released.is_some());
+    let level = stock::level(&db.pool, "p").await.unwrap().unwrap();
+    assert_eq!((level.available, level.reserved), (MAX_STOCK, 0));
 }

@@ -10,13 +10,14 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use api::extract::PathId;
 use api::ApiError;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use domain::Money;
-use inbox::{Consumer, ConsumerMetrics, Error, Incoming, Verdict};
+use inbox::{Consumer, ConsumerMetrics, DeadLetter, Error, Incoming, Verdict};
 use saga::{Kind, Topic};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -178,11 +179,11 @@ async fn list(State(n): State<std::sync::Arc<Notifier>>) -> Json<Vec<Notificatio
 
 async fn one(
     State(n): State<std::sync::Arc<Notifier>>,
-    Path(order): Path<String>,
+    PathId(order): PathId<domain::OrderId>,
 ) -> Result<Json<Notification>, ApiError> {
-    n.notification(&order)
+    n.notification(order.as_str())
         .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("no notification about order {order:?}")))
+        .ok_or_else(|| ApiError::NotFound(format!("no notification about order {order}")))
 }
 
 #[async_trait::async_trait]
@@ -229,5 +230,21 @@ impl Consumer for Notifier {
         }
         self.metrics.observe(CONSUMER, &verdicts, started.elapsed());
         Ok(verdicts)
+    }
+
+    /// The notifier has no database: its log is where such a letter is
+    /// kept, with the place it was read to find it again in the topic.
+    async fn keep_dead_letter(&self, letter: &DeadLetter<'_>) -> Result<(), Error> {
+        tracing::error!(
+            consumer = CONSUMER,
+            origin = letter.origin,
+            message_id = letter.message_id,
+            poison = %letter.poison,
+            refused = letter.refused,
+            size = letter.payload.len(),
+            "the dead-letter destination refused a message; it stays at its origin"
+        );
+        self.metrics.kept(CONSUMER);
+        Ok(())
     }
 }

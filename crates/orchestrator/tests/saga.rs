@@ -197,14 +197,16 @@ impl Platform {
     async fn set_stock(&self, product: &str, available: i64) {
         inventory::stock::set_available(&self.inventory, product, available)
             .await
+            .unwrap()
             .unwrap();
     }
 
     async fn open_account(&self, id: &str, amount: &str) {
         payments::ledger::open(&self.payments, id).await.unwrap();
-        payments::ledger::top_up(&self.payments, id, amount.parse().unwrap())
+        let done = payments::ledger::top_up(&self.payments, id, amount.parse().unwrap())
             .await
             .unwrap();
+        assert!(matches!(done, payments::ledger::TopUp::Done(_)), "{done:?}");
     }
 
     async fn create(&self, id: &str, price: f64, account: &str, lines: &[(&str, i64)]) {

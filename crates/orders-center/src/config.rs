@@ -54,6 +54,13 @@ pub struct Config {
           value_parser = humantime::parse_duration)]
     pub broker_timeout: Duration,
 
+    /// A consumer with messages waiting that has settled nothing for this
+    /// long (a message it cannot get past, a dead-letter destination it
+    /// cannot reach) turns its process's /readyz to 503.
+    #[arg(long, env = "CONSUMER_STALL_AFTER", default_value = "2m", global = true,
+          value_parser = humantime::parse_duration)]
+    pub consumer_stall_after: Duration,
+
     /// Start a saga for every order created with a `checkout` (`dev` always
     /// does). Turn it on once inventory, payments, the notifier and
     /// `consume saga` run on --broker; until then a checkout is refused.

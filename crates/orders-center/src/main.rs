@@ -148,7 +148,7 @@ async fn run_consumer(
     tracing::info!(url = %url_of(&listener)?, %broker, consumer = name, "consumer started");
     let status = serve(
         listener,
-        consumer_status(Some(store)),
+        stall_gate(consumer_status(Some(store)), config.consumer_stall_after),
         flags.http.limits(),
         &shutdown,
     );
@@ -167,6 +167,35 @@ async fn run_consumer(
     result?;
     tracing::info!("consumer stopped");
     Ok(())
+}
+
+/// Answers /readyz with 503, naming them, while a consumer of this process
+/// has messages waiting and has settled nothing for `after`; otherwise
+/// leaves /readyz to `router`.
+fn stall_gate(router: axum::Router, after: std::time::Duration) -> axum::Router {
+    use axum::response::IntoResponse;
+    router.layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| async move {
+            if req.uri().path() == "/readyz" {
+                let stalled = transports::consumer_metrics().stalled(after);
+                if !stalled.is_empty() {
+                    let status = serde_json::json!({
+                        "status": format!(
+                            "no progress for {} with messages waiting",
+                            humantime::format_duration(after)
+                        ),
+                        "stalled": stalled,
+                    });
+                    return (
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        axum::Json(status),
+                    )
+                        .into_response();
+                }
+            }
+            next.run(req).await
+        },
+    ))
 }
 
 /// /metrics (the default registry), /healthz and /readyz of a consumer;

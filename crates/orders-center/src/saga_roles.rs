@@ -123,9 +123,12 @@ pub async fn run_service(
         leadership,
         shutdown.clone(),
     );
-    let router = service
-        .router(store.pool().clone())
-        .merge(relay.status_router());
+    let router = crate::stall_gate(
+        service
+            .router(store.pool().clone())
+            .merge(relay.status_router()),
+        config.consumer_stall_after,
+    );
     let server = crate::serve(listener, router, args.http.limits(), &shutdown);
     let consumer = service.consumer(store.pool(), route);
     let feed = transports::Feed {
@@ -160,7 +163,10 @@ pub async fn run_notifier(
     transport.prepare(notifier::CONSUMER, &streams).await?;
     let listener = crate::bind(args.listen).await?;
     tracing::info!(url = %crate::url_of(&listener)?, "notifier started");
-    let router = notifier.router().merge(crate::consumer_status(None));
+    let router = crate::stall_gate(
+        notifier.router().merge(crate::consumer_status(None)),
+        config.consumer_stall_after,
+    );
     let server = crate::serve(listener, router, args.http.limits(), &shutdown);
     let consumed = transport
         .run(

@@ -2,9 +2,9 @@
 //! OpenAPI at `/openapi.json`, Swagger UI at `/docs` and problem+json
 //! errors. Amounts are exact decimals with at most two places.
 
-use api::extract::JsonBody;
+use api::extract::{JsonBody, Name, PathId};
 use api::{ApiError, Problem};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -93,11 +93,12 @@ async fn open_account(
     params(("id" = String, Path, description = "Account id")),
     responses(
         (status = 200, description = "The account", body = Account),
+        (status = 400, description = "Invalid account id", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such account", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn get_account(
     State(pool): State<PgPool>,
-    Path(id): Path<String>,
+    PathId(Name(id)): PathId<Name>,
 ) -> Result<Json<Account>, ApiError> {
     ledger::get(&pool, &id)
         .await?
@@ -111,12 +112,13 @@ async fn get_account(
     request_body = TopUp,
     responses(
         (status = 200, description = "The account after the top-up", body = Account),
+        (status = 400, description = "Malformed body or account id", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such account", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Not a positive amount in cents", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Not a positive amount in cents, or one that would take the account's funds over the maximum", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn top_up(
     State(pool): State<PgPool>,
-    Path(id): Path<String>,
+    PathId(Name(id)): PathId<Name>,
     JsonBody(body): JsonBody<TopUp>,
 ) -> Result<Json<Account>, ApiError> {
     body.amount
@@ -125,10 +127,18 @@ async fn top_up(
     if body.amount == Money::ZERO {
         return Err(ApiError::invalid("amount", "must be above zero"));
     }
-    ledger::top_up(&pool, &id, body.amount)
-        .await?
-        .map(Json)
-        .ok_or_else(|| no_account(&id))
+    match ledger::top_up(&pool, &id, body.amount).await? {
+        ledger::TopUp::Done(account) => Ok(Json(account)),
+        ledger::TopUp::NoAccount => Err(no_account(&id)),
+        ledger::TopUp::OverMaximum { room } => Err(ApiError::invalid(
+            "amount",
+            format!(
+                "would take the account's funds (its balance and what is charged and not refunded) \
+                 over the maximum of {}; at most {} more can be added",
+                ledger::MAX_FUNDS, room
+            ),
+        )),
+    }
 }
 
 /// The account's payments, newest first (at most 1,000).
@@ -136,11 +146,12 @@ async fn top_up(
     params(("id" = String, Path, description = "Account id")),
     responses(
         (status = 200, description = "Payments", body = Vec<PaymentRecord>),
+        (status = 400, description = "Invalid account id", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such account", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn list_payments(
     State(pool): State<PgPool>,
-    Path(id): Path<String>,
+    PathId(Name(id)): PathId<Name>,
 ) -> Result<Json<Vec<PaymentRecord>>, ApiError> {
     if ledger::get(&pool, &id).await?.is_none() {
         return Err(no_account(&id));

@@ -63,9 +63,50 @@ pub async fn open(pool: &PgPool, id: &str) -> sqlx::Result<Option<Account>> {
     Ok(row.map(account))
 }
 
-/// Adds `amount` to `id`; `None` when there is no such account.
-pub async fn top_up(pool: &PgPool, id: &str, amount: Money) -> sqlx::Result<Option<Account>> {
-    let row: Option<AccountRow> = sqlx::query_as(
+/// The most an account's funds may come to: its balance plus what is
+/// charged and not refunded, the largest amount of `numeric(15, 2)`. A
+/// charge moves money from the balance to the charge and a refund moves it
+/// back, so neither changes the funds; only a top-up raises them. Bounding
+/// top-ups by it is what keeps every refund (a compensation, which must
+/// never fail) within the balance column.
+pub const MAX_FUNDS: Money = Money(Decimal::from_parts(2_764_472_319, 232_830, 0, false, 2));
+
+/// What a top-up did.
+#[derive(Debug)]
+pub enum TopUp {
+    /// The account after it.
+    Done(Account),
+    /// There is no such account.
+    NoAccount,
+    /// It would take the funds over [`MAX_FUNDS`]; `room` is what may
+    /// still be added.
+    OverMaximum {
+        /// How much more the account's funds can take.
+        room: Money,
+    },
+}
+
+/// Adds `amount` to the balance of account `id` and records the top-up,
+/// unless the account's funds would exceed [`MAX_FUNDS`].
+pub async fn top_up(pool: &PgPool, id: &str, amount: Money) -> sqlx::Result<TopUp> {
+    let mut tx = pool.begin().await?;
+    // The lock a charge takes too, so the funds cannot move meanwhile.
+    let funds: Option<Decimal> = sqlx::query_scalar(
+        "SELECT a.balance + coalesce((SELECT sum(p.amount) FROM payments p
+                                      WHERE p.account_id = a.account_id AND p.state = 'charged'), 0)
+         FROM accounts a WHERE a.account_id = $1 FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(funds) = funds else {
+        return Ok(TopUp::NoAccount);
+    };
+    let room = (MAX_FUNDS.0 - funds).max(Decimal::ZERO);
+    if amount.0 > room {
+        return Ok(TopUp::OverMaximum { room: Money(room) });
+    }
+    let row: AccountRow = sqlx::query_as(
         "WITH a AS (
              UPDATE accounts SET balance = balance + $2, updated_at = now()
              WHERE account_id = $1 RETURNING account_id, balance, created_at),
@@ -74,9 +115,10 @@ pub async fn top_up(pool: &PgPool, id: &str, amount: Money) -> sqlx::Result<Opti
     )
     .bind(id)
     .bind(amount.0)
-    .fetch_optional(pool)
+    .fetch_one(&mut *tx)
     .await?;
-    Ok(row.map(account))
+    tx.commit().await?;
+    Ok(TopUp::Done(account(row)))
 }
 
 /// The account `id`, if it exists.
@@ -197,4 +239,15 @@ pub async fn refund(conn: &mut PgConnection, order: &str) -> sqlx::Result<SagaMe
         Some(_) => Decimal::ZERO,
     };
     Ok(SagaMessage::new(Kind::PaymentRefunded, order).amount(Money(refunded)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_maximum_is_the_largest_amount_the_balance_column_holds() {
+        assert_eq!(MAX_FUNDS.0.to_string(), "9999999999999.99");
+        assert!(MAX_FUNDS.0 < domain::money::MAX_MONEY);
+    }
 }

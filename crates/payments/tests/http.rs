@@ -127,6 +127,27 @@ async fn bad_input_gets_a_problem_and_writes_nothing() {
             StatusCode::NOT_FOUND,
             "",
         ),
+        (
+            Method::GET,
+            "/api/v1/accounts/a%00b",
+            None,
+            StatusCode::BAD_REQUEST,
+            "id in the path",
+        ),
+        (
+            Method::GET,
+            "/api/v1/accounts/a%00b/payments",
+            None,
+            StatusCode::BAD_REQUEST,
+            "id in the path",
+        ),
+        (
+            Method::POST,
+            "/api/v1/accounts/a%00b/top-ups",
+            Some(json!({"amount": 5})),
+            StatusCode::BAD_REQUEST,
+            "id in the path",
+        ),
     ];
     for (method, uri, body, want, says) in cases {
         let (status, content_type, problem) = call(&app, method.clone(), uri, body.clone()).await;
@@ -137,4 +158,29 @@ async fn bad_input_gets_a_problem_and_writes_nothing() {
     assert_eq!(top_ups(&pool).await, 0);
     let (_, _, body) = call(&app, Method::GET, "/api/v1/accounts/acc-1", None).await;
     assert_eq!(body["balance"], json!(0));
+}
+
+#[tokio::test]
+async fn a_top_up_past_the_maximum_is_refused_with_the_maximum_named() {
+    let (app, pool) = app().await;
+    call(
+        &app,
+        Method::POST,
+        "/api/v1/accounts",
+        Some(json!({"account_id": "acc-1"})),
+    )
+    .await;
+    // Exact numbers: the body is parsed, never built from an f64.
+    let amount = |a: &str| serde_json::from_str(&format!(r#"{{"amount": {a}}}"#)).unwrap();
+    let uri = "/api/v1/accounts/acc-1/top-ups";
+    let (status, _, body) = call(&app, Method::POST, uri, Some(amount("9999999999999.99"))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, content_type, problem) = call(&app, Method::POST, uri, Some(amount("0.01"))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+    assert_eq!(content_type, api::PROBLEM_JSON);
+    assert!(
+        problem.to_string().contains("9999999999999.99"),
+        "{problem}"
+    );
+    assert_eq!(top_ups(&pool).await, 1, "the refused top-up wrote nothing");
 }

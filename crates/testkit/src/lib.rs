@@ -14,6 +14,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, Executor, PgConnection, PgPool};
 use tokio::sync::OnceCell;
 
+pub mod amqp;
 pub mod http;
 pub mod process;
 mod sample;

@@ -5,13 +5,13 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
-use domain::{HistoryEntry, OrderFull, OrderSummary, OrderView, StatusChange};
+use domain::{HistoryEntry, OrderFull, OrderId, OrderSummary, OrderView, StatusChange};
 use serde::{Deserialize, Serialize};
 use store::saga::ChainStep;
 use store::{CreateOutcome, Cursor, ListFilter, RequestHash, SaveContext, Saved};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::extract::{self, JsonBody, OrderPath, QueryParams};
+use crate::extract::{self, JsonBody, PathId, QueryParams};
 use crate::{ApiError, AppState, Problem};
 
 const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -83,7 +83,7 @@ fn save_context(headers: &HeaderMap, user_id: String) -> SaveContext {
     ))]
 pub async fn save_order(
     State(state): State<AppState>,
-    OrderPath(id): OrderPath,
+    PathId(id): PathId<OrderId>,
     headers: HeaderMap,
     JsonBody(input): JsonBody<OrderFull>,
 ) -> Result<Response, ApiError> {
@@ -226,7 +226,7 @@ use extract::Seen;
     ))]
 pub async fn get_order(
     State(state): State<AppState>,
-    OrderPath(id): OrderPath,
+    PathId(id): PathId<OrderId>,
     headers: HeaderMap,
     QueryParams(p): QueryParams<ReadParams>,
 ) -> Result<Response, ApiError> {
@@ -273,7 +273,7 @@ fn view_read(view: &OrderView, seen: &Seen) -> Response {
     ))]
 pub async fn order_history(
     State(state): State<AppState>,
-    OrderPath(id): OrderPath,
+    PathId(id): PathId<OrderId>,
 ) -> Result<Json<Vec<HistoryEntry>>, ApiError> {
     Ok(Json(state.store.order_history(&id).await?))
 }
@@ -289,7 +289,7 @@ pub async fn order_history(
     ))]
 pub async fn order_states(
     State(state): State<AppState>,
-    OrderPath(id): OrderPath,
+    PathId(id): PathId<OrderId>,
 ) -> Result<Json<Vec<ChainStep>>, ApiError> {
     Ok(Json(state.store.order_states(&id).await?))
 }
@@ -311,7 +311,7 @@ pub async fn order_states(
     ))]
 pub async fn change_status(
     State(state): State<AppState>,
-    OrderPath(id): OrderPath,
+    PathId(id): PathId<OrderId>,
     headers: HeaderMap,
     JsonBody(change): JsonBody<StatusChange>,
 ) -> Result<Response, ApiError> {

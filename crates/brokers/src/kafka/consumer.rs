@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use inbox::{Consumer as InboxConsumer, ConsumerMetrics, Incoming, Poison, Verdict};
+use inbox::{Consumer as InboxConsumer, ConsumerMetrics, DeadLetter, Incoming, Poison, Verdict};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -188,7 +188,7 @@ async fn session<C: InboxConsumer + ?Sized>(
         group = subscription.group,
         "consuming"
     );
-    let dead_letters = config.producer()?;
+    let dead_letters = config.dead_letter_producer()?;
     let mut batches = consumer.stream().ready_chunks(subscription.batch.max(1));
     let mut check = tokio::time::interval(Duration::from_secs(5));
     let mut ended = Ended::Done;
@@ -225,16 +225,7 @@ async fn session<C: InboxConsumer + ?Sized>(
         };
         for ((m, i), v) in messages.iter().zip(&incoming).zip(&verdicts) {
             if let Verdict::Dead(poison) = v {
-                if !bury(
-                    &dead_letters,
-                    inbox.consumer(),
-                    m,
-                    &i.origin,
-                    poison,
-                    cancel,
-                )
-                .await
-                {
+                if let Buried::Cancelled = bury(&dead_letters, inbox, m, i, poison, cancel).await {
                     return Ok(Ended::Done);
                 }
             }
@@ -285,16 +276,45 @@ fn incoming(m: &OwnedMessage) -> Incoming {
     }
 }
 
+/// What became of a dead letter.
+enum Buried {
+    /// It is in `<topic>.dead`, or kept by the consumer: go on.
+    Done,
+    /// Cancelled first.
+    Cancelled,
+}
+
+/// Whether the broker (or the producer before it) refuses `e`'s record
+/// whatever the retries: then the dead letter is kept by the consumer.
+fn refused_for_good(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::error::RDKafkaErrorCode as Code;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            Code::MessageSizeTooLarge
+                | Code::MessageBatchTooLarge
+                | Code::InvalidRecord
+                | Code::InvalidMessage
+                | Code::InvalidMessageSize
+                | Code::TopicAuthorizationFailed
+        )
+    )
+}
+
 /// Produces `m` to its topic's dead-letter topic with the reason, until the
-/// broker has it; `false` when cancelled first.
-async fn bury(
+/// broker has it. What the broker refuses for good (a record above its size
+/// limit, once the headers are added) the consumer keeps in its database
+/// instead, so nothing behind it waits.
+async fn bury<C: InboxConsumer + ?Sized>(
     producer: &FutureProducer,
-    consumer: &str,
+    inbox: &C,
     m: &OwnedMessage,
-    origin: &str,
+    i: &Incoming,
     poison: &Poison,
     cancel: &CancellationToken,
-) -> bool {
+) -> Buried {
+    let consumer = inbox.consumer();
+    let origin = i.origin.as_str();
     tracing::warn!(consumer, origin, %poison, "dead-lettering a message");
     let topic = dead_topic(m.topic());
     loop {
@@ -326,11 +346,33 @@ async fn bury(
             record = record.payload(payload);
         }
         match producer.send(record, Duration::from_secs(1)).await {
-            Ok(_) => return true,
+            Ok(_) => return Buried::Done,
+            Err((e, _)) if refused_for_good(&e) => {
+                let refused = format!("{topic}: {e}");
+                let letter = DeadLetter {
+                    origin,
+                    message_id: i.id.as_deref(),
+                    poison,
+                    refused: &refused,
+                    key: m.key(),
+                    payload: &i.payload,
+                };
+                loop {
+                    match inbox.keep_dead_letter(&letter).await {
+                        Ok(()) => return Buried::Done,
+                        Err(e) => {
+                            tracing::warn!(consumer, error = %e, "dead letter not kept; retrying");
+                            if !pause(RETRY_DELAY, cancel).await {
+                                return Buried::Cancelled;
+                            }
+                        }
+                    }
+                }
+            }
             Err((e, _)) => {
                 tracing::warn!(error = %e, topic, "dead letter not produced; retrying");
                 if !pause(RETRY_DELAY, cancel).await {
-                    return false;
+                    return Buried::Cancelled;
                 }
             }
         }

@@ -87,6 +87,23 @@ impl KafkaConfig {
             .create()?)
     }
 
+    /// The producer of a consumer's dead letters: as [`Self::producer`],
+    /// but its own size limit is far above any broker's. A consumer can
+    /// read a record up to the topic's limit (about 1 MiB by default),
+    /// above librdkafka's default of 1,000,000 bytes, and a dead letter
+    /// adds headers to it; the broker is left to say what it takes.
+    pub fn dead_letter_producer(&self) -> Result<FutureProducer, Error> {
+        let mut c = self.client();
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("message.max.bytes", DEAD_LETTER_MAX_BYTES.to_string())
+            .set(
+                "message.timeout.ms",
+                self.delivery_timeout.as_millis().to_string(),
+            );
+        Ok(c.create()?)
+    }
+
     /// Creates the topics of `aggregate_types` and their dead-letter topics
     /// if they are missing.
     pub async fn ensure_topics(&self, aggregate_types: &[&str]) -> Result<(), Error> {
@@ -114,6 +131,9 @@ impl KafkaConfig {
         Ok(())
     }
 }
+
+/// The dead-letter producer's own limit on one request.
+const DEAD_LETTER_MAX_BYTES: u32 = 100_000_000;
 
 /// Where a consumer of `topic` puts the messages it can never apply.
 pub fn dead_topic(topic: &str) -> String {

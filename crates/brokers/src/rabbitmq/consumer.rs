@@ -6,7 +6,8 @@ use futures::StreamExt;
 use inbox::{Consumer, Incoming, Poison, Verdict};
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel};
@@ -34,17 +35,26 @@ const LAG_EVERY: Duration = Duration::from_secs(2);
 /// Runs `inbox` over the consumer's queue until `cancel`, reconnecting
 /// after the broker goes away. A batch is acknowledged only after its inbox
 /// transaction commits and its poison is confirmed in `<queue>.dead`.
+///
+/// After a session fails, the next one starts careful: one unacknowledged
+/// message at a time until its first acknowledgement. When lapin cannot
+/// parse a message it drops the connection, and the broker counts a
+/// delivery against every message then unacknowledged. Read one at a time,
+/// only the poison is counted again, so it reaches the queue's delivery
+/// limit and is dead-lettered while the messages behind it are not.
 pub async fn consume<C: Consumer + ?Sized>(
     config: &RabbitConfig,
     subscription: &RabbitSubscription,
     inbox: &C,
     cancel: CancellationToken,
 ) -> Result<(), Error> {
+    let mut careful = false;
     loop {
-        match session(config, subscription, inbox, &cancel).await {
+        match session(config, subscription, inbox, &cancel, careful).await {
             Ok(()) => return Ok(()),
             Err(e) => {
-                tracing::warn!(consumer = inbox.consumer(), error = %e, "rabbitmq session ended; reconnecting");
+                tracing::warn!(consumer = inbox.consumer(), error = %e, "rabbitmq session ended; reconnecting, one message at a time until one is applied");
+                careful = true;
                 if !pause(Duration::from_secs(1), &cancel).await {
                     return Ok(());
                 }
@@ -53,58 +63,128 @@ pub async fn consume<C: Consumer + ?Sized>(
     }
 }
 
+/// How a run of one `basic.consume` ended.
+enum Ended {
+    /// Cancelled: stop.
+    Shutdown,
+    /// A careful consumer acknowledged a message and was cancelled, with
+    /// every delivery it had applied and acknowledged: consume at full
+    /// prefetch now.
+    Settled,
+}
+
 async fn session<C: Consumer + ?Sized>(
     config: &RabbitConfig,
     subscription: &RabbitSubscription,
     inbox: &C,
     cancel: &CancellationToken,
+    mut careful: bool,
 ) -> Result<(), Error> {
     let (connection, channel) = config.confirmed_channel().await?;
     let exchange = config.exchange(&subscription.aggregate_type);
     let queue = config.queue(inbox.consumer(), &subscription.aggregate_type);
     declare_queue(&channel, config, &exchange, &queue, &subscription.events).await?;
     let prefetch = subscription.prefetch.max(1);
-    channel
-        .basic_qos(prefetch.saturating_mul(2), BasicQosOptions::default())
-        .await?;
-    let deliveries = channel
-        .basic_consume(
-            queue.as_str().into(),
-            inbox.consumer().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    tracing::info!(consumer = inbox.consumer(), queue, "consuming");
-    let mut batches = deliveries.ready_chunks(usize::from(prefetch));
-    let mut lag = tokio::time::interval(LAG_EVERY);
     loop {
-        let batch = tokio::select! {
-            () = cancel.cancelled() => {
+        // A prefetch applies to the consumers started after it.
+        let window = if careful {
+            1
+        } else {
+            prefetch.saturating_mul(2)
+        };
+        channel
+            .basic_qos(window, BasicQosOptions::default())
+            .await?;
+        let deliveries = channel
+            .basic_consume(
+                queue.as_str().into(),
+                inbox.consumer().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        tracing::info!(consumer = inbox.consumer(), queue, careful, "consuming");
+        let run = Run {
+            config,
+            channel: &channel,
+            queue: &queue,
+            inbox,
+            cancel,
+        };
+        match run.until_done(deliveries, prefetch, careful).await? {
+            Ended::Shutdown => {
                 let _ = connection.close(200, "shutdown".into()).await;
                 return Ok(());
             }
-            _ = lag.tick() => {
-                let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
-                let q = channel.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await?;
-                inbox.metrics().set_lag(inbox.consumer(), &queue, i64::from(q.message_count()));
-                continue;
+            Ended::Settled => careful = false,
+        }
+    }
+}
+
+/// One `basic.consume` on a session's channel.
+struct Run<'a, C: ?Sized> {
+    config: &'a RabbitConfig,
+    channel: &'a Channel,
+    queue: &'a str,
+    inbox: &'a C,
+    cancel: &'a CancellationToken,
+}
+
+impl<C: Consumer + ?Sized> Run<'_, C> {
+    async fn until_done(
+        &self,
+        deliveries: lapin::Consumer,
+        prefetch: u16,
+        careful: bool,
+    ) -> Result<Ended, Error> {
+        let mut batches = deliveries.ready_chunks(usize::from(prefetch));
+        let mut lag = tokio::time::interval(LAG_EVERY);
+        let mut cancelling = false;
+        loop {
+            let batch = tokio::select! {
+                () = self.cancel.cancelled() => return Ok(Ended::Shutdown),
+                _ = lag.tick() => {
+                    let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+                    let q = self.channel.queue_declare(self.queue.into(), passive, FieldTable::default()).await?;
+                    self.inbox.metrics().set_lag(self.inbox.consumer(), self.queue, i64::from(q.message_count()));
+                    continue;
+                }
+                batch = batches.next() => match batch {
+                    Some(batch) => batch,
+                    // The stream of a cancelled consumer ends after the
+                    // deliveries sent before the broker's cancel-ok.
+                    None if cancelling => return Ok(Ended::Settled),
+                    None => return Err(Error::Closed),
+                },
+            };
+            let deliveries: Vec<Delivery> = batch.into_iter().collect::<Result<_, _>>()?;
+            if !self.apply(&deliveries).await? {
+                return Ok(Ended::Shutdown);
             }
-            batch = batches.next() => batch.ok_or(Error::Closed)?,
-        };
-        let deliveries: Vec<Delivery> = batch.into_iter().collect::<Result<_, _>>()?;
+            if careful && !cancelling {
+                self.channel
+                    .basic_cancel(self.inbox.consumer().into(), BasicCancelOptions::default())
+                    .await?;
+                cancelling = true;
+            }
+        }
+    }
+
+    /// Applies a batch, buries its poison and acknowledges it; `false` when
+    /// cancelled first.
+    async fn apply(&self, deliveries: &[Delivery]) -> Result<bool, Error> {
         let incoming: Vec<Incoming> = deliveries.iter().map(incoming).collect();
-        let Some(verdicts) = apply(inbox, &incoming, cancel).await else {
-            return Ok(());
+        let Some(verdicts) = apply(self.inbox, &incoming, self.cancel).await else {
+            return Ok(false);
         };
         for ((d, i), v) in deliveries.iter().zip(&incoming).zip(&verdicts) {
             if let Verdict::Dead(poison) = v {
                 bury(
-                    &channel,
-                    config,
-                    &queue,
+                    self.channel,
+                    self.config,
+                    self.queue,
                     d,
-                    inbox.consumer(),
+                    self.inbox.consumer(),
                     &i.origin,
                     poison,
                 )
@@ -114,6 +194,7 @@ async fn session<C: Consumer + ?Sized>(
         if let Some(last) = deliveries.last() {
             last.acker.ack(BasicAckOptions { multiple: true }).await?;
         }
+        Ok(true)
     }
 }
 

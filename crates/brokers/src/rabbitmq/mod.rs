@@ -5,11 +5,24 @@
 //! idempotent):
 //! - a durable topic exchange `<prefix><aggregate type>`, e.g. `order`; the
 //!   routing key is the event name, e.g. `order.updated`;
-//! - per consumer, a durable queue bound to the events it handles, with a
+//! - per consumer, a quorum queue bound to the events it handles, with a
 //!   single active consumer (so one order's events are applied in order even
-//!   with several replicas) and the dead-letter exchange below;
+//!   with several replicas), a delivery limit and the dead-letter exchange
+//!   below;
 //! - a durable direct exchange `<prefix>dead-letter`, and per queue a
 //!   durable `<queue>.dead` bound to it with the queue's name.
+//!
+//! The delivery limit is what gets a message lapin cannot parse (a
+//! `message_id` or a header name that is not UTF-8, which other teams'
+//! producers can send) out of the way: lapin drops the connection at that
+//! frame, the broker takes the message back and counts a delivery, and past
+//! [`RabbitConfig::delivery_limit`] dead-letters it with the reason
+//! `delivery_limit` (in its `x-death` header). A client-side fix would need
+//! a fork of lapin's frame parser; the broker-side limit also covers any
+//! other message that kills a consumer before it can say why. Classic
+//! queues have no delivery limit, so the queues are quorum queues. A queue
+//! declared classic by an older release must be deleted (after draining)
+//! before this one declares it again.
 //!
 //! Seed 004 has a queue per event and consumer. A consumer that needs one
 //! order's events in order across event types (the journal, the saga) binds
@@ -40,6 +53,11 @@ pub struct RabbitConfig {
     /// counts as failed and the connection is dropped: a frozen broker
     /// keeps the socket open and never answers.
     pub confirm_timeout: std::time::Duration,
+    /// Deliveries of one message before the broker dead-letters it
+    /// (`x-delivery-limit`). A message is counted again each time a
+    /// connection drops while it is unacknowledged: a poison every time, a
+    /// good message only when it is in flight at a fault.
+    pub delivery_limit: u32,
 }
 
 impl RabbitConfig {
@@ -49,6 +67,7 @@ impl RabbitConfig {
             url: url.to_owned(),
             prefix: String::new(),
             confirm_timeout: std::time::Duration::from_secs(10),
+            delivery_limit: 5,
         }
     }
 
@@ -152,6 +171,11 @@ async fn declare_queue(
     args.insert(
         ShortString::from("x-single-active-consumer"),
         AMQPValue::Boolean(true),
+    );
+    args.insert(ShortString::from("x-queue-type"), text("quorum"));
+    args.insert(
+        ShortString::from("x-delivery-limit"),
+        AMQPValue::LongLongInt(i64::from(config.delivery_limit)),
     );
     channel.queue_declare(queue.into(), durable, args).await?;
     for key in routing_keys {

@@ -127,3 +127,139 @@ async fn poison_goes_to_the_dead_topic_with_its_reason_and_the_rest_flows() {
     assert_each_once_in_order(&db.pool, &good).await;
     assert_eq!(metrics.count("journal", "dead"), 3);
 }
+
+/// Produces `records` (key, body) on one key's partition of `topic`, each
+/// with a fresh event id, through a producer that takes records up to the
+/// broker's limit.
+async fn produce_raw(config: &KafkaConfig, topic: &str, records: &[(Vec<u8>, Vec<u8>, String)]) {
+    let producer = config.dead_letter_producer().unwrap();
+    for (key, body, id) in records {
+        let h = OwnedHeaders::new().insert(Header {
+            key: headers::EVENT_ID,
+            value: Some(id),
+        });
+        producer
+            .send(
+                FutureRecord::to(topic).key(key).payload(body).headers(h),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+}
+
+/// `good[0]`, then `poison`, then `good[1]`: in that order on a topic of
+/// one partition, whatever the keys.
+fn around(
+    good: &[OrderNotice],
+    poison: Vec<(Vec<u8>, Vec<u8>)>,
+) -> Vec<(Vec<u8>, Vec<u8>, String)> {
+    let record = |n: &OrderNotice| {
+        (
+            b"ORD-0".to_vec(),
+            serde_json::to_vec(n).unwrap(),
+            n.idempotent_key.to_string(),
+        )
+    };
+    let mut all = vec![record(&good[0])];
+    all.extend(
+        poison
+            .into_iter()
+            .map(|(k, v)| (k, v, uuid::Uuid::now_v7().to_string())),
+    );
+    all.push(record(&good[1]));
+    all
+}
+
+/// A config whose topics have one partition each, `<topic>.dead` taking
+/// records up to `dead_max_bytes` when given.
+async fn one_partition(dead_max_bytes: Option<&str>) -> (testkit::TestDb, KafkaConfig) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let db = testkit::database().await;
+    let kafka = testkit::kafka().await;
+    let mut config = KafkaConfig::new(&kafka.bootstrap_servers());
+    config.topic_prefix = testkit::unique_prefix("t");
+    config.partitions = 1;
+    if let Some(max) = dead_max_bytes {
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &config.bootstrap)
+            .create()
+            .unwrap();
+        let dead = dead_topic(&config.topic("order"));
+        let topic =
+            NewTopic::new(&dead, 1, TopicReplication::Fixed(1)).set("max.message.bytes", max);
+        for r in admin
+            .create_topics([&topic], &AdminOptions::new())
+            .await
+            .unwrap()
+        {
+            r.unwrap();
+        }
+    }
+    config.ensure_topics(&["order"]).await.unwrap();
+    (db, config)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn records_over_the_clients_default_limit_reach_the_dead_topic_and_the_rest_flows() {
+    let (db, config) = one_partition(None).await;
+    let topic = config.topic("order");
+    let good = notices(1, 2);
+    // librdkafka's default message.max.bytes is 1,000,000; the broker's
+    // limit is about 1,048,588.
+    let poison = vec![
+        (b"ORD-0".to_vec(), vec![b'x'; 1_040_000]),
+        (vec![b'k'; 500_000], vec![b'x'; 500_000]),
+    ];
+    produce_raw(&config, &topic, &around(&good, poison.clone())).await;
+    let (metrics, cancel, task) = start_journal(&config, &db.pool);
+    journal_reaches(&db.pool, 2).await;
+    let reader: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.bootstrap)
+        .set("group.id", format!("{}dead-reader", config.topic_prefix))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    reader.subscribe(&[&dead_topic(&topic)]).unwrap();
+    let mut stream = reader.stream();
+    for (key, body) in &poison {
+        let m = tokio::time::timeout(Duration::from_secs(60), stream.next())
+            .await
+            .expect("each dead letter within 60 s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.key(), Some(key.as_slice()));
+        assert_eq!(m.payload(), Some(body.as_slice()));
+    }
+    cancel.cancel();
+    task.await.unwrap();
+    assert_each_once_in_order(&db.pool, &good).await;
+    assert_eq!(metrics.count("journal", "dead"), 2);
+    assert!(metrics.stalled(Duration::ZERO).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_the_broker_refuses_is_kept_in_the_database_and_the_rest_flows() {
+    let (db, config) = one_partition(Some("100000")).await;
+    let topic = config.topic("order");
+    let good = notices(1, 2);
+    let poison = vec![(b"ORD-0".to_vec(), vec![b'x'; 300_000])];
+    produce_raw(&config, &topic, &around(&good, poison)).await;
+    let (metrics, cancel, task) = start_journal(&config, &db.pool);
+    journal_reaches(&db.pool, 2).await;
+    cancel.cancel();
+    task.await.unwrap();
+    assert_each_once_in_order(&db.pool, &good).await;
+    let (origin, class, refused, size, head): (String, String, String, i64, i32) = sqlx::query_as(
+        "SELECT origin, class, refused, payload_size, length(payload_head) FROM dead_letters",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(origin, format!("{topic}/0@1"));
+    assert_eq!(class, "bad_json");
+    assert!(refused.contains(&dead_topic(&topic)), "{refused}");
+    assert_eq!((size, head), (300_000, 65_536));
+    assert_eq!(metrics.count("journal", "dead"), 1);
+}

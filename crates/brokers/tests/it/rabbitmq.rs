@@ -144,3 +144,89 @@ async fn poison_goes_to_the_dead_queue_with_its_reason_and_the_rest_flows() {
     assert_each_once_in_order(&db.pool, &good).await;
     assert_eq!(metrics.count("journal", "dead"), 3);
 }
+
+/// `f`'s first `Some` within 30 s.
+async fn until_some<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    for _ in 0..300 {
+        if let Some(t) = f() {
+            return Some(t);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+/// Properties lapin cannot parse (short strings that are not UTF-8), as a
+/// producer of another team can publish them.
+fn unparsable_properties() -> Vec<testkit::amqp::RawProperties> {
+    vec![
+        testkit::amqp::RawProperties {
+            message_id: Some(vec![0xff, 0xfe]),
+            ..Default::default()
+        },
+        testkit::amqp::RawProperties {
+            content_type: Some(vec![0xff, 0xfe]),
+            message_id: Some(b"m-1".to_vec()),
+        },
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_the_client_cannot_parse_is_dead_lettered_and_the_messages_behind_it_go_on() {
+    let (db, config) = setup().await;
+    let port = testkit::rabbitmq().await.port();
+    let exchange = config.exchange("order");
+    let good = notices(1, 2);
+    let publish = |n: &OrderNotice| testkit::amqp::RawProperties {
+        message_id: Some(n.idempotent_key.to_string().into_bytes()),
+        ..Default::default()
+    };
+    let body = |n: &OrderNotice| serde_json::to_vec(n).unwrap();
+    testkit::amqp::publish(
+        port,
+        &exchange,
+        "order.updated",
+        &publish(&good[0]),
+        &body(&good[0]),
+    )
+    .unwrap();
+    let poison = unparsable_properties();
+    for p in &poison {
+        testkit::amqp::publish(port, &exchange, "order.updated", p, b"{}").unwrap();
+    }
+    testkit::amqp::publish(
+        port,
+        &exchange,
+        "order.updated",
+        &publish(&good[1]),
+        &body(&good[1]),
+    )
+    .unwrap();
+
+    let started = std::time::Instant::now();
+    let (_metrics, cancel, task) = start_journal(&config, &db.pool);
+    journal_reaches(&db.pool, 2).await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(30), "the canary took {took:?}");
+    assert_each_once_in_order(&db.pool, &good).await;
+    // Each delivery of a poison costs a reconnection (about a second), so
+    // the broker dead-letters it a few seconds after its limit of 5.
+    let dead = dead_queue(&config.queue("journal", "order"));
+    for _ in &poison {
+        let letter = until_some(|| testkit::amqp::get(port, &dead).unwrap())
+            .await
+            .expect("each unparsable message is a dead letter");
+        assert!(
+            letter.properties_mention("delivery_limit"),
+            "the broker says why: {:?}",
+            String::from_utf8_lossy(&letter.properties)
+        );
+        assert_eq!(letter.body, b"{}");
+    }
+    cancel.cancel();
+    task.await.unwrap();
+    assert!(
+        testkit::amqp::get(port, &dead).unwrap().is_none(),
+        "nothing else is dead"
+    );
+}
