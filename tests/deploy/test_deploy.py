@@ -204,6 +204,9 @@ def test_rendered_contract(docs):
         assert saga["orchestrator"]["args"] == ["consume", "saga"]
         for role in ("inventory", "payments", "notifier"):
             assert saga[role]["args"] == [role], saga[role]["args"]
+            # Every role's API takes the orders API's bearer tokens.
+            assert env(saga[role], "API_TOKENS") == env(api, "API_TOKENS"), role
+            assert env(saga[role], "PROTECT_READS") == env(api, "PROTECT_READS"), role
         for container in (api, relay, *saga.values()):
             assert env(container, "SAGAS")["value"] == "true", container["name"]
             assert "secretKeyRef" in env(container, "BROKER")["valueFrom"]

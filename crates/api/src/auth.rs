@@ -11,7 +11,6 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
-use crate::AppState;
 
 /// Who may call what.
 #[derive(Clone, Default)]
@@ -71,14 +70,25 @@ impl AuthConfig {
     }
 }
 
+/// Puts `auth` in front of `router`: the bearer-token scheme of every
+/// role's HTTP API.
+pub fn protect<S: Clone + Send + Sync + 'static>(
+    router: axum::Router<S>,
+    auth: AuthConfig,
+) -> axum::Router<S> {
+    router.layer(axum::middleware::from_fn_with_state(
+        std::sync::Arc::new(auth),
+        require_token,
+    ))
+}
+
 /// Rejects a request that needs a token and has none (401) or a wrong one
 /// (403), before its body is read.
-pub(crate) async fn require_token(
-    State(state): State<AppState>,
+async fn require_token(
+    State(auth): State<std::sync::Arc<AuthConfig>>,
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let auth = &state.config.auth;
     if !auth.required(req.method(), req.uri().path()) {
         return Ok(next.run(req).await);
     }

@@ -15,7 +15,7 @@ use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
-pub use auth::AuthConfig;
+pub use auth::{protect, AuthConfig};
 pub use error::{ApiError, Problem, PROBLEM_JSON};
 pub use metrics::Metrics;
 pub use openapi::ApiDoc;
@@ -84,13 +84,10 @@ impl AppState {
 /// The complete router: API, ops endpoints and docs, with every layer.
 pub fn router(state: AppState) -> Router {
     let config = state.config.clone();
-    routes::router()
+    let routes = routes::router()
         .merge(openapi::docs_router())
-        .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_token,
-        ))
+        .fallback(|| async { ApiError::NotFound("no such route".into()) });
+    protect(routes, config.auth.clone())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::track_requests,

@@ -251,6 +251,9 @@ pub struct ServiceArgs {
 
     #[command(flatten)]
     pub http: HttpArgs,
+
+    #[command(flatten)]
+    pub auth: AuthArgs,
 }
 
 /// Flags of `notifier`.
@@ -269,6 +272,9 @@ pub struct NotifierArgs {
 
     #[command(flatten)]
     pub http: HttpArgs,
+
+    #[command(flatten)]
+    pub auth: AuthArgs,
 }
 
 /// Where the notifier POSTs.
@@ -805,7 +811,8 @@ impl HttpArgs {
     }
 }
 
-/// Who may call the API.
+/// Who may call the API (the orders API, inventory's, payments' and the
+/// notifier's: one scheme for every role).
 #[derive(Debug, Args)]
 pub struct AuthArgs {
     /// Bearer tokens accepted on writes and the sync admin endpoints,
@@ -824,11 +831,18 @@ pub struct AuthArgs {
     pub protect_reads: bool,
 }
 
+impl AuthArgs {
+    /// The access control of these flags.
+    pub fn config(&self) -> api::AuthConfig {
+        api::AuthConfig::new(&self.api_tokens, self.protect_reads)
+    }
+}
+
 /// The API settings of these flags.
 pub fn api_config(http: &HttpArgs, auth: &AuthArgs) -> api::ApiConfig {
     api::ApiConfig {
         limits: http.limits(),
-        auth: api::AuthConfig::new(&auth.api_tokens, auth.protect_reads),
+        auth: auth.config(),
     }
 }
 

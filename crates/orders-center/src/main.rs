@@ -371,6 +371,7 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
         saga_listeners,
         args.webhook.webhook(),
         args.http.limits(),
+        args.auth.config(),
         args.migrate,
         &shutdown,
     )

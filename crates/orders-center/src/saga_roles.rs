@@ -58,12 +58,13 @@ impl Service {
         .with_context(|| format!("applying {}'s migrations", self.name()))
     }
 
-    /// Its HTTP API.
-    pub fn router(self, pool: sqlx::PgPool) -> Router {
-        match self {
+    /// Its HTTP API, behind `auth`.
+    pub fn router(self, pool: sqlx::PgPool, auth: api::AuthConfig) -> Router {
+        let routes = match self {
             Service::Inventory => inventory::http::router(pool),
             Service::Payments => payments::http::router(pool),
-        }
+        };
+        api::protect(routes, auth)
     }
 
     /// Its inbox consumer, answering along `route`.
@@ -125,7 +126,7 @@ pub async fn run_service(
     );
     let router = crate::stall_gate(
         service
-            .router(store.pool().clone())
+            .router(store.pool().clone(), args.auth.config())
             .merge(relay.status_router()),
         config.consumer_stall_after,
     );
@@ -164,7 +165,7 @@ pub async fn run_notifier(
     let listener = crate::bind(args.listen).await?;
     tracing::info!(url = %crate::url_of(&listener)?, "notifier started");
     let router = crate::stall_gate(
-        notifier.router().merge(crate::consumer_status(None)),
+        api::protect(notifier.router(), args.auth.config()).merge(crate::consumer_status(None)),
         config.consumer_stall_after,
     );
     let server = crate::serve(listener, router, args.http.limits(), &shutdown);
@@ -218,6 +219,7 @@ impl DevSaga {
         listeners: DevListeners,
         webhook: Option<notifier::Webhook>,
         limits: http_server::Limits,
+        auth: api::AuthConfig,
         migrate: bool,
         shutdown: &CancellationToken,
     ) -> Result<Self> {
@@ -261,7 +263,7 @@ impl DevSaga {
                 relay::Leadership::always(),
                 shutdown.clone(),
             );
-            let router = service.router(store.pool().clone());
+            let router = service.router(store.pool().clone(), auth.clone());
             let listener = service_listeners.next().expect("one listener per service");
             saga.tasks.push(flatten(crate::serve(
                 listener,
@@ -296,7 +298,7 @@ impl DevSaga {
         }
         saga.tasks.push(flatten(crate::serve(
             listeners.notifier,
-            notifier.router(),
+            api::protect(notifier.router(), auth),
             limits,
             shutdown,
         )));

@@ -184,3 +184,46 @@ async fn a_top_up_past_the_maximum_is_refused_with_the_maximum_named() {
     );
     assert_eq!(top_ups(&pool).await, 1, "the refused top-up wrote nothing");
 }
+
+#[tokio::test]
+async fn behind_the_bearer_scheme_writes_need_a_token_and_a_refused_one_writes_nothing() {
+    use tower::ServiceExt;
+    let (routes, pool) = app().await;
+    let app = api::protect(routes, api::AuthConfig::new(["s3cret"], false));
+    let request = |token: Option<&str>, uri: &str, body: serde_json::Value| {
+        let mut r = axum::http::Request::builder()
+            .method(Method::POST)
+            .uri(uri)
+            .header("content-type", "application/json");
+        if let Some(t) = token {
+            r = r.header("authorization", format!("Bearer {t}"));
+        }
+        r.body(axum::body::Body::from(body.to_string())).unwrap()
+    };
+    let open = json!({"account_id": "acc-1"});
+    for (token, want) in [
+        (None, StatusCode::UNAUTHORIZED),
+        (Some("guess"), StatusCode::FORBIDDEN),
+        (Some("s3cret"), StatusCode::CREATED),
+    ] {
+        let response = app
+            .clone()
+            .oneshot(request(token, "/api/v1/accounts", open.clone()))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), want, "{token:?}");
+    }
+    let response = app
+        .clone()
+        .oneshot(request(
+            None,
+            "/api/v1/accounts/acc-1/top-ups",
+            json!({"amount": 5}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(top_ups(&pool).await, 0, "the refused top-up wrote nothing");
+    let (status, _, _) = call(&app, Method::GET, "/api/v1/accounts/acc-1", None).await;
+    assert_eq!(status, StatusCode::OK, "reads stay open unless protected");
+}
