@@ -99,7 +99,7 @@ impl From<store::Error> for ApiError {
             )),
             S::InvalidCursor => Self::BadRequest("cursor is not one this service issued".into()),
             e @ S::TaskNotFound(_) => Self::NotFound(e.to_string()),
-            e @ (S::TaskNotReplayable { .. } | S::CheckoutOnExisting(_)) => {
+            e @ (S::TaskNotReplayable { .. } | S::CheckoutOnExisting(_) | S::SagaOwns { .. }) => {
                 Self::Conflict(e.to_string())
             }
             e @ S::Unavailable(_) => Self::Unavailable(e),

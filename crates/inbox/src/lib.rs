@@ -438,6 +438,8 @@ type Decoded<M> = Vec<(usize, String, M)>;
 /// message.
 fn is_outage(e: &sqlx::Error) -> bool {
     match e {
+        // What a handler answers for input it refuses (store's refusals).
+        sqlx::Error::InvalidArgument(_) => false,
         sqlx::Error::Database(db) => {
             // Class 08 (connection), 53 (resources), 57 (operator
             // intervention, e.g. a shutdown), 40 (serialization, deadlock).

@@ -588,3 +588,83 @@ async fn a_checkout_is_refused_on_an_existing_order_and_where_no_saga_runs() {
         .unwrap();
     assert_eq!(sagas, 1, "a refused checkout writes nothing");
 }
+
+#[tokio::test]
+async fn the_saga_owns_its_orders_status_and_price_and_nothing_else() {
+    let p = Platform::new(Duration::from_secs(30)).await;
+    p.set_stock("sku-a", 5).await;
+    // No such account: the charge fails and the saga ends cancelled.
+    p.create("O-1", 50.0, "nobody", &[("sku-a", 1)]).await;
+    for _ in 0..10 {
+        p.pump().await;
+    }
+    assert_eq!(p.saga_state("O-1").await.0, "cancelled");
+    let id = domain::OrderId::parse("O-1").unwrap();
+    let ctx = SaveContext::default();
+    let owned = |e: store::Error, want: &str| match e {
+        store::Error::SagaOwns { field, state, .. } => {
+            assert_eq!((field, state.as_str()), (want, "cancelled"));
+        }
+        e => panic!("{e:?}"),
+    };
+
+    let completed = domain::StatusChange {
+        status: "completed".into(),
+        user_id: "someone".into(),
+    };
+    let e = p
+        .orders
+        .change_status(&id, &completed, store::Precondition::None, &ctx)
+        .await
+        .unwrap_err();
+    owned(e, "status");
+
+    let now = p.orders.get_order(&id).await.unwrap();
+    let mut full = now.full.clone();
+    full.order.price = "0.01".parse().unwrap();
+    let e = p
+        .orders
+        .save_order(
+            &full.clone().validate(None).unwrap(),
+            store::Precondition::None,
+            &ctx,
+        )
+        .await
+        .unwrap_err();
+    owned(e, "price");
+
+    // Ingestion's batch save refuses it the same way, as a refusal (not
+    // an outage), so the inbox dead-letters it.
+    let mut paid = now.full.clone();
+    paid.order.status = "paid".into();
+    let paid = paid.validate(None).unwrap();
+    let mut tx = p.orders.pool().begin().await.unwrap();
+    let e = p
+        .orders
+        .save_orders_in(&mut tx, &[&paid], &ctx)
+        .await
+        .unwrap_err();
+    drop(tx);
+    assert!(
+        matches!(sqlx::Error::from(e), sqlx::Error::InvalidArgument(ref m) if m.contains("saga")),
+    );
+
+    // The other fields stay the client's.
+    let mut moved = now.full.clone();
+    moved.order.city = "Astana".into();
+    let saved = p
+        .orders
+        .save_order(
+            &moved.validate(None).unwrap(),
+            store::Precondition::None,
+            &ctx,
+        )
+        .await
+        .unwrap();
+    assert_eq!(saved.view.version, now.version + 1);
+    let after = p.orders.get_order(&id).await.unwrap();
+    assert_eq!(
+        (after.full.order.status.as_str(), after.full.order.price),
+        (now.full.order.status.as_str(), now.full.order.price)
+    );
+}

@@ -23,6 +23,19 @@ pub enum Error {
     /// starts only with its order.
     #[error("order {0} exists: a checkout is accepted only when the order is created")]
     CheckoutOnExisting(OrderId),
+    /// A change of a saga order's status or price from outside its saga,
+    /// while it runs or after it ended: those two fields are the saga's.
+    #[error(
+        "order {order} is run by its saga (now {state}): its {field} changes only through the saga"
+    )]
+    SagaOwns {
+        /// The order.
+        order: OrderId,
+        /// The saga's state.
+        state: String,
+        /// `status` or `price`.
+        field: &'static str,
+    },
     /// A checkout where no saga can run: no broker, outside `dev`.
     #[error("this deployment runs no sagas: a checkout needs --broker (or `orders-center dev`)")]
     SagasDisabled,
@@ -105,6 +118,10 @@ impl From<Error> for sqlx::Error {
     fn from(e: Error) -> Self {
         match e {
             Error::Unavailable(e) | Error::Database(e) => e,
+            // A refusal of this input: no retry will change it.
+            e @ (Error::SagaOwns { .. } | Error::CheckoutOnExisting(_)) => {
+                sqlx::Error::InvalidArgument(e.to_string())
+            }
             e => sqlx::Error::Protocol(e.to_string()),
         }
     }

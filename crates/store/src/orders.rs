@@ -342,6 +342,13 @@ pub(crate) async fn save_in(
         }
     };
 
+    if let Some(b) = &before {
+        let after = history::Tracked {
+            status: o.status.clone(),
+            price: o.price,
+        };
+        refuse_saga_fields(conn, &[(id.as_str(), &b.tracked, &after)]).await?;
+    }
     insert_lines(conn, &[order]).await?;
     let version = before.as_ref().map_or(1, |b| b.version + 1);
     if let Some(checkout) = &order.get().checkout {
@@ -503,6 +510,19 @@ pub(crate) async fn save_many_in(
     let (existing, fresh): (Vec<&ValidOrder>, Vec<&ValidOrder>) = orders
         .iter()
         .partition(|o| current.contains_key(o.id().as_str()));
+    let afters: Vec<history::Tracked> = existing
+        .iter()
+        .map(|o| history::Tracked {
+            status: o.get().order.status.clone(),
+            price: o.get().order.price,
+        })
+        .collect();
+    let changes: Vec<_> = existing
+        .iter()
+        .zip(&afters)
+        .map(|(o, after)| (o.id().as_str(), &current[o.id().as_str()].tracked, after))
+        .collect();
+    refuse_saga_fields(conn, &changes).await?;
     if !existing.is_empty() {
         let c = OrderColumns::of(&existing);
         c.bind(sqlx::query_scalar::<_, String>(
@@ -775,6 +795,46 @@ async fn insert_history(
     Ok(())
 }
 
+/// Refuses (with [`Error::SagaOwns`]) any of `changes` (order, before,
+/// after) that moves the status or the price of an order that has a saga:
+/// those are the saga's, while it runs and after it ended. The saga's own
+/// status changes go through [`change_status_in`] directly.
+async fn refuse_saga_fields(
+    conn: &mut PgConnection,
+    changes: &[(&str, &history::Tracked, &history::Tracked)],
+) -> Result<()> {
+    let moved: Vec<&str> = changes
+        .iter()
+        .filter(|(_, before, after)| before.status != after.status || before.price != after.price)
+        .map(|(id, _, _)| *id)
+        .collect();
+    if moved.is_empty() {
+        return Ok(());
+    }
+    let sagas: Vec<(String, String)> =
+        sqlx::query_as("SELECT order_id, state FROM sagas WHERE order_id = ANY($1)")
+            .bind(&moved)
+            .fetch_all(&mut *conn)
+            .await?;
+    let Some((order, state)) = sagas.into_iter().next() else {
+        return Ok(());
+    };
+    let (_, before, after) = changes
+        .iter()
+        .find(|(id, _, _)| *id == order)
+        .expect("a saga of a moved order");
+    let field = if before.status != after.status {
+        "status"
+    } else {
+        "price"
+    };
+    Err(Error::SagaOwns {
+        order: OrderId::parse(&order).map_err(Error::Invariant)?,
+        state,
+        field,
+    })
+}
+
 /// Changes only the status of an existing order in the caller's
 /// transaction; the rest is kept as is.
 pub(crate) async fn change_status_in(
@@ -838,6 +898,13 @@ impl Store {
         ctx: &SaveContext,
     ) -> Result<Saved> {
         let mut tx = self.pool.begin().await?;
+        if let Some(current) = lock(&mut tx, id).await? {
+            let after = history::Tracked {
+                status: change.status.clone(),
+                price: current.tracked.price,
+            };
+            refuse_saga_fields(&mut tx, &[(id.as_str(), &current.tracked, &after)]).await?;
+        }
         let saved = change_status_in(&mut tx, self, id, change, pre, ctx).await?;
         tx.commit().await?;
         Ok(saved)
