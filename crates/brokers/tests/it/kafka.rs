@@ -11,6 +11,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::*;
 
+/// A consumer of `topic`'s dead-letter topic, from its start.
+fn dead_reader(config: &KafkaConfig, topic: &str) -> StreamConsumer {
+    let reader: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.bootstrap)
+        .set("group.id", format!("{}dead-reader", config.topic_prefix))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    reader.subscribe(&[&dead_topic(topic)]).unwrap();
+    reader
+}
+
 async fn setup() -> (testkit::TestDb, KafkaConfig) {
     let db = testkit::database().await;
     let kafka = testkit::kafka().await;
@@ -89,13 +101,7 @@ async fn poison_goes_to_the_dead_topic_with_its_reason_and_the_rest_flows() {
 
     let (metrics, cancel, task) = start_journal(&config, &db.pool);
     journal_reaches(&db.pool, 2).await;
-    let reader: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &config.bootstrap)
-        .set("group.id", format!("{}dead-reader", config.topic_prefix))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    reader.subscribe(&[&dead_topic(&topic)]).unwrap();
+    let reader = dead_reader(&config, &topic);
     let mut dead = Vec::new();
     let mut stream = reader.stream();
     while dead.len() < 3 {
@@ -215,13 +221,7 @@ async fn records_over_the_clients_default_limit_reach_the_dead_topic_and_the_res
     produce_raw(&config, &topic, &around(&good, poison.clone())).await;
     let (metrics, cancel, task) = start_journal(&config, &db.pool);
     journal_reaches(&db.pool, 2).await;
-    let reader: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &config.bootstrap)
-        .set("group.id", format!("{}dead-reader", config.topic_prefix))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    reader.subscribe(&[&dead_topic(&topic)]).unwrap();
+    let reader = dead_reader(&config, &topic);
     let mut stream = reader.stream();
     for (key, body) in &poison {
         let m = tokio::time::timeout(Duration::from_secs(60), stream.next())
