@@ -29,6 +29,8 @@ pub mod headers {
     pub const VERSION: &str = "version";
     /// W3C trace context.
     pub const TRACEPARENT: &str = "traceparent";
+    /// The message's signature (`sink::signing`), on a stream with a key.
+    pub const SIGNATURE: &str = sink::signing::HEADER;
     /// On a dead letter: the poison class, e.g. `bad_json`.
     pub const DEAD_CLASS: &str = "dead-class";
     /// On a dead letter: why it can never be applied.

@@ -31,14 +31,16 @@ pub struct Incoming {
     pub payload: Vec<u8>,
     /// Where it came from, for logs and dead letters, e.g. `order/2@1041`.
     pub origin: String,
+    /// Its `signature` header, if any (`sink::signing`).
+    pub signature: Option<String>,
 }
 
 /// Why a message can never be applied.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{class}: {reason}")]
 pub struct Poison {
-    /// A stable label: `no_id`, `bad_json`, `unknown_type`, `invalid` or
-    /// `apply_failed`.
+    /// A stable label: `no_id`, `bad_json`, `unknown_type`, `invalid`,
+    /// `unsigned`, `forged` or `apply_failed`.
     pub class: &'static str,
     /// What is wrong, for the dead letter.
     pub reason: String,
@@ -46,11 +48,13 @@ pub struct Poison {
 
 impl Poison {
     /// Every class.
-    pub const CLASSES: [&'static str; 5] = [
+    pub const CLASSES: [&'static str; 7] = [
         "no_id",
         "bad_json",
         "unknown_type",
         "invalid",
+        "unsigned",
+        "forged",
         "apply_failed",
     ];
 

@@ -29,6 +29,7 @@ impl<C: Consumer + 'static> Sink for LocalSink<C> {
             id: Some(message.event_id.to_string()),
             payload: message.payload.get().as_bytes().to_vec(),
             origin: format!("outbox/{}@{}", message.aggregate_id, message.version),
+            signature: message.signature.clone(),
         };
         let verdicts = self.inbox.process(&[incoming]).await.map_err(|e| Failure {
             kind: FailureKind::Transient,

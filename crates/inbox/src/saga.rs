@@ -3,12 +3,18 @@
 
 use saga::messages::DecodeError;
 use saga::{SagaMessage, Topic};
+use sink::signing::{Keyring, Refusal};
 
 use crate::{Incoming, Poison};
 
 /// Decodes a saga message that must travel on one of `topics`, telling
-/// apart the three kinds of poison.
-pub fn decode(topics: &[Topic], incoming: &Incoming) -> Result<SagaMessage, Poison> {
+/// apart the kinds of poison; on a topic `keys` covers, its signature must
+/// be one of the topic's keys (`unsigned` or `forged` otherwise).
+pub fn decode(
+    topics: &[Topic],
+    keys: &Keyring,
+    incoming: &Incoming,
+) -> Result<SagaMessage, Poison> {
     let message = SagaMessage::decode(&incoming.payload).map_err(|e| match e {
         DecodeError::NotJson(m) => Poison::new("bad_json", m),
         DecodeError::UnknownType(m) => Poison::new("unknown_type", m),
@@ -20,5 +26,24 @@ pub fn decode(topics: &[Topic], incoming: &Incoming) -> Result<SagaMessage, Pois
             format!("{} is not for this consumer", message.kind),
         ));
     }
+    let topic = message.kind.topic().as_str();
+    let id = incoming.id.as_deref().unwrap_or_default();
+    keys.verify(topic, id, &incoming.payload, incoming.signature.as_deref())
+        .map_err(|refusal| match refusal {
+            Refusal::Unsigned => Poison::new(
+                "unsigned",
+                format!(
+                    "{} on {topic} carries no signature, and {topic} is signed",
+                    message.kind
+                ),
+            ),
+            Refusal::Forged => Poison::new(
+                "forged",
+                format!(
+                    "the signature of {} on {topic} is not one of its keys'",
+                    message.kind
+                ),
+            ),
+        })?;
     Ok(message)
 }

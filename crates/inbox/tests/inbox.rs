@@ -21,6 +21,7 @@ fn incoming((id, payload): &(String, Vec<u8>)) -> Incoming {
         id: Some(id.clone()),
         payload: payload.clone(),
         origin: "test".into(),
+        signature: None,
     }
 }
 
@@ -132,6 +133,7 @@ async fn a_message_the_database_refuses_is_buried_alone_and_an_outage_is_an_erro
         id: Some(id.into()),
         payload: sql.as_bytes().to_vec(),
         origin: "test".into(),
+        signature: None,
     };
     let verdicts = inbox
         .process(&[
@@ -211,6 +213,7 @@ async fn a_batch_split_over_transactions_keeps_each_keys_messages_together_and_i
         id: Some(body.clone()),
         payload: body.into_bytes(),
         origin: "test".into(),
+        signature: None,
     };
     // Eight keys, four messages each, interleaved as a topic would hold them.
     let batch: Vec<Incoming> = (0..4)

@@ -2,6 +2,7 @@
 
 use inbox::{Handler, Incoming, Poison};
 use saga::{Kind, SagaMessage, Topic};
+use sink::signing::Keyring;
 use sqlx::PgConnection;
 use store::saga::SagaRoute;
 
@@ -11,12 +12,23 @@ use crate::stock;
 /// each answer to the outbox for `route`.
 pub struct Inventory {
     route: SagaRoute,
+    keys: Keyring,
 }
 
 impl Inventory {
     /// Answers along `route`.
     pub fn new(route: SagaRoute) -> Self {
-        Self { route }
+        Self {
+            route,
+            keys: Keyring::default(),
+        }
+    }
+
+    /// Requires the signature of `keys` on the commands' topic, when it
+    /// has a key there.
+    pub fn with_keys(mut self, keys: Keyring) -> Self {
+        self.keys = keys;
+        self
     }
 }
 
@@ -25,7 +37,7 @@ impl Handler for Inventory {
     type Message = SagaMessage;
 
     fn decode(&self, incoming: &Incoming) -> Result<SagaMessage, Poison> {
-        inbox::saga::decode(&[Topic::ReserveCommands], incoming)
+        inbox::saga::decode(&[Topic::ReserveCommands], &self.keys, incoming)
     }
 
     async fn apply(&self, conn: &mut PgConnection, m: &SagaMessage) -> sqlx::Result<()> {

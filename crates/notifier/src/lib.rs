@@ -20,6 +20,7 @@ use domain::Money;
 use inbox::{Consumer, ConsumerMetrics, DeadLetter, Error, Incoming, Verdict};
 use saga::{Kind, Topic};
 use serde::{Deserialize, Serialize};
+use sink::signing::Keyring;
 use utoipa::ToSchema;
 
 /// The consumer name.
@@ -70,6 +71,7 @@ pub struct Notifier {
     log: Mutex<Log>,
     webhook: Option<(Webhook, reqwest::Client)>,
     metrics: ConsumerMetrics,
+    keys: Keyring,
 }
 
 impl Notifier {
@@ -87,7 +89,15 @@ impl Notifier {
             log: Mutex::default(),
             webhook,
             metrics,
+            keys: Keyring::default(),
         })
+    }
+
+    /// Requires the signature of `keys` on the outcomes' topic, when it has
+    /// a key there.
+    pub fn with_keys(mut self, keys: Keyring) -> Self {
+        self.keys = keys;
+        self
     }
 
     /// Every notification kept, oldest first.
@@ -200,7 +210,7 @@ impl Consumer for Notifier {
         let started = Instant::now();
         let mut verdicts = Vec::with_capacity(batch.len());
         for incoming in batch {
-            let message = match inbox::saga::decode(&[Topic::Saga], incoming) {
+            let message = match inbox::saga::decode(&[Topic::Saga], &self.keys, incoming) {
                 Ok(m) => m,
                 Err(poison) => {
                     verdicts.push(Verdict::Dead(poison));

@@ -58,6 +58,7 @@ fn message(id: &str, body: Value) -> Incoming {
         id: Some(id.into()),
         payload: serde_json::to_vec(&body).unwrap(),
         origin: "test".into(),
+        signature: None,
     }
 }
 

@@ -5,9 +5,10 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use domain::OrderId;
+use domain::{Money, OrderId};
 use inbox::{Handler, Incoming, Poison};
-use saga::{Event, SagaMessage, Topic};
+use saga::{Event, Kind, SagaMessage, Topic};
+use sink::signing::Keyring;
 use sqlx::PgConnection;
 use store::saga::Applied;
 use store::Store;
@@ -91,17 +92,30 @@ pub struct Answer {
     id: String,
     order: OrderId,
     event: Event,
+    /// What a `PaymentSucceeded` says was charged.
+    charged: Option<Money>,
 }
 
 /// Applies inventory's and payments' answers to their sagas.
 pub struct Orchestrator {
     store: Store,
+    keys: Keyring,
 }
 
 impl Orchestrator {
     /// Over the orders database of `store`.
     pub fn new(store: Store) -> Self {
-        Self { store }
+        Self {
+            store,
+            keys: Keyring::default(),
+        }
+    }
+
+    /// Requires the signature of `keys` on the answers' topics that have a
+    /// key there.
+    pub fn with_keys(mut self, keys: Keyring) -> Self {
+        self.keys = keys;
+        self
     }
 }
 
@@ -110,7 +124,7 @@ impl Handler for Orchestrator {
     type Message = Answer;
 
     fn decode(&self, incoming: &Incoming) -> Result<Answer, Poison> {
-        let message: SagaMessage = inbox::saga::decode(&TOPICS, incoming)?;
+        let message: SagaMessage = inbox::saga::decode(&TOPICS, &self.keys, incoming)?;
         let event = Event::of(&message)
             .ok_or_else(|| Poison::new("unknown_type", format!("{} is no answer", message.kind)))?;
         let order = OrderId::parse(&message.order_id).map_err(|e| Poison::new("invalid", e))?;
@@ -118,13 +132,22 @@ impl Handler for Orchestrator {
             id: incoming.id.clone().unwrap_or_default(),
             order,
             event,
+            charged: (message.kind == Kind::PaymentSucceeded)
+                .then_some(message.amount)
+                .flatten(),
         })
     }
 
     async fn apply(&self, conn: &mut PgConnection, answer: &Answer) -> sqlx::Result<()> {
         let applied = self
             .store
-            .apply_saga_event(conn, &answer.order, &answer.event, &answer.id)
+            .apply_saga_event(
+                conn,
+                &answer.order,
+                &answer.event,
+                &answer.id,
+                answer.charged,
+            )
             .await?;
         let metrics = SagaMetrics::get();
         match applied {

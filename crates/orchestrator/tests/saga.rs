@@ -12,7 +12,8 @@ use inbox::local::LocalSink;
 use inbox::{ConsumerMetrics, Inbox, Incoming, Verdict};
 use relay::{DeliveryEngine, ProtectionConfig, RelayMetrics, ServiceConfig, SinkGuard};
 use rust_decimal::Decimal;
-use saga::{Kind, Line, SagaMessage};
+use saga::{Kind, Line, SagaMessage, Topic};
+use sink::signing::{Keyring, Signing};
 use sqlx::PgPool;
 use store::saga::{SagaConfig, SagaRoute};
 use store::{SaveContext, Store};
@@ -23,10 +24,11 @@ fn metrics() -> ConsumerMetrics {
     ConsumerMetrics::register(&prometheus::Registry::new()).unwrap()
 }
 
+/// A relay's engine for `destination`, signing what it delivers.
 fn engine(store: &Store, destination: &str, sink: Arc<dyn sink::Sink>) -> Arc<DeliveryEngine> {
     let figures = RelayMetrics::new().destination(destination);
     let guard = Arc::new(SinkGuard::new(
-        sink,
+        Arc::new(Signing::new(sink, keys())),
         ProtectionConfig {
             max_in_flight: 64,
             rate_per_second: None,
@@ -67,6 +69,24 @@ fn engine(store: &Store, destination: &str, sink: Arc<dyn sink::Sink>) -> Arc<De
     )
 }
 
+/// A key for every saga stream: every message in these tests travels
+/// signed, as the chart runs it.
+fn keys() -> Keyring {
+    Topic::ALL
+        .iter()
+        .map(|t| {
+            format!(
+                "{}={}-0123456789abcdef0123456789abcdef",
+                t.as_str(),
+                t.as_str()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+        .parse()
+        .unwrap()
+}
+
 /// The three databases and every relay between them.
 struct Platform {
     orders: Store,
@@ -88,14 +108,18 @@ impl Platform {
         inventory::migrate(&inventory).await.unwrap();
         let payments = testkit::unmigrated_database().await.pool;
         payments::migrate(&payments).await.unwrap();
-        let notifier = Arc::new(notifier::Notifier::new(None, metrics()).unwrap());
+        let notifier = Arc::new(
+            notifier::Notifier::new(None, metrics())
+                .unwrap()
+                .with_keys(keys()),
+        );
         let inventory_store = Store::new(inventory.clone());
         let payments_store = Store::new(payments.clone());
         let saga_sink = || {
             Arc::new(LocalSink::new(Inbox::new(
                 orders.pool().clone(),
                 orchestrator::CONSUMER,
-                orchestrator::Orchestrator::new(orders.clone()),
+                orchestrator::Orchestrator::new(orders.clone()).with_keys(keys()),
                 metrics(),
             ))) as Arc<dyn sink::Sink>
         };
@@ -108,7 +132,7 @@ impl Platform {
                     Arc::new(LocalSink::new(Inbox::new(
                         inventory.clone(),
                         inventory::CONSUMER,
-                        inventory::Inventory::new(SagaRoute::Local),
+                        inventory::Inventory::new(SagaRoute::Local).with_keys(keys()),
                         metrics(),
                     ))),
                 ),
@@ -121,7 +145,7 @@ impl Platform {
                     Arc::new(LocalSink::new(Inbox::new(
                         payments.clone(),
                         payments::CONSUMER,
-                        payments::Payments::new(SagaRoute::Local),
+                        payments::Payments::new(SagaRoute::Local).with_keys(keys()),
                         metrics(),
                     ))),
                 ),
@@ -444,6 +468,7 @@ fn incoming(id: &str, message: &SagaMessage) -> Incoming {
         id: Some(id.into()),
         payload: serde_json::to_vec(message).unwrap(),
         origin: "test".into(),
+        signature: None,
     }
 }
 
@@ -667,4 +692,112 @@ async fn the_saga_owns_its_orders_status_and_price_and_nothing_else() {
         (after.full.order.status.as_str(), after.full.order.price),
         (now.full.order.status.as_str(), now.full.order.price)
     );
+}
+
+/// `message` as a broker would hand it over, signed with `keys` (unsigned
+/// when they have no key for its topic).
+fn signed(id: &str, message: &SagaMessage, keys: &Keyring) -> Incoming {
+    let mut m = incoming(id, message);
+    m.signature = keys.sign(message.kind.topic().as_str(), id, &m.payload);
+    m
+}
+
+/// The class of a dead verdict.
+fn dead_class(verdicts: Vec<Verdict>) -> &'static str {
+    match verdicts.as_slice() {
+        [Verdict::Dead(p)] => p.class,
+        other => panic!("not dead: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn forged_answers_are_dead_lettered_and_conservation_holds() {
+    let p = Platform::new(Duration::from_secs(30)).await;
+    let initial = BTreeMap::from([("sku-a", 5)]);
+    p.set_stock("sku-a", 5).await;
+    payments::ledger::open(&p.payments, "poor").await.unwrap();
+    p.create("F-1", 250.0, "poor", &[("sku-a", 1)]).await;
+    // Payments is away: the stock is reserved and the charge waits.
+    p.pump_except(&["payments"]).await;
+    assert_eq!(p.saga_state("F-1").await.0, "reserved");
+
+    let saga = Inbox::new(
+        p.orders.pool().clone(),
+        orchestrator::CONSUMER,
+        orchestrator::Orchestrator::new(p.orders.clone()).with_keys(keys()),
+        metrics(),
+    );
+    let paid = SagaMessage::new(Kind::PaymentSucceeded, "F-1").amount("250".parse().unwrap());
+    let wrong_key: Keyring = "payment=someone-else-0123456789abcdef0123456789"
+        .parse()
+        .unwrap();
+    let no_keys = Keyring::default();
+    for (id, message, keys, class) in [
+        ("f-1", &paid, &no_keys, "unsigned"),
+        ("f-2", &paid, &wrong_key, "forged"),
+        // Signed, as a payments that holds the key could, but not what the
+        // saga asked for.
+        (
+            "f-3",
+            &SagaMessage::new(Kind::PaymentSucceeded, "F-1").amount("1".parse().unwrap()),
+            &keys(),
+            "apply_failed",
+        ),
+    ] {
+        let verdicts = saga.process(&[signed(id, message, keys)]).await.unwrap();
+        assert_eq!(dead_class(verdicts), class, "{id}");
+        assert_eq!(
+            p.saga_state("F-1").await.0,
+            "reserved",
+            "{id} moved the saga"
+        );
+    }
+    // A forged StockReserved for an order still pending is refused alike.
+    let reserved = SagaMessage::new(Kind::StockReserved, "F-1");
+    let verdicts = saga.process(&[incoming("f-4", &reserved)]).await.unwrap();
+    assert_eq!(dead_class(verdicts), "unsigned");
+
+    // Payments returns: its real answer (no funds) is the one that counts.
+    p.pump().await;
+    assert_eq!(p.saga_state("F-1").await.0, "cancelled");
+    p.assert_stock_conserved(&initial).await;
+    p.assert_money_conserved().await;
+}
+
+#[tokio::test]
+async fn a_forged_or_mismatched_refund_is_dead_lettered_and_moves_no_money() {
+    let p = Platform::new(Duration::from_secs(30)).await;
+    p.set_stock("sku-a", 5).await;
+    p.open_account("acc", "100").await;
+    p.create("R-9", 50.0, "acc", &[("sku-a", 1)]).await;
+    p.pump().await;
+    assert_eq!(p.saga_state("R-9").await.0, "completed");
+    let payments = Inbox::new(
+        p.payments.clone(),
+        payments::CONSUMER,
+        payments::Payments::new(SagaRoute::Local).with_keys(keys()),
+        metrics(),
+    );
+    let refund = SagaMessage::new(Kind::RefundPayment, "R-9");
+    let verdicts = payments.process(&[incoming("r-1", &refund)]).await.unwrap();
+    assert_eq!(dead_class(verdicts), "unsigned");
+    // Signed, but not the charge the saga made.
+    let other = refund.clone().amount("49.99".parse().unwrap());
+    let verdicts = payments
+        .process(&[signed("r-2", &other, &keys())])
+        .await
+        .unwrap();
+    assert_eq!(dead_class(verdicts), "apply_failed");
+    let (balance, state): (Decimal, String) = sqlx::query_as(
+        "SELECT a.balance, p.state FROM accounts a JOIN payments p ON p.account_id = a.account_id
+         WHERE p.order_id = 'R-9'",
+    )
+    .fetch_one(&p.payments)
+    .await
+    .unwrap();
+    assert_eq!(
+        (balance, state.as_str()),
+        ("50".parse().unwrap(), "charged")
+    );
+    p.assert_money_conserved().await;
 }

@@ -54,6 +54,14 @@ pub struct Config {
           value_parser = humantime::parse_duration)]
     pub broker_timeout: Duration,
 
+    /// Keys of the saga's streams, `stream=key,...` (at least 32 bytes
+    /// each; a stream named twice rotates: the last signs, any verifies).
+    /// A relay signs what it publishes on a stream with a key; a consumer
+    /// dead-letters an unsigned or forged message on a stream with a key.
+    /// Give each role only the keys of its own streams.
+    #[arg(long, env = "SAGA_KEYS", global = true, hide_env_values = true)]
+    pub saga_keys: Option<sink::signing::Keyring>,
+
     /// A consumer with messages waiting that has settled nothing for this
     /// long (a message it cannot get past, a dead-letter destination it
     /// cannot reach) turns its process's /readyz to 503.
@@ -101,6 +109,11 @@ pub struct Config {
 }
 
 impl Config {
+    /// The saga's stream keys; none when not configured.
+    pub fn keys(&self) -> sink::signing::Keyring {
+        self.saga_keys.clone().unwrap_or_default()
+    }
+
     /// The routes in force: `--event-routes`, or 1C plus the broker; `dev`
     /// without a broker sends every event to the journal in PostgreSQL.
     pub fn routes(&self) -> domain::Routes {

@@ -97,7 +97,7 @@ async fn consume(
         config::ConsumerName::Saga => (
             orchestrator::CONSUMER,
             transports::Stream::saga(&orchestrator::TOPICS),
-            Box::new(transports::saga_inbox(&store)),
+            Box::new(transports::saga_inbox(&store, &config.keys())),
         ),
     };
     if args.consumer == config::ConsumerName::Saga {

@@ -68,10 +68,15 @@ impl Service {
     }
 
     /// Its inbox consumer, answering along `route`.
-    fn consumer(self, pool: &sqlx::PgPool, route: SagaRoute) -> Box<dyn inbox::Consumer> {
+    fn consumer(
+        self,
+        pool: &sqlx::PgPool,
+        route: SagaRoute,
+        keys: &sink::signing::Keyring,
+    ) -> Box<dyn inbox::Consumer> {
         match self {
-            Service::Inventory => Box::new(transports::inventory_inbox(pool, route)),
-            Service::Payments => Box::new(transports::payments_inbox(pool, route)),
+            Service::Inventory => Box::new(transports::inventory_inbox(pool, route, keys)),
+            Service::Payments => Box::new(transports::payments_inbox(pool, route, keys)),
         }
     }
 }
@@ -131,7 +136,7 @@ pub async fn run_service(
         config.consumer_stall_after,
     );
     let server = crate::serve(listener, router, args.http.limits(), &shutdown);
-    let consumer = service.consumer(store.pool(), route);
+    let consumer = service.consumer(store.pool(), route, &config.keys());
     let feed = transports::Feed {
         batch: args.batch,
         members: args.members,
@@ -158,7 +163,8 @@ pub async fn run_notifier(
     let transport = Transport::required(config, notifier::CONSUMER)?;
     let notifier = Arc::new(
         notifier::Notifier::new(args.webhook.webhook(), transports::consumer_metrics())
-            .context("building the webhook client")?,
+            .context("building the webhook client")?
+            .with_keys(config.keys()),
     );
     let streams = Stream::saga(&[Topic::Saga]);
     transport.prepare(notifier::CONSUMER, &streams).await?;
@@ -225,7 +231,8 @@ impl DevSaga {
     ) -> Result<Self> {
         let notifier = Arc::new(
             notifier::Notifier::new(webhook, transports::consumer_metrics())
-                .context("building the webhook client")?,
+                .context("building the webhook client")?
+                .with_keys(config.keys()),
         );
         let mut stores = Vec::new();
         for (service, url) in &urls {
@@ -275,7 +282,7 @@ impl DevSaga {
                 let route = config.saga_route().expect("a broker gives a saga route");
                 let streams = Stream::saga(&[service.topic()]);
                 t.prepare(service.name(), &streams).await?;
-                let consumer = service.consumer(store.pool(), route);
+                let consumer = service.consumer(store.pool(), route, &config.keys());
                 saga.tasks
                     .push(consume(t.clone(), consumer, streams, shutdown));
             }
@@ -284,7 +291,8 @@ impl DevSaga {
         if let Some(t) = &transport {
             let streams = Stream::saga(&orchestrator::TOPICS);
             t.prepare(orchestrator::CONSUMER, &streams).await?;
-            let orchestrator: Box<dyn inbox::Consumer> = Box::new(transports::saga_inbox(orders));
+            let orchestrator: Box<dyn inbox::Consumer> =
+                Box::new(transports::saga_inbox(orders, &config.keys()));
             saga.tasks
                 .push(consume(t.clone(), orchestrator, streams, shutdown));
             let streams = Stream::saga(&[Topic::Saga]);

@@ -14,6 +14,7 @@ use inbox::journal::Journal;
 use inbox::local::LocalSink;
 use inbox::{Consumer, ConsumerMetrics, Inbox};
 use saga::Topic;
+use sink::signing::{Keyring, Signing};
 use sqlx::PgPool;
 use store::saga::SagaRoute;
 use tokio_util::sync::CancellationToken;
@@ -49,31 +50,39 @@ pub struct LocalPeers {
 }
 
 /// The saga orchestrator's inbox in the orders database.
-pub fn saga_inbox(orders: &store::Store) -> Inbox<orchestrator::Orchestrator> {
+pub fn saga_inbox(orders: &store::Store, keys: &Keyring) -> Inbox<orchestrator::Orchestrator> {
     Inbox::new(
         orders.pool().clone(),
         orchestrator::CONSUMER,
-        orchestrator::Orchestrator::new(orders.clone()),
+        orchestrator::Orchestrator::new(orders.clone()).with_keys(keys.clone()),
         consumer_metrics(),
     )
 }
 
 /// inventory's inbox, answering along `route`.
-pub fn inventory_inbox(pool: &PgPool, route: SagaRoute) -> Inbox<inventory::Inventory> {
+pub fn inventory_inbox(
+    pool: &PgPool,
+    route: SagaRoute,
+    keys: &Keyring,
+) -> Inbox<inventory::Inventory> {
     Inbox::new(
         pool.clone(),
         inventory::CONSUMER,
-        inventory::Inventory::new(route),
+        inventory::Inventory::new(route).with_keys(keys.clone()),
         consumer_metrics(),
     )
 }
 
 /// payments' inbox, answering along `route`.
-pub fn payments_inbox(pool: &PgPool, route: SagaRoute) -> Inbox<payments::Payments> {
+pub fn payments_inbox(
+    pool: &PgPool,
+    route: SagaRoute,
+    keys: &Keyring,
+) -> Inbox<payments::Payments> {
     Inbox::new(
         pool.clone(),
         payments::CONSUMER,
-        payments::Payments::new(route),
+        payments::Payments::new(route).with_keys(keys.clone()),
         consumer_metrics(),
     )
 }
@@ -168,6 +177,7 @@ async fn outlet(
             format!("rows for {name:?} are delivered in PostgreSQL only inside `orders-center dev`; elsewhere give --broker")
         })
     };
+    let keys = config.keys();
     let sink: Arc<dyn sink::Sink> = match (destination.as_str(), &config.broker) {
         ("kafka", Some(Broker::Kafka { bootstrap })) => {
             let kafka = config.kafka(bootstrap);
@@ -185,17 +195,25 @@ async fn outlet(
         (name @ "inventory", _) => Arc::new(LocalSink::new(inventory_inbox(
             &local(name)?.inventory,
             SagaRoute::Local,
+            &keys,
         ))),
         (name @ "payments", _) => Arc::new(LocalSink::new(payments_inbox(
             &local(name)?.payments,
             SagaRoute::Local,
+            &keys,
         ))),
         (name @ "notifier", _) => Arc::new(LocalSink::new(local(name)?.notifier.clone())),
-        (name @ "saga", _) => Arc::new(LocalSink::new(saga_inbox(&local(name)?.orders))),
+        (name @ "saga", _) => Arc::new(LocalSink::new(saga_inbox(&local(name)?.orders, &keys))),
         (other, _) => bail!(
             "events are routed to {other:?}, which has no sink here: route to onec, \
              journal, or the destination of --broker (kafka or rabbitmq)"
         ),
+    };
+    // What this process publishes on a stream with a key goes out signed.
+    let sink: Arc<dyn sink::Sink> = if keys.streams().next().is_some() {
+        Arc::new(Signing::new(sink, keys))
+    } else {
+        sink
     };
     Ok(relay::Outlet {
         destination,

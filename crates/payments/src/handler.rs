@@ -3,6 +3,7 @@
 use domain::Money;
 use inbox::{Handler, Incoming, Poison};
 use saga::{Kind, SagaMessage, Topic};
+use sink::signing::Keyring;
 use sqlx::PgConnection;
 use store::saga::SagaRoute;
 
@@ -12,12 +13,23 @@ use crate::ledger;
 /// the outbox for `route`.
 pub struct Payments {
     route: SagaRoute,
+    keys: Keyring,
 }
 
 impl Payments {
     /// Answers along `route`.
     pub fn new(route: SagaRoute) -> Self {
-        Self { route }
+        Self {
+            route,
+            keys: Keyring::default(),
+        }
+    }
+
+    /// Requires the signature of `keys` on the commands' topic, when it
+    /// has a key there.
+    pub fn with_keys(mut self, keys: Keyring) -> Self {
+        self.keys = keys;
+        self
     }
 }
 
@@ -26,7 +38,7 @@ impl Handler for Payments {
     type Message = SagaMessage;
 
     fn decode(&self, incoming: &Incoming) -> Result<SagaMessage, Poison> {
-        inbox::saga::decode(&[Topic::PaymentCommands], incoming)
+        inbox::saga::decode(&[Topic::PaymentCommands], &self.keys, incoming)
     }
 
     async fn apply(&self, conn: &mut PgConnection, m: &SagaMessage) -> sqlx::Result<()> {
@@ -37,7 +49,7 @@ impl Handler for Payments {
                 let amount = m.amount.unwrap_or(Money::ZERO);
                 ledger::charge(conn, &m.order_id, account, amount).await?
             }
-            Kind::RefundPayment => ledger::refund(conn, &m.order_id).await?,
+            Kind::RefundPayment => ledger::refund(conn, &m.order_id, m.amount).await?,
             other => unreachable!("decode admits only payment commands, not {other}"),
         };
         Ok(store::saga::send(conn, &self.route, &reply).await?)

@@ -211,8 +211,24 @@ pub async fn charge(
 /// Gives back what `order` was charged; answers `PaymentRefunded` with the
 /// amount, 0 when nothing was charged. A refund that comes first leaves a
 /// tombstone.
-pub async fn refund(conn: &mut PgConnection, order: &str) -> sqlx::Result<SagaMessage> {
-    let refunded = match payment_of(conn, order).await? {
+pub async fn refund(
+    conn: &mut PgConnection,
+    order: &str,
+    asked: Option<Money>,
+) -> sqlx::Result<SagaMessage> {
+    let payment = payment_of(conn, order).await?;
+    // The saga names the charge it compensates by its amount; a refund of
+    // another amount is not one it asked for. (Commands from before the
+    // amount was sent name none.)
+    if let (Some(asked), Some((state, charged, _))) = (asked, &payment) {
+        if state == "charged" && asked.0 != *charged {
+            return Err(sqlx::Error::InvalidArgument(format!(
+                "a refund of {} for order {order} does not match its charge of {charged}",
+                asked.0
+            )));
+        }
+    }
+    let refunded = match payment {
         None => {
             sqlx::query(
                 "INSERT INTO payments (order_id, amount, state, reason)

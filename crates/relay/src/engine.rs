@@ -279,6 +279,7 @@ impl DeliveryEngine {
             version: task.version,
             payload: task.payload,
             traceparent,
+            signature: None,
         };
         let outcome = match self.guard.deliver(&message, cancel).await {
             Attempt::Sent(outcome) => outcome,

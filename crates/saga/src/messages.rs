@@ -261,6 +261,13 @@ impl SagaMessage {
                 let amount = self.amount.ok_or("amount is missing")?;
                 amount.check().map_err(|m| format!("amount {m}"))?;
             }
+            // The charge it compensates, by its amount; older commands
+            // carry none.
+            Kind::RefundPayment => {
+                if self.amount.is_some() {
+                    self.positive_amount()?;
+                }
+            }
             Kind::StockFailed | Kind::PaymentFailed | Kind::OrderCancelled => {
                 if self.reason.as_deref().is_none_or(str::is_empty) {
                     return Err("reason is missing".into());
@@ -268,7 +275,6 @@ impl SagaMessage {
             }
             Kind::ReleaseStock
             | Kind::CommitStock
-            | Kind::RefundPayment
             | Kind::StockReserved
             | Kind::StockReleased
             | Kind::StockCommitted => {}

@@ -4,6 +4,8 @@
 //! destination's own failures map onto those classes is the sink's business
 //! (1C's HTTP statuses are classified in the `onec` crate, not here).
 
+pub mod signing;
+
 use std::fmt;
 use std::time::Duration;
 
@@ -28,6 +30,8 @@ pub struct Message {
     pub payload: Box<serde_json::value::RawValue>,
     /// W3C trace context of the delivery span, to pass on.
     pub traceparent: Option<String>,
+    /// The [`signing`] signature of the message, when its stream has a key.
+    pub signature: Option<String>,
 }
 
 impl Message {

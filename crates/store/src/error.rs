@@ -36,6 +36,14 @@ pub enum Error {
         /// `status` or `price`.
         field: &'static str,
     },
+    /// An answer that does not match what the saga asked for.
+    #[error("an answer for the saga of order {order} does not match its command: {detail}")]
+    AnswerMismatch {
+        /// The order.
+        order: OrderId,
+        /// What differs.
+        detail: String,
+    },
     /// A checkout where no saga can run: no broker, outside `dev`.
     #[error("this deployment runs no sagas: a checkout needs --broker (or `orders-center dev`)")]
     SagasDisabled,
@@ -119,9 +127,9 @@ impl From<Error> for sqlx::Error {
         match e {
             Error::Unavailable(e) | Error::Database(e) => e,
             // A refusal of this input: no retry will change it.
-            e @ (Error::SagaOwns { .. } | Error::CheckoutOnExisting(_)) => {
-                sqlx::Error::InvalidArgument(e.to_string())
-            }
+            e @ (Error::SagaOwns { .. }
+            | Error::CheckoutOnExisting(_)
+            | Error::AnswerMismatch { .. }) => sqlx::Error::InvalidArgument(e.to_string()),
             e => sqlx::Error::Protocol(e.to_string()),
         }
     }

@@ -145,10 +145,22 @@ async fn apply(
     order: &OrderId,
     event: &Event,
     cause: &str,
+    charged: Option<Money>,
 ) -> Result<Applied> {
     let Some(row) = lock(conn, order).await? else {
         return Ok(Applied::NoSaga);
     };
+    // A charge answers the saga's ChargePayment only with the amount it
+    // asked for.
+    if let Some(charged) = charged.filter(|c| *c != row.amount) {
+        return Err(Error::AnswerMismatch {
+            order: order.clone(),
+            detail: format!(
+                "PaymentSucceeded carries {charged}; the saga asked for {}",
+                row.amount
+            ),
+        });
+    }
     let Some(t) = saga::transition(row.state, event) else {
         return Ok(Applied::Ignored(row.state));
     };
@@ -330,7 +342,7 @@ fn message(order: &str, row: &Row, command: Command) -> SagaMessage {
             account_id: Some(row.account_id.clone()),
             ..plain(Kind::ChargePayment).amount(row.amount)
         },
-        Command::Refund => plain(Kind::RefundPayment),
+        Command::Refund => plain(Kind::RefundPayment).amount(row.amount),
         Command::NotifyCompleted => plain(Kind::OrderCompleted).amount(row.amount),
         Command::NotifyCancelled => plain(Kind::OrderCancelled)
             .because(row.reason.clone().unwrap_or_else(|| "cancelled".into())),
@@ -340,14 +352,17 @@ fn message(order: &str, row: &Row, command: Command) -> SagaMessage {
 impl Store {
     /// Applies `event`, caused by message `cause`, to the saga of `order` in
     /// the caller's transaction (the orchestrator's inbox transaction).
+    /// `charged` is what a `PaymentSucceeded` says was charged: anything
+    /// but the saga's amount is refused ([`Error::AnswerMismatch`]).
     pub async fn apply_saga_event(
         &self,
         conn: &mut PgConnection,
         order: &OrderId,
         event: &Event,
         cause: &str,
+        charged: Option<Money>,
     ) -> Result<Applied> {
-        apply(conn, self, order, event, cause).await
+        apply(conn, self, order, event, cause, charged).await
     }
 
     /// Applies [`Event::DeadlinePassed`] to up to `limit` sagas whose step
@@ -376,7 +391,7 @@ impl Store {
             .await?;
             if overdue {
                 let cause = format!("deadline:{}", Uuid::now_v7());
-                self.apply_saga_event(&mut tx, &id, &Event::DeadlinePassed, &cause)
+                self.apply_saga_event(&mut tx, &id, &Event::DeadlinePassed, &cause, None)
                     .await?;
                 passed += 1;
             }

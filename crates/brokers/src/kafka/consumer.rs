@@ -273,6 +273,7 @@ fn incoming(m: &OwnedMessage) -> Incoming {
         id: super::event_id(m),
         payload: m.payload().unwrap_or_default().to_vec(),
         origin: format!("{}/{}@{}", m.topic(), m.partition(), m.offset()),
+        signature: super::header(m, headers::SIGNATURE),
     }
 }
 

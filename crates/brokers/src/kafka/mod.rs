@@ -21,9 +21,14 @@ use crate::{headers, Error};
 
 /// The outbox event id a message carries in its header, if any.
 pub fn event_id(m: &impl Message) -> Option<String> {
+    header(m, headers::EVENT_ID)
+}
+
+/// The text of header `key`, if the message has it as UTF-8.
+pub(crate) fn header(m: &impl Message, key: &str) -> Option<String> {
     m.headers()?
         .iter()
-        .find(|h| h.key == headers::EVENT_ID)?
+        .find(|h| h.key == key)?
         .value
         .and_then(|v| std::str::from_utf8(v).ok())
         .map(str::to_owned)

@@ -90,6 +90,9 @@ impl Sink for KafkaSink {
         if let Some(tp) = &m.traceparent {
             h = h.insert(header(headers::TRACEPARENT, tp));
         }
+        if let Some(signature) = &m.signature {
+            h = h.insert(header(headers::SIGNATURE, signature));
+        }
         let record = FutureRecord::to(&topic)
             .key(&m.aggregate_id)
             .payload(m.payload.get())

@@ -203,6 +203,15 @@ fn incoming(d: &Delivery) -> Incoming {
         id: d.properties.message_id().as_ref().map(|s| s.to_string()),
         payload: d.data.clone(),
         origin: format!("{}:{}", d.exchange, d.routing_key),
+        signature: d
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|t| match t.inner().get(headers::SIGNATURE) {
+                Some(AMQPValue::LongString(s)) => std::str::from_utf8(s.as_bytes()).ok(),
+                _ => None,
+            })
+            .map(str::to_owned),
     }
 }
 

@@ -111,6 +111,9 @@ impl RabbitSink {
         if let Some(tp) = &m.traceparent {
             table.insert(ShortString::from(headers::TRACEPARENT), text(tp));
         }
+        if let Some(signature) = &m.signature {
+            table.insert(ShortString::from(headers::SIGNATURE), text(signature));
+        }
         let properties = BasicProperties::default()
             .with_message_id(m.event_id.to_string().into())
             .with_type(m.kind.as_str().into())

@@ -48,6 +48,7 @@ fn message(n: &OrderNotice) -> Message {
         version: n.version,
         payload: serde_json::value::to_raw_value(n).unwrap(),
         traceparent: None,
+        signature: None,
     }
 }
 
