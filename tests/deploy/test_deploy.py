@@ -211,6 +211,17 @@ def test_rendered_contract(docs):
             assert env(container, "SAGAS")["value"] == "true", container["name"]
             assert "secretKeyRef" in env(container, "BROKER")["valueFrom"]
         secrets = {d["metadata"]["name"] for d in by_kind(docs, "Secret")}
+        # Each role holds the signing keys of its own saga streams only.
+        own = {"orchestrator": ["reserve", "payment"], "inventory": ["reserve.commands", "reserve"],
+               "payments": ["payment.commands", "payment"], "notifier": ["saga"]}
+        for role, container in [*saga.items(), ("relay", relay)]:
+            streams = own.get(role, ["reserve.commands", "payment.commands", "saga"])
+            keys = env(container, "SAGA_KEYS")["value"]
+            assert keys == ",".join(f"{s}=$(SAGA_KEY_{i})" for i, s in enumerate(streams)), (role, keys)
+            for i, stream in enumerate(streams):
+                ref = env(container, f"SAGA_KEY_{i}")["valueFrom"]["secretKeyRef"]
+                assert ref["key"] == stream and ref["name"].endswith("-saga-keys"), (role, ref)
+                assert ref["name"] in secrets, ref
         refs = set()
         for role in ("inventory", "payments"):
             ref = env(saga[role], f"{role.upper()}_DATABASE_URL")["valueFrom"]["secretKeyRef"]

@@ -132,6 +132,28 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
+{{/* Secret holding one signing key per saga stream. */}}
+{{- define "orders-center.sagaKeysSecret" -}}
+{{- default (printf "%s-saga-keys" (include "orders-center.fullname" .)) .Values.saga.keys.existingSecret }}
+{{- end }}
+
+{{/*
+SAGA_KEYS of a role: the keys of its own streams only, so no role can sign
+another's messages. Called with (dict "root" $ "streams" (list ...)).
+*/}}
+{{- define "orders-center.sagaKeysEnv" -}}
+{{- $secret := include "orders-center.sagaKeysSecret" .root }}
+{{- $pairs := list }}
+{{- range $i, $stream := .streams }}
+- name: SAGA_KEY_{{ $i }}
+  valueFrom:
+    secretKeyRef: {name: {{ $secret }}, key: {{ $stream }}}
+{{- $pairs = append $pairs (printf "%s=$(SAGA_KEY_%d)" $stream $i) }}
+{{- end }}
+- name: SAGA_KEYS
+  value: {{ join "," $pairs | quote }}
+{{- end }}
+
 {{/* Non-empty when a broker is configured. */}}
 {{- define "orders-center.brokerEnabled" -}}
 {{- if or .Values.broker.url .Values.broker.existingSecret }}true{{ end }}

@@ -102,6 +102,7 @@ async fn consume(
     };
     if args.consumer == config::ConsumerName::Saga {
         orchestrator::SagaMetrics::get();
+        transports::warn_unsigned(&config.keys(), &orchestrator::TOPICS);
     }
     run_consumer(
         config, &args.run, store, name, &streams, &*consumer, shutdown,

@@ -110,6 +110,7 @@ pub async fn run_service(
         service.migrate(store.pool()).await?;
     }
     let streams = Stream::saga(&[service.topic()]);
+    transports::warn_unsigned(&config.keys(), &[service.topic()]);
     transport.prepare(name, &streams).await?;
     let relay_config = args.tuning.relay_config();
     let outlets = transports::service_outlets(config, &args.tuning, &store, None).await?;
@@ -167,6 +168,7 @@ pub async fn run_notifier(
             .with_keys(config.keys()),
     );
     let streams = Stream::saga(&[Topic::Saga]);
+    transports::warn_unsigned(&config.keys(), &[Topic::Saga]);
     transport.prepare(notifier::CONSUMER, &streams).await?;
     let listener = crate::bind(args.listen).await?;
     tracing::info!(url = %crate::url_of(&listener)?, "notifier started");

@@ -260,6 +260,17 @@ impl Stream {
     }
 }
 
+/// Warns once, at start, for each of `topics` this process reads without
+/// a key: anyone who can publish there can write as its sender.
+pub fn warn_unsigned(keys: &Keyring, topics: &[Topic]) {
+    for topic in topics.iter().filter(|t| !keys.covers(t.as_str())) {
+        tracing::warn!(
+            topic = topic.as_str(),
+            "saga messages on this topic are accepted unsigned: give SAGA_KEYS a key for it"
+        );
+    }
+}
+
 /// A broker with this process's names.
 #[derive(Debug, Clone)]
 pub enum Transport {

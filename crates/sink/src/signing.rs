@@ -17,9 +17,9 @@
 //! orders-center's commands sign commands to the others, with a symmetric
 //! MAC.)
 //!
-//! Rotation: a stream may have several keys. The last one signs; any of
-//! them verifies. Add the new key last on the readers, then on the writer,
-//! then drop the old one.
+//! Rotation: a stream may have several keys (`stream=old|new`, or the
+//! stream named twice). The last one signs; any of them verifies. Add the
+//! new key last on the reader, then on the writer, then drop the old one.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -63,17 +63,19 @@ impl FromStr for Keyring {
             let (stream, key) = pair
                 .split_once('=')
                 .ok_or("a saga key is stream=key, e.g. reserve.commands=<32 bytes or more>")?;
-            let (stream, key) = (stream.trim(), key.trim());
-            if key.len() < MIN_KEY_LEN {
-                return Err(format!(
-                    "the key of {stream} is {} bytes; at least {MIN_KEY_LEN}",
-                    key.len()
-                ));
+            let stream = stream.trim();
+            for key in key.split('|').map(str::trim) {
+                if key.len() < MIN_KEY_LEN {
+                    return Err(format!(
+                        "a key of {stream} is {} bytes; at least {MIN_KEY_LEN}",
+                        key.len()
+                    ));
+                }
+                ring.keys
+                    .entry(stream.to_owned())
+                    .or_default()
+                    .push(key.as_bytes().to_vec());
             }
-            ring.keys
-                .entry(stream.to_owned())
-                .or_default()
-                .push(key.as_bytes().to_vec());
         }
         Ok(ring)
     }
@@ -235,6 +237,11 @@ mod tests {
     fn the_newest_key_signs_and_every_key_verifies_while_rotating() {
         let old: Keyring = format!("payment={OLD}").parse().unwrap();
         let both: Keyring = format!("payment={OLD}, payment={NEW}").parse().unwrap();
+        let piped: Keyring = format!("payment={OLD}|{NEW}").parse().unwrap();
+        assert_eq!(
+            piped.sign("payment", "e", b"x"),
+            both.sign("payment", "e", b"x")
+        );
         let new: Keyring = format!("payment={NEW}").parse().unwrap();
         let by_old = old.sign("payment", "e", b"x").unwrap();
         let by_both = both.sign("payment", "e", b"x").unwrap();
