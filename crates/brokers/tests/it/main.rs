@@ -4,6 +4,7 @@
 
 mod ingest;
 mod kafka;
+mod poison;
 mod rabbitmq;
 
 use std::time::Duration;
