@@ -18,7 +18,7 @@ use tower_http::trace::TraceLayer;
 pub use auth::{protect, AuthConfig};
 pub use error::{ApiError, Problem, PROBLEM_JSON};
 pub use metrics::Metrics;
-pub use openapi::ApiDoc;
+pub use openapi::{ApiDoc, RouterWideAnswers};
 
 /// How the API listens and whom it lets in.
 #[derive(Debug, Clone, Default)]

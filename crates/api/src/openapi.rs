@@ -46,7 +46,9 @@ pub struct ApiDoc;
 /// document lists every status a client can see: the bearer check, the
 /// body limit, the request timeout, a malformed request, an unreachable
 /// database and a caught panic.
-struct RouterWideAnswers;
+/// Every role's API puts the same layers in front of its handlers, so each
+/// document adds them.
+pub struct RouterWideAnswers;
 
 impl Modify for RouterWideAnswers {
     fn modify(&self, api: &mut utoipa::openapi::OpenApi) {

@@ -2,7 +2,7 @@
 //! `/openapi.json`, Swagger UI at `/docs` and problem+json errors.
 
 use api::extract::{JsonBody, Name, PathId};
-use api::{ApiError, Problem};
+use api::{ApiError, Problem, RouterWideAnswers};
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -31,7 +31,8 @@ pub struct SetStock {
         description = "Stock per product and reservations per order."
     ),
     paths(list_stock, get_stock, set_stock, get_reservation),
-    components(schemas(Problem))
+    components(schemas(Problem)),
+    modifiers(&RouterWideAnswers)
 )]
 pub struct InventoryApi;
 

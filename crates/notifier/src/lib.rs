@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use api::extract::PathId;
-use api::ApiError;
+use api::extract::{PathId, QueryParams};
+use api::{ApiError, RouterWideAnswers};
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -21,7 +21,8 @@ use inbox::{Consumer, ConsumerMetrics, DeadLetter, Error, Incoming, Verdict};
 use saga::{Kind, Topic};
 use serde::{Deserialize, Serialize};
 use sink::signing::Keyring;
-use utoipa::ToSchema;
+use utoipa::{OpenApi, ToSchema};
+use utoipa_swagger_ui::SwaggerUi;
 
 /// The consumer name.
 pub const CONSUMER: &str = "notifier";
@@ -102,11 +103,24 @@ impl Notifier {
 
     /// Every notification kept, oldest first.
     pub fn notifications(&self) -> Vec<Notification> {
+        self.page(None, usize::MAX).0
+    }
+
+    /// Up to `limit` notifications, oldest first, after the one about
+    /// order `after` (from the first when `None`, or when it is no longer
+    /// kept), and whether more follow.
+    pub fn page(&self, after: Option<&str>, limit: usize) -> (Vec<Notification>, bool) {
         let log = self.log.lock().expect("the log lock is never poisoned");
-        log.order
+        let start = after
+            .and_then(|a| log.order.iter().position(|id| id == a))
+            .map_or(0, |i| i + 1);
+        let mut rest = log
+            .order
             .iter()
-            .filter_map(|id| log.by_order.get(id).cloned())
-            .collect()
+            .skip(start)
+            .filter_map(|id| log.by_order.get(id));
+        let page: Vec<Notification> = rest.by_ref().take(limit).cloned().collect();
+        (page, rest.next().is_some())
     }
 
     /// The notification about `order`, if one was made.
@@ -180,13 +194,86 @@ impl Notifier {
                 .route("/api/v1/notifications/{order_id}", get(one))
                 .with_state(self.clone()),
         )
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", NotifierApi::openapi()))
     }
 }
 
-async fn list(State(n): State<std::sync::Arc<Notifier>>) -> Json<Vec<Notification>> {
-    Json(n.notifications())
+/// The notifier's OpenAPI document.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "notifier",
+        description = "The outcome of each order's saga, as notified."
+    ),
+    paths(list, one),
+    components(schemas(Notification, api::Problem)),
+    modifiers(&RouterWideAnswers)
+)]
+pub struct NotifierApi;
+
+/// The most notifications one page holds.
+pub const MAX_PAGE: usize = 1000;
+
+/// A page of the list.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct Page {
+    /// Notifications per page, 1 to 1000 (100 by default).
+    limit: Option<usize>,
+    /// The order whose notification the page starts after: the last one of
+    /// the page before (the `Link` header's `next` names it).
+    after: Option<String>,
 }
 
+/// The notifications kept, oldest first, a page at a time; a `Link`
+/// header with `rel="next"` names the next page while there is one.
+#[utoipa::path(get, path = "/api/v1/notifications", tag = "notifications",
+    params(Page),
+    responses(
+        (status = 200, description = "A page of notifications", body = Vec<Notification>,
+         headers(("Link" = String, description = "The next page, when there is one"))),
+        (status = 400, description = "A limit out of range, or a malformed order id", body = api::Problem, content_type = "application/problem+json"),
+    ))]
+async fn list(
+    State(n): State<std::sync::Arc<Notifier>>,
+    QueryParams(page): QueryParams<Page>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let limit = page.limit.unwrap_or(100);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be 1 to {MAX_PAGE}"
+        )));
+    }
+    if let Some(after) = &page.after {
+        domain::OrderId::parse(after).map_err(|m| ApiError::BadRequest(format!("after {m}")))?;
+    }
+    let (items, more) = n.page(page.after.as_deref(), limit);
+    let next = match (more, items.last()) {
+        (true, Some(last)) => Some(format!(
+            "</api/v1/notifications?limit={limit}&after={}>; rel=\"next\"",
+            last.order_id
+        )),
+        _ => None,
+    };
+    let mut response = Json(items).into_response();
+    if let Some(next) = next {
+        response.headers_mut().insert(
+            axum::http::header::LINK,
+            next.parse().expect("order ids are header-safe"),
+        );
+    }
+    Ok(response)
+}
+
+/// The notification about one order.
+#[utoipa::path(get, path = "/api/v1/notifications/{order_id}", tag = "notifications",
+    params(("order_id" = String, Path, description = "Order id")),
+    responses(
+        (status = 200, description = "The notification", body = Notification),
+        (status = 404, description = "No notification about this order", body = api::Problem, content_type = "application/problem+json"),
+    ))]
 async fn one(
     State(n): State<std::sync::Arc<Notifier>>,
     PathId(order): PathId<domain::OrderId>,

@@ -135,3 +135,70 @@ async fn a_webhook_that_stays_down_hands_the_batch_back_and_records_nothing() {
     assert_eq!(verdicts, [Verdict::Applied]);
     assert_eq!(hook.taken.lock().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn the_list_is_paged_with_a_link_to_the_next_page() {
+    let metrics = ConsumerMetrics::register(&prometheus::Registry::new()).unwrap();
+    let n = Arc::new(Notifier::new(None, metrics).unwrap());
+    let batch: Vec<Incoming> = (1..=3)
+        .map(|i| {
+            message(
+                &format!("m-{i}"),
+                json!({"type": "OrderCompleted", "order_id": format!("O-{i}"), "amount": 1}),
+            )
+        })
+        .collect();
+    n.process(&batch).await.unwrap();
+    let app = n.router();
+    let get = |uri: &'static str| {
+        let app = app.clone();
+        async move {
+            use tower::ServiceExt;
+            let r = app
+                .oneshot(
+                    axum::http::Request::get(uri)
+                        .body(axum::body::Body::empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let link = r
+                .headers()
+                .get("link")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let status = r.status();
+            let body = http_body_util::BodyExt::collect(r.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            (
+                status,
+                link,
+                serde_json::from_slice::<Value>(&body).unwrap(),
+            )
+        }
+    };
+    let (status, link, page) = get("/api/v1/notifications?limit=2").await;
+    assert_eq!(status, StatusCode::OK);
+    let ids: Vec<&str> = page
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["order_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["O-1", "O-2"]);
+    assert_eq!(
+        link.as_deref(),
+        Some(r#"</api/v1/notifications?limit=2&after=O-2>; rel="next""#)
+    );
+    let (_, link, page) = get("/api/v1/notifications?limit=2&after=O-2").await;
+    assert_eq!(page.as_array().map(Vec::len), Some(1));
+    assert_eq!(link, None, "the last page names no next one");
+    for bad in [
+        "/api/v1/notifications?limit=0",
+        "/api/v1/notifications?limit=1001",
+        "/api/v1/notifications?after=a%20b",
+    ] {
+        assert_eq!(get(bad).await.0, StatusCode::BAD_REQUEST, "{bad}");
+    }
+}

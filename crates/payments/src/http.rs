@@ -3,7 +3,7 @@
 //! errors. Amounts are exact decimals with at most two places.
 
 use api::extract::{JsonBody, Name, PathId};
-use api::{ApiError, Problem};
+use api::{ApiError, Problem, RouterWideAnswers};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -43,7 +43,8 @@ pub struct TopUp {
         description = "Accounts with balances, and one payment per order."
     ),
     paths(open_account, get_account, top_up, list_payments),
-    components(schemas(Problem))
+    components(schemas(Problem)),
+    modifiers(&RouterWideAnswers)
 )]
 pub struct PaymentsApi;
 

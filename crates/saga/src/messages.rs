@@ -17,6 +17,10 @@ pub use domain::checkout::{check_name, line_problems, Checkout, Line, MAX_LINES,
 use domain::Money;
 use serde::{Deserialize, Serialize};
 
+/// The longest `reason` a message may carry, in bytes: ours are a line;
+/// the notifier keeps every one it is given.
+pub const MAX_REASON: usize = 1024;
+
 /// What a message says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Kind {
@@ -269,8 +273,12 @@ impl SagaMessage {
                 }
             }
             Kind::StockFailed | Kind::PaymentFailed | Kind::OrderCancelled => {
-                if self.reason.as_deref().is_none_or(str::is_empty) {
+                let reason = self.reason.as_deref().unwrap_or_default();
+                if reason.is_empty() {
                     return Err("reason is missing".into());
+                }
+                if reason.len() > MAX_REASON {
+                    return Err(format!("reason is over {MAX_REASON} bytes"));
                 }
             }
             Kind::ReleaseStock
@@ -343,6 +351,10 @@ mod tests {
             r#"{"type":"ReserveStock","order_id":"A","lines":[]}"#,
             r#"{"type":"ReserveStock","order_id":"A","lines":[{"product_id":"p","quantity":-1}]}"#,
             r#"{"type":"StockFailed","order_id":"A"}"#,
+            &format!(
+                r#"{{"type":"OrderCancelled","order_id":"A","reason":"{}"}}"#,
+                "x".repeat(1025)
+            ),
             r#"{"type":"StockReserved","order_id":"has space"}"#,
         ] {
             assert!(

@@ -286,8 +286,7 @@ async fn every_consumer_goes_past_the_worst_kafka_messages() {
         let topic = config.topic(target.stream());
         let running = Running::of(target, "kafka").await;
         let tag = format!("k-{}", target.consumer());
-        // (key, body, headers)
-        let mut poison: Vec<(Vec<u8>, Vec<u8>, Vec<(&str, Vec<u8>)>)> = vec![
+        let mut poison: Vec<Record> = vec![
             (
                 b"P".to_vec(),
                 b"{".to_vec(),
@@ -395,6 +394,9 @@ async fn every_consumer_goes_past_the_worst_kafka_messages() {
         assert!(took < Duration::from_secs(30), "a canary took {took:?}");
     }
 }
+
+/// A Kafka record to produce: key, body and headers.
+type Record = (Vec<u8>, Vec<u8>, Vec<(&'static str, Vec<u8>)>);
 
 /// The records in `topic` (one partition), read to its end.
 async fn count_records(config: &KafkaConfig, topic: &str) -> i64 {
