@@ -7,6 +7,28 @@ use sink::signing::{Keyring, Refusal};
 
 use crate::{Incoming, Poison};
 
+/// A command with the message id it came under, which its answer names
+/// (`in_reply_to`).
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The message id.
+    pub id: String,
+    /// The command.
+    pub message: SagaMessage,
+}
+
+/// [`decode`] for a service's commands, keeping their message id.
+pub fn decode_command(
+    topics: &[Topic],
+    keys: &Keyring,
+    incoming: &Incoming,
+) -> Result<Received, Poison> {
+    Ok(Received {
+        id: incoming.id.clone().unwrap_or_default(),
+        message: decode(topics, keys, incoming)?,
+    })
+}
+
 /// Decodes a saga message that must travel on one of `topics`, telling
 /// apart the kinds of poison; on a topic `keys` covers, its signature must
 /// be one of the topic's keys (`unsigned` or `forged` otherwise).

@@ -1,7 +1,8 @@
 //! The consumer of the saga's stock commands.
 
+use inbox::saga::Received;
 use inbox::{Handler, Incoming, Poison};
-use saga::{Kind, SagaMessage, Topic};
+use saga::{Kind, Topic};
 use sink::signing::Keyring;
 use sqlx::PgConnection;
 use store::saga::SagaRoute;
@@ -34,13 +35,14 @@ impl Inventory {
 
 #[async_trait::async_trait]
 impl Handler for Inventory {
-    type Message = SagaMessage;
+    type Message = Received;
 
-    fn decode(&self, incoming: &Incoming) -> Result<SagaMessage, Poison> {
-        inbox::saga::decode(&[Topic::ReserveCommands], &self.keys, incoming)
+    fn decode(&self, incoming: &Incoming) -> Result<Received, Poison> {
+        inbox::saga::decode_command(&[Topic::ReserveCommands], &self.keys, incoming)
     }
 
-    async fn apply(&self, conn: &mut PgConnection, m: &SagaMessage) -> sqlx::Result<()> {
+    async fn apply(&self, conn: &mut PgConnection, r: &Received) -> sqlx::Result<()> {
+        let m = &r.message;
         let reply = match m.kind {
             Kind::ReserveStock => Some(stock::reserve(conn, &m.order_id, &m.lines).await?),
             Kind::ReleaseStock => stock::release(conn, &m.order_id).await?,
@@ -48,7 +50,10 @@ impl Handler for Inventory {
             other => unreachable!("decode admits only stock commands, not {other}"),
         };
         match reply {
-            Some(reply) => Ok(store::saga::send(conn, &self.route, &reply).await?),
+            Some(reply) => {
+                let reply = reply.replying_to(&r.id);
+                Ok(store::saga::send(conn, &self.route, &reply).await?)
+            }
             None => Ok(()),
         }
     }

@@ -10,7 +10,7 @@ use inbox::{Handler, Incoming, Poison};
 use saga::{Event, Kind, SagaMessage, Topic};
 use sink::signing::Keyring;
 use sqlx::PgConnection;
-use store::saga::Applied;
+use store::saga::{Applied, Reply};
 use store::Store;
 use worker::{Job, JobError, Progress, Scope};
 
@@ -92,6 +92,9 @@ pub struct Answer {
     id: String,
     order: OrderId,
     event: Event,
+    /// The command it answers, and what it names of it.
+    command: Kind,
+    in_reply_to: Option<String>,
     /// What a `PaymentSucceeded` says was charged.
     charged: Option<Money>,
 }
@@ -125,13 +128,16 @@ impl Handler for Orchestrator {
 
     fn decode(&self, incoming: &Incoming) -> Result<Answer, Poison> {
         let message: SagaMessage = inbox::saga::decode(&TOPICS, &self.keys, incoming)?;
-        let event = Event::of(&message)
-            .ok_or_else(|| Poison::new("unknown_type", format!("{} is no answer", message.kind)))?;
+        let no_answer = || Poison::new("unknown_type", format!("{} is no answer", message.kind));
+        let event = Event::of(&message).ok_or_else(no_answer)?;
+        let command = message.kind.answers().ok_or_else(no_answer)?;
         let order = OrderId::parse(&message.order_id).map_err(|e| Poison::new("invalid", e))?;
         Ok(Answer {
             id: incoming.id.clone().unwrap_or_default(),
             order,
             event,
+            command,
+            in_reply_to: message.in_reply_to,
             charged: (message.kind == Kind::PaymentSucceeded)
                 .then_some(message.amount)
                 .flatten(),
@@ -146,7 +152,11 @@ impl Handler for Orchestrator {
                 &answer.order,
                 &answer.event,
                 &answer.id,
-                answer.charged,
+                Some(Reply {
+                    command: answer.command,
+                    in_reply_to: answer.in_reply_to.as_deref(),
+                    charged: answer.charged,
+                }),
             )
             .await?;
         let metrics = SagaMetrics::get();

@@ -253,6 +253,20 @@ impl Platform {
             .unwrap();
     }
 
+    /// The message id of the latest `kind` command the saga of `order` sent.
+    async fn command_id(&self, order: &str, kind: Kind) -> String {
+        sqlx::query_scalar::<_, uuid::Uuid>(
+            "SELECT event_id FROM outbox WHERE aggregateid = $1 AND type = $2
+             ORDER BY id DESC LIMIT 1",
+        )
+        .bind(order)
+        .bind(kind.as_str())
+        .fetch_one(self.orders.pool())
+        .await
+        .unwrap()
+        .to_string()
+    }
+
     async fn saga_state(&self, id: &str) -> (String, i64, Option<String>) {
         sqlx::query_as("SELECT state, version, reason FROM sagas WHERE order_id = $1")
             .bind(id)
@@ -543,7 +557,8 @@ async fn a_replayed_or_repeated_answer_changes_nothing() {
         orchestrator::Orchestrator::new(p.orders.clone()),
         metrics(),
     );
-    let reserved = SagaMessage::new(Kind::StockReserved, "R-1");
+    let reserve = p.command_id("R-1", Kind::ReserveStock).await;
+    let reserved = SagaMessage::new(Kind::StockReserved, "R-1").replying_to(&reserve);
     assert_eq!(
         saga.process(&[incoming("a-1", &reserved)]).await.unwrap(),
         [Verdict::Applied]
@@ -702,10 +717,13 @@ fn signed(id: &str, message: &SagaMessage, keys: &Keyring) -> Incoming {
     m
 }
 
-/// The class of a dead verdict.
-fn dead_class(verdicts: Vec<Verdict>) -> &'static str {
+/// The class of a dead verdict, checking that its reason says `why`.
+fn dead_class(verdicts: Vec<Verdict>, why: &str) -> &'static str {
     match verdicts.as_slice() {
-        [Verdict::Dead(p)] => p.class,
+        [Verdict::Dead(p)] => {
+            assert!(p.reason.contains(why), "{p:?} does not say {why:?}");
+            p.class
+        }
         other => panic!("not dead: {other:?}"),
     }
 }
@@ -727,25 +745,46 @@ async fn forged_answers_are_dead_lettered_and_conservation_holds() {
         orchestrator::Orchestrator::new(p.orders.clone()).with_keys(keys()),
         metrics(),
     );
-    let paid = SagaMessage::new(Kind::PaymentSucceeded, "F-1").amount("250".parse().unwrap());
+    let charge = p.command_id("F-1", Kind::ChargePayment).await;
+    let paid = SagaMessage::new(Kind::PaymentSucceeded, "F-1")
+        .amount("250".parse().unwrap())
+        .replying_to(&charge);
     let wrong_key: Keyring = "payment=someone-else-0123456789abcdef0123456789"
         .parse()
         .unwrap();
     let no_keys = Keyring::default();
-    for (id, message, keys, class) in [
-        ("f-1", &paid, &no_keys, "unsigned"),
-        ("f-2", &paid, &wrong_key, "forged"),
+    for (id, message, keys, class, why) in [
+        ("f-1", &paid, &no_keys, "unsigned", "no signature"),
+        ("f-2", &paid, &wrong_key, "forged", "not one of its keys"),
         // Signed, as a payments that holds the key could, but not what the
-        // saga asked for.
+        // saga asked for: another amount, no command named, or one the
+        // saga never sent.
         (
             "f-3",
-            &SagaMessage::new(Kind::PaymentSucceeded, "F-1").amount("1".parse().unwrap()),
+            &SagaMessage::new(Kind::PaymentSucceeded, "F-1")
+                .amount("1".parse().unwrap())
+                .replying_to(&charge),
             &keys(),
             "apply_failed",
+            "the saga asked for 250",
+        ),
+        (
+            "f-4",
+            &SagaMessage::new(Kind::PaymentSucceeded, "F-1").amount("250".parse().unwrap()),
+            &keys(),
+            "apply_failed",
+            "names no command",
+        ),
+        (
+            "f-5",
+            &paid.clone().replying_to(&uuid::Uuid::now_v7().to_string()),
+            &keys(),
+            "apply_failed",
+            "sent no ChargePayment",
         ),
     ] {
         let verdicts = saga.process(&[signed(id, message, keys)]).await.unwrap();
-        assert_eq!(dead_class(verdicts), class, "{id}");
+        assert_eq!(dead_class(verdicts, why), class, "{id}");
         assert_eq!(
             p.saga_state("F-1").await.0,
             "reserved",
@@ -754,8 +793,8 @@ async fn forged_answers_are_dead_lettered_and_conservation_holds() {
     }
     // A forged StockReserved for an order still pending is refused alike.
     let reserved = SagaMessage::new(Kind::StockReserved, "F-1");
-    let verdicts = saga.process(&[incoming("f-4", &reserved)]).await.unwrap();
-    assert_eq!(dead_class(verdicts), "unsigned");
+    let verdicts = saga.process(&[incoming("f-6", &reserved)]).await.unwrap();
+    assert_eq!(dead_class(verdicts, "no signature"), "unsigned");
 
     // Payments returns: its real answer (no funds) is the one that counts.
     p.pump().await;
@@ -780,14 +819,17 @@ async fn a_forged_or_mismatched_refund_is_dead_lettered_and_moves_no_money() {
     );
     let refund = SagaMessage::new(Kind::RefundPayment, "R-9");
     let verdicts = payments.process(&[incoming("r-1", &refund)]).await.unwrap();
-    assert_eq!(dead_class(verdicts), "unsigned");
+    assert_eq!(dead_class(verdicts, "no signature"), "unsigned");
     // Signed, but not the charge the saga made.
     let other = refund.clone().amount("49.99".parse().unwrap());
     let verdicts = payments
         .process(&[signed("r-2", &other, &keys())])
         .await
         .unwrap();
-    assert_eq!(dead_class(verdicts), "apply_failed");
+    assert_eq!(
+        dead_class(verdicts, "does not match its charge"),
+        "apply_failed"
+    );
     let (balance, state): (Decimal, String) = sqlx::query_as(
         "SELECT a.balance, p.state FROM accounts a JOIN payments p ON p.account_id = a.account_id
          WHERE p.order_id = 'R-9'",

@@ -1,8 +1,9 @@
 //! The consumer of the saga's payment commands.
 
 use domain::Money;
+use inbox::saga::Received;
 use inbox::{Handler, Incoming, Poison};
-use saga::{Kind, SagaMessage, Topic};
+use saga::{Kind, Topic};
 use sink::signing::Keyring;
 use sqlx::PgConnection;
 use store::saga::SagaRoute;
@@ -35,13 +36,14 @@ impl Payments {
 
 #[async_trait::async_trait]
 impl Handler for Payments {
-    type Message = SagaMessage;
+    type Message = Received;
 
-    fn decode(&self, incoming: &Incoming) -> Result<SagaMessage, Poison> {
-        inbox::saga::decode(&[Topic::PaymentCommands], &self.keys, incoming)
+    fn decode(&self, incoming: &Incoming) -> Result<Received, Poison> {
+        inbox::saga::decode_command(&[Topic::PaymentCommands], &self.keys, incoming)
     }
 
-    async fn apply(&self, conn: &mut PgConnection, m: &SagaMessage) -> sqlx::Result<()> {
+    async fn apply(&self, conn: &mut PgConnection, r: &Received) -> sqlx::Result<()> {
+        let m = &r.message;
         let reply = match m.kind {
             Kind::ChargePayment => {
                 // decode checked both.
@@ -52,6 +54,6 @@ impl Handler for Payments {
             Kind::RefundPayment => ledger::refund(conn, &m.order_id, m.amount).await?,
             other => unreachable!("decode admits only payment commands, not {other}"),
         };
-        Ok(store::saga::send(conn, &self.route, &reply).await?)
+        Ok(store::saga::send(conn, &self.route, &reply.replying_to(&r.id)).await?)
     }
 }

@@ -93,6 +93,18 @@ impl Kind {
         }
     }
 
+    /// For an answer, the command it answers.
+    pub fn answers(self) -> Option<Kind> {
+        match self {
+            Kind::StockReserved | Kind::StockFailed => Some(Kind::ReserveStock),
+            Kind::StockReleased => Some(Kind::ReleaseStock),
+            Kind::StockCommitted => Some(Kind::CommitStock),
+            Kind::PaymentSucceeded | Kind::PaymentFailed => Some(Kind::ChargePayment),
+            Kind::PaymentRefunded => Some(Kind::RefundPayment),
+            _ => None,
+        }
+    }
+
     /// The topic it travels on.
     pub fn topic(self) -> Topic {
         match self {
@@ -203,6 +215,9 @@ pub struct SagaMessage {
     /// `StockFailed`, `PaymentFailed`, `OrderCancelled`: why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// An answer: the message id of the command it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_reply_to: Option<String>,
 }
 
 impl SagaMessage {
@@ -215,7 +230,14 @@ impl SagaMessage {
             account_id: None,
             amount: None,
             reason: None,
+            in_reply_to: None,
         }
+    }
+
+    /// Answering the command with message id `command`.
+    pub fn replying_to(mut self, command: &str) -> Self {
+        self.in_reply_to = Some(command.to_owned());
+        self
     }
 
     /// With `reason`.

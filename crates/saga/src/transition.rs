@@ -165,6 +165,22 @@ pub enum Command {
     NotifyCancelled,
 }
 
+impl Command {
+    /// The message it is sent as.
+    pub fn kind(self) -> crate::Kind {
+        use crate::Kind as K;
+        match self {
+            Command::Reserve => K::ReserveStock,
+            Command::Release => K::ReleaseStock,
+            Command::Commit => K::CommitStock,
+            Command::Charge => K::ChargePayment,
+            Command::Refund => K::RefundPayment,
+            Command::NotifyCompleted => K::OrderCompleted,
+            Command::NotifyCancelled => K::OrderCancelled,
+        }
+    }
+}
+
 /// A step of the order's state chain (seed 001), in the order recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Step {

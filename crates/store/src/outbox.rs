@@ -123,6 +123,8 @@ pub(crate) async fn enqueue(
 /// save: the saga's commands and outcomes, and the services' answers.
 #[derive(Debug, Clone)]
 pub struct OutboxEvent {
+    /// Its id, the consumers' inbox key.
+    pub event_id: Uuid,
     /// Who gets it: a broker (`kafka`, `rabbitmq`) or a local consumer.
     pub destination: Destination,
     /// Debezium's `aggregatetype`: the topic.
@@ -138,7 +140,7 @@ pub struct OutboxEvent {
 }
 
 /// Writes `events` to the outbox in the caller's transaction and wakes the
-/// relays on commit; each gets its own event id.
+/// relays on commit.
 pub async fn write_events(conn: &mut PgConnection, events: &[OutboxEvent]) -> Result<()> {
     if events.is_empty() {
         return Ok(());
@@ -151,7 +153,7 @@ pub async fn write_events(conn: &mut PgConnection, events: &[OutboxEvent]) -> Re
          FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
                      $7::jsonb[]) AS e",
     )
-    .bind(events.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.event_id).collect::<Vec<_>>())
     .bind(column(|e| e.destination.as_str().to_owned()))
     .bind(column(|e| e.aggregate_type.to_owned()))
     .bind(column(|e| e.aggregate_id.clone()))

@@ -96,6 +96,30 @@ struct Row {
     amount: Money,
     lines: Vec<Line>,
     reason: Option<String>,
+    /// The commands sent, as `<type>/<event id>`.
+    sent: Vec<String>,
+}
+
+/// What an answer says of the command it answers.
+#[derive(Debug, Clone, Copy)]
+pub struct Reply<'a> {
+    /// The command's type, by the answer's (`ChargePayment` for a
+    /// `PaymentSucceeded`).
+    pub command: Kind,
+    /// The message id it names in `in_reply_to`.
+    pub in_reply_to: Option<&'a str>,
+    /// What a `PaymentSucceeded` says was charged.
+    pub charged: Option<Money>,
+}
+
+/// The commands a transition sends, each with its event id.
+fn with_ids(commands: &[Command]) -> Vec<(Command, Uuid)> {
+    commands.iter().map(|c| (*c, Uuid::now_v7())).collect()
+}
+
+/// How `sent` names a command: `<type>/<event id>`.
+fn sent_entry((command, id): &(Command, Uuid)) -> String {
+    format!("{}/{id}", command.kind())
 }
 
 /// Starts the saga of an order just created with `checkout`: the row, the
@@ -111,18 +135,6 @@ pub(crate) async fn start(
         return Err(Error::SagasDisabled);
     }
     let first = saga::transition::start();
-    sqlx::query(
-        "INSERT INTO sagas (order_id, state, account_id, amount, lines, deadline_at)
-         VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))",
-    )
-    .bind(order.as_str())
-    .bind(first.state.as_str())
-    .bind(&checkout.account_id)
-    .bind(amount.0)
-    .bind(Json(&checkout.reserve))
-    .bind(config.step_timeout.as_secs_f64())
-    .execute(&mut *conn)
-    .await?;
     let row = Row {
         state: first.state,
         version: 1,
@@ -130,9 +142,25 @@ pub(crate) async fn start(
         amount,
         lines: checkout.reserve.clone(),
         reason: None,
+        sent: Vec::new(),
     };
+    let commands = with_ids(&first.commands);
+    let sent: Vec<String> = commands.iter().map(sent_entry).collect();
+    sqlx::query(
+        "INSERT INTO sagas (order_id, state, account_id, amount, lines, deadline_at, sent)
+         VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6), $7)",
+    )
+    .bind(order.as_str())
+    .bind(first.state.as_str())
+    .bind(&checkout.account_id)
+    .bind(amount.0)
+    .bind(Json(&checkout.reserve))
+    .bind(config.step_timeout.as_secs_f64())
+    .bind(&sent)
+    .execute(&mut *conn)
+    .await?;
     record(conn, order, &first.steps, &Uuid::now_v7().to_string(), None).await?;
-    send_commands(conn, config, order, &row, &first.commands).await
+    send_commands(conn, config, order, &row, &commands).await
 }
 
 /// Applies `event` (caused by message `cause`) to the saga of `order`
@@ -145,21 +173,13 @@ async fn apply(
     order: &OrderId,
     event: &Event,
     cause: &str,
-    charged: Option<Money>,
+    reply: Option<Reply<'_>>,
 ) -> Result<Applied> {
     let Some(row) = lock(conn, order).await? else {
         return Ok(Applied::NoSaga);
     };
-    // A charge answers the saga's ChargePayment only with the amount it
-    // asked for.
-    if let Some(charged) = charged.filter(|c| *c != row.amount) {
-        return Err(Error::AnswerMismatch {
-            order: order.clone(),
-            detail: format!(
-                "PaymentSucceeded carries {charged}; the saga asked for {}",
-                row.amount
-            ),
-        });
+    if let Some(reply) = reply {
+        check_reply(order, &row, &reply)?;
     }
     let Some(t) = saga::transition(row.state, event) else {
         return Ok(Applied::Ignored(row.state));
@@ -180,6 +200,39 @@ async fn apply(
     Ok(Applied::Moved(t.state))
 }
 
+/// Refuses an answer that does not answer a command this saga sent, or a
+/// charge of another amount than the one asked for.
+fn check_reply(order: &OrderId, row: &Row, reply: &Reply<'_>) -> Result<()> {
+    let mismatch = |detail: String| {
+        Err(Error::AnswerMismatch {
+            order: order.clone(),
+            detail,
+        })
+    };
+    // Sagas started before commands were recorded name none.
+    if !row.sent.is_empty() {
+        let named = reply.in_reply_to.unwrap_or_default();
+        let entry = format!("{}/{named}", reply.command);
+        if !row.sent.contains(&entry) {
+            return mismatch(if named.is_empty() {
+                format!(
+                    "the answer names no command (in_reply_to); it answers a {}",
+                    reply.command
+                )
+            } else {
+                format!("the saga sent no {} with id {named}", reply.command)
+            });
+        }
+    }
+    match reply.charged {
+        Some(charged) if charged != row.amount => mismatch(format!(
+            "PaymentSucceeded carries {charged}; the saga asked for {}",
+            row.amount
+        )),
+        _ => Ok(()),
+    }
+}
+
 async fn lock(conn: &mut PgConnection, order: &OrderId) -> Result<Option<Row>> {
     type Raw = (
         String,
@@ -190,17 +243,18 @@ async fn lock(conn: &mut PgConnection, order: &OrderId) -> Result<Option<Row>> {
         rust_decimal::Decimal,
         Json<Vec<Line>>,
         Option<String>,
+        Vec<String>,
     );
     let raw: Option<Raw> = sqlx::query_as(
         "SELECT state, awaiting_release, awaiting_refund, version, account_id, amount, lines,
-                reason
+                reason, sent
          FROM sagas WHERE order_id = $1 FOR UPDATE",
     )
     .bind(order.as_str())
     .fetch_optional(&mut *conn)
     .await?;
     raw.map(
-        |(state, release, refund, version, account_id, amount, lines, reason)| {
+        |(state, release, refund, version, account_id, amount, lines, reason, sent)| {
             Ok(Row {
                 state: State::parse(&state, release, refund)
                     .ok_or_else(|| Error::Invariant(format!("saga state {state:?}")))?,
@@ -209,6 +263,7 @@ async fn lock(conn: &mut PgConnection, order: &OrderId) -> Result<Option<Row>> {
                 amount: Money(amount),
                 lines: lines.0,
                 reason,
+                sent,
             })
         },
     )
@@ -225,11 +280,24 @@ async fn write(
 ) -> Result<()> {
     let config = store.saga_config();
     let (release, refund) = t.state.awaiting();
+    let reason = row.reason.clone().or_else(|| t.reason.clone());
+    let next = Row {
+        version: row.version + 1,
+        reason: reason.clone(),
+        state: t.state,
+        account_id: row.account_id.clone(),
+        amount: row.amount,
+        lines: row.lines.clone(),
+        sent: Vec::new(),
+    };
+    let commands = with_ids(&t.commands);
+    let sent: Vec<String> = commands.iter().map(sent_entry).collect();
     let updated = sqlx::query(
         "UPDATE sagas SET state = $3, awaiting_release = $4, awaiting_refund = $5,
              version = version + 1, reason = coalesce(reason, $6),
              deadline_at = CASE WHEN $7 THEN now() + make_interval(secs => $8) END,
-             finished_at = CASE WHEN $7 THEN NULL ELSE now() END, updated_at = now()
+             finished_at = CASE WHEN $7 THEN NULL ELSE now() END, updated_at = now(),
+             sent = sent || $9
          WHERE order_id = $1 AND version = $2",
     )
     .bind(order.as_str())
@@ -240,6 +308,7 @@ async fn write(
     .bind(&t.reason)
     .bind(t.deadline == Deadline::Start)
     .bind(config.step_timeout.as_secs_f64())
+    .bind(&sent)
     .execute(&mut *conn)
     .await?
     .rows_affected();
@@ -249,21 +318,12 @@ async fn write(
             "saga {order} changed under its lock"
         )));
     }
-    let reason = row.reason.clone().or_else(|| t.reason.clone());
     let detail = t.reason.as_deref().or(match t.steps.last() {
         Some(Step::OrderCancelled) => reason.as_deref(),
         _ => None,
     });
     record(conn, order, &t.steps, cause, detail).await?;
-    let row = Row {
-        version: row.version + 1,
-        reason,
-        state: t.state,
-        account_id: row.account_id.clone(),
-        amount: row.amount,
-        lines: row.lines.clone(),
-    };
-    send_commands(conn, config, order, &row, &t.commands).await
+    send_commands(conn, config, order, &next, &commands).await
 }
 
 /// Appends `steps` to the chain; a step already recorded stays as it was.
@@ -301,12 +361,12 @@ async fn send_commands(
     config: &SagaConfig,
     order: &OrderId,
     row: &Row,
-    commands: &[Command],
+    commands: &[(Command, Uuid)],
 ) -> Result<()> {
     let route = config.route.as_ref().ok_or(Error::SagasDisabled)?;
     let events: Vec<OutboxEvent> = commands
         .iter()
-        .map(|c| event(route, &message(order.as_str(), row, *c), row.version))
+        .map(|(c, id)| event(route, &message(order.as_str(), row, *c), row.version, *id))
         .collect();
     write_events(conn, &events).await
 }
@@ -314,12 +374,13 @@ async fn send_commands(
 /// Writes one saga message (a service's answer) to the outbox along
 /// `route`, keyed by its order.
 pub async fn send(conn: &mut PgConnection, route: &SagaRoute, message: &SagaMessage) -> Result<()> {
-    write_events(conn, &[event(route, message, 1)]).await
+    write_events(conn, &[event(route, message, 1, Uuid::now_v7())]).await
 }
 
-fn event(route: &SagaRoute, message: &SagaMessage, version: i64) -> OutboxEvent {
+fn event(route: &SagaRoute, message: &SagaMessage, version: i64, id: Uuid) -> OutboxEvent {
     let topic = message.kind.topic();
     OutboxEvent {
+        event_id: id,
         destination: route.destination(topic),
         aggregate_type: topic.as_str(),
         aggregate_id: message.order_id.clone(),
@@ -352,17 +413,17 @@ fn message(order: &str, row: &Row, command: Command) -> SagaMessage {
 impl Store {
     /// Applies `event`, caused by message `cause`, to the saga of `order` in
     /// the caller's transaction (the orchestrator's inbox transaction).
-    /// `charged` is what a `PaymentSucceeded` says was charged: anything
-    /// but the saga's amount is refused ([`Error::AnswerMismatch`]).
+    /// An answer's `reply` must name a command the saga sent (and a
+    /// charge its amount): otherwise [`Error::AnswerMismatch`].
     pub async fn apply_saga_event(
         &self,
         conn: &mut PgConnection,
         order: &OrderId,
         event: &Event,
         cause: &str,
-        charged: Option<Money>,
+        reply: Option<Reply<'_>>,
     ) -> Result<Applied> {
-        apply(conn, self, order, event, cause, charged).await
+        apply(conn, self, order, event, cause, reply).await
     }
 
     /// Applies [`Event::DeadlinePassed`] to up to `limit` sagas whose step
