@@ -303,6 +303,23 @@ def test_dockerfile():
     assert "target/" in ignored and ".git/" in ignored
 
 
+def test_broker_users(production):
+    """A role given its own broker user reads that Secret; the others keep the shared one."""
+    values = {**production, "broker": {**production["broker"], "users": {
+        "inventory": {"existingSecret": "inventory-broker", "existingSecretKey": "url"}}}}
+    docs = render(values)
+    brokers = {}
+    for d in by_kind(docs, "Deployment"):
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            b = env(c, "BROKER")
+            if b:
+                brokers[d["metadata"]["name"]] = b["valueFrom"]["secretKeyRef"]
+    inventory = [name for name in brokers if name.endswith("saga-inventory")]
+    assert inventory and brokers[inventory[0]] == {"name": "inventory-broker", "key": "url"}, brokers
+    shared = {(r["name"], r["key"]) for name, r in brokers.items() if name not in inventory}
+    assert len(shared) == 1 and ("inventory-broker", "url") not in shared, shared
+
+
 def main():
     defaults, production = {}, PRODUCTION
     checks = [
@@ -313,6 +330,7 @@ def main():
         ("custom resources: PrometheusRule, ServiceMonitors, dashboard", lambda: test_custom_resources(render(production))),
         ("rendered contract: default values", lambda: test_rendered_contract(render(defaults))),
         ("rendered contract: production values", lambda: test_rendered_contract(render(production))),
+        ("broker users per role", lambda: test_broker_users(production)),
         ("values.schema.json refuses bad values", lambda: test_schema_refuses([
             ("an unknown top-level key", {"replicas": 3}),
             ("an unknown nested key", {"api": {"replicas": 3}}),
@@ -326,6 +344,7 @@ def main():
             ("an unknown saga role", {"saga": {"shipping": {"replicaCount": 1}}}),
             ("a cache budget that is no size", {"api": {"cache": {"budget": "lots"}}}),
             ("an ingest source with a space", {"consumers": {"ingest": {"source": "orders in"}}}),
+            ("a broker user for an unknown role", {"broker": {"users": {"shipping": {"existingSecret": "s"}}}}),
         ])),
         ("skaffold.yaml", test_skaffold),
         ("Dockerfile", test_dockerfile),

@@ -100,35 +100,41 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
-{{/* Environment shared by every orders-center container. */}}
+{{/*
+Environment shared by every orders-center container; called with
+(dict "root" $ "role" "<role>"). A role named in broker.users reads the
+broker as its own user.
+*/}}
 {{- define "orders-center.commonEnv" -}}
+{{- $root := .root }}
+{{- $user := get ($root.Values.broker.users | default dict) .role | default dict }}
 - name: DATABASE_URL
   valueFrom:
     secretKeyRef:
-      name: {{ include "orders-center.databaseSecret" . }}
-      key: {{ .Values.database.existingSecretKey }}
+      name: {{ include "orders-center.databaseSecret" $root }}
+      key: {{ $root.Values.database.existingSecretKey }}
 - name: LOG_FORMAT
-  value: {{ .Values.logFormat | quote }}
-{{- with .Values.otel.endpoint }}
+  value: {{ $root.Values.logFormat | quote }}
+{{- with $root.Values.otel.endpoint }}
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
   value: {{ . | quote }}
 {{- end }}
-{{- if include "orders-center.brokerEnabled" . }}
+{{- if include "orders-center.brokerEnabled" $root }}
 # The API routes events to the broker; the relay publishes; consumers read.
 - name: BROKER
   valueFrom:
     secretKeyRef:
-      name: {{ include "orders-center.brokerSecret" . }}
-      key: {{ .Values.broker.existingSecretKey }}
+      name: {{ $user.existingSecret | default (include "orders-center.brokerSecret" $root) }}
+      key: {{ $user.existingSecretKey | default $root.Values.broker.existingSecretKey }}
 - name: BROKER_PREFIX
-  value: {{ .Values.broker.prefix | quote }}
+  value: {{ $root.Values.broker.prefix | quote }}
 {{- end }}
-{{- if .Values.saga.enabled }}
+{{- if $root.Values.saga.enabled }}
 # Orders created with a checkout start a saga; its steps are due in this.
 - name: SAGAS
   value: "true"
 - name: SAGA_STEP_TIMEOUT
-  value: {{ .Values.saga.stepTimeout | quote }}
+  value: {{ $root.Values.saga.stepTimeout | quote }}
 {{- end }}
 {{- end }}
 

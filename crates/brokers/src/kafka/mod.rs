@@ -125,6 +125,18 @@ impl KafkaConfig {
         for result in admin.create_topics(&topics, &options).await? {
             match result {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                // A least-privilege user may not create topics: then an
+                // administrator has, or the consumer will say what is missing.
+                Err((
+                    topic,
+                    RDKafkaErrorCode::TopicAuthorizationFailed
+                    | RDKafkaErrorCode::ClusterAuthorizationFailed,
+                )) => {
+                    tracing::warn!(
+                        topic,
+                        "not allowed to create this topic; it must exist already"
+                    );
+                }
                 Err((topic, code)) => {
                     return Err(Error::Topic {
                         topic,
