@@ -558,7 +558,20 @@ pub async fn saga_run(sys: &mut System, broker: Broker, outage: Duration) -> Res
     };
     let url = broker.url();
     let prefix = format!("fs-saga-{name}-");
+    // Every saga message travels signed, as the chart runs it.
+    let keys = saga::Topic::ALL
+        .iter()
+        .map(|t| {
+            format!(
+                "{}=fault-suite-{}-0123456789abcdef0123456789",
+                t.as_str(),
+                t.as_str()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(",");
     let env = [
+        ("SAGA_KEYS", keys.as_str()),
         ("BROKER", url.as_str()),
         ("BROKER_PREFIX", prefix.as_str()),
         ("BROKER_TIMEOUT", "3s"),
@@ -670,6 +683,7 @@ pub async fn saga_run(sys: &mut System, broker: Broker, outage: Duration) -> Res
 
     roles.stop().await?;
     sys.clear_relay_env(&[
+        "SAGA_KEYS",
         "BROKER",
         "BROKER_PREFIX",
         "BROKER_TIMEOUT",
