@@ -37,11 +37,12 @@ const LAG_EVERY: Duration = Duration::from_secs(2);
 /// transaction commits and its poison is confirmed in `<queue>.dead`.
 ///
 /// After a session fails, the next one starts careful: one unacknowledged
-/// message at a time until its first acknowledgement. When lapin cannot
-/// parse a message it drops the connection, and the broker counts a
-/// delivery against every message then unacknowledged. Read one at a time,
-/// only the poison is counted again, so it reaches the queue's delivery
-/// limit and is dead-lettered while the messages behind it are not.
+/// message at a time until it has applied one that was not redelivered.
+/// When lapin cannot parse a message it drops the connection, and the
+/// broker counts a delivery against every message then unacknowledged and
+/// hands them out again before any other. Read one at a time, only the
+/// poison is counted again, so it reaches the queue's delivery limit and is
+/// dead-lettered while the messages behind it are not.
 pub async fn consume<C: Consumer + ?Sized>(
     config: &RabbitConfig,
     subscription: &RabbitSubscription,
@@ -67,9 +68,9 @@ pub async fn consume<C: Consumer + ?Sized>(
 enum Ended {
     /// Cancelled: stop.
     Shutdown,
-    /// A careful consumer acknowledged a message and was cancelled, with
-    /// every delivery it had applied and acknowledged: consume at full
-    /// prefetch now.
+    /// A careful consumer got past the redelivered messages and was
+    /// cancelled, with every delivery it had applied and acknowledged:
+    /// consume at full prefetch now.
     Settled,
 }
 
@@ -161,7 +162,9 @@ impl<C: Consumer + ?Sized> Run<'_, C> {
             if !self.apply(&deliveries).await? {
                 return Ok(Ended::Shutdown);
             }
-            if careful && !cancelling {
+            // Messages the broker took back come first, marked redelivered;
+            // the poison is one of them. A fresh one means they are behind.
+            if careful && !cancelling && deliveries.iter().any(|d| !d.redelivered) {
                 self.channel
                     .basic_cancel(self.inbox.consumer().into(), BasicCancelOptions::default())
                     .await?;
