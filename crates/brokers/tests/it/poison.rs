@@ -232,6 +232,26 @@ impl Running {
         .unwrap()
     }
 
+    /// Waits for the canary, up to 60 s; how long it took.
+    async fn until_applied(&self, target: Target, id: &str, tag: &str) -> Duration {
+        until(
+            Duration::from_secs(60),
+            &format!("{target:?}'s canary"),
+            || self.applied(target, id, tag),
+        )
+        .await
+    }
+
+    /// Waits until no consumer is stalled (what `/readyz` reads).
+    async fn until_not_stalled(&self, target: Target) {
+        until(
+            Duration::from_secs(20),
+            &format!("{target:?} not stalled"),
+            || async { self.metrics.stalled(Duration::ZERO).is_empty() },
+        )
+        .await;
+    }
+
     /// Dead letters the consumer kept in its database.
     async fn kept(&self) -> i64 {
         match &self.pool {
@@ -359,12 +379,7 @@ async fn every_consumer_goes_past_the_worst_kafka_messages() {
                     .unwrap()
             })
         };
-        let took = until(
-            Duration::from_secs(60),
-            &format!("{target:?}'s canary"),
-            || running.applied(target, &id, &tag),
-        )
-        .await;
+        let took = running.until_applied(target, &id, &tag).await;
         // Every poison dead: in `<topic>.dead`, or kept in the database.
         let dead = dead_topic(&topic);
         let want = poison.len() as i64;
@@ -380,12 +395,7 @@ async fn every_consumer_goes_past_the_worst_kafka_messages() {
             running.metrics.count(target.consumer(), "dead"),
             want as u64
         );
-        until(
-            Duration::from_secs(20),
-            &format!("{target:?} not stalled"),
-            || async { running.metrics.stalled(Duration::ZERO).is_empty() },
-        )
-        .await;
+        running.until_not_stalled(target).await;
         cancel.cancel();
         task.await.unwrap();
         took
@@ -515,12 +525,7 @@ async fn every_consumer_goes_past_the_worst_rabbitmq_messages() {
                     .unwrap()
             })
         };
-        let took = until(
-            Duration::from_secs(60),
-            &format!("{target:?}'s canary"),
-            || running.applied(target, &id, &tag),
-        )
-        .await;
+        let took = running.until_applied(target, &id, &tag).await;
         let dead = dead_queue(&config.queue(target.consumer(), target.stream()));
         until(
             Duration::from_secs(60),
@@ -541,12 +546,7 @@ async fn every_consumer_goes_past_the_worst_rabbitmq_messages() {
             },
         )
         .await;
-        until(
-            Duration::from_secs(20),
-            &format!("{target:?} not stalled"),
-            || async { running.metrics.stalled(Duration::ZERO).is_empty() },
-        )
-        .await;
+        running.until_not_stalled(target).await;
         cancel.cancel();
         task.await.unwrap();
         took
