@@ -277,6 +277,24 @@ async fn create(client: &Client, orders: Vec<(String, Value)>) -> Result<Saved> 
 }
 
 /// How many sagas of `ids` are over.
+/// Every notification the notifier at `base` keeps, page by page (the
+/// `Link` header names the next).
+async fn all_notifications(http: &reqwest::Client, base: &str) -> Result<Vec<Value>> {
+    let mut all = Vec::new();
+    let mut next = Some("/api/v1/notifications?limit=1000".to_owned());
+    while let Some(path) = next.take() {
+        let res = http.get(format!("{base}{path}")).send().await?;
+        next = res
+            .headers()
+            .get(reqwest::header::LINK)
+            .and_then(|l| l.to_str().ok())
+            .and_then(|l| Some(l.strip_prefix('<')?.split_once('>')?.0.to_owned()));
+        let page: Vec<Value> = res.json().await?;
+        all.extend(page);
+    }
+    Ok(all)
+}
+
 async fn finished(sys: &System, ids: &[String]) -> Result<usize> {
     let n: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM sagas
@@ -502,16 +520,7 @@ async fn check(sys: &System, roles: &Roles, run: &Run) -> Result<Outcomes> {
     let prefix = format!("{}-", run.tag);
     let deadline = Instant::now() + Duration::from_secs(60);
     let (notes, kept) = loop {
-        let all: Vec<Value> = sys
-            .http
-            .get(format!(
-                "{}/api/v1/notifications",
-                roles.url(Role::Notifier)
-            ))
-            .send()
-            .await?
-            .json()
-            .await?;
+        let all = all_notifications(&sys.http, roles.url(Role::Notifier)).await?;
         let notes: BTreeMap<String, String> = all
             .iter()
             .filter_map(|n| Some((n["order_id"].as_str()?, n["outcome"].as_str()?)))
