@@ -320,8 +320,37 @@ def test_broker_users(production):
     assert len(shared) == 1 and ("inventory-broker", "url") not in shared, shared
 
 
+def test_numbers_render_as_written(values, label):
+    """Every number that reaches an env var renders as the integer written.
+
+    Helm reads YAML numbers as float64, and `quote` printed 1048576 as
+    1.048576e+06, which the binary refused (`--body-limit-bytes`): the API
+    pods crash-looped on the default values, while lint and dry runs passed.
+    """
+    exponent = re.compile(r"^-?\d+(\.\d+)?[eE][+-]?\d+$")
+    docs = render(values)
+    seen = {}
+    for name, spec in pod_specs(docs):
+        for c in spec.get("containers", []) + spec.get("initContainers", []):
+            for e in c.get("env", []):
+                if "value" in e:
+                    assert not exponent.match(str(e["value"])), f"{label}: {name}/{e['name']}={e['value']}"
+                    seen[e["name"]] = e["value"]
+    want = {
+        "BODY_LIMIT_BYTES": values.get("api", {}).get("bodyLimitBytes", 1048576),
+        "DATABASE_MAX_CONNECTIONS": values.get("database", {}).get("maxConnections", 16),
+    }
+    for env_name, number in want.items():
+        assert seen.get(env_name) == str(number), f"{label}: {env_name}={seen.get(env_name)}, wrote {number}"
+
+
 def main():
     defaults, production = {}, PRODUCTION
+    large = {**production,
+             "api": {**production.get("api", {}), "bodyLimitBytes": 10485760},
+             "database": {**production.get("database", {}), "maxConnections": 1000000},
+             "relay": {**production.get("relay", {}), "batchSize": 2000000, "maxAttempts": 1000000},
+             "broker": {**production.get("broker", {}), "maxInFlight": 5000000}}
     checks = [
         ("lint: default values", lambda: test_lint(defaults, "defaults")),
         ("lint: production values", lambda: test_lint(production, "production")),
@@ -331,6 +360,9 @@ def main():
         ("rendered contract: default values", lambda: test_rendered_contract(render(defaults))),
         ("rendered contract: production values", lambda: test_rendered_contract(render(production))),
         ("broker users per role", lambda: test_broker_users(production)),
+        ("numbers render as written: default values", lambda: test_numbers_render_as_written(defaults, "defaults")),
+        ("numbers render as written: production values", lambda: test_numbers_render_as_written(production, "production")),
+        ("numbers render as written: millions", lambda: test_numbers_render_as_written(large, "millions")),
         ("values.schema.json refuses bad values", lambda: test_schema_refuses([
             ("an unknown top-level key", {"replicas": 3}),
             ("an unknown nested key", {"api": {"replicas": 3}}),

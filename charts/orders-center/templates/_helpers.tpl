@@ -138,6 +138,15 @@ broker as its own user.
 {{- end }}
 {{- end }}
 
+{{/*
+A number as the user wrote it. Helm reads YAML numbers as float64, and
+`quote` or `toString` print 1048576 as 1.048576e+06, which no integer flag
+takes: whole numbers print as integers, the rest as they are.
+*/}}
+{{- define "orders-center.number" -}}
+{{- if and (kindIs "float64" .) (eq (float64 .) (floor .)) }}{{ int64 . }}{{ else }}{{ . }}{{ end }}
+{{- end }}
+
 {{/* Secret holding one signing key per saga stream. */}}
 {{- define "orders-center.sagaKeysSecret" -}}
 {{- default (printf "%s-saga-keys" (include "orders-center.fullname" .)) .Values.saga.keys.existingSecret }}
