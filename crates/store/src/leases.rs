@@ -20,13 +20,16 @@ pub struct LeaseHeld {
 }
 
 impl Store {
-    /// Takes lease `name` for `holder` if it is free, expired or already
-    /// `holder`'s, and extends it by `duration`. `None` if someone else holds it.
+    /// Takes lease `name` for `holder` if it is free or expired, or, with
+    /// `renew` (the holder leads), if it is already `holder`'s; extends it
+    /// by `duration`. `None` if it was not taken. A holder that stepped
+    /// down must not renew its own row, or nobody else could ever take it.
     pub async fn try_acquire_lease(
         &self,
         name: &str,
         holder: &str,
         duration: Duration,
+        renew: bool,
     ) -> Result<Option<LeaseHeld>> {
         let held: Option<(DateTime<Utc>, i64)> = sqlx::query_as(
             "INSERT INTO leader_leases AS l (name, holder, acquired_at, renewed_at, expires_at, transitions)
@@ -39,12 +42,13 @@ impl Store {
                  expires_at = EXCLUDED.expires_at,
                  transitions = l.transitions
                      + CASE WHEN l.holder IS NOT DISTINCT FROM EXCLUDED.holder THEN 0 ELSE 1 END
-             WHERE l.holder = EXCLUDED.holder OR l.holder IS NULL OR l.expires_at < now()
+             WHERE ($4 AND l.holder = EXCLUDED.holder) OR l.holder IS NULL OR l.expires_at < now()
              RETURNING expires_at, transitions",
         )
         .bind(name)
         .bind(holder)
         .bind(duration.as_secs_f64())
+        .bind(renew)
         .fetch_optional(&self.pool)
         .await?;
         Ok(held.map(|(expires_at, transitions)| LeaseHeld {

@@ -22,9 +22,13 @@ pub struct LockError(pub String);
 /// One lease, as a backend implements it.
 #[async_trait]
 pub trait LeaseLock: Send + Sync {
-    /// Takes the lease if it is free or expired, or renews it if held.
-    /// `Ok(true)`: this process holds it now. `Ok(false)`: another does.
-    async fn try_acquire_or_renew(&self) -> Result<bool, LockError>;
+    /// Takes the lease if it is free or expired, or, while `leading`,
+    /// renews it. A lease that names this process while it does not lead
+    /// (it stepped down, or a write it gave up on committed anyway) counts
+    /// as anyone's: renewing it would keep every other candidate out while
+    /// nobody leads. `Ok(true)`: this process holds it now. `Ok(false)`:
+    /// not.
+    async fn try_acquire_or_renew(&self, leading: bool) -> Result<bool, LockError>;
 
     /// Gives the lease up if this process holds it, so a successor can take
     /// over at once.
@@ -88,15 +92,20 @@ impl Elector {
         let freed = lock.freed().unwrap_or(never);
         let config = self.config;
         loop {
-            // While leading, no wait or request may run past the deadline.
+            // A leader's attempt may take what is left before its renew
+            // deadline, not more: it must step down on time even while a
+            // request hangs. Capping it at the retry period instead made a
+            // leader behind a slow API server (2.5 s per answer) time out
+            // every renewal and step down. A candidate's attempt gets a
+            // whole renew deadline.
             let deadline = self.renewed_at().map(|t| t + config.renew_deadline);
-            let budget = deadline.map_or(config.retry_period, |d| {
+            let budget = deadline.map_or(config.renew_deadline, |d| {
                 d.saturating_duration_since(Instant::now())
-                    .min(config.retry_period)
             });
+            let leading = self.is_leader();
             let attempt = tokio::select! {
                 () = shutdown.cancelled() => break,
-                a = tokio::time::timeout(budget, lock.try_acquire_or_renew()) => a,
+                a = tokio::time::timeout(budget, lock.try_acquire_or_renew(leading)) => a,
             };
             match attempt {
                 Ok(Ok(true)) => self.renewed(),

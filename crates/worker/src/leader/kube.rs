@@ -81,7 +81,7 @@ fn lock_error(e: kube::Error) -> LockError {
 
 #[async_trait]
 impl LeaseLock for KubeLease {
-    async fn try_acquire_or_renew(&self) -> Result<bool, LockError> {
+    async fn try_acquire_or_renew(&self, leading: bool) -> Result<bool, LockError> {
         let Some(mut lease) = self.api.get_opt(&self.name).await.map_err(lock_error)? else {
             let lease = Lease {
                 metadata: ObjectMeta {
@@ -108,7 +108,9 @@ impl LeaseLock for KubeLease {
         let spec = lease.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
         let mine = holder.as_deref() == Some(self.identity.as_str());
-        if holder.is_some() && !mine {
+        // Only a leader renews; a record naming us otherwise must expire
+        // like anyone's.
+        if holder.is_some() && !(mine && leading) {
             let theirs = spec.lease_duration_seconds.map_or(self.duration, |s| {
                 Duration::from_secs(u64::try_from(s).unwrap_or(0))
             });
@@ -117,7 +119,7 @@ impl LeaseLock for KubeLease {
             }
         }
         let mut next = spec.clone();
-        if !mine {
+        if !(mine && leading) {
             next.acquire_time = Some(now());
             next.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
         }

@@ -49,9 +49,9 @@ impl PgLease {
 
 #[async_trait]
 impl LeaseLock for PgLease {
-    async fn try_acquire_or_renew(&self) -> Result<bool, LockError> {
+    async fn try_acquire_or_renew(&self, leading: bool) -> Result<bool, LockError> {
         self.store
-            .try_acquire_lease(&self.name, &self.identity, self.duration)
+            .try_acquire_lease(&self.name, &self.identity, self.duration, leading)
             .await
             .map(|held| held.is_some())
             .map_err(|e| LockError(e.to_string()))

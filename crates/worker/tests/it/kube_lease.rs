@@ -108,7 +108,7 @@ fn reply(send: SendResponse<Response<Body>>, code: StatusCode, body: &Value) {
 #[tokio::test]
 async fn creates_the_lease_when_absent() {
     let (lock, mut api) = lease_lock(Duration::from_secs(15));
-    let attempt = tokio::spawn(async move { (lock.try_acquire_or_renew().await, lock) });
+    let attempt = tokio::spawn(async move { (lock.try_acquire_or_renew(false).await, lock) });
 
     let (_, send) = api.expect(Method::GET, LEASE).await;
     reply(send, StatusCode::NOT_FOUND, &status(404, "NotFound"));
@@ -128,7 +128,7 @@ async fn creates_the_lease_when_absent() {
 #[tokio::test]
 async fn renews_its_own_lease_with_optimistic_concurrency() {
     let (lock, mut api) = lease_lock(Duration::from_secs(15));
-    let attempt = tokio::spawn(async move { (lock.try_acquire_or_renew().await, lock) });
+    let attempt = tokio::spawn(async move { (lock.try_acquire_or_renew(true).await, lock) });
 
     let (_, send) = api.expect(Method::GET, LEASE).await;
     reply(send, StatusCode::OK, &lease(Some(ME), "7", 3));
@@ -158,7 +158,7 @@ async fn renews_its_own_lease_with_optimistic_concurrency() {
 #[tokio::test]
 async fn backs_off_while_another_holders_lease_is_valid() {
     let (lock, mut api) = lease_lock(Duration::from_secs(15));
-    let attempt = tokio::spawn(async move { (lock.try_acquire_or_renew().await, lock) });
+    let attempt = tokio::spawn(async move { (lock.try_acquire_or_renew(false).await, lock) });
 
     let (_, send) = api.expect(Method::GET, LEASE).await;
     reply(send, StatusCode::OK, &lease(Some("relay-1"), "5", 2));
@@ -176,14 +176,14 @@ async fn takes_over_an_expired_lease_with_one_more_transition() {
     let (lock, mut api) = lease_lock(Duration::from_secs(15));
     let lock = Arc::new(lock);
     let l = lock.clone();
-    let first = tokio::spawn(async move { l.try_acquire_or_renew().await });
+    let first = tokio::spawn(async move { l.try_acquire_or_renew(false).await });
     let (_, send) = api.expect(Method::GET, LEASE).await;
     reply(send, StatusCode::OK, &lease(Some("relay-1"), "5", 2));
     assert!(!first.await.unwrap().unwrap());
 
     tokio::time::advance(Duration::from_secs(16)).await;
     let l = lock.clone();
-    let second = tokio::spawn(async move { l.try_acquire_or_renew().await });
+    let second = tokio::spawn(async move { l.try_acquire_or_renew(false).await });
     let (_, send) = api.expect(Method::GET, LEASE).await;
     reply(send, StatusCode::OK, &lease(Some("relay-1"), "5", 2));
     let (taken, send) = api.expect(Method::PUT, LEASE).await;
@@ -201,7 +201,7 @@ async fn takes_over_an_expired_lease_with_one_more_transition() {
 #[tokio::test]
 async fn a_conflict_on_a_concurrent_take_over_means_not_leader() {
     let (lock, mut api) = lease_lock(Duration::from_secs(15));
-    let attempt = tokio::spawn(async move { (lock.try_acquire_or_renew().await, lock) });
+    let attempt = tokio::spawn(async move { (lock.try_acquire_or_renew(false).await, lock) });
 
     let (_, send) = api.expect(Method::GET, LEASE).await;
     reply(send, StatusCode::OK, &lease(None, "9", 4));
@@ -279,5 +279,32 @@ async fn releases_the_lease_on_shutdown() {
     assert_eq!(released["metadata"]["resourceVersion"], "2");
     assert!(!elector.is_leader());
     drop(elector);
+    api.no_more_calls().await;
+}
+
+/// A lease that still names us while we do not lead (we stepped down, or a
+/// write we gave up on committed) is not renewed: it must expire like
+/// anyone's, or no other candidate could ever take it.
+#[tokio::test(start_paused = true)]
+async fn a_lease_naming_us_is_not_renewed_unless_we_lead() {
+    let (lock, mut api) = lease_lock(Duration::from_secs(15));
+    let lock = Arc::new(lock);
+    let l = lock.clone();
+    let first = tokio::spawn(async move { l.try_acquire_or_renew(false).await });
+    let (_, send) = api.expect(Method::GET, LEASE).await;
+    reply(send, StatusCode::OK, &lease(Some(ME), "9", 4));
+    assert!(!first.await.unwrap().unwrap(), "no PUT: not ours to renew");
+
+    // Unchanged for a lease duration: expired, and then anyone's, ours too.
+    tokio::time::advance(Duration::from_secs(16)).await;
+    let l = lock.clone();
+    let second = tokio::spawn(async move { l.try_acquire_or_renew(false).await });
+    let (_, send) = api.expect(Method::GET, LEASE).await;
+    reply(send, StatusCode::OK, &lease(Some(ME), "9", 4));
+    let (taken, send) = api.expect(Method::PUT, LEASE).await;
+    reply(send, StatusCode::OK, &taken);
+    assert!(second.await.unwrap().unwrap());
+    assert_eq!(taken["spec"]["leaseTransitions"], 5, "a new term");
+    drop(lock);
     api.no_more_calls().await;
 }

@@ -122,3 +122,20 @@ async fn a_resigning_leader_hands_over_at_once() {
         c.task.await.unwrap();
     }
 }
+
+/// A lease row still naming a holder that does not lead is not renewed by
+/// it: it expires, and then anyone (the holder too) may take it.
+#[tokio::test]
+async fn a_lease_row_naming_us_is_renewed_only_while_we_lead() {
+    let store = Store::new(testkit::database().await.pool);
+    let held = |renew| store.try_acquire_lease("relay", "relay-0", Duration::from_secs(1), renew);
+    assert!(held(false).await.unwrap().is_some(), "a free lease is taken");
+    assert!(held(true).await.unwrap().is_some(), "a leader renews its own");
+    assert!(
+        held(false).await.unwrap().is_none(),
+        "not leading: our own live row is left to expire"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let again = held(false).await.unwrap().expect("expired: anyone's");
+    assert_eq!(again.transitions, 0, "the same holder: no transition");
+}
