@@ -129,8 +129,14 @@ async fn a_resigning_leader_hands_over_at_once() {
 async fn a_lease_row_naming_us_is_renewed_only_while_we_lead() {
     let store = Store::new(testkit::database().await.pool);
     let held = |renew| store.try_acquire_lease("relay", "relay-0", Duration::from_secs(1), renew);
-    assert!(held(false).await.unwrap().is_some(), "a free lease is taken");
-    assert!(held(true).await.unwrap().is_some(), "a leader renews its own");
+    assert!(
+        held(false).await.unwrap().is_some(),
+        "a free lease is taken"
+    );
+    assert!(
+        held(true).await.unwrap().is_some(),
+        "a leader renews its own"
+    );
     assert!(
         held(false).await.unwrap().is_none(),
         "not leading: our own live row is left to expire"
