@@ -10,12 +10,12 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin orders-center --bin onec-mock \
-    && mkdir -p /out \
-    && cp target/release/orders-center target/release/onec-mock /out/
+    && scripts/image-files /out
 
-# Distroless: glibc and CA certificates, no shell, no package manager.
+# Distroless: glibc and CA certificates, no shell, no package manager. What
+# goes in, and USER, ENTRYPOINT, CMD and EXPOSE, follow image/contents.
 FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=build /out/ /usr/local/bin/
+COPY --from=build /out/ /
 USER 65532:65532
 EXPOSE 8080 8081 9090
 ENTRYPOINT ["/usr/local/bin/orders-center"]

@@ -297,8 +297,20 @@ def test_dockerfile():
     runtime = stages[-1]
     user = re.search(r"^USER (\S+)", runtime, re.M).group(1)
     assert user.split(":")[0] not in ("0", "root"), user
-    for binary in ("orders-center", "onec-mock"):
-        assert f"target/release/{binary}" in dockerfile
+    # The Dockerfile and `infra image` read one list of what the image holds.
+    contents = {}
+    for line in (ROOT / "image/contents").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            kind, rest = line.split(None, 1)
+            contents.setdefault(kind, []).append(rest.split())
+    assert "scripts/image-files /out" in dockerfile and "COPY --from=build /out/ /" in runtime
+    for src, dest in contents["binary"]:
+        assert f"--bin {Path(src).name}" in documented, f"{src} is in the image but not built"
+        assert dest.startswith("/usr/local/bin/"), dest
+    assert f"USER {contents['user'][0][0]}" in runtime
+    assert f'ENTRYPOINT {json.dumps(contents["entrypoint"][0])}' in runtime
+    assert f'CMD {json.dumps(contents["cmd"][0])}' in runtime
+    assert f"EXPOSE {' '.join(contents['expose'][0])}" in runtime
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert "target/" in ignored and ".git/" in ignored
 

@@ -11,6 +11,7 @@
 //! cached under `target/infra`, so a machine pays for it once.
 
 mod cache;
+pub mod image;
 mod kafka;
 mod kube;
 mod rabbitmq;
@@ -53,6 +54,9 @@ pub enum Error {
     /// File system or process error.
     #[error(transparent)]
     Io(#[from] io::Error),
+    /// JSON could not be written.
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
 }
 
 /// Result of this crate.

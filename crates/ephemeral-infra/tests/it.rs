@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use ephemeral_infra::{Kafka, KubeApi, RabbitMq};
 use futures::StreamExt;
+use sha2::{Digest, Sha256};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_round_trips_through_the_embedded_kafka() {
@@ -175,4 +176,114 @@ fn the_api_server_serves_kubectl_with_rbac_on_and_is_removed_on_drop() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "no");
     drop(api);
     assert!(!dir.exists(), "the server's directory is removed");
+}
+
+/// The image without Docker: an OCI layout whose digests hold, whose layer
+/// has the binary, its libraries, the CA bundle and a nonroot user, all
+/// root-owned at time 0, and which runs as that user in a chroot of its
+/// own files.
+#[test]
+fn the_image_is_an_oci_layout_that_runs_on_its_own_files() {
+    use ephemeral_infra::image::{pack, Contents};
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let contents = Contents::parse(
+        "binary /usr/bin/true /usr/local/bin/true\nuser 65532:65532\n\
+         entrypoint /usr/local/bin/true\ncmd --version\nexpose 8080\n",
+        std::path::Path::new("/"),
+    )
+    .unwrap();
+    let out = dir.path().join("image.tar");
+    let image = pack(&contents, "true-test:1", &out).unwrap();
+    let again = pack(&contents, "true-test:1", &dir.path().join("again.tar")).unwrap();
+    assert_eq!(
+        image.digest, again.digest,
+        "the same inputs, the same image"
+    );
+
+    let mut blobs = std::collections::HashMap::new();
+    let mut archive = tar::Archive::new(std::fs::File::open(&out).unwrap());
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).unwrap();
+        blobs.insert(path, bytes);
+    }
+    let json = |path: &str| -> serde_json::Value { serde_json::from_slice(&blobs[path]).unwrap() };
+    let blob = |digest: &serde_json::Value| {
+        let hex = digest.as_str().unwrap().trim_start_matches("sha256:");
+        let bytes = &blobs[&format!("blobs/sha256/{hex}")];
+        assert_eq!(
+            format!("{:x}", Sha256::digest(bytes)),
+            hex,
+            "a blob matches its digest"
+        );
+        bytes.clone()
+    };
+    assert!(blobs.contains_key("oci-layout"));
+    let index = json("index.json");
+    let entry = &index["manifests"][0];
+    assert_eq!(
+        entry["annotations"]["io.containerd.image.name"],
+        "docker.io/library/true-test:1"
+    );
+    assert_eq!(entry["digest"], image.digest.as_str());
+    let manifest: serde_json::Value = serde_json::from_slice(&blob(&entry["digest"])).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&blob(&manifest["config"]["digest"])).unwrap();
+    assert_eq!(config["config"]["User"], "65532:65532");
+    assert_eq!(
+        config["config"]["Entrypoint"],
+        serde_json::json!(["/usr/local/bin/true"])
+    );
+    assert_eq!(
+        config["config"]["ExposedPorts"],
+        serde_json::json!({"8080/tcp": {}})
+    );
+    let gz = blob(&manifest["layers"][0]["digest"]);
+    let mut layer = Vec::new();
+    flate2::read::GzDecoder::new(&gz[..])
+        .read_to_end(&mut layer)
+        .unwrap();
+    assert_eq!(
+        config["rootfs"]["diff_ids"][0].as_str().unwrap(),
+        format!("sha256:{:x}", Sha256::digest(&layer))
+    );
+
+    let rootfs = dir.path().join("rootfs");
+    let mut names = Vec::new();
+    for entry in tar::Archive::new(&layer[..]).entries().unwrap() {
+        let entry = entry.unwrap();
+        let h = entry.header();
+        assert_eq!(
+            (h.uid().unwrap(), h.gid().unwrap(), h.mtime().unwrap()),
+            (0, 0, 0)
+        );
+        names.push(entry.path().unwrap().to_string_lossy().into_owned());
+    }
+    for want in [
+        "usr/local/bin/true",
+        "etc/ssl/certs/ca-certificates.crt",
+        "etc/passwd",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
+    assert!(names.iter().any(|n| n.contains("libc.so")), "{names:?}");
+    assert!(names.iter().any(|n| n.contains("ld-linux")), "{names:?}");
+    tar::Archive::new(&layer[..]).unpack(&rootfs).unwrap();
+    // Only root may chroot; CI runs as root.
+    let status = std::process::Command::new("chroot")
+        .args(["--userspec=65532:65532"])
+        .arg(&rootfs)
+        .arg("/usr/local/bin/true")
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "the binary runs on the image's files alone"
+    );
 }

@@ -18,6 +18,16 @@ struct Cli {
 enum Cmd {
     /// Fetch Kafka's jars and build etcd, kube-apiserver and kubectl, unless cached.
     Prepare,
+    /// Pack the service image without Docker: what image/contents lists, from
+    /// the release build, as an OCI image tarball for `ctr images import`.
+    Image {
+        /// The image's name.
+        #[arg(long, default_value = "orders-center:dev")]
+        name: String,
+        /// Where to write the tarball.
+        #[arg(long, default_value = "target/images/orders-center.oci.tar")]
+        out: std::path::PathBuf,
+    },
     /// Start etcd and kube-apiserver, run a command against them, stop them.
     KubeApi {
         /// The command and its arguments.
@@ -54,6 +64,22 @@ fn run(command: Cmd) -> ephemeral_infra::Result<ExitCode> {
                 ephemeral_infra::KUBERNETES_VERSION,
                 kube.dir.display(),
                 started.elapsed().as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Image { name, out } => {
+            let root = ephemeral_infra::workspace_root();
+            let text = std::fs::read_to_string(root.join("image/contents"))?;
+            let contents = ephemeral_infra::image::Contents::parse(&text, &root)?;
+            if let Some(dir) = out.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let image = ephemeral_infra::image::pack(&contents, &name, &out)?;
+            println!(
+                "{name}: {} ({}, {} files)",
+                image.path.display(),
+                image.digest,
+                image.files.len()
             );
             Ok(ExitCode::SUCCESS)
         }
