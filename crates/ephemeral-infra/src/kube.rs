@@ -39,19 +39,73 @@ pub fn prepare_kube() -> Result<KubeBinaries> {
             ("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver"),
             ("kubectl", "k8s.io/kubernetes/cmd/kubectl"),
         ] {
-            run(
-                &format!("go build {package}"),
-                Command::new("go")
-                    .current_dir(workspace_root().join("tools/kube"))
-                    .args(["build", "-buildvcs=false", "-trimpath"])
-                    .args(["-ldflags=-s -w", "-o"])
-                    .arg(out.join(name))
-                    .arg(package),
+            go_build(out, name, package, "-s -w")?;
+        }
+        Ok(())
+    })?;
+    Ok(KubeBinaries { dir })
+}
+
+/// What a one-node cluster runs besides containerd, into `target/infra`
+/// unless there: etcd, kube-apiserver, kubectl, kubelet,
+/// kube-controller-manager, kube-scheduler and kube-proxy, all saying
+/// their version (without it they say `v0.0.0-master`, and Helm refuses a
+/// chart's `kubeVersion`). About 10-15 minutes on two cores, once.
+pub fn prepare_node() -> Result<KubeBinaries> {
+    let dir = infra_dir().join(format!("kube-node-{KUBERNETES_VERSION}"));
+    let mut parts = KUBERNETES_VERSION.trim_start_matches('v').split('.');
+    let (major, minor) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    let mut ldflags = String::from("-s -w");
+    for package in [
+        "k8s.io/component-base/version",
+        "k8s.io/client-go/pkg/version",
+    ] {
+        for (key, value) in [
+            ("gitVersion", KUBERNETES_VERSION),
+            ("gitMajor", major),
+            ("gitMinor", minor),
+            ("gitTreeState", "clean"),
+        ] {
+            ldflags += &format!(" -X {package}.{key}={value}");
+        }
+    }
+    build_once(&dir, |out| {
+        go_build(out, "etcd", "go.etcd.io/etcd/server/v3", "-s -w")?;
+        for name in [
+            "kube-apiserver",
+            "kubectl",
+            "kubelet",
+            "kube-controller-manager",
+            "kube-scheduler",
+            "kube-proxy",
+        ] {
+            go_build(
+                out,
+                name,
+                &format!("k8s.io/kubernetes/cmd/{name}"),
+                &ldflags,
             )?;
         }
         Ok(())
     })?;
     Ok(KubeBinaries { dir })
+}
+
+/// `go build` of `package` from `tools/kube` into `out/name`.
+fn go_build(out: &Path, name: &str, package: &str, ldflags: &str) -> Result<()> {
+    run(
+        &format!("go build {package}"),
+        Command::new("go")
+            .current_dir(workspace_root().join("tools/kube"))
+            .args(["build", "-buildvcs=false", "-trimpath"])
+            .arg(format!("-ldflags={ldflags}"))
+            .arg("-o")
+            .arg(out.join(name))
+            .arg(package),
+    )
 }
 
 /// A running API server and its etcd. Dropping it kills both and deletes

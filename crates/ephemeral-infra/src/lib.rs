@@ -19,7 +19,7 @@ mod watchdog;
 
 pub use cache::{infra_dir, tmp_dir, workspace_root};
 pub use kafka::{prepare_kafka, Kafka, KAFKA_VERSION};
-pub use kube::{prepare_kube, KubeApi, KubeBinaries, KUBERNETES_VERSION};
+pub use kube::{prepare_kube, prepare_node, KubeApi, KubeBinaries, KUBERNETES_VERSION};
 pub use rabbitmq::RabbitMq;
 
 use std::io;

@@ -18,6 +18,10 @@ struct Cli {
 enum Cmd {
     /// Fetch Kafka's jars and build etcd, kube-apiserver and kubectl, unless cached.
     Prepare,
+    /// Build what a one-node cluster runs besides containerd (etcd, the API
+    /// server, kubectl, kubelet, controller-manager, scheduler, kube-proxy),
+    /// version-stamped, unless cached under target/infra.
+    PrepareNode,
     /// Pack the service image without Docker: what image/contents lists, from
     /// the release build, as an OCI image tarball for `ctr images import`.
     Image {
@@ -63,6 +67,17 @@ fn run(command: Cmd) -> ephemeral_infra::Result<ExitCode> {
                 "kubernetes {} binaries: {} ({:.1} s)",
                 ephemeral_infra::KUBERNETES_VERSION,
                 kube.dir.display(),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::PrepareNode => {
+            let started = Instant::now();
+            let node = ephemeral_infra::prepare_node()?;
+            println!(
+                "kubernetes {} node binaries: {} ({:.1} s)",
+                ephemeral_infra::KUBERNETES_VERSION,
+                node.dir.display(),
                 started.elapsed().as_secs_f64()
             );
             Ok(ExitCode::SUCCESS)
