@@ -391,6 +391,24 @@ async fn every_consumer_goes_past_the_worst_kafka_messages() {
         )
         .await;
         assert_eq!(buried().await, want, "{target:?}: nothing else is dead");
+        // Each says why: a dead-reason header, or the kept row's reason.
+        let reasons = dead_reasons(&config, &dead, count_records(&config, &dead).await).await;
+        assert!(
+            reasons.iter().all(|r| !r.is_empty()),
+            "{target:?}: {reasons:?}"
+        );
+        if let Some(pool) = &running.pool {
+            let empty: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM dead_letters WHERE reason = '' OR refused = ''",
+            )
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            assert_eq!(
+                empty, 0,
+                "{target:?}: a kept dead letter without its reason"
+            );
+        }
         assert_eq!(
             running.metrics.count(target.consumer(), "dead"),
             want as u64
@@ -407,6 +425,37 @@ async fn every_consumer_goes_past_the_worst_kafka_messages() {
 
 /// A Kafka record to produce: key, body and headers.
 type Record = (Vec<u8>, Vec<u8>, Vec<(&'static str, Vec<u8>)>);
+
+/// The `dead-reason` header of the first `n` records of `topic`.
+async fn dead_reasons(config: &KafkaConfig, topic: &str, n: i64) -> Vec<String> {
+    use futures::StreamExt;
+    use rdkafka::consumer::{Consumer as _, StreamConsumer};
+    use rdkafka::message::{Headers as _, Message as _};
+    let reader: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &config.bootstrap)
+        .set("group.id", format!("{topic}-reasons"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    reader.subscribe(&[topic]).unwrap();
+    let mut stream = reader.stream();
+    let mut reasons = Vec::new();
+    while (reasons.len() as i64) < n {
+        let m = tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .expect("the dead letters are readable")
+            .unwrap()
+            .unwrap();
+        let reason = m
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == brokers::headers::DEAD_REASON))
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default();
+        reasons.push(reason);
+    }
+    reasons
+}
 
 /// The records in `topic` (one partition), read to its end.
 async fn count_records(config: &KafkaConfig, topic: &str) -> i64 {
@@ -546,6 +595,19 @@ async fn every_consumer_goes_past_the_worst_rabbitmq_messages() {
             },
         )
         .await;
+        // Each says why: our dead-reason header, or the broker's x-death
+        // reason for what the client could not parse.
+        for _ in 0..poisons {
+            let letter = testkit::amqp::get(port, &dead)
+                .unwrap()
+                .expect("a dead letter");
+            assert!(
+                letter.properties_mention(brokers::headers::DEAD_REASON)
+                    || letter.properties_mention("delivery_limit"),
+                "{target:?}: a dead letter without its reason: {:?}",
+                String::from_utf8_lossy(&letter.properties)
+            );
+        }
         running.until_not_stalled(target).await;
         cancel.cancel();
         task.await.unwrap();
