@@ -659,3 +659,46 @@ async fn cancel_on_signal(token: CancellationToken) {
     }
     token.cancel();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn readyz(router: &axum::Router) -> (axum::http::StatusCode, String) {
+        use tower::ServiceExt;
+        let response = router
+            .clone()
+            .oneshot(
+                axum::http::Request::get("/readyz")
+                    .body(axum::body::Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn readiness_names_a_consumer_stalled_with_messages_waiting() {
+        let metrics = transports::consumer_metrics();
+        metrics.start("stall-test");
+        let router = stall_gate(consumer_status(None), std::time::Duration::ZERO);
+        metrics.set_lag("stall-test", "q", 3);
+        let (status, body) = readyz(&router).await;
+        assert_eq!(status, axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("stall-test"), "{body}");
+        metrics.set_lag("stall-test", "q", 0);
+        assert_eq!(readyz(&router).await.0, axum::http::StatusCode::OK);
+        let patient = stall_gate(consumer_status(None), std::time::Duration::from_secs(60));
+        metrics.set_lag("stall-test", "q", 3);
+        assert_eq!(
+            readyz(&patient).await.0,
+            axum::http::StatusCode::OK,
+            "it settled a batch less than a minute ago"
+        );
+    }
+}
