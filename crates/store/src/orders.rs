@@ -797,8 +797,7 @@ async fn insert_history(
 
 /// Refuses (with [`Error::SagaOwns`]) any of `changes` (order, before,
 /// after) that moves the status or the price of an order that has a saga:
-/// those are the saga's, while it runs and after it ended. The saga's own
-/// status changes go through [`change_status_in`] directly.
+/// those are the saga's, while it runs and after it ended.
 async fn refuse_saga_fields(
     conn: &mut PgConnection,
     changes: &[(&str, &history::Tracked, &history::Tracked)],
@@ -835,6 +834,15 @@ async fn refuse_saga_fields(
     })
 }
 
+/// Who changes an order's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ChangedBy {
+    /// A client: refused on an order its saga runs.
+    Client,
+    /// The order's saga.
+    Saga,
+}
+
 /// Changes only the status of an existing order in the caller's
 /// transaction; the rest is kept as is.
 pub(crate) async fn change_status_in(
@@ -844,10 +852,18 @@ pub(crate) async fn change_status_in(
     change: &StatusChange,
     pre: Precondition,
     ctx: &SaveContext,
+    by: ChangedBy,
 ) -> Result<Saved> {
     let current = lock(conn, id).await?;
     check(pre, id, current.as_ref().map(|c| c.version))?;
     let current = current.ok_or_else(|| Error::NotFound(id.clone()))?;
+    let after = history::Tracked {
+        status: change.status.clone(),
+        price: current.tracked.price,
+    };
+    if by == ChangedBy::Client {
+        refuse_saga_fields(conn, &[(id.as_str(), &current.tracked, &after)]).await?;
+    }
     // Only the header row changes: the lines stay as they are, unwritten.
     sqlx::query(
         "UPDATE orders SET status = $2, version = version + 1, updated_at = now() WHERE id = $1",
@@ -856,10 +872,6 @@ pub(crate) async fn change_status_in(
     .bind(&change.status)
     .execute(&mut *conn)
     .await?;
-    let after = history::Tracked {
-        status: change.status.clone(),
-        price: current.tracked.price,
-    };
     let version = current.version + 1;
     record_save(
         conn,
@@ -898,14 +910,8 @@ impl Store {
         ctx: &SaveContext,
     ) -> Result<Saved> {
         let mut tx = self.pool.begin().await?;
-        if let Some(current) = lock(&mut tx, id).await? {
-            let after = history::Tracked {
-                status: change.status.clone(),
-                price: current.tracked.price,
-            };
-            refuse_saga_fields(&mut tx, &[(id.as_str(), &current.tracked, &after)]).await?;
-        }
-        let saved = change_status_in(&mut tx, self, id, change, pre, ctx).await?;
+        let saved =
+            change_status_in(&mut tx, self, id, change, pre, ctx, ChangedBy::Client).await?;
         tx.commit().await?;
         Ok(saved)
     }

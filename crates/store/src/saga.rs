@@ -17,6 +17,7 @@ use sqlx::PgConnection;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::orders::ChangedBy;
 use crate::outbox::{write_events, OutboxEvent};
 use crate::{Error, Precondition, Result, SaveContext, Store};
 
@@ -117,9 +118,14 @@ fn with_ids(commands: &[Command]) -> Vec<(Command, Uuid)> {
     commands.iter().map(|c| (*c, Uuid::now_v7())).collect()
 }
 
-/// How `sent` names a command: `<type>/<event id>`.
-fn sent_entry((command, id): &(Command, Uuid)) -> String {
-    format!("{}/{id}", command.kind())
+/// How `sent` names the commands that get answers (not the notifier's
+/// outcomes): `<type>/<event id>`.
+fn sent_entries(commands: &[(Command, Uuid)]) -> Vec<String> {
+    commands
+        .iter()
+        .filter(|(c, _)| !matches!(c, Command::NotifyCompleted | Command::NotifyCancelled))
+        .map(|(c, id)| format!("{}/{id}", c.kind()))
+        .collect()
 }
 
 /// Starts the saga of an order just created with `checkout`: the row, the
@@ -145,7 +151,7 @@ pub(crate) async fn start(
         sent: Vec::new(),
     };
     let commands = with_ids(&first.commands);
-    let sent: Vec<String> = commands.iter().map(sent_entry).collect();
+    let sent = sent_entries(&commands);
     sqlx::query(
         "INSERT INTO sagas (order_id, state, account_id, amount, lines, deadline_at, sent)
          VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6), $7)",
@@ -194,8 +200,16 @@ async fn apply(
             user_id: "saga".into(),
             ..SaveContext::default()
         };
-        crate::orders::change_status_in(conn, store, order, &change, Precondition::None, &ctx)
-            .await?;
+        crate::orders::change_status_in(
+            conn,
+            store,
+            order,
+            &change,
+            Precondition::None,
+            &ctx,
+            ChangedBy::Saga,
+        )
+        .await?;
     }
     Ok(Applied::Moved(t.state))
 }
@@ -291,7 +305,7 @@ async fn write(
         sent: Vec::new(),
     };
     let commands = with_ids(&t.commands);
-    let sent: Vec<String> = commands.iter().map(sent_entry).collect();
+    let sent = sent_entries(&commands);
     let updated = sqlx::query(
         "UPDATE sagas SET state = $3, awaiting_release = $4, awaiting_refund = $5,
              version = version + 1, reason = coalesce(reason, $6),
@@ -391,22 +405,21 @@ fn event(route: &SagaRoute, message: &SagaMessage, version: i64, id: Uuid) -> Ou
 }
 
 fn message(order: &str, row: &Row, command: Command) -> SagaMessage {
-    let plain = |kind| SagaMessage::new(kind, order);
+    let plain = SagaMessage::new(command.kind(), order);
     match command {
         Command::Reserve => SagaMessage {
             lines: row.lines.clone(),
-            ..plain(Kind::ReserveStock)
+            ..plain
         },
-        Command::Release => plain(Kind::ReleaseStock),
-        Command::Commit => plain(Kind::CommitStock),
+        Command::Release | Command::Commit => plain,
         Command::Charge => SagaMessage {
             account_id: Some(row.account_id.clone()),
-            ..plain(Kind::ChargePayment).amount(row.amount)
+            ..plain.amount(row.amount)
         },
-        Command::Refund => plain(Kind::RefundPayment).amount(row.amount),
-        Command::NotifyCompleted => plain(Kind::OrderCompleted).amount(row.amount),
-        Command::NotifyCancelled => plain(Kind::OrderCancelled)
-            .because(row.reason.clone().unwrap_or_else(|| "cancelled".into())),
+        Command::Refund | Command::NotifyCompleted => plain.amount(row.amount),
+        Command::NotifyCancelled => {
+            plain.because(row.reason.clone().unwrap_or_else(|| "cancelled".into()))
+        }
     }
 }
 
