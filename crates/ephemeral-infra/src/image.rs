@@ -1,8 +1,8 @@
-//! The service image without Docker: the binaries `image/contents` lists,
-//! their shared libraries (as `ldd` finds them on this machine), the CA
-//! bundle and a `nonroot` user, packed as an OCI image layout tarball that
-//! `ctr images import` takes. The Dockerfile builds the same list on
-//! distroless for users with Docker.
+//! Images without Docker: the binaries a contents file lists (the service's
+//! is `image/contents`), their shared libraries (as `ldd` finds them on this
+//! machine), the CA bundle and a `nonroot` user, packed as an OCI image
+//! layout tarball that `ctr images import` takes. The Dockerfile builds the
+//! service's list on distroless for users with Docker.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -20,6 +20,8 @@ use crate::{Error, Result};
 pub struct Contents {
     /// (built file, path in the image).
     pub binaries: Vec<(PathBuf, String)>,
+    /// (path in the image, what the symlink points to), e.g. busybox applets.
+    pub links: Vec<(String, String)>,
     /// `uid:gid`.
     pub user: String,
     /// The entrypoint.
@@ -39,6 +41,7 @@ impl Contents {
         };
         let mut c = Contents {
             binaries: Vec::new(),
+            links: Vec::new(),
             user: String::new(),
             entrypoint: Vec::new(),
             cmd: Vec::new(),
@@ -53,6 +56,7 @@ impl Contents {
             let rest: Vec<String> = words.map(str::to_owned).collect();
             match (kind, rest.as_slice()) {
                 ("binary", [src, dest]) => c.binaries.push((root.join(src), dest.clone())),
+                ("link", [target, path]) => c.links.push((path.clone(), target.clone())),
                 ("user", [user]) => c.user = user.clone(),
                 ("entrypoint", args) => c.entrypoint = args.to_vec(),
                 ("cmd", args) => c.cmd = args.to_vec(),
@@ -80,9 +84,14 @@ pub struct Image {
     pub files: Vec<String>,
 }
 
-/// The shared libraries `binary` loads, by `ldd`, with the loader.
+/// The shared libraries `binary` loads, by `ldd`, with the loader; none for
+/// a static binary (Go's, or pause built with `gcc -static`).
 fn libraries(binary: &Path) -> Result<Vec<PathBuf>> {
     let out = Command::new("ldd").arg(binary).output()?;
+    let said = |s: &[u8]| String::from_utf8_lossy(s).contains("not a dynamic executable");
+    if said(&out.stdout) || said(&out.stderr) {
+        return Ok(Vec::new());
+    }
     if !out.status.success() {
         return Err(Error::Prepare {
             step: format!("ldd {}", binary.display()),
@@ -155,6 +164,14 @@ pub fn pack(contents: &Contents, name: &str, out: &Path) -> Result<Image> {
         // Libraries are often symlinks: the image gets the file itself.
         entry(dest, &std::fs::read(src)?, *mode)?;
     }
+    for (path, target) in &contents.links {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(0);
+        header.set_mode(0o777);
+        header.set_mtime(0);
+        header.set_entry_type(tar::EntryType::Symlink);
+        layer.append_link(&mut header, path.trim_start_matches('/'), target)?;
+    }
     let tar = layer.into_inner()?;
     let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(&tar)?;
@@ -226,6 +243,7 @@ pub fn pack(contents: &Contents, name: &str, out: &Path) -> Result<Image> {
         files: ["/etc/passwd".to_owned(), "/etc/group".to_owned()]
             .into_iter()
             .chain(files.into_keys())
+            .chain(contents.links.iter().map(|(path, _)| path.clone()))
             .collect(),
     })
 }

@@ -24,20 +24,30 @@ pub struct RabbitMq {
 impl RabbitMq {
     /// Starts a node and waits until it answers AMQP (about 5–10 s).
     pub fn start() -> Result<Self> {
+        Self::start_also_on(None)
+    }
+
+    /// Starts a node that also listens on `address` (same port), where
+    /// `guest` may log in too: for pods of a one-node cluster on this machine.
+    pub fn start_also_on(address: Option<&str>) -> Result<Self> {
         if !Path::new(SERVER).is_file() {
             return Err(Error::Missing {
                 program: SERVER.into(),
                 hint: "apt-get install rabbitmq-server",
             });
         }
-        with_retries(Self::try_start)
+        with_retries(|| Self::try_start(address))
     }
 
-    fn try_start() -> Result<Self> {
+    fn try_start(address: Option<&str>) -> Result<Self> {
         let dir = run_dir("rabbitmq-")?;
         let (port, dist, epmd) = (free_port()?, free_port()?, free_port()?);
         std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
-        std::fs::write(dir.join("rabbitmq.conf"), "")?;
+        let mut conf = format!("listeners.tcp.1 = 127.0.0.1:{port}\n");
+        if let Some(address) = address {
+            conf += &format!("listeners.tcp.2 = {address}:{port}\nloopback_users = none\n");
+        }
+        std::fs::write(dir.join("rabbitmq.conf"), conf)?;
         let mut server = Command::new(SERVER);
         server
             // A node that crashes writes its MnesiaCore dump into its
@@ -46,8 +56,6 @@ impl RabbitMq {
             // The Erlang cookie is written to and read from $HOME.
             .env("HOME", &dir)
             .env("RABBITMQ_NODENAME", format!("rabbit-{port}@localhost"))
-            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
-            .env("RABBITMQ_NODE_PORT", port.to_string())
             .env("RABBITMQ_DIST_PORT", dist.to_string())
             .env("ERL_EPMD_PORT", epmd.to_string())
             .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))

@@ -181,14 +181,15 @@ fn the_api_server_serves_kubectl_with_rbac_on_and_is_removed_on_drop() {
 /// The image without Docker: an OCI layout whose digests hold, whose layer
 /// has the binary, its libraries, the CA bundle and a nonroot user, all
 /// root-owned at time 0, and which runs as that user in a chroot of its
-/// own files.
+/// own files, also through a symlink (as busybox applets are packed).
 #[test]
 fn the_image_is_an_oci_layout_that_runs_on_its_own_files() {
     use ephemeral_infra::image::{pack, Contents};
     use std::io::Read;
     let dir = tempfile::tempdir().unwrap();
     let contents = Contents::parse(
-        "binary /usr/bin/true /usr/local/bin/true\nuser 65532:65532\n\
+        "binary /usr/bin/true /usr/local/bin/true\nlink true /usr/local/bin/yes-sir\n\
+         user 65532:65532\n\
          entrypoint /usr/local/bin/true\ncmd --version\nexpose 8080\n",
         std::path::Path::new("/"),
     )
@@ -276,14 +277,16 @@ fn the_image_is_an_oci_layout_that_runs_on_its_own_files() {
     assert!(names.iter().any(|n| n.contains("ld-linux")), "{names:?}");
     tar::Archive::new(&layer[..]).unpack(&rootfs).unwrap();
     // Only root may chroot; CI runs as root.
-    let status = std::process::Command::new("chroot")
-        .args(["--userspec=65532:65532"])
-        .arg(&rootfs)
-        .arg("/usr/local/bin/true")
-        .status()
-        .unwrap();
-    assert!(
-        status.success(),
-        "the binary runs on the image's files alone"
-    );
+    for binary in ["/usr/local/bin/true", "/usr/local/bin/yes-sir"] {
+        let status = std::process::Command::new("chroot")
+            .args(["--userspec=65532:65532"])
+            .arg(&rootfs)
+            .arg(binary)
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "{binary} runs on the image's files alone"
+        );
+    }
 }

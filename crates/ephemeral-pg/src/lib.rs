@@ -47,6 +47,11 @@ pub struct Options {
     pub durable: bool,
     /// How long to wait for the server to accept connections.
     pub start_timeout: Duration,
+    /// Addresses to listen on besides 127.0.0.1 (the port is the same),
+    /// e.g. the one a Kubernetes node's pods reach this machine on.
+    pub also_listen: Vec<String>,
+    /// Networks whose connections are trusted besides loopback, e.g. the pod CIDR.
+    pub also_trust: Vec<String>,
 }
 
 impl Default for Options {
@@ -55,6 +60,8 @@ impl Default for Options {
             parent_dir: std::env::temp_dir(),
             durable: false,
             start_timeout: Duration::from_secs(30),
+            also_listen: Vec::new(),
+            also_trust: Vec::new(),
         }
     }
 }
@@ -143,6 +150,18 @@ impl EphemeralPostgres {
             ));
         }
 
+        if !options.also_trust.is_empty() {
+            let mut hba = std::fs::OpenOptions::new()
+                .append(true)
+                .open(data.join("pg_hba.conf"))?;
+            for network in &options.also_trust {
+                io::Write::write_all(&mut hba, format!("host all all {network} trust\n").as_bytes())?;
+            }
+        }
+        let listen = std::iter::once("127.0.0.1")
+            .chain(options.also_listen.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(",");
         let port = free_port()?;
         let mut server = user.command(&bin.join("postgres"));
         server
@@ -152,7 +171,7 @@ impl EphemeralPostgres {
             .arg(dir)
             .args([
                 "-c",
-                "listen_addresses=127.0.0.1",
+                &format!("listen_addresses={listen}"),
                 "-c",
                 "max_connections=300",
                 // Benchmarks time commit to commit.

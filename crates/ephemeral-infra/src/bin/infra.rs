@@ -22,15 +22,33 @@ enum Cmd {
     /// server, kubectl, kubelet, controller-manager, scheduler, kube-proxy),
     /// version-stamped, unless cached under target/infra.
     PrepareNode,
-    /// Pack the service image without Docker: what image/contents lists, from
-    /// the release build, as an OCI image tarball for `ctr images import`.
+    /// Pack an image without Docker: what a contents file lists (by default
+    /// image/contents, the service's, from the release build), as an OCI
+    /// image tarball for `ctr images import`.
     Image {
+        /// The contents file, relative to the workspace.
+        #[arg(long, default_value = "image/contents")]
+        contents: std::path::PathBuf,
         /// The image's name.
         #[arg(long, default_value = "orders-center:dev")]
         name: String,
         /// Where to write the tarball.
         #[arg(long, default_value = "target/images/orders-center.oci.tar")]
         out: std::path::PathBuf,
+    },
+    /// Start PostgreSQL and RabbitMQ on loopback and on ADDRESS (for the
+    /// pods of a one-node cluster on this machine), run a command with
+    /// `PG_PORT` and `AMQP_PORT` set, stop them.
+    HostServices {
+        /// The address pods reach this machine on.
+        #[arg(long)]
+        address: String,
+        /// Networks PostgreSQL trusts besides loopback (the pod CIDR).
+        #[arg(long)]
+        trust: Vec<String>,
+        /// The command and its arguments.
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
     },
     /// Start etcd and kube-apiserver, run a command against them, stop them.
     KubeApi {
@@ -82,9 +100,13 @@ fn run(command: Cmd) -> ephemeral_infra::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Image { name, out } => {
+        Cmd::Image {
+            contents,
+            name,
+            out,
+        } => {
             let root = ephemeral_infra::workspace_root();
-            let text = std::fs::read_to_string(root.join("image/contents"))?;
+            let text = std::fs::read_to_string(root.join(contents))?;
             let contents = ephemeral_infra::image::Contents::parse(&text, &root)?;
             if let Some(dir) = out.parent() {
                 std::fs::create_dir_all(dir)?;
@@ -97,6 +119,38 @@ fn run(command: Cmd) -> ephemeral_infra::Result<ExitCode> {
                 image.files.len()
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::HostServices {
+            address,
+            trust,
+            command,
+        } => {
+            let started = Instant::now();
+            let pg = ephemeral_pg::EphemeralPostgres::start(&ephemeral_pg::Options {
+                parent_dir: ephemeral_infra::tmp_dir(),
+                also_listen: vec![address.clone()],
+                also_trust: trust,
+                ..Default::default()
+            })
+            .map_err(|e| ephemeral_infra::Error::Prepare {
+                step: "PostgreSQL".into(),
+                detail: e.to_string(),
+            })?;
+            let rabbitmq = ephemeral_infra::RabbitMq::start_also_on(Some(&address))?;
+            eprintln!(
+                "PostgreSQL on {address}:{} and RabbitMQ on {address}:{} ready in {:.1} s",
+                pg.port(),
+                rabbitmq.port(),
+                started.elapsed().as_secs_f64()
+            );
+            let status = Command::new(&command[0])
+                .args(&command[1..])
+                .env("PG_PORT", pg.port().to_string())
+                .env("AMQP_PORT", rabbitmq.port().to_string())
+                .status()?;
+            rabbitmq.stop();
+            drop(pg);
+            Ok(exit_code(status))
         }
         Cmd::KubeApi { command } => {
             let started = Instant::now();
@@ -113,11 +167,15 @@ fn run(command: Cmd) -> ephemeral_infra::Result<ExitCode> {
                 .env("KUBECTL", api.kubectl_path())
                 .status()?;
             drop(api);
-            Ok(match status.code() {
-                Some(0) => ExitCode::SUCCESS,
-                Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
-                None => ExitCode::FAILURE,
-            })
+            Ok(exit_code(status))
         }
+    }
+}
+
+fn exit_code(status: std::process::ExitStatus) -> ExitCode {
+    match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
+        None => ExitCode::FAILURE,
     }
 }
