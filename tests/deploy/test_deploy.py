@@ -140,6 +140,15 @@ def test_rendered_contract(docs):
     # The migration hook runs `orders-center migrate` (the image's entrypoint) before install and upgrade.
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
     assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["migrate"]
+    # The release's Secrets are ordinary objects (helm uninstall removes
+    # them); the hook reads its own hook Secret, which Helm deletes after it.
+    hooks = [n for n, d in secrets.items() if "helm.sh/hook" in d["metadata"].get("annotations", {})]
+    assert all(n.endswith("-migrate") for n in hooks), hooks
+    for name in hooks:
+        assert "hook-succeeded" in secrets[name]["metadata"]["annotations"]["helm.sh/hook-delete-policy"]
+    read = {e["valueFrom"]["secretKeyRef"]["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]
+            if "secretKeyRef" in e.get("valueFrom", {})}
+    assert read & secrets.keys() <= set(hooks), f"the hook reads a Secret made after it: {read}"
     assert 'ENTRYPOINT ["/usr/local/bin/orders-center"]' in (ROOT / "Dockerfile").read_text()
 
     # Probes hit endpoints the binaries serve.

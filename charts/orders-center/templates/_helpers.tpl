@@ -108,10 +108,12 @@ broker as its own user.
 {{- define "orders-center.commonEnv" -}}
 {{- $root := .root }}
 {{- $user := get ($root.Values.broker.users | default dict) .role | default dict }}
+{{- /* The migration hook runs before the release's Secrets exist: it reads the URLs the chart makes from its own hook Secret. */}}
+{{- $hook := eq .role "migrate" }}
 - name: DATABASE_URL
   valueFrom:
     secretKeyRef:
-      name: {{ include "orders-center.databaseSecret" $root }}
+      name: {{ ternary (include "orders-center.migrateSecret" $root) (include "orders-center.databaseSecret" $root) (and $hook (not $root.Values.database.existingSecret)) }}
       key: {{ $root.Values.database.existingSecretKey }}
 - name: LOG_FORMAT
   value: {{ $root.Values.logFormat | quote }}
@@ -124,7 +126,7 @@ broker as its own user.
 - name: BROKER
   valueFrom:
     secretKeyRef:
-      name: {{ $user.existingSecret | default (include "orders-center.brokerSecret" $root) }}
+      name: {{ $user.existingSecret | default (ternary (include "orders-center.migrateSecret" $root) (include "orders-center.brokerSecret" $root) (and $hook (not $root.Values.broker.existingSecret))) }}
       key: {{ $user.existingSecretKey | default $root.Values.broker.existingSecretKey }}
 - name: BROKER_PREFIX
   value: {{ $root.Values.broker.prefix | quote }}
@@ -175,6 +177,10 @@ another's messages. Called with (dict "root" $ "streams" (list ...)).
 {{- end }}
 
 {{/* Secret holding the broker URL. */}}
+{{- define "orders-center.migrateSecret" -}}
+{{- printf "%s-migrate" (include "orders-center.fullname" .) }}
+{{- end }}
+
 {{- define "orders-center.brokerSecret" -}}
 {{- default (printf "%s-broker" (include "orders-center.fullname" .)) .Values.broker.existingSecret }}
 {{- end }}
