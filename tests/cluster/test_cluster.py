@@ -33,6 +33,7 @@ HELM = os.environ.get("HELM", str(ROOT / "target/infra/helm-v3.21.4/helm"))
 PG_PORT = os.environ["PG_PORT"]
 AMQP_PORT = os.environ["AMQP_PORT"]
 TEST_IMAGE = "localhost/orders-center-test:dev"
+os.environ.setdefault("KUBECONFIG", str(ROOT / "target/cluster/kubeconfig"))
 NODE = "orders-center-node"
 GENERAL_ID = "0190a6f6-2a9b-7c1e-9f6a-3c1f2d4e5b6a"
 # The chart's defaults: leaseDuration 15s + renewDeadline 10s.
