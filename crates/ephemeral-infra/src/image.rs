@@ -169,6 +169,8 @@ pub fn pack(contents: &Contents, name: &str, out: &Path) -> Result<Image> {
         header.set_size(0);
         header.set_mode(0o777);
         header.set_mtime(0);
+        header.set_uid(0);
+        header.set_gid(0);
         header.set_entry_type(tar::EntryType::Symlink);
         layer.append_link(&mut header, path.trim_start_matches('/'), target)?;
     }

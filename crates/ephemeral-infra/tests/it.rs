@@ -284,9 +284,6 @@ fn the_image_is_an_oci_layout_that_runs_on_its_own_files() {
             .arg(binary)
             .status()
             .unwrap();
-        assert!(
-            status.success(),
-            "{binary} runs on the image's files alone"
-        );
+        assert!(status.success(), "{binary} runs on the image's files alone");
     }
 }

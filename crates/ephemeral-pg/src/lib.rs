@@ -155,7 +155,10 @@ impl EphemeralPostgres {
                 .append(true)
                 .open(data.join("pg_hba.conf"))?;
             for network in &options.also_trust {
-                io::Write::write_all(&mut hba, format!("host all all {network} trust\n").as_bytes())?;
+                io::Write::write_all(
+                    &mut hba,
+                    format!("host all all {network} trust\n").as_bytes(),
+                )?;
             }
         }
         let listen = std::iter::once("127.0.0.1")
