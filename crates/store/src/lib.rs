@@ -4,6 +4,7 @@
 mod error;
 mod idempotency;
 mod leases;
+pub mod log;
 mod maintenance;
 mod orders;
 pub mod outbox;

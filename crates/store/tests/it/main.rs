@@ -3,6 +3,7 @@
 mod batch_save;
 mod claims;
 mod in_order;
+mod log;
 mod outbox;
 mod upgrade;
 mod upkeep;

@@ -1,0 +1,426 @@
+//! The event-stream log (`migrations/20261205000014_event_log.sql`): events
+//! appended by the saving transaction, read per (destination, partition)
+//! between snapshots, and space reclaimed by truncating ring segments.
+//!
+//! **The fence.** Positions come from a sequence and commit out of order, so
+//! a cursor is not a position: it is a snapshot (`done`) whose visible
+//! events are all delivered. A read opens a window, the current snapshot,
+//! and delivers the events visible in it and not in `done`, in position
+//! order; when the window is through, it becomes `done`. An event whose
+//! transaction was running when a window opened is in a later window, never
+//! skipped. Within a window, one key's events are in position order, which
+//! is their commit order, because the writers of one key are serialized by
+//! that key's row lock and draw their positions after taking it.
+//!
+//! **Sharing the work.** A relay claims a partition by locking its cursor
+//! row (`FOR UPDATE SKIP LOCKED`) in a transaction it holds while it
+//! delivers; the lock goes with the relay's connection, so a dead relay's
+//! partitions are free at once. Reads go through the pool, outside that
+//! transaction, so they hold no lock a rotation waits for.
+//!
+//! **Rotation.** A segment every cursor has passed, and that the sequence
+//! is not writing into, is truncated under an exclusive lock taken with a
+//! timeout: an insert still running into it makes the rotation wait for a
+//! later turn. No log row is ever updated or deleted.
+
+use chrono::{DateTime, Utc};
+use domain::Destination;
+use sqlx::{PgConnection, Postgres, Transaction};
+use uuid::Uuid;
+
+use crate::{Result, Store};
+
+/// A snapshot in which nothing is visible: where a new cursor starts, so
+/// it reads every event already in the log.
+const NOTHING_DELIVERED: &str = "3:3:";
+
+/// The log's fixed shape, from `log_config`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogShape {
+    /// Partitions per destination; a key's partition depends on it.
+    pub partitions: u16,
+    /// Positions per segment.
+    pub segment_size: i64,
+    /// Segments in the ring.
+    pub segments: i16,
+}
+
+/// The partition of `key` in `stream`: FNV-1a (64 bit) of `stream`, a
+/// newline and `key`, modulo `partitions`. The stream is part of the key,
+/// so one stream's undeliverable events never hold up another stream's.
+pub fn partition_of(partitions: u16, stream: &str, key: &str) -> i16 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in stream.bytes().chain([b'\n']).chain(key.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    // Below 1024 by the table's check, so it fits.
+    i16::try_from(hash % u64::from(partitions.max(1))).unwrap_or(0)
+}
+
+/// An event to append.
+#[derive(Debug, Clone)]
+pub struct Append<'a> {
+    /// Where it goes.
+    pub destination: &'a Destination,
+    /// Debezium's `aggregatetype`: the topic or exchange.
+    pub stream: &'a str,
+    /// Debezium's `aggregateid`: the ordering key.
+    pub key: &'a str,
+    /// The event, e.g. `order.updated`.
+    pub kind: &'a str,
+    /// The aggregate's version.
+    pub version: i64,
+    /// The event's id, the same on every destination's copy.
+    pub event_id: Uuid,
+    /// The payload.
+    pub payload: serde_json::Value,
+    /// W3C trace context to pass on.
+    pub traceparent: Option<&'a str>,
+}
+
+/// One event read from the log.
+#[derive(Debug, Clone)]
+pub struct LogEvent {
+    /// Its place in the log.
+    pub position: i64,
+    /// The event's id.
+    pub event_id: Uuid,
+    /// The topic or exchange.
+    pub stream: String,
+    /// The ordering key.
+    pub key: String,
+    /// The event.
+    pub kind: String,
+    /// The aggregate's version.
+    pub version: i64,
+    /// The payload as committed, as JSON text.
+    pub payload: Box<serde_json::value::RawValue>,
+    /// W3C trace context.
+    pub traceparent: Option<String>,
+    /// When it was appended.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Appends `events` in the caller's transaction: they become readable when
+/// it commits, at positions in the order given.
+pub async fn append(conn: &mut PgConnection, shape: LogShape, events: &[Append<'_>]) -> Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let partitions: Vec<i16> = events
+        .iter()
+        .map(|e| partition_of(shape.partitions, e.stream, e.key))
+        .collect();
+    sqlx::query(
+        "INSERT INTO event_log (position, segment, destination, partition, event_id, aggregatetype,
+                                aggregateid, type, version, payload, traceparent)
+         SELECT e.p, ((e.p / c.segment_size) % c.segments)::smallint, e.destination, e.partition,
+                e.event_id, e.aggregatetype, e.aggregateid, e.type, e.version, e.payload, e.traceparent
+         FROM (SELECT nextval('event_log_position') AS p, u.*
+               FROM unnest($1::text[], $2::int2[], $3::uuid[], $4::text[], $5::text[], $6::text[],
+                           $7::int8[], $8::jsonb[], $9::text[]) WITH ORDINALITY
+                    AS u(destination, partition, event_id, aggregatetype, aggregateid, type, version,
+                         payload, traceparent, n)
+               ORDER BY u.n) e
+         CROSS JOIN log_config c",
+    )
+    .bind(events.iter().map(|e| e.destination.as_str()).collect::<Vec<_>>())
+    .bind(partitions)
+    .bind(events.iter().map(|e| e.event_id).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.stream).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.key).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.kind).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.version).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| &e.payload).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.traceparent).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A partition claimed by this relay: its cursor row stays locked until
+/// [`advance`](Self::advance) or [`release`](Self::release), or until the
+/// relay's connection drops.
+pub struct Claimed {
+    tx: Transaction<'static, Postgres>,
+    pool: sqlx::PgPool,
+    destination: String,
+    partition: i16,
+    done: String,
+    window: Option<String>,
+    position: i64,
+    /// Something was read since the claim: the cursor row has to move.
+    moved: bool,
+}
+
+/// The events [`Claimed::read`] found.
+#[derive(Debug)]
+pub struct Run {
+    /// In commit order per key, at most the limit asked for.
+    pub events: Vec<LogEvent>,
+    /// Nothing of the window is left after these.
+    pub complete: bool,
+}
+
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    position: i64,
+    event_id: Uuid,
+    aggregatetype: String,
+    aggregateid: String,
+    r#type: String,
+    version: i64,
+    payload: String,
+    traceparent: Option<String>,
+    created_at: DateTime<Utc>,
+}
+
+impl Store {
+    /// The log's shape.
+    pub async fn log_shape(&self) -> Result<LogShape> {
+        let (partitions, segment_size, segments): (i16, i64, i16) =
+            sqlx::query_as("SELECT partitions, segment_size, segments FROM log_config")
+                .fetch_one(self.pool())
+                .await?;
+        Ok(LogShape {
+            partitions: u16::try_from(partitions).unwrap_or(1),
+            segment_size,
+            segments,
+        })
+    }
+
+    /// Makes the cursor rows of `destination`, one per partition, starting
+    /// before the first event; existing ones are kept.
+    pub async fn ensure_cursors(&self, destination: &Destination) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO log_cursors (destination, partition, done)
+             SELECT $1, p, $2::pg_snapshot
+             FROM log_config, generate_series(0, partitions - 1) p
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(destination.as_str())
+        .bind(NOTHING_DELIVERED)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Claims a partition of `destination` nobody holds, preferring one
+    /// `owner` held last; `None` when every one is held.
+    pub async fn claim_partition(
+        &self,
+        destination: &Destination,
+        owner: &str,
+    ) -> Result<Option<Claimed>> {
+        let mut tx = self.pool().begin().await?;
+        let row: Option<(i16, String, Option<String>, i64)> = sqlx::query_as(
+            "SELECT partition, done::text, \"window\"::text, window_position
+             FROM log_cursors WHERE destination = $1
+             ORDER BY owner = $2 DESC NULLS LAST, updated_at
+             LIMIT 1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(destination.as_str())
+        .bind(owner)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((partition, done, window, position)) = row else {
+            return Ok(None);
+        };
+        sqlx::query(
+            "UPDATE log_cursors SET owner = $3, updated_at = now()
+             WHERE destination = $1 AND partition = $2",
+        )
+        .bind(destination.as_str())
+        .bind(partition)
+        .bind(owner)
+        .execute(&mut *tx)
+        .await?;
+        Ok(Some(Claimed {
+            moved: false,
+            tx,
+            pool: self.pool().clone(),
+            destination: destination.as_str().to_owned(),
+            partition,
+            done,
+            window,
+            position,
+        }))
+    }
+
+    /// Truncates every segment that all cursors have passed and the
+    /// sequence is not writing into; returns those truncated. A segment an
+    /// insert or a read still uses waits for a later turn.
+    pub async fn rotate_log(&self) -> Result<Vec<i16>> {
+        let shape = self.log_shape().await?;
+        let (last, called): (i64, bool) =
+            sqlx::query_as("SELECT last_value, is_called FROM event_log_position")
+                .fetch_one(self.pool())
+                .await?;
+        let next = if called { last + 1 } else { last };
+        let current = i16::try_from((next / shape.segment_size) % i64::from(shape.segments))
+            .unwrap_or_default();
+        let mut truncated = Vec::new();
+        for segment in (0..shape.segments).filter(|s| *s != current) {
+            let table = format!("event_log_{segment}");
+            let mut tx = self.pool().begin().await?;
+            sqlx::query("SET LOCAL lock_timeout = '500ms'")
+                .execute(&mut *tx)
+                .await?;
+            match sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+                .execute(&mut *tx)
+                .await
+            {
+                Ok(_) => {}
+                // 55P03: lock_not_available.
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => continue,
+                Err(e) => return Err(e.into()),
+            }
+            // Under the lock no insert into the segment is in flight, so
+            // every row it will ever hold is visible here.
+            let passed: bool = sqlx::query_scalar(&format!(
+                "SELECT EXISTS (SELECT 1 FROM {table})
+                    AND NOT EXISTS (
+                        SELECT 1 FROM {table} e
+                        LEFT JOIN log_cursors c USING (destination, partition)
+                        WHERE c.done IS NULL OR NOT pg_visible_in_snapshot(e.xid, c.done))"
+            ))
+            .fetch_one(&mut *tx)
+            .await?;
+            if passed {
+                sqlx::query(&format!("TRUNCATE {table}"))
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                truncated.push(segment);
+            }
+        }
+        Ok(truncated)
+    }
+}
+
+impl Claimed {
+    /// The partition claimed.
+    pub fn partition(&self) -> i16 {
+        self.partition
+    }
+
+    /// The next run of undelivered events, at most `limit`, opening a
+    /// window (the current snapshot) when none is open.
+    pub async fn read(&mut self, limit: u32) -> Result<Run> {
+        let window = match &self.window {
+            Some(w) => w.clone(),
+            None => {
+                // The lowest position of the new window's events, found by
+                // transaction id; the run reads on from there by position.
+                let (window, floor): (String, Option<i64>) = sqlx::query_as(
+                    "WITH w AS (SELECT pg_current_snapshot() AS s)
+                     SELECT w.s::text,
+                            (SELECT min(position) FROM event_log
+                             WHERE destination = $1 AND partition = $2
+                               AND xid >= pg_snapshot_xmin($3::pg_snapshot)
+                               AND xid < pg_snapshot_xmax(w.s)
+                               AND pg_visible_in_snapshot(xid, w.s)
+                               AND NOT pg_visible_in_snapshot(xid, $3::pg_snapshot))
+                     FROM w",
+                )
+                .bind(&self.destination)
+                .bind(self.partition)
+                .bind(&self.done)
+                .fetch_one(&self.pool)
+                .await?;
+                let Some(floor) = floor else {
+                    // Nothing new: the window is through at once, and the
+                    // cursor may stay where it is.
+                    return Ok(Run {
+                        events: Vec::new(),
+                        complete: true,
+                    });
+                };
+                self.window = Some(window.clone());
+                self.position = floor - 1;
+                window
+            }
+        };
+        let rows: Vec<EventRow> = sqlx::query_as(
+            "SELECT position, event_id, aggregatetype, aggregateid, type, version,
+                    payload::text AS payload, traceparent, created_at
+             FROM event_log
+             WHERE destination = $1 AND partition = $2 AND position > $3
+               AND xid >= pg_snapshot_xmin($4::pg_snapshot)
+               AND xid < pg_snapshot_xmax($5::pg_snapshot)
+               AND pg_visible_in_snapshot(xid, $5::pg_snapshot)
+               AND NOT pg_visible_in_snapshot(xid, $4::pg_snapshot)
+             ORDER BY position
+             LIMIT $6",
+        )
+        .bind(&self.destination)
+        .bind(self.partition)
+        .bind(self.position)
+        .bind(&self.done)
+        .bind(&window)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let complete = rows.len() < limit as usize;
+        let events = rows
+            .into_iter()
+            .map(|r| {
+                Ok(LogEvent {
+                    position: r.position,
+                    event_id: r.event_id,
+                    stream: r.aggregatetype,
+                    key: r.aggregateid,
+                    kind: r.r#type,
+                    version: r.version,
+                    payload: serde_json::value::RawValue::from_string(r.payload).map_err(|e| {
+                        crate::Error::Invariant(format!("a log payload is not JSON: {e}"))
+                    })?,
+                    traceparent: r.traceparent,
+                    created_at: r.created_at,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(last) = events.last() {
+            self.position = last.position;
+            self.moved = true;
+        }
+        if complete {
+            self.moved = true;
+            self.done = window;
+            self.window = None;
+            self.position = 0;
+        }
+        Ok(Run { events, complete })
+    }
+
+    /// Records what was read as delivered and lets go of the partition.
+    pub async fn advance(mut self) -> Result<()> {
+        if !self.moved {
+            self.tx.commit().await?;
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE log_cursors
+             SET done = $3::pg_snapshot, \"window\" = $4::pg_snapshot, window_position = $5,
+                 delivered_at = now(), updated_at = now()
+             WHERE destination = $1 AND partition = $2",
+        )
+        .bind(&self.destination)
+        .bind(self.partition)
+        .bind(&self.done)
+        .bind(&self.window)
+        .bind(self.position)
+        .execute(&mut *self.tx)
+        .await?;
+        self.tx.commit().await?;
+        Ok(())
+    }
+
+    /// Lets go of the partition without recording anything: what was read
+    /// is read again by the next claim.
+    pub async fn release(self) -> Result<()> {
+        self.tx.rollback().await?;
+        Ok(())
+    }
+}
