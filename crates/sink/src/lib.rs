@@ -1,6 +1,6 @@
 //! The seam in front of every outbox destination. The delivery engine hands
-//! a [`Sink`] one [`Message`] at a time and acts on the answer: done, retry
-//! later, dead, or hold the key while an attempt may still land. How a
+//! a [`Sink`] one [`Message`], or a batch of them, and acts on each answer:
+//! done, retry later, dead, or hold the key while an attempt may still land. How a
 //! destination's own failures map onto those classes is the sink's business
 //! (1C's HTTP statuses are classified in the `onec` crate, not here).
 
@@ -71,6 +71,20 @@ pub struct Failure {
     pub detail: String,
 }
 
+impl Failure {
+    /// What a message of a batch comes to when it was not sent because an
+    /// earlier one failed: sending it could let it overtake that one.
+    pub fn not_sent() -> Self {
+        Self {
+            kind: FailureKind::Transient,
+            class: "not_sent",
+            counts_against_destination: false,
+            retry_after: None,
+            detail: "not sent: an earlier message of its batch failed".into(),
+        }
+    }
+}
+
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.detail)
@@ -88,4 +102,106 @@ pub trait Sink: Send + Sync {
     /// Delivers one message. Success means the destination has it for good
     /// (an HTTP 200, a broker's acknowledgement).
     async fn deliver(&self, message: &Message) -> Outcome;
+
+    /// Delivers `messages` as one batch, in order: one outcome per message,
+    /// in the same order. A destination that pipelines (Kafka, RabbitMQ)
+    /// overrides it. This form sends one at a time and, after a failure
+    /// that may pass, sends none of the rest ([`Failure::not_sent`]), so no
+    /// message overtakes one that failed; a message refused for good does
+    /// not stop the rest.
+    async fn deliver_batch(&self, messages: &[Message]) -> Vec<Outcome> {
+        let mut outcomes: Vec<Outcome> = Vec::with_capacity(messages.len());
+        for message in messages {
+            let stopped = outcomes
+                .iter()
+                .any(|o| o.as_ref().is_err_and(|f| f.kind != FailureKind::Permanent));
+            outcomes.push(if stopped {
+                Err(Failure::not_sent())
+            } else {
+                self.deliver(message).await
+            });
+        }
+        outcomes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Fails the messages whose version is in `fail`, with `kind`, and
+    /// remembers what it was sent.
+    struct Scripted {
+        fail: Vec<i64>,
+        kind: FailureKind,
+        sent: Mutex<Vec<i64>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Sink for Scripted {
+        async fn deliver(&self, m: &Message) -> Outcome {
+            self.sent.lock().unwrap().push(m.version);
+            if self.fail.contains(&m.version) {
+                return Err(Failure {
+                    kind: self.kind,
+                    class: "scripted",
+                    counts_against_destination: false,
+                    retry_after: None,
+                    detail: "scripted".into(),
+                });
+            }
+            Ok(())
+        }
+    }
+
+    fn batch() -> Vec<Message> {
+        (1..=4)
+            .map(|version| Message {
+                event_id: Uuid::now_v7(),
+                aggregate_type: "order".into(),
+                aggregate_id: "K-1".into(),
+                kind: "order.updated".into(),
+                version,
+                payload: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+                traceparent: None,
+                signature: None,
+            })
+            .collect()
+    }
+
+    fn classes(outcomes: &[Outcome]) -> Vec<&'static str> {
+        outcomes
+            .iter()
+            .map(|o| o.as_ref().map_or_else(|f| f.class, |()| "ok"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_batch_stops_at_a_failure_that_may_pass_and_goes_on_past_a_refusal() {
+        let transient = Scripted {
+            fail: vec![2],
+            kind: FailureKind::Transient,
+            sent: Mutex::default(),
+        };
+        let outcomes = transient.deliver_batch(&batch()).await;
+        assert_eq!(
+            classes(&outcomes),
+            ["ok", "scripted", "not_sent", "not_sent"]
+        );
+        assert_eq!(
+            *transient.sent.lock().unwrap(),
+            [1, 2],
+            "nothing overtakes 2"
+        );
+
+        let refused = Scripted {
+            fail: vec![2],
+            kind: FailureKind::Permanent,
+            sent: Mutex::default(),
+        };
+        let outcomes = refused.deliver_batch(&batch()).await;
+        assert_eq!(classes(&outcomes), ["ok", "scripted", "ok", "ok"]);
+        assert_eq!(*refused.sent.lock().unwrap(), [1, 2, 3, 4]);
+    }
 }

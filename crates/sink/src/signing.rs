@@ -155,24 +155,37 @@ impl Signing {
     }
 }
 
-#[async_trait::async_trait]
-impl crate::Sink for Signing {
-    async fn deliver(&self, message: &crate::Message) -> crate::Outcome {
+impl Signing {
+    /// `message` with its signature, when its stream has a key.
+    fn signed(&self, message: &crate::Message) -> Option<crate::Message> {
         let id = message.event_id.to_string();
-        match self.keys.sign(
+        let signature = self.keys.sign(
             &message.aggregate_type,
             &id,
             message.payload.get().as_bytes(),
-        ) {
-            Some(signature) => {
-                let signed = crate::Message {
-                    signature: Some(signature),
-                    ..message.clone()
-                };
-                self.inner.deliver(&signed).await
-            }
+        )?;
+        Some(crate::Message {
+            signature: Some(signature),
+            ..message.clone()
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::Sink for Signing {
+    async fn deliver(&self, message: &crate::Message) -> crate::Outcome {
+        match self.signed(message) {
+            Some(signed) => self.inner.deliver(&signed).await,
             None => self.inner.deliver(message).await,
         }
+    }
+
+    async fn deliver_batch(&self, messages: &[crate::Message]) -> Vec<crate::Outcome> {
+        let signed: Vec<_> = messages
+            .iter()
+            .map(|m| self.signed(m).unwrap_or_else(|| m.clone()))
+            .collect();
+        self.inner.deliver_batch(&signed).await
     }
 }
 

@@ -4,7 +4,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::future_producer::Delivery;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sink::{Failure, FailureKind, Message, Outcome, Sink};
 
@@ -77,34 +78,35 @@ impl KafkaSink {
     }
 }
 
-#[async_trait::async_trait]
-impl Sink for KafkaSink {
-    async fn deliver(&self, m: &Message) -> Outcome {
-        let topic = self.config.topic(&m.aggregate_type);
+/// The headers of `m`'s record.
+fn record_headers(m: &Message) -> OwnedHeaders {
+    let (event_id, version) = (m.event_id.to_string(), m.version.to_string());
+    let mut h = OwnedHeaders::new_with_capacity(5)
+        .insert(header(headers::EVENT_ID, &event_id))
+        .insert(header(headers::TYPE, &m.kind))
+        .insert(header(headers::VERSION, &version));
+    if let Some(tp) = &m.traceparent {
+        h = h.insert(header(headers::TRACEPARENT, tp));
+    }
+    if let Some(signature) = &m.signature {
+        h = h.insert(header(headers::SIGNATURE, signature));
+    }
+    h
+}
+
+type Sent = Result<Result<Delivery, (KafkaError, OwnedMessage)>, tokio::time::error::Elapsed>;
+
+impl KafkaSink {
+    /// How long a delivery may take. librdkafka times a message out itself,
+    /// but not one inside a request to a frozen broker until that request
+    /// times out; this bound keeps a delivery from outliving the claim.
+    fn bound(&self) -> Duration {
+        self.config.delivery_timeout + Duration::from_secs(1)
+    }
+
+    /// What a produce came to.
+    fn settle(&self, m: &Message, topic: &str, sent: Sent) -> Outcome {
         let event_id = m.event_id.to_string();
-        let version = m.version.to_string();
-        let mut h = OwnedHeaders::new_with_capacity(4)
-            .insert(header(headers::EVENT_ID, &event_id))
-            .insert(header(headers::TYPE, &m.kind))
-            .insert(header(headers::VERSION, &version));
-        if let Some(tp) = &m.traceparent {
-            h = h.insert(header(headers::TRACEPARENT, tp));
-        }
-        if let Some(signature) = &m.signature {
-            h = h.insert(header(headers::SIGNATURE, signature));
-        }
-        let record = FutureRecord::to(&topic)
-            .key(&m.aggregate_id)
-            .payload(m.payload.get())
-            .headers(h);
-        // A full local queue waits a second before it counts as a failure.
-        // librdkafka times a message out itself, but not one inside a
-        // request to a frozen broker until that request times out; this
-        // bound keeps a delivery from outliving the claim.
-        let bound = self.config.delivery_timeout + Duration::from_secs(1);
-        let producer = self.producer();
-        let sent = tokio::time::timeout(bound, producer.send(record, Duration::from_secs(1))).await;
-        drop(producer);
         let e = match sent {
             Ok(Ok(d)) if d.offset < 0 => {
                 // librdkafka acknowledges a retry the broker calls a
@@ -147,6 +149,81 @@ impl Sink for KafkaSink {
         }
         Err(classify(&e))
     }
+}
+
+#[async_trait::async_trait]
+impl Sink for KafkaSink {
+    async fn deliver(&self, m: &Message) -> Outcome {
+        let topic = self.config.topic(&m.aggregate_type);
+        let record = FutureRecord::to(&topic)
+            .key(&m.aggregate_id)
+            .payload(m.payload.get())
+            .headers(record_headers(m));
+        let producer = self.producer();
+        // A full local queue waits a second before it counts as a failure.
+        let sent =
+            tokio::time::timeout(self.bound(), producer.send(record, Duration::from_secs(1))).await;
+        drop(producer);
+        self.settle(m, &topic, sent)
+    }
+
+    /// Pipelines the batch: every record is queued before any
+    /// acknowledgement is awaited, and the idempotent producer keeps one
+    /// partition's records in the order queued. A record the local queue
+    /// refuses, and every one after it, is not sent.
+    async fn deliver_batch(&self, messages: &[Message]) -> Vec<Outcome> {
+        let producer = self.producer();
+        let topics: Vec<String> = messages
+            .iter()
+            .map(|m| self.config.topic(&m.aggregate_type))
+            .collect();
+        let mut queued = Vec::with_capacity(messages.len());
+        let mut refused = None;
+        for (m, topic) in messages.iter().zip(&topics) {
+            let record = FutureRecord::to(topic)
+                .key(&m.aggregate_id)
+                .payload(m.payload.get())
+                .headers(record_headers(m));
+            match producer.send_result(record) {
+                Ok(delivery) => queued.push(delivery),
+                Err((e, _)) => {
+                    refused = Some(classify(&e));
+                    break;
+                }
+            }
+        }
+        drop(producer);
+        // One deadline for the whole batch: a frozen broker costs one bound, not one per record.
+        let deadline = tokio::time::Instant::now() + self.bound();
+        let mut outcomes = Vec::with_capacity(messages.len());
+        for ((m, topic), delivery) in messages.iter().zip(&topics).zip(queued) {
+            let sent = tokio::time::timeout_at(deadline, delivery)
+                .await
+                .map(|r| r.unwrap_or_else(|_canceled| Err(producer_gone(m))));
+            outcomes.push(self.settle(m, topic, sent));
+        }
+        if let Some(failure) = refused {
+            outcomes.push(Err(failure));
+        }
+        outcomes.resize_with(messages.len(), || Err(Failure::not_sent()));
+        outcomes
+    }
+}
+
+/// A delivery whose producer went away before it answered.
+fn producer_gone(m: &Message) -> (KafkaError, OwnedMessage) {
+    (
+        KafkaError::Canceled,
+        OwnedMessage::new(
+            None,
+            Some(m.aggregate_id.clone().into_bytes()),
+            String::new(),
+            rdkafka::Timestamp::NotAvailable,
+            -1,
+            -1,
+            None,
+        ),
+    )
 }
 
 fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {

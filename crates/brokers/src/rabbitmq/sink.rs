@@ -100,6 +100,17 @@ impl RabbitSink {
 
     /// Publishes and waits for the confirm.
     async fn publish(&self, channel: &Channel, exchange: &str, m: &Message) -> Outcome {
+        let confirm = self.send(channel, exchange, m).await?;
+        settle(exchange, confirm.await)
+    }
+
+    /// Publishes, and returns the confirm to wait for.
+    async fn send(
+        &self,
+        channel: &Channel,
+        exchange: &str,
+        m: &Message,
+    ) -> Result<lapin::PublisherConfirm, Failure> {
         let mut table = FieldTable::default();
         let text = |s: &str| AMQPValue::LongString(LongString::from(s));
         table.insert(ShortString::from(headers::TYPE), text(&m.kind));
@@ -124,7 +135,7 @@ impl RabbitSink {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
-        let confirm = channel
+        channel
             .basic_publish(
                 exchange.into(),
                 m.kind.as_str().into(),
@@ -133,39 +144,87 @@ impl RabbitSink {
                 properties,
             )
             .await
-            .map_err(|e| unreachable_broker(&e.to_string()))?;
-        match confirm.await {
-            Ok(Confirmation::Ack(None)) => Ok(()),
-            Ok(Confirmation::Ack(Some(returned))) => Err(Failure {
-                // No queue is bound for this event yet; a consumer declared
-                // later will be, so retry, but say nothing of the broker.
-                kind: FailureKind::Transient,
-                class: "unroutable",
-                counts_against_destination: false,
-                retry_after: None,
-                detail: format!(
-                    "rabbitmq returned the message from {exchange} ({} {})",
-                    returned.reply_code, returned.reply_text
-                ),
-            }),
-            Ok(Confirmation::Nack(_)) => Err(Failure {
-                kind: FailureKind::Transient,
-                class: "nacked",
-                counts_against_destination: true,
-                retry_after: None,
-                detail: format!("rabbitmq nacked the message on {exchange}"),
-            }),
-            Ok(Confirmation::NotRequested) => Err(Failure {
-                kind: FailureKind::Transient,
-                class: "unconfirmed",
-                counts_against_destination: true,
-                retry_after: None,
-                detail: "rabbitmq channel is not in confirm mode".into(),
-            }),
-            // The connection dropped before the confirm: a copy may be in
-            // the queue already, which the consumer's inbox absorbs.
-            Err(e) => Err(unreachable_broker(&e.to_string())),
+            .map_err(|e| unreachable_broker(&e.to_string()))
+    }
+
+    /// Publishes every message, then awaits the confirms, all within
+    /// one confirm timeout.
+    async fn publish_batch(&self, messages: &[Message]) -> Vec<Outcome> {
+        let mut sent = Vec::with_capacity(messages.len());
+        let mut failed = None;
+        for m in messages {
+            let exchange = self.config.exchange(&m.aggregate_type);
+            let confirm = match self.channel(&exchange).await {
+                Ok(channel) => self.send(&channel, &exchange, m).await,
+                Err(f) => Err(f),
+            };
+            match confirm {
+                Ok(confirm) => sent.push((exchange, confirm)),
+                Err(f) => {
+                    failed = Some(f);
+                    break;
+                }
+            }
         }
+        let mut outcomes = Vec::with_capacity(messages.len());
+        for (exchange, confirm) in sent {
+            outcomes.push(settle(&exchange, confirm.await));
+        }
+        outcomes.extend(failed.map(Err));
+        outcomes.resize_with(messages.len(), || Err(Failure::not_sent()));
+        outcomes
+    }
+
+    /// After no confirm came in time: the next attempt starts on a fresh
+    /// connection.
+    async fn timed_out(&self) -> Failure {
+        self.link.lock().await.link = None;
+        Failure {
+            kind: FailureKind::Transient,
+            class: "timeout",
+            counts_against_destination: true,
+            retry_after: None,
+            detail: format!(
+                "rabbitmq did not confirm within {:?}",
+                self.config.confirm_timeout
+            ),
+        }
+    }
+}
+
+/// What a publish's confirm came to.
+fn settle(exchange: &str, confirmed: Result<Confirmation, lapin::Error>) -> Outcome {
+    match confirmed {
+        Ok(Confirmation::Ack(None)) => Ok(()),
+        Ok(Confirmation::Ack(Some(returned))) => Err(Failure {
+            // No queue is bound for this event yet; a consumer declared
+            // later will be, so retry, but say nothing of the broker.
+            kind: FailureKind::Transient,
+            class: "unroutable",
+            counts_against_destination: false,
+            retry_after: None,
+            detail: format!(
+                "rabbitmq returned the message from {exchange} ({} {})",
+                returned.reply_code, returned.reply_text
+            ),
+        }),
+        Ok(Confirmation::Nack(_)) => Err(Failure {
+            kind: FailureKind::Transient,
+            class: "nacked",
+            counts_against_destination: true,
+            retry_after: None,
+            detail: format!("rabbitmq nacked the message on {exchange}"),
+        }),
+        Ok(Confirmation::NotRequested) => Err(Failure {
+            kind: FailureKind::Transient,
+            class: "unconfirmed",
+            counts_against_destination: true,
+            retry_after: None,
+            detail: "rabbitmq channel is not in confirm mode".into(),
+        }),
+        // The connection dropped before the confirm: a copy may be in
+        // the queue already, which the consumer's inbox absorbs.
+        Err(e) => Err(unreachable_broker(&e.to_string())),
     }
 }
 
@@ -193,19 +252,18 @@ impl Sink for RabbitSink {
         .await
         {
             Ok(outcome) => outcome,
+            Err(_) => Err(self.timed_out().await),
+        }
+    }
+
+    /// Publishes the whole batch, then awaits the confirms in bulk.
+    async fn deliver_batch(&self, messages: &[Message]) -> Vec<Outcome> {
+        match tokio::time::timeout(self.config.confirm_timeout, self.publish_batch(messages)).await
+        {
+            Ok(outcomes) => outcomes,
             Err(_) => {
-                // The next attempt starts on a fresh connection.
-                self.link.lock().await.link = None;
-                Err(Failure {
-                    kind: FailureKind::Transient,
-                    class: "timeout",
-                    counts_against_destination: true,
-                    retry_after: None,
-                    detail: format!(
-                        "rabbitmq did not confirm within {:?}",
-                        self.config.confirm_timeout
-                    ),
-                })
+                let failure = self.timed_out().await;
+                vec![Err(failure); messages.len()]
             }
         }
     }

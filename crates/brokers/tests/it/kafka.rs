@@ -56,6 +56,16 @@ fn start_journal(
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_pipelined_batch_reaches_the_journal_once_and_in_order_through_kafka() {
+    let (db, config) = setup().await;
+    let sink = KafkaSink::new(config.clone()).unwrap();
+    batches_reach_the_journal_once_and_in_order(&sink, &db.pool, || {
+        start_journal(&config, &db.pool)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn every_event_reaches_the_journal_once_and_in_order_through_kafka() {
     let (db, config) = setup().await;
     let sink = KafkaSink::new(config.clone()).unwrap();

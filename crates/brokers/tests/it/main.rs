@@ -157,6 +157,32 @@ async fn every_event_once_in_order(
     assert_eq!(metrics.count("journal", "applied"), all.len() as u64);
 }
 
+/// The same 600 events sent as batches of 100 (each order's versions in
+/// write order): every outcome is a success, and the journal applies each
+/// once, in order per order.
+async fn batches_reach_the_journal_once_and_in_order(
+    sink: &dyn Sink,
+    pool: &PgPool,
+    start: impl FnOnce() -> Running,
+) {
+    let all = notices(200, 3);
+    let messages: Vec<Message> = all.iter().map(message).collect();
+    for batch in messages.chunks(100) {
+        let outcomes = sink.deliver_batch(batch).await;
+        assert_eq!(outcomes.len(), batch.len(), "one outcome per message");
+        for (m, outcome) in batch.iter().zip(&outcomes) {
+            if let Err(f) = outcome {
+                panic!("{} v{} not delivered: {f}", m.aggregate_id, m.version);
+            }
+        }
+    }
+    let (_metrics, cancel, task) = start();
+    journal_reaches(pool, all.len() as i64).await;
+    cancel.cancel();
+    task.await.unwrap();
+    assert_each_once_in_order(pool, &all).await;
+}
+
 /// The bodies a test feeds raw to a consumer: one of each kind of poison,
 /// between two good notices.
 fn poison_bodies() -> Vec<(&'static str, Vec<u8>)> {

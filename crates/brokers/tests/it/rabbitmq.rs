@@ -60,6 +60,30 @@ async fn every_event_reaches_the_journal_once_and_in_order_through_rabbitmq() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_batch_confirmed_in_bulk_reaches_the_journal_once_and_in_order() {
+    let (db, config) = setup().await;
+    let sink = RabbitSink::new(config.clone());
+    batches_reach_the_journal_once_and_in_order(&sink, &db.pool, || {
+        start_journal(&config, &db.pool)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn in_a_batch_a_message_no_queue_takes_fails_alone() {
+    let (_db, config) = setup().await;
+    let sink = RabbitSink::new(config);
+    let mut batch: Vec<_> = notices(3, 1).iter().map(message).collect();
+    batch[1].aggregate_type = "nobody-listens".into();
+    let outcomes = sink.deliver_batch(&batch).await;
+    let classes: Vec<_> = outcomes
+        .iter()
+        .map(|o| o.as_ref().map_or_else(|f| f.class, |()| "ok"))
+        .collect();
+    assert_eq!(classes, ["ok", "unroutable", "ok"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_message_no_queue_takes_is_a_failure_not_a_success() {
     let (_db, config) = setup().await;
     let sink = RabbitSink::new(config);
