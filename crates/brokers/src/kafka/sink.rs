@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::future_producer::Delivery;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sink::{Failure, FailureKind, Message, Outcome, Sink};
@@ -94,7 +94,7 @@ fn record_headers(m: &Message) -> OwnedHeaders {
     h
 }
 
-type Sent = Result<Result<Delivery, (KafkaError, OwnedMessage)>, tokio::time::error::Elapsed>;
+type Sent = Result<Result<Delivery, KafkaError>, tokio::time::error::Elapsed>;
 
 impl KafkaSink {
     /// How long a delivery may take. librdkafka times a message out itself,
@@ -141,7 +141,7 @@ impl KafkaSink {
                 self.delivered();
                 return Ok(());
             }
-            Ok(Err((e, _))) => e,
+            Ok(Err(e)) => e,
             Err(_) => KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
         };
         if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut) {
@@ -162,7 +162,9 @@ impl Sink for KafkaSink {
         let producer = self.producer();
         // A full local queue waits a second before it counts as a failure.
         let sent =
-            tokio::time::timeout(self.bound(), producer.send(record, Duration::from_secs(1))).await;
+            tokio::time::timeout(self.bound(), producer.send(record, Duration::from_secs(1)))
+                .await
+                .map(|sent| sent.map_err(|(e, _)| e));
         drop(producer);
         self.settle(m, &topic, sent)
     }
@@ -199,7 +201,8 @@ impl Sink for KafkaSink {
         for ((m, topic), delivery) in messages.iter().zip(&topics).zip(queued) {
             let sent = tokio::time::timeout_at(deadline, delivery)
                 .await
-                .map(|r| r.unwrap_or_else(|_canceled| Err(producer_gone(m))));
+                // Canceled: the producer went away before it answered.
+                .map(|r| r.map_or(Err(KafkaError::Canceled), |d| d.map_err(|(e, _)| e)));
             outcomes.push(self.settle(m, topic, sent));
         }
         if let Some(failure) = refused {
@@ -208,22 +211,6 @@ impl Sink for KafkaSink {
         outcomes.resize_with(messages.len(), || Err(Failure::not_sent()));
         outcomes
     }
-}
-
-/// A delivery whose producer went away before it answered.
-fn producer_gone(m: &Message) -> (KafkaError, OwnedMessage) {
-    (
-        KafkaError::Canceled,
-        OwnedMessage::new(
-            None,
-            Some(m.aggregate_id.clone().into_bytes()),
-            String::new(),
-            rdkafka::Timestamp::NotAvailable,
-            -1,
-            -1,
-            None,
-        ),
-    )
 }
 
 fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
