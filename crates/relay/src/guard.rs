@@ -39,6 +39,9 @@ pub struct SinkGuard {
     metrics: DestinationMetrics,
     in_flight: Semaphore,
     limiter: Option<DefaultDirectRateLimiter>,
+    /// The limiter's burst: the most cells one wait may ask for.
+    burst: u32,
+    max_in_flight: usize,
     breaker: CircuitBreaker,
 }
 
@@ -54,6 +57,8 @@ impl SinkGuard {
             sink,
             metrics,
             in_flight: Semaphore::new(config.max_in_flight.max(1)),
+            max_in_flight: config.max_in_flight.max(1),
+            burst: config.rate_per_second.map_or(u32::MAX, NonZeroU32::get),
             limiter: config
                 .rate_per_second
                 .map(|r| RateLimiter::direct(Quota::per_second(r))),
@@ -121,5 +126,52 @@ impl SinkGuard {
         };
         self.breaker.record(admission, healthy);
         Attempt::Sent(outcome)
+    }
+
+    /// Sends `messages` as one batch when as many slots and the rate limit
+    /// allow and the breaker admits it; `None` when it was not sent. The
+    /// breaker counts the batch as one request, unwell when any answer says
+    /// the destination is.
+    pub async fn deliver_batch(
+        &self,
+        messages: &[Message],
+        cancel: &CancellationToken,
+    ) -> Option<Vec<Outcome>> {
+        let n = u32::try_from(messages.len()).unwrap_or(u32::MAX).max(1);
+        let slots = n.min(u32::try_from(self.max_in_flight).unwrap_or(u32::MAX));
+        let _slots = tokio::select! {
+            biased;
+            () = cancel.cancelled() => return None,
+            slots = self.in_flight.acquire_many(slots) => slots.expect("the semaphore is never closed"),
+        };
+        if let Some(limiter) = &self.limiter {
+            let mut left = n;
+            while left > 0 {
+                let take = left.min(self.burst);
+                let chunk = NonZeroU32::new(take).expect("more than zero");
+                tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => return None,
+                    ready = limiter.until_n_ready(chunk) => ready.expect("within the burst"),
+                }
+                left -= take;
+            }
+        }
+        let admission = self.breaker.admit();
+        if admission == Admission::Refused {
+            return None;
+        }
+        let sent = std::time::Instant::now();
+        let outcomes = self.sink.deliver_batch(messages).await;
+        let seconds = sent.elapsed().as_secs_f64();
+        for outcome in &outcomes {
+            self.metrics.answered(outcome, seconds);
+        }
+        let healthy = outcomes.iter().all(|o| {
+            o.as_ref()
+                .map_or_else(|f| !f.counts_against_destination, |()| true)
+        });
+        self.breaker.record(admission, healthy);
+        Some(outcomes)
     }
 }

@@ -4,6 +4,9 @@
 //!   [`DeliveryPolicy`](domain::DeliveryPolicy), delivers each message
 //!   through its [`Sink`](sink::Sink) and records the outcome; [`decide`] is
 //!   the retry policy.
+//! - [`log_engine`]: per event-stream destination read from the log, claims
+//!   a partition, delivers its next run as one batch and moves its cursor
+//!   (the log's SQL is `store::log`).
 //! - [`guard`]: what stands in front of each sink: in-flight limit, rate
 //!   limit, circuit breaker.
 //! - [`upkeep`]: the leader's jobs over the whole outbox: rescuing expired
@@ -16,6 +19,7 @@
 pub mod engine;
 mod error;
 pub mod guard;
+pub mod log_engine;
 pub mod metrics;
 mod runtime;
 pub mod upkeep;
@@ -23,6 +27,7 @@ pub mod upkeep;
 pub use engine::{decide, Decision, DeliveryEngine, ServiceConfig};
 pub use error::{Error, Result};
 pub use guard::{Attempt, ProtectionConfig, SinkGuard};
+pub use log_engine::LogEngine;
 pub use metrics::RelayMetrics;
 pub use runtime::{Leadership, Outlet, Relay, RelayConfig};
 pub use upkeep::Upkeep;

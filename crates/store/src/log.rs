@@ -152,6 +152,8 @@ pub struct Claimed {
     position: i64,
     /// Something was read since the claim: the cursor row has to move.
     moved: bool,
+    /// The window is through once what was read is passed.
+    complete: bool,
 }
 
 /// The events [`Claimed::read`] found.
@@ -206,22 +208,24 @@ impl Store {
         Ok(())
     }
 
-    /// Claims a partition of `destination` nobody holds, preferring one
-    /// `owner` held last; `None` when every one is held.
+    /// Claims the partition of `destination`, other than those in `tried`,
+    /// that nobody holds and was claimed longest ago (so claims go round
+    /// all of them); `None` when every other one is held.
     pub async fn claim_partition(
         &self,
         destination: &Destination,
         owner: &str,
+        tried: &[i16],
     ) -> Result<Option<Claimed>> {
         let mut tx = self.pool().begin().await?;
         let row: Option<(i16, String, Option<String>, i64)> = sqlx::query_as(
             "SELECT partition, done::text, \"window\"::text, window_position
-             FROM log_cursors WHERE destination = $1
-             ORDER BY owner = $2 DESC NULLS LAST, updated_at
+             FROM log_cursors WHERE destination = $1 AND partition <> ALL($2)
+             ORDER BY updated_at
              LIMIT 1 FOR UPDATE SKIP LOCKED",
         )
         .bind(destination.as_str())
-        .bind(owner)
+        .bind(tried)
         .fetch_optional(&mut *tx)
         .await?;
         let Some((partition, done, window, position)) = row else {
@@ -238,6 +242,7 @@ impl Store {
         .await?;
         Ok(Some(Claimed {
             moved: false,
+            complete: false,
             tx,
             pool: self.pool().clone(),
             destination: destination.as_str().to_owned(),
@@ -387,11 +392,52 @@ impl Claimed {
         }
         if complete {
             self.moved = true;
-            self.done = window;
-            self.window = None;
-            self.position = 0;
+            self.complete = true;
         }
         Ok(Run { events, complete })
+    }
+
+    /// Keeps `event`, which its destination refused for good, in
+    /// `log_dead` with the reason, in the transaction that will move the
+    /// cursor past it.
+    pub async fn bury(&mut self, event: &LogEvent, class: &str, reason: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO log_dead (destination, partition, position, event_id, aggregatetype,
+                                   aggregateid, type, version, payload, traceparent, class, reason)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $12)
+             ON CONFLICT (destination, position) DO NOTHING",
+        )
+        .bind(&self.destination)
+        .bind(self.partition)
+        .bind(event.position)
+        .bind(event.event_id)
+        .bind(&event.stream)
+        .bind(&event.key)
+        .bind(&event.kind)
+        .bind(event.version)
+        .bind(event.payload.get())
+        .bind(&event.traceparent)
+        .bind(class)
+        .bind(reason)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Records the run read as passed only up to `last` (its last event
+    /// delivered or buried), or not at all with `None`, and lets go: the
+    /// rest is read again by the next claim.
+    pub async fn advance_through(mut self, last: Option<i64>, run: &Run) -> Result<()> {
+        if run.events.last().map(|e| e.position) == last {
+            return self.advance().await;
+        }
+        let Some(last) = last else {
+            // The window stays as it was stored (or, new, is opened again).
+            return self.release().await;
+        };
+        self.complete = false;
+        self.position = last;
+        self.advance().await
     }
 
     /// Records what was read as delivered and lets go of the partition.
@@ -399,6 +445,10 @@ impl Claimed {
         if !self.moved {
             self.tx.commit().await?;
             return Ok(());
+        }
+        if self.complete {
+            self.done = self.window.take().unwrap_or(self.done);
+            self.position = 0;
         }
         sqlx::query(
             "UPDATE log_cursors

@@ -3,5 +3,6 @@
 
 mod delivery;
 mod engine;
+mod log_engine;
 mod overlap;
 mod support;

@@ -50,7 +50,7 @@ async fn drain(store: &Store, limit: u32) -> Vec<String> {
     let mut keys = Vec::new();
     loop {
         let mut claim = store
-            .claim_partition(&events(), "r1")
+            .claim_partition(&events(), "r1", &[])
             .await
             .unwrap()
             .unwrap();
@@ -107,14 +107,14 @@ async fn runs_resume_where_the_last_claim_stopped_and_a_released_run_is_read_aga
     .await;
 
     let mut claim = store
-        .claim_partition(&events(), "r1")
+        .claim_partition(&events(), "r1", &[])
         .await
         .unwrap()
         .unwrap();
     let first = claim.read(10).await.unwrap();
     claim.release().await.unwrap();
     let mut claim = store
-        .claim_partition(&events(), "r2")
+        .claim_partition(&events(), "r2", &[])
         .await
         .unwrap()
         .unwrap();
@@ -140,13 +140,13 @@ async fn a_held_partition_is_skipped_and_a_dead_holders_is_free_at_once() {
     let db = testkit::database().await;
     let (store, _) = shaped(&db.pool, 1_000_000).await;
     let held = store
-        .claim_partition(&events(), "r1")
+        .claim_partition(&events(), "r1", &[])
         .await
         .unwrap()
         .unwrap();
     assert!(
         store
-            .claim_partition(&events(), "r2")
+            .claim_partition(&events(), "r2", &[])
             .await
             .unwrap()
             .is_none(),
@@ -169,7 +169,7 @@ async fn a_held_partition_is_skipped_and_a_dead_holders_is_free_at_once() {
         .unwrap();
     let taken = tokio::time::timeout(std::time::Duration::from_secs(5), async {
         loop {
-            if let Some(c) = store.claim_partition(&events(), "r2").await.unwrap() {
+            if let Some(c) = store.claim_partition(&events(), "r2", &[]).await.unwrap() {
                 return c;
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -213,7 +213,7 @@ async fn rotation_truncates_only_segments_every_cursor_has_passed() {
     );
     // Half of kafka's window: a window is passed only when it is through.
     let mut claim = store
-        .claim_partition(&events(), "r1")
+        .claim_partition(&events(), "r1", &[])
         .await
         .unwrap()
         .unwrap();

@@ -1,0 +1,151 @@
+//! The delivery engine of one event-stream destination read from the log
+//! (`store::log`): a lane claims a partition, reads its next run in commit
+//! order, hands the run to the sink as one batch, and moves the cursor past
+//! what was delivered or buried, in one transaction. What failed and may
+//! pass stays ahead of the cursor, with everything after it, and is read
+//! again by the next claim.
+
+use std::sync::Arc;
+
+use domain::Destination;
+use sink::{FailureKind, Message};
+use store::log::LogEvent;
+use store::Store;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use worker::{Cron, Job, Progress, Scope};
+
+use crate::guard::SinkGuard;
+use crate::metrics::DestinationMetrics;
+use crate::{Result, ServiceConfig};
+
+/// The log's delivery engine of one destination.
+pub struct LogEngine {
+    store: Store,
+    destination: Destination,
+    guard: Arc<SinkGuard>,
+    config: ServiceConfig,
+    partitions: u16,
+    wake: Arc<Notify>,
+    metrics: DestinationMetrics,
+}
+
+impl LogEngine {
+    /// An engine delivering `destination`'s log through `guard`; makes its
+    /// cursor rows when missing.
+    pub async fn new(
+        store: Store,
+        destination: Destination,
+        guard: Arc<SinkGuard>,
+        config: ServiceConfig,
+        metrics: DestinationMetrics,
+    ) -> Result<Arc<Self>> {
+        store.ensure_cursors(&destination).await?;
+        let partitions = store.log_shape().await?.partitions;
+        Ok(Arc::new(Self {
+            store,
+            destination,
+            guard,
+            config,
+            partitions,
+            wake: Arc::new(Notify::new()),
+            metrics,
+        }))
+    }
+
+    /// Notified when new events may be waiting.
+    pub fn wake(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// Registers `log <destination>` on every relay, one lane per claim
+    /// lane, run early on wake-ups.
+    pub fn register(self: &Arc<Self>, cron: &dyn Cron) {
+        let name: &'static str = Box::leak(format!("log {}", self.destination).into_boxed_str());
+        let engine = self.clone();
+        cron.schedule(Job {
+            name,
+            scope: Scope::EveryPod,
+            every: self.config.poll_interval,
+            parallelism: self.config.claim_lanes,
+            wake: Some(self.wake.clone()),
+            run: Arc::new(move |cancel| {
+                let engine = engine.clone();
+                Box::pin(async move { Ok(engine.deliver_next(cancel).await?) })
+            }),
+        });
+    }
+
+    /// Delivers the next run of the first partition, in one pass over the
+    /// free ones, that has events. A run delivered reports more work.
+    pub async fn deliver_next(&self, cancel: CancellationToken) -> Result<Progress> {
+        let mut tried = Vec::new();
+        for _ in 0..self.partitions {
+            if self.guard.capacity() == 0 || cancel.is_cancelled() {
+                return Ok(Progress::Idle);
+            }
+            let Some(mut claim) = self
+                .store
+                .claim_partition(&self.destination, &self.config.relay_id, &tried)
+                .await?
+            else {
+                return Ok(Progress::Idle);
+            };
+            tried.push(claim.partition());
+            let run = claim.read(self.config.batch_size).await?;
+            if run.events.is_empty() {
+                claim.advance().await?;
+                continue;
+            }
+            let messages: Vec<Message> = run.events.iter().map(message).collect();
+            let Some(outcomes) = self.guard.deliver_batch(&messages, &cancel).await else {
+                claim.release().await?;
+                return Ok(Progress::Idle);
+            };
+            // The cursor passes the prefix that was delivered or refused for
+            // good; the first failure that may pass stops it there.
+            let (mut last, mut delivered, mut stopped) = (None, 0, false);
+            for (event, outcome) in run.events.iter().zip(&outcomes) {
+                match outcome {
+                    Ok(()) => {
+                        delivered += 1;
+                        self.metrics.answered_ok(event.created_at);
+                    }
+                    Err(f) if f.kind == FailureKind::Permanent => {
+                        tracing::error!(destination = %self.destination, key = %event.key, position = event.position, class = f.class, reason = %f.detail, "refused for good: buried in log_dead, the partition goes on");
+                        claim.bury(event, f.class, &f.detail).await?;
+                        self.metrics.dead.inc();
+                    }
+                    Err(f) => {
+                        self.metrics.failed(f);
+                        tracing::warn!(destination = %self.destination, key = %event.key, position = event.position, class = f.class, error = %f.detail, "not delivered; the partition resumes here");
+                        stopped = true;
+                        break;
+                    }
+                }
+                last = Some(event.position);
+            }
+            claim.advance_through(last, &run).await?;
+            self.metrics.completed(delivered);
+            return Ok(if stopped {
+                Progress::Idle
+            } else {
+                Progress::MoreWork
+            });
+        }
+        Ok(Progress::Idle)
+    }
+}
+
+fn message(e: &LogEvent) -> Message {
+    Message {
+        event_id: e.event_id,
+        aggregate_type: e.stream.clone(),
+        aggregate_id: e.key.clone(),
+        kind: e.kind.clone(),
+        version: e.version,
+        payload: e.payload.clone(),
+        traceparent: e.traceparent.clone(),
+        signature: None,
+    }
+}
