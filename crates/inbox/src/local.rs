@@ -22,31 +22,73 @@ impl<C: Consumer> LocalSink<C> {
     }
 }
 
+fn incoming(message: &Message) -> Incoming {
+    Incoming {
+        id: Some(message.event_id.to_string()),
+        payload: message.payload.get().as_bytes().to_vec(),
+        origin: format!("outbox/{}@{}", message.aggregate_id, message.version),
+        signature: message.signature.clone(),
+    }
+}
+
+fn outcome(verdict: Verdict) -> Outcome {
+    match verdict {
+        Verdict::Dead(poison) => Err(Failure {
+            kind: FailureKind::Permanent,
+            class: poison.class,
+            counts_against_destination: false,
+            retry_after: None,
+            detail: poison.to_string(),
+        }),
+        Verdict::Applied | Verdict::Duplicate => Ok(()),
+    }
+}
+
+fn unavailable(e: &crate::Error) -> Failure {
+    Failure {
+        kind: FailureKind::Transient,
+        class: "database",
+        counts_against_destination: true,
+        retry_after: None,
+        detail: e.to_string(),
+    }
+}
+
 #[async_trait::async_trait]
 impl<C: Consumer + 'static> Sink for LocalSink<C> {
     async fn deliver(&self, message: &Message) -> Outcome {
-        let incoming = Incoming {
-            id: Some(message.event_id.to_string()),
-            payload: message.payload.get().as_bytes().to_vec(),
-            origin: format!("outbox/{}@{}", message.aggregate_id, message.version),
-            signature: message.signature.clone(),
-        };
-        let verdicts = self.inbox.process(&[incoming]).await.map_err(|e| Failure {
-            kind: FailureKind::Transient,
-            class: "database",
-            counts_against_destination: true,
-            retry_after: None,
-            detail: e.to_string(),
-        })?;
-        match verdicts.into_iter().next() {
-            Some(Verdict::Dead(poison)) => Err(Failure {
-                kind: FailureKind::Permanent,
-                class: poison.class,
-                counts_against_destination: false,
-                retry_after: None,
-                detail: poison.to_string(),
-            }),
-            _ => Ok(()),
+        let verdicts = self
+            .inbox
+            .process(&[incoming(message)])
+            .await
+            .map_err(|e| unavailable(&e))?;
+        verdicts.into_iter().next().map_or(Ok(()), outcome)
+    }
+
+    /// The whole batch in one inbox transaction: one round of inserts, one
+    /// commit.
+    async fn deliver_batch(&self, messages: &[Message]) -> Vec<Outcome> {
+        let batch: Vec<Incoming> = messages.iter().map(incoming).collect();
+        match self.inbox.process(&batch).await {
+            Ok(verdicts) if verdicts.len() == messages.len() => {
+                verdicts.into_iter().map(outcome).collect()
+            }
+            Ok(verdicts) => {
+                let detail = format!(
+                    "the inbox answered {} verdicts for {} messages",
+                    verdicts.len(),
+                    messages.len()
+                );
+                let failure = Failure {
+                    kind: FailureKind::Transient,
+                    class: "invariant",
+                    counts_against_destination: false,
+                    retry_after: None,
+                    detail,
+                };
+                vec![Err(failure); messages.len()]
+            }
+            Err(e) => vec![Err(unavailable(&e)); messages.len()],
         }
     }
 }

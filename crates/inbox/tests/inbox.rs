@@ -263,3 +263,58 @@ async fn a_batch_split_over_transactions_keeps_each_keys_messages_together_and_i
         .unwrap();
     assert_eq!(total, 39);
 }
+
+/// The PostgreSQL transport takes a batch in one inbox transaction: one
+/// outcome per message, poison refused for good alone, a repeat a success.
+#[tokio::test]
+async fn the_local_sink_applies_a_batch_at_once_and_refuses_only_the_poison() {
+    use sink::Sink;
+    let db = testkit::database().await;
+    let sink = inbox::local::LocalSink::new(Inbox::new(
+        db.pool.clone(),
+        "journal",
+        Journal::new("journal"),
+        ConsumerMetrics::unregistered(),
+    ));
+    let message = |(id, payload): &(String, Vec<u8>), key: &str| sink::Message {
+        event_id: id.parse().unwrap(),
+        aggregate_type: "order".into(),
+        aggregate_id: key.into(),
+        kind: "order.updated".into(),
+        version: 1,
+        payload: serde_json::value::RawValue::from_string(
+            String::from_utf8(payload.clone()).unwrap(),
+        )
+        .unwrap(),
+        traceparent: None,
+        signature: None,
+    };
+    let poison = (
+        uuid::Uuid::now_v7().to_string(),
+        br#"{"not": "a notice"}"#.to_vec(),
+    );
+    let batch = [
+        message(&notice("O-1", 1), "O-1"),
+        message(&notice("O-2", 1), "O-2"),
+        message(&poison, "O-3"),
+        message(&notice("O-1", 2), "O-1"),
+    ];
+    let kinds = |outcomes: Vec<sink::Outcome>| -> Vec<Option<sink::FailureKind>> {
+        outcomes
+            .iter()
+            .map(|o| o.as_ref().err().map(|f| f.kind))
+            .collect()
+    };
+    let refused = Some(sink::FailureKind::Permanent);
+    assert_eq!(
+        kinds(sink.deliver_batch(&batch).await),
+        [None, None, refused, None]
+    );
+    assert_eq!(journal_rows(&db.pool).await, 3);
+    assert_eq!(
+        kinds(sink.deliver_batch(&batch).await),
+        [None, None, refused, None],
+        "again: duplicates are successes"
+    );
+    assert_eq!(journal_rows(&db.pool).await, 3);
+}
