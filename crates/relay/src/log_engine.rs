@@ -98,7 +98,10 @@ impl LogEngine {
                 continue;
             }
             let messages: Vec<Message> = run.events.iter().map(message).collect();
-            let Some(outcomes) = self.guard.deliver_batch(&messages, &cancel).await else {
+            let sent = self
+                .guard
+                .deliver_run(claim.partition(), &messages, &cancel);
+            let Some(outcomes) = sent.await else {
                 claim.release().await?;
                 return Ok(Progress::Idle);
             };

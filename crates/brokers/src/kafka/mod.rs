@@ -4,6 +4,7 @@
 
 mod consumer;
 mod sink;
+mod transactional;
 
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use rdkafka::ClientConfig;
 
 pub use consumer::{consume, KafkaSubscription};
 pub use sink::KafkaSink;
+pub use transactional::TransactionalSink;
 
 use crate::{headers, Error};
 
@@ -93,6 +95,19 @@ impl KafkaConfig {
                 self.delivery_timeout.as_millis().to_string(),
             );
         c
+    }
+
+    /// A transactional producer with `transactional.id` `id` (not yet
+    /// initialised).
+    pub fn transactional_producer(&self, id: &str) -> Result<FutureProducer, Error> {
+        Ok(self
+            .producer_config()
+            .set("transactional.id", id)
+            .set(
+                "transaction.timeout.ms",
+                (self.delivery_timeout * 6).as_millis().to_string(),
+            )
+            .create()?)
     }
 
     /// The producer of a consumer's dead letters: as [`Self::producer`],

@@ -79,7 +79,7 @@ impl KafkaSink {
 }
 
 /// The headers of `m`'s record.
-fn record_headers(m: &Message) -> OwnedHeaders {
+pub(super) fn record_headers(m: &Message) -> OwnedHeaders {
     let (event_id, version) = (m.event_id.to_string(), m.version.to_string());
     let mut h = OwnedHeaders::new_with_capacity(5)
         .insert(header(headers::EVENT_ID, &event_id))
@@ -221,7 +221,7 @@ fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
 }
 
 /// What a failed produce means for the outbox row.
-fn classify(e: &KafkaError) -> Failure {
+pub(super) fn classify(e: &KafkaError) -> Failure {
     use RDKafkaErrorCode as C;
     let code = e.rdkafka_error_code();
     let (kind, class, counts) = match code {

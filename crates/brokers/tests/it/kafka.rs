@@ -1,7 +1,9 @@
 use std::time::Duration;
 
 use brokers::headers;
-use brokers::kafka::{consume, dead_topic, KafkaConfig, KafkaSink, KafkaSubscription};
+use brokers::kafka::{
+    consume, dead_topic, KafkaConfig, KafkaSink, KafkaSubscription, TransactionalSink,
+};
 use futures::StreamExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
@@ -21,6 +23,114 @@ fn dead_reader(config: &KafkaConfig, topic: &str) -> StreamConsumer {
         .unwrap();
     reader.subscribe(&[&dead_topic(topic)]).unwrap();
     reader
+}
+
+/// Every event id a `read_committed` consumer finds on the `order` topic
+/// within `wait`, in the order read per key.
+async fn committed(config: &KafkaConfig, wait: Duration) -> Vec<(String, String)> {
+    let reader: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.bootstrap)
+        .set(
+            "group.id",
+            format!("{}committed-{}", config.topic_prefix, uuid::Uuid::now_v7()),
+        )
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    reader.subscribe(&[&config.topic("order")]).unwrap();
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout_at(deadline, reader.stream().next()).await {
+        let key = String::from_utf8(m.key().unwrap().to_vec()).unwrap();
+        let id = m
+            .headers()
+            .unwrap()
+            .iter()
+            .find(|h| h.key == headers::EVENT_ID)
+            .map(|h| String::from_utf8(h.value.unwrap().to_vec()).unwrap())
+            .unwrap();
+        seen.push((key, id));
+    }
+    seen
+}
+
+fn ids(messages: &[Message]) -> Vec<(String, String)> {
+    messages
+        .iter()
+        .map(|m| (m.aggregate_id.clone(), m.event_id.to_string()))
+        .collect()
+}
+
+fn sorted(mut v: Vec<(String, String)>) -> Vec<(String, String)> {
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_is_one_transaction_and_an_aborted_one_leaves_nothing_visible() {
+    let (_db, config) = setup().await;
+    let sink = TransactionalSink::new(config.clone(), "kafka").unwrap();
+    let first: Vec<Message> = notices(20, 1).iter().map(message).collect();
+    let outcomes = sink.deliver_run(0, &first).await;
+    assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+
+    // A record too large for Kafka in the middle of a run: the transaction
+    // with the records before it aborts, the rest go out in a second one,
+    // and the large one is refused for good.
+    let mut second: Vec<Message> = notices(20, 2).iter().skip(20).map(message).collect();
+    let huge = serde_json::json!({"padding": "x".repeat(2_000_000)});
+    second[10].payload = serde_json::value::to_raw_value(&huge).unwrap();
+    let outcomes = sink.deliver_run(0, &second).await;
+    let classes: Vec<_> = outcomes
+        .iter()
+        .map(|o| o.as_ref().map_or_else(|f| f.class, |()| "ok"))
+        .collect();
+    assert_eq!(
+        classes.iter().filter(|c| **c == "ok").count(),
+        19,
+        "{classes:?}"
+    );
+    assert_eq!(classes[10], "rejected");
+
+    let mut expected = ids(&first);
+    expected.extend(
+        ids(&second)
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 10)
+            .map(|(_, id)| id),
+    );
+    let seen = committed(&config, Duration::from_secs(15)).await;
+    assert_eq!(
+        sorted(seen.clone()),
+        sorted(expected),
+        "each committed record once; nothing of the aborted transaction"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partitions_new_holder_fences_the_old_one() {
+    let (_db, config) = setup().await;
+    let old = TransactionalSink::new(config.clone(), "kafka").unwrap();
+    let new = TransactionalSink::new(config.clone(), "kafka").unwrap();
+    let runs: Vec<Vec<Message>> = notices(30, 1)
+        .chunks(10)
+        .map(|c| c.iter().map(message).collect())
+        .collect();
+    assert!(old.deliver_run(3, &runs[0]).await.iter().all(Result::is_ok));
+    assert!(new.deliver_run(3, &runs[1]).await.iter().all(Result::is_ok));
+    let outcomes = old.deliver_run(3, &runs[2]).await;
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| o.as_ref().is_err_and(|f| f.class == "fenced")),
+        "the old holder is fenced: {outcomes:?}"
+    );
+    let seen = committed(&config, Duration::from_secs(15)).await;
+    let mut expected = ids(&runs[0]);
+    expected.extend(ids(&runs[1]));
+    assert_eq!(sorted(seen), sorted(expected), "nothing of the fenced run");
 }
 
 async fn setup() -> (testkit::TestDb, KafkaConfig) {
