@@ -88,6 +88,24 @@ pub fn decide(
     Decision::RetryAfter(wait, failure.detail.clone())
 }
 
+/// A job on every relay with one lane per claim lane, run early on `wake`.
+pub(crate) fn lanes_job(
+    name: String,
+    config: &ServiceConfig,
+    wake: &Arc<Notify>,
+    run: worker::JobFn,
+) -> Job {
+    Job {
+        // Job names are static; one per destination, made once at start.
+        name: Box::leak(name.into_boxed_str()),
+        scope: Scope::EveryPod,
+        every: config.poll_interval,
+        parallelism: config.claim_lanes,
+        wake: Some(wake.clone()),
+        run,
+    }
+}
+
 /// The delivery engine of one destination.
 pub struct DeliveryEngine {
     store: Store,
@@ -129,21 +147,16 @@ impl DeliveryEngine {
     /// Registers `deliver <destination>` on every relay, run early on
     /// wake-ups, with one lane per claim lane.
     pub fn register(self: &Arc<Self>, cron: &dyn Cron) {
-        // Job names are static; one per destination, made once at start.
-        let name: &'static str =
-            Box::leak(format!("deliver {}", self.destination).into_boxed_str());
         let engine = self.clone();
-        cron.schedule(Job {
-            name,
-            scope: Scope::EveryPod,
-            every: self.config.poll_interval,
-            parallelism: self.config.claim_lanes,
-            wake: Some(self.wake.clone()),
-            run: Arc::new(move |cancel| {
+        cron.schedule(lanes_job(
+            format!("deliver {}", self.destination),
+            &self.config,
+            &self.wake,
+            Arc::new(move |cancel| {
                 let engine = engine.clone();
                 Box::pin(async move { Ok(engine.claim_and_deliver(cancel).await?) })
             }),
-        });
+        ));
     }
 
     /// Claims one batch and delivers it. A full batch reports more work.

@@ -13,8 +13,9 @@ use store::log::LogEvent;
 use store::Store;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use worker::{Cron, Job, Progress, Scope};
+use worker::{Cron, Progress};
 
+use crate::engine::lanes_job;
 use crate::guard::SinkGuard;
 use crate::metrics::DestinationMetrics;
 use crate::{Result, ServiceConfig};
@@ -61,19 +62,16 @@ impl LogEngine {
     /// Registers `log <destination>` on every relay, one lane per claim
     /// lane, run early on wake-ups.
     pub fn register(self: &Arc<Self>, cron: &dyn Cron) {
-        let name: &'static str = Box::leak(format!("log {}", self.destination).into_boxed_str());
         let engine = self.clone();
-        cron.schedule(Job {
-            name,
-            scope: Scope::EveryPod,
-            every: self.config.poll_interval,
-            parallelism: self.config.claim_lanes,
-            wake: Some(self.wake.clone()),
-            run: Arc::new(move |cancel| {
+        cron.schedule(lanes_job(
+            format!("log {}", self.destination),
+            &self.config,
+            &self.wake,
+            Arc::new(move |cancel| {
                 let engine = engine.clone();
                 Box::pin(async move { Ok(engine.deliver_next(cancel).await?) })
             }),
-        });
+        ));
     }
 
     /// Delivers the next run of the first partition, in one pass over the
