@@ -156,6 +156,17 @@ pub struct Claimed {
     complete: bool,
 }
 
+/// How far one destination's cursors are behind.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogLag {
+    /// The destination.
+    pub destination: String,
+    /// Committed events no cursor has passed yet.
+    pub events: i64,
+    /// Age of the oldest of them; 0 when none.
+    pub oldest_seconds: f64,
+}
+
 /// The events [`Claimed::read`] found.
 #[derive(Debug)]
 pub struct Run {
@@ -251,6 +262,38 @@ impl Store {
             window,
             position,
         }))
+    }
+
+    /// How far each destination's cursors are behind, summed over its
+    /// partitions. An event counts until its cursor has passed it: it is
+    /// neither visible in `done` nor in the open window at or below the
+    /// window's position.
+    pub async fn log_lag(&self) -> Result<Vec<LogLag>> {
+        let rows: Vec<(String, i64, f64)> = sqlx::query_as(
+            "SELECT c.destination, count(e.created_at),
+                    coalesce(extract(epoch FROM now() - min(e.created_at)), 0)::float8
+             FROM log_cursors c
+             LEFT JOIN LATERAL (
+                 SELECT created_at FROM event_log e
+                 WHERE e.destination = c.destination AND e.partition = c.partition
+                   AND e.xid >= pg_snapshot_xmin(c.done)
+                   AND NOT pg_visible_in_snapshot(e.xid, c.done)
+                   AND (c.\"window\" IS NULL
+                        OR NOT pg_visible_in_snapshot(e.xid, c.\"window\")
+                        OR e.position > c.window_position)
+             ) e ON true
+             GROUP BY c.destination ORDER BY c.destination",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(destination, events, oldest_seconds)| LogLag {
+                destination,
+                events,
+                oldest_seconds,
+            })
+            .collect())
     }
 
     /// Truncates every segment that all cursors have passed and the

@@ -182,6 +182,42 @@ async fn a_held_partition_is_skipped_and_a_dead_holders_is_free_at_once() {
 }
 
 #[tokio::test]
+async fn the_lag_counts_what_no_cursor_has_passed_and_nothing_it_has() {
+    let db = testkit::database().await;
+    let (store, shape) = shaped(&db.pool, 1_000_000).await;
+    let keys: Vec<String> = (0..10).map(|i| format!("K-{i}")).collect();
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    put(
+        &mut db.pool.acquire().await.unwrap(),
+        shape,
+        &events(),
+        &refs,
+    )
+    .await;
+    let lag = |store: Store| async move { store.log_lag().await.unwrap() };
+    let before = lag(store.clone()).await;
+    assert_eq!(
+        (before[0].destination.as_str(), before[0].events),
+        ("kafka", 10)
+    );
+    assert!(before[0].oldest_seconds >= 0.0);
+
+    // Four delivered, the window still open after them.
+    let mut claim = store
+        .claim_partition(&events(), "r1", &[])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claim.read(4).await.unwrap().events.len(), 4);
+    claim.advance().await.unwrap();
+    assert_eq!(lag(store.clone()).await[0].events, 6);
+
+    drain(&store, 100).await;
+    let after = lag(store.clone()).await;
+    assert_eq!((after[0].events, after[0].oldest_seconds), (0, 0.0));
+}
+
+#[tokio::test]
 async fn rotation_truncates_only_segments_every_cursor_has_passed() {
     let db = testkit::database().await;
     let (store, shape) = shaped(&db.pool, 10).await;
