@@ -125,6 +125,7 @@ impl Broker {
             destination: self.name().parse().expect("a destination name"),
             policy: DeliveryPolicy::EveryMessageInOrder,
             sink,
+            from_log: false,
             protection: ProtectionConfig {
                 max_in_flight: 2000,
                 rate_per_second: None,

@@ -64,6 +64,7 @@ fn noop_outlet(policy: DeliveryPolicy) -> Outlet {
         destination: NOOP.parse().expect("a destination name"),
         policy,
         sink: Arc::new(NoopSink),
+        from_log: false,
         protection: ProtectionConfig {
             max_in_flight: 10_000,
             rate_per_second: None,

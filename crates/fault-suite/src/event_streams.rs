@@ -131,7 +131,8 @@ async fn journal_caught_up(
     let deadline = Instant::now() + within;
     loop {
         let (expected, pending, journaled): (i64, i64, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM outbox WHERE destination = $1),
+            "SELECT (SELECT count(*) FROM outbox WHERE destination = $1)
+                      + (SELECT count(*) FROM event_log WHERE destination = $1),
                     (SELECT count(*) FROM outbox WHERE destination = $1
                        AND state IN ('pending', 'running')),
                     (SELECT count(DISTINCT event_id) FROM order_journal)",
@@ -265,7 +266,12 @@ async fn kafka_positions(
     .await?
 }
 
-pub async fn event_stream(sys: &mut System, broker: Broker, outage: Duration) -> Result<Figures> {
+pub async fn event_stream(
+    sys: &mut System,
+    broker: Broker,
+    outage: Duration,
+    event_log: bool,
+) -> Result<Figures> {
     let name = broker.name();
     let scenario = match broker {
         Broker::Kafka(_) => "8 Kafka event stream",
@@ -279,6 +285,7 @@ pub async fn event_stream(sys: &mut System, broker: Broker, outage: Duration) ->
         ("BROKER", url.as_str()),
         ("BROKER_PREFIX", prefix.as_str()),
         ("BROKER_TIMEOUT", "3s"),
+        ("EVENT_LOG", if event_log { "true" } else { "false" }),
     ];
     // The consumer first: on RabbitMQ it declares the queue that the
     // relays' publishes are routed to.
@@ -354,14 +361,19 @@ pub async fn event_stream(sys: &mut System, broker: Broker, outage: Duration) ->
     let expected = journal_caught_up(sys, &broker, &prefix, Duration::from_secs(120)).await?;
     let recovery = thawed.elapsed();
     let (lost, twice, misordered): (i64, i64, i64) = sqlx::query_as(
-        "SELECT
-           (SELECT count(*) FROM outbox o WHERE o.destination = $1
-              AND NOT EXISTS (SELECT 1 FROM order_journal j WHERE j.event_id = o.event_id)),
+        // What was sent, in write order: outbox rows by id, or log events
+        // by position (with --event-log).
+        "WITH sent AS (SELECT event_id, id AS seq FROM outbox WHERE destination = $1
+                       UNION ALL
+                       SELECT event_id, position FROM event_log WHERE destination = $1)
+         SELECT
+           (SELECT count(*) FROM sent s
+              WHERE NOT EXISTS (SELECT 1 FROM order_journal j WHERE j.event_id = s.event_id)),
            (SELECT count(*) - count(DISTINCT event_id) FROM order_journal),
            (SELECT count(*) FROM (
-              SELECT o.id, lag(o.id) OVER (PARTITION BY j.order_id ORDER BY j.seq) AS prev
-              FROM order_journal j JOIN outbox o ON o.event_id = j.event_id AND o.destination = $1
-            ) x WHERE prev > id)",
+              SELECT s.seq, lag(s.seq) OVER (PARTITION BY j.order_id ORDER BY j.seq) AS prev
+              FROM order_journal j JOIN sent s ON s.event_id = j.event_id
+            ) x WHERE prev > seq)",
     )
     .bind(name)
     .fetch_one(&sys.pool)
@@ -410,7 +422,7 @@ pub async fn event_stream(sys: &mut System, broker: Broker, outage: Duration) ->
 
     // Back to the 1C-only system for whatever runs next.
     consumer.stop().await.context("stopping the consumer")?;
-    sys.clear_relay_env(&["BROKER", "BROKER_PREFIX", "BROKER_TIMEOUT"]);
+    sys.clear_relay_env(&["BROKER", "BROKER_PREFIX", "BROKER_TIMEOUT", "EVENT_LOG"]);
     sys.restart_relays_with(&[]).await?;
     sys.restart_api_with(&[]).await?;
     tokio::task::spawn_blocking(move || broker.stop()).await?;

@@ -76,6 +76,15 @@ pub struct Config {
           num_args = 0..=1, default_missing_value = "true")]
     pub sagas: bool,
 
+    /// Order events to an event stream (the broker, the journal) are
+    /// appended to the insert-only log and delivered by partition cursor,
+    /// in batches (Kafka: one transaction per run) instead of as outbox
+    /// rows; 1C and the saga's messages keep their rows. Every `api` and
+    /// `relay` on one database must agree.
+    #[arg(long, env = "EVENT_LOG", default_value_t = false, global = true, action = ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub event_log: bool,
+
     /// How long a saga step (a reservation, a charge, a commit, a
     /// compensation) may go unanswered before the saga compensates (or, once
     /// paid, asks again).
@@ -687,6 +696,7 @@ impl RelayTuning {
             policy: domain::DeliveryPolicy::LatestWins,
             sink: std::sync::Arc::new(onec::OnecSink::new(std::sync::Arc::new(client))),
             protection: self.onec_protection(),
+            from_log: false,
         }
     }
 

@@ -186,7 +186,11 @@ async fn outlet(
             if let Err(e) = kafka.ensure_topics(&aggregate_types()).await {
                 tracing::warn!(error = %e, "could not create the Kafka topics yet");
             }
-            Arc::new(KafkaSink::new(kafka)?)
+            if config.event_log {
+                Arc::new(brokers::kafka::TransactionalSink::new(kafka, "kafka")?)
+            } else {
+                Arc::new(KafkaSink::new(kafka)?)
+            }
         }
         ("rabbitmq", Some(Broker::RabbitMq { url })) => {
             Arc::new(RabbitSink::new(config.rabbitmq(url)))
@@ -220,6 +224,7 @@ async fn outlet(
         policy: DeliveryPolicy::EveryMessageInOrder,
         sink,
         protection: tuning.broker_protection(),
+        from_log: config.event_log,
     })
 }
 

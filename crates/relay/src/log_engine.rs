@@ -26,32 +26,42 @@ pub struct LogEngine {
     destination: Destination,
     guard: Arc<SinkGuard>,
     config: ServiceConfig,
-    partitions: u16,
+    /// The partition count, read (and the cursor rows made) on first use.
+    partitions: tokio::sync::OnceCell<u16>,
     wake: Arc<Notify>,
     metrics: DestinationMetrics,
 }
 
 impl LogEngine {
-    /// An engine delivering `destination`'s log through `guard`; makes its
-    /// cursor rows when missing.
-    pub async fn new(
+    /// An engine delivering `destination`'s log through `guard`; its first
+    /// run makes the cursor rows when missing.
+    pub fn new(
         store: Store,
         destination: Destination,
         guard: Arc<SinkGuard>,
         config: ServiceConfig,
         metrics: DestinationMetrics,
-    ) -> Result<Arc<Self>> {
-        store.ensure_cursors(&destination).await?;
-        let partitions = store.log_shape().await?.partitions;
-        Ok(Arc::new(Self {
+    ) -> Arc<Self> {
+        Arc::new(Self {
             store,
             destination,
             guard,
             config,
-            partitions,
+            partitions: tokio::sync::OnceCell::new(),
             wake: Arc::new(Notify::new()),
             metrics,
-        }))
+        })
+    }
+
+    async fn partitions(&self) -> Result<u16> {
+        let n = self
+            .partitions
+            .get_or_try_init(|| async {
+                self.store.ensure_cursors(&self.destination).await?;
+                Ok::<_, store::Error>(self.store.log_shape().await?.partitions)
+            })
+            .await?;
+        Ok(*n)
     }
 
     /// Notified when new events may be waiting.
@@ -78,7 +88,7 @@ impl LogEngine {
     /// free ones, that has events. A run delivered reports more work.
     pub async fn deliver_next(&self, cancel: CancellationToken) -> Result<Progress> {
         let mut tried = Vec::new();
-        for _ in 0..self.partitions {
+        for _ in 0..self.partitions().await? {
             if self.guard.capacity() == 0 || cancel.is_cancelled() {
                 return Ok(Progress::Idle);
             }

@@ -39,6 +39,10 @@ pub struct Outlet {
     pub sink: Arc<dyn Sink>,
     /// The limits and breaker in front of it.
     pub protection: ProtectionConfig,
+    /// Also deliver its events from the log (`store::log`), for saves whose
+    /// store appends there; its outbox rows (saga messages, rows written
+    /// before) still go out too.
+    pub from_log: bool,
 }
 
 /// A running relay.
@@ -115,6 +119,17 @@ impl Relay {
             );
             engine.register(&cron);
             wakes.push(engine.wake());
+            if outlet.from_log {
+                let log = crate::LogEngine::new(
+                    store.clone(),
+                    outlet.destination.clone(),
+                    guard.clone(),
+                    config.service.clone(),
+                    metrics.destination(outlet.destination.as_str()),
+                );
+                log.register(&cron);
+                wakes.push(log.wake());
+            }
             guards.push(guard);
             destinations.push(outlet.destination);
         }

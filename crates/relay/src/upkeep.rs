@@ -1,6 +1,7 @@
 //! The leader's jobs over the whole outbox, whatever the destination:
-//! rescuing expired claims, deleting finished rows past retention, and
-//! recounting each destination's backlog.
+//! rescuing expired claims, deleting finished rows past retention,
+//! recounting each destination's backlog, and truncating the log's
+//! segments every cursor has passed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,7 +50,7 @@ impl Upkeep {
     pub fn register(self: &Arc<Self>, cron: &dyn Cron) {
         type Run = fn(Arc<Upkeep>) -> BoxFuture<'static, Result<Progress>>;
         let c = &self.config;
-        let jobs: [(&'static str, Duration, Run); 3] = [
+        let jobs: [(&'static str, Duration, Run); 4] = [
             ("rescue", c.rescue_interval, |u| {
                 Box::pin(async move { u.rescue_expired().await })
             }),
@@ -58,6 +59,9 @@ impl Upkeep {
             }),
             ("backlog", c.backlog_interval, |u| {
                 Box::pin(async move { u.refresh_backlog().await })
+            }),
+            ("log rotation", c.retention_interval, |u| {
+                Box::pin(async move { u.rotate_log().await })
             }),
         ];
         for (name, every, run) in jobs {
@@ -74,6 +78,15 @@ impl Upkeep {
                 }),
             });
         }
+    }
+
+    /// Truncates the log's segments every cursor has passed.
+    pub async fn rotate_log(&self) -> Result<Progress> {
+        let truncated = self.store.rotate_log().await?;
+        if !truncated.is_empty() {
+            tracing::info!(?truncated, "log segments every cursor passed are truncated");
+        }
+        Ok(Progress::Idle)
     }
 
     /// Returns expired claims to `pending`.
@@ -163,6 +176,7 @@ pub(crate) mod tests {
             ("rescue", Duration::from_secs(7)),
             ("retention", Duration::from_secs(60)),
             ("backlog", Duration::from_secs(5)),
+            ("log rotation", Duration::from_secs(60)),
         ] {
             cron.expect_schedule()
                 .withf(move |job| {

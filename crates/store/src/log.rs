@@ -45,17 +45,24 @@ pub struct LogShape {
     pub segments: i16,
 }
 
-/// The partition of `key` in `stream`: FNV-1a (64 bit) of `stream`, a
-/// newline and `key`, modulo `partitions`. The stream is part of the key,
-/// so one stream's undeliverable events never hold up another stream's.
-pub fn partition_of(partitions: u16, stream: &str, key: &str) -> i16 {
+/// The ordering key's hash: FNV-1a (64 bit) of `stream`, a newline and
+/// `key`, shifted right by one so it is a positive `bigint`. The stream is
+/// part of the key, so one stream's undeliverable events never hold up
+/// another stream's.
+pub fn key_hash(stream: &str, key: &str) -> i64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in stream.bytes().chain([b'\n']).chain(key.bytes()) {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
+    i64::try_from(hash >> 1).expect("63 bits fit")
+}
+
+/// The partition of `key` in `stream`: its [`key_hash`] modulo
+/// `partitions`, as [`append`] computes it from `log_config`.
+pub fn partition_of(partitions: u16, stream: &str, key: &str) -> i16 {
     // Below 1024 by the table's check, so it fits.
-    i16::try_from(hash % u64::from(partitions.max(1))).unwrap_or(0)
+    i16::try_from(key_hash(stream, key) % i64::from(partitions.max(1))).unwrap_or(0)
 }
 
 /// An event to append.
@@ -103,30 +110,34 @@ pub struct LogEvent {
 }
 
 /// Appends `events` in the caller's transaction: they become readable when
-/// it commits, at positions in the order given.
-pub async fn append(conn: &mut PgConnection, shape: LogShape, events: &[Append<'_>]) -> Result<()> {
+/// it commits, at positions in the order given, each in the partition
+/// [`partition_of`] names for `log_config`'s partition count.
+pub async fn append(conn: &mut PgConnection, events: &[Append<'_>]) -> Result<()> {
     if events.is_empty() {
         return Ok(());
     }
-    let partitions: Vec<i16> = events
-        .iter()
-        .map(|e| partition_of(shape.partitions, e.stream, e.key))
-        .collect();
+    let hashes: Vec<i64> = events.iter().map(|e| key_hash(e.stream, e.key)).collect();
     sqlx::query(
         "INSERT INTO event_log (position, segment, destination, partition, event_id, aggregatetype,
                                 aggregateid, type, version, payload, traceparent)
-         SELECT e.p, ((e.p / c.segment_size) % c.segments)::smallint, e.destination, e.partition,
-                e.event_id, e.aggregatetype, e.aggregateid, e.type, e.version, e.payload, e.traceparent
+         SELECT e.p, ((e.p / c.segment_size) % c.segments)::smallint, e.destination,
+                (e.hash % c.partitions)::smallint, e.event_id, e.aggregatetype, e.aggregateid,
+                e.type, e.version, e.payload, e.traceparent
          FROM (SELECT nextval('event_log_position') AS p, u.*
-               FROM unnest($1::text[], $2::int2[], $3::uuid[], $4::text[], $5::text[], $6::text[],
+               FROM unnest($1::text[], $2::int8[], $3::uuid[], $4::text[], $5::text[], $6::text[],
                            $7::int8[], $8::jsonb[], $9::text[]) WITH ORDINALITY
-                    AS u(destination, partition, event_id, aggregatetype, aggregateid, type, version,
+                    AS u(destination, hash, event_id, aggregatetype, aggregateid, type, version,
                          payload, traceparent, n)
                ORDER BY u.n) e
          CROSS JOIN log_config c",
     )
-    .bind(events.iter().map(|e| e.destination.as_str()).collect::<Vec<_>>())
-    .bind(partitions)
+    .bind(
+        events
+            .iter()
+            .map(|e| e.destination.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(hashes)
     .bind(events.iter().map(|e| e.event_id).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.stream).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.key).collect::<Vec<_>>())

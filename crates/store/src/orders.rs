@@ -442,7 +442,7 @@ async fn record_saves(
         .collect();
     let mut by_order: std::collections::HashMap<String, Vec<outbox::Enqueued>> =
         std::collections::HashMap::new();
-    for e in outbox::enqueue(conn, store.routes(), &events).await? {
+    for e in outbox::enqueue(conn, store.routes(), store.event_log(), &events).await? {
         by_order.entry(e.order.clone()).or_default().push(e);
     }
     Ok(saved
@@ -452,8 +452,9 @@ async fn record_saves(
             view.sync = mine
                 .iter()
                 .find(|e| e.destination.as_str() == ONEC && e.event != OrderEvent::StatusChanged)
-                .map(|task| SyncStatus {
-                    task_id: task.id,
+                .and_then(|task| task.id.map(|id| (task, id)))
+                .map(|(task, task_id)| SyncStatus {
+                    task_id,
                     version: view.version,
                     state: TaskState::Pending,
                     attempts: 0,

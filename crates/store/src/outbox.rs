@@ -8,14 +8,16 @@ use sqlx::types::Json;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::log::Append;
 use crate::{Error, Result};
 
 /// The channel the saving transaction notifies and the relays listen on.
 pub const NOTIFY_CHANNEL: &str = "outbox";
 
-/// One outbox row just written.
+/// One outbox row, or log event, just written.
 pub(crate) struct Enqueued {
-    pub id: i64,
+    /// The outbox row's id; `None` for an event appended to the log.
+    pub id: Option<i64>,
     pub order: String,
     pub destination: Destination,
     pub event: OrderEvent,
@@ -40,8 +42,11 @@ pub(crate) struct SaveEvents<'a> {
 pub(crate) async fn enqueue(
     conn: &mut PgConnection,
     routes: &Routes,
+    log: bool,
     saves: &[SaveEvents<'_>],
 ) -> Result<Vec<Enqueued>> {
+    let mut logged = Vec::new();
+    let mut appends = Vec::new();
     let occurred_at = Utc::now();
     let (mut orders, mut versions, mut traceparents) = (Vec::new(), Vec::new(), Vec::new());
     let (mut destinations, mut types, mut event_ids, mut payloads) =
@@ -63,6 +68,13 @@ pub(crate) async fn enqueue(
                 occurred_at,
             };
             for d in to {
+                if log && !d.takes_snapshots() {
+                    let payload = serde_json::to_value(&notice).map_err(|e| {
+                        Error::Invariant(format!("an event does not serialize: {e}"))
+                    })?;
+                    appends.push((d, save, event, event_id, payload));
+                    continue;
+                }
                 let payload = if !d.takes_snapshots() {
                     serde_json::to_value(&notice)
                 } else if event == OrderEvent::StatusChanged {
@@ -81,8 +93,35 @@ pub(crate) async fn enqueue(
             }
         }
     }
+    if !appends.is_empty() {
+        let batch: Vec<Append<'_>> = appends
+            .iter()
+            .map(|(d, save, event, event_id, payload)| Append {
+                destination: d,
+                stream: ORDER_AGGREGATE,
+                key: save.order.as_str(),
+                kind: event.as_str(),
+                version: save.version,
+                event_id: *event_id,
+                payload: payload.clone(),
+                traceparent: save.traceparent,
+            })
+            .collect();
+        crate::log::append(&mut *conn, &batch).await?;
+        let now = Utc::now();
+        logged.extend(appends.iter().map(|(d, save, event, ..)| Enqueued {
+            id: None,
+            order: save.order.as_str().to_owned(),
+            destination: (*d).clone(),
+            event: *event,
+            created_at: now,
+        }));
+    }
     if destinations.is_empty() {
-        return Ok(Vec::new());
+        if !logged.is_empty() {
+            notify(conn).await?;
+        }
+        return Ok(logged);
     }
     let rows: Vec<(i64, String, String, String, DateTime<Utc>)> = sqlx::query_as(
         "INSERT INTO outbox (event_id, destination, aggregatetype, aggregateid, type, version,
@@ -109,13 +148,14 @@ pub(crate) async fn enqueue(
         .into_iter()
         .filter_map(|(id, order, destination, event, created_at)| {
             Some(Enqueued {
-                id,
+                id: Some(id),
                 order,
                 destination: destination.parse().ok()?,
                 event: OrderEvent::parse(&event)?,
                 created_at,
             })
         })
+        .chain(logged)
         .collect())
 }
 

@@ -67,7 +67,6 @@ async fn appended(pool: &PgPool, keys: usize, versions: i64) {
         .execute(pool)
         .await
         .unwrap();
-    let shape = Store::new(pool.clone()).log_shape().await.unwrap();
     let destination = kafka();
     let names: Vec<String> = (0..keys).map(|k| format!("K-{k}")).collect();
     for version in 1..=versions {
@@ -85,7 +84,7 @@ async fn appended(pool: &PgPool, keys: usize, versions: i64) {
                 traceparent: None,
             })
             .collect();
-        append(&mut tx, shape, &batch).await.unwrap();
+        append(&mut tx, &batch).await.unwrap();
         tx.commit().await.unwrap();
     }
 }
@@ -109,8 +108,6 @@ async fn engine(pool: &PgPool, sink: Arc<Scripted>, relay_id: &str) -> Arc<LogEn
     service.relay_id = relay_id.into();
     service.batch_size = 64;
     LogEngine::new(Store::new(pool.clone()), kafka(), guard, service, metrics)
-        .await
-        .unwrap()
 }
 
 /// Runs `engines` until `sink` has `n` deliveries (at most 60 s).

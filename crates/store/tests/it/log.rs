@@ -5,7 +5,7 @@
 
 use domain::Destination;
 use sqlx::{Connection, PgConnection, PgPool};
-use store::log::{append, Append, LogShape};
+use store::log::{append, Append};
 use store::Store;
 use uuid::Uuid;
 
@@ -15,7 +15,7 @@ fn events() -> Destination {
 
 /// One partition and segments of `segment_size` positions, so a test
 /// decides where its events land.
-async fn shaped(pool: &PgPool, segment_size: i64) -> (Store, LogShape) {
+async fn shaped(pool: &PgPool, segment_size: i64) -> Store {
     sqlx::query("UPDATE log_config SET partitions = 1, segment_size = $1")
         .bind(segment_size)
         .execute(pool)
@@ -24,10 +24,11 @@ async fn shaped(pool: &PgPool, segment_size: i64) -> (Store, LogShape) {
     let store = Store::new(pool.clone());
     store.ensure_cursors(&events()).await.unwrap();
     let shape = store.log_shape().await.unwrap();
-    (store, shape)
+    assert_eq!((shape.partitions, shape.segment_size), (1, segment_size));
+    store
 }
 
-async fn put(conn: &mut PgConnection, shape: LogShape, destination: &Destination, keys: &[&str]) {
+async fn put(conn: &mut PgConnection, destination: &Destination, keys: &[&str]) {
     let batch: Vec<_> = keys
         .iter()
         .map(|key| Append {
@@ -41,7 +42,7 @@ async fn put(conn: &mut PgConnection, shape: LogShape, destination: &Destination
             traceparent: None,
         })
         .collect();
-    append(conn, shape, &batch).await.unwrap();
+    append(conn, &batch).await.unwrap();
 }
 
 /// Reads the partition through in runs of `limit`, claiming afresh for
@@ -66,16 +67,16 @@ async fn drain(store: &Store, limit: u32) -> Vec<String> {
 #[tokio::test]
 async fn an_event_whose_transaction_took_its_position_first_and_commits_last_is_not_skipped() {
     let db = testkit::database().await;
-    let (store, shape) = shaped(&db.pool, 1_000_000).await;
+    let store = shaped(&db.pool, 1_000_000).await;
     let url = db.url.clone();
     let mut first = PgConnection::connect(&url).await.unwrap();
     let mut second = PgConnection::connect(&url).await.unwrap();
 
     // `first` draws position 1 and stays open; `second` draws 2 and commits.
     let mut slow = first.begin().await.unwrap();
-    put(&mut slow, shape, &events(), &["K-slow"]).await;
+    put(&mut slow, &events(), &["K-slow"]).await;
     let mut quick = second.begin().await.unwrap();
-    put(&mut quick, shape, &events(), &["K-quick"]).await;
+    put(&mut quick, &events(), &["K-quick"]).await;
     quick.commit().await.unwrap();
 
     assert_eq!(
@@ -95,16 +96,10 @@ async fn an_event_whose_transaction_took_its_position_first_and_commits_last_is_
 #[tokio::test]
 async fn runs_resume_where_the_last_claim_stopped_and_a_released_run_is_read_again() {
     let db = testkit::database().await;
-    let (store, shape) = shaped(&db.pool, 1_000_000).await;
+    let store = shaped(&db.pool, 1_000_000).await;
     let keys: Vec<String> = (0..25).map(|i| format!("K-{i:02}")).collect();
     let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-    put(
-        &mut db.pool.acquire().await.unwrap(),
-        shape,
-        &events(),
-        &refs,
-    )
-    .await;
+    put(&mut db.pool.acquire().await.unwrap(), &events(), &refs).await;
 
     let mut claim = store
         .claim_partition(&events(), "r1", &[])
@@ -138,7 +133,7 @@ async fn runs_resume_where_the_last_claim_stopped_and_a_released_run_is_read_aga
 #[tokio::test]
 async fn a_held_partition_is_skipped_and_a_dead_holders_is_free_at_once() {
     let db = testkit::database().await;
-    let (store, _) = shaped(&db.pool, 1_000_000).await;
+    let store = shaped(&db.pool, 1_000_000).await;
     let held = store
         .claim_partition(&events(), "r1", &[])
         .await
@@ -184,16 +179,10 @@ async fn a_held_partition_is_skipped_and_a_dead_holders_is_free_at_once() {
 #[tokio::test]
 async fn the_lag_counts_what_no_cursor_has_passed_and_nothing_it_has() {
     let db = testkit::database().await;
-    let (store, shape) = shaped(&db.pool, 1_000_000).await;
+    let store = shaped(&db.pool, 1_000_000).await;
     let keys: Vec<String> = (0..10).map(|i| format!("K-{i}")).collect();
     let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-    put(
-        &mut db.pool.acquire().await.unwrap(),
-        shape,
-        &events(),
-        &refs,
-    )
-    .await;
+    put(&mut db.pool.acquire().await.unwrap(), &events(), &refs).await;
     let lag = |store: Store| async move { store.log_lag().await.unwrap() };
     let before = lag(store.clone()).await;
     assert_eq!(
@@ -220,7 +209,7 @@ async fn the_lag_counts_what_no_cursor_has_passed_and_nothing_it_has() {
 #[tokio::test]
 async fn rotation_truncates_only_segments_every_cursor_has_passed() {
     let db = testkit::database().await;
-    let (store, shape) = shaped(&db.pool, 10).await;
+    let store = shaped(&db.pool, 10).await;
     let other: Destination = "rabbitmq".parse().unwrap();
     store.ensure_cursors(&other).await.unwrap();
     let mut conn = db.pool.acquire().await.unwrap();
@@ -228,8 +217,8 @@ async fn rotation_truncates_only_segments_every_cursor_has_passed() {
     let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
     // Positions 1-25 for kafka: segments 0 (1-9), 1 (10-19) and 2 (20-25,
     // where the sequence writes now); then 26-28 for rabbitmq, in segment 2.
-    put(&mut conn, shape, &events(), &refs).await;
-    put(&mut conn, shape, &other, &["R-1", "R-2", "R-3"]).await;
+    put(&mut conn, &events(), &refs).await;
+    put(&mut conn, &other, &["R-1", "R-2", "R-3"]).await;
     let counts = |pool: PgPool| async move {
         let mut v = Vec::new();
         for s in 0..4 {

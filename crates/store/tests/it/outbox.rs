@@ -129,3 +129,46 @@ async fn a_committed_save_notifies_the_relays_and_a_failed_one_does_not() {
     let second = tokio::time::timeout(Duration::from_millis(300), listener.recv()).await;
     assert!(second.is_err(), "only the committed save may notify");
 }
+
+/// With the event log on, a save's event-stream copies are appended to the
+/// log in the saving transaction, and 1C keeps its outbox row.
+#[tokio::test]
+async fn with_the_log_on_event_streams_are_appended_to_it_and_1c_keeps_its_row() {
+    let db = testkit::database().await;
+    let kafka: domain::Destination = "kafka".parse().unwrap();
+    let routes = domain::Routes::default()
+        .with(domain::OrderEvent::Created, kafka.clone())
+        .with(domain::OrderEvent::Updated, kafka);
+    let store = Store::new(db.pool.clone())
+        .with_routes(routes)
+        .with_event_log();
+    let ctx = SaveContext::default();
+    store
+        .save_order(&order("LOG-1", "new"), Precondition::None, &ctx)
+        .await
+        .unwrap();
+    store
+        .save_order(&order("LOG-1", "paid"), Precondition::None, &ctx)
+        .await
+        .unwrap();
+    let outbox: Vec<(String, String)> =
+        sqlx::query_as("SELECT destination, type FROM outbox ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert!(outbox.iter().all(|(d, _)| d == "onec"), "{outbox:?}");
+    let logged: Vec<(String, String, i64, i16)> = sqlx::query_as(
+        "SELECT destination, type, version, partition FROM event_log ORDER BY position",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let partition = store::log::partition_of(16, "order", "LOG-1");
+    assert_eq!(
+        logged,
+        [
+            ("kafka".into(), "order.created".into(), 1, partition),
+            ("kafka".into(), "order.updated".into(), 2, partition),
+        ]
+    );
+}
