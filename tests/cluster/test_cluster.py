@@ -159,8 +159,7 @@ class Release:
         return took
 
     def api(self):
-        token = secret(self.namespace, f"{self.fullname}-api", "tokens").split(",")[0]
-        return Client(service_url(self.namespace, f"{self.fullname}-api"), {"Authorization": f"Bearer {token}"})
+        return self.service("api")
 
     def service(self, component):
         token = secret(self.namespace, f"{self.fullname}-api", "tokens").split(",")[0]
@@ -273,7 +272,7 @@ def main():
 def default_values():
     # 1. The default values, as a new user installs them (the test Pod's image
     # is the only value set: curlimages/curl cannot be pulled here).
-    t = step("helm install with the default values")
+    step("helm install with the default values")
     rel = Release("orders-center", "orders", {"tests.image": TEST_IMAGE})
     took = rel.install()
     items = wait_until("every pod Ready", 120, lambda: all_ready("orders"))
@@ -282,8 +281,13 @@ def default_values():
     applied, total = migrations.split("/")
     assert int(total) > 0 and applied == total, f"migration hook: {migrations} applied"
     print(f"migration hook: {migrations} migrations applied")
-    # The test Pod is deleted once it succeeds (hook-succeeded), so its logs are gone.
-    out, took = helm("test", rel.name, "-n", rel.namespace, "--timeout", "2m")
+    # The test Pod is deleted once it succeeds (hook-succeeded); a failed one stays, with its logs.
+    started = time.monotonic()
+    result = run(HELM, "test", rel.name, "-n", rel.namespace, "--timeout", "2m", check=False)
+    if result.returncode != 0:
+        logs = kubectl("logs", f"{rel.fullname}-test", "-n", rel.namespace, check=False)
+        raise AssertionError(f"helm test failed: {result.stderr.strip()}\n{logs}")
+    out, took = result.stdout, time.monotonic() - started
     assert "Phase:          Succeeded" in out, out
     print(f"helm test passed in {took:.1f} s")
 
@@ -323,7 +327,7 @@ def default_values():
     hand_over(rel, api, "CRASH", "SIGKILLed", sigkill, another=False, dead_after=1.0)
 
     # 4. A rolling upgrade of every Deployment while orders are saved and updated.
-    t = step("helm upgrade under writes")
+    step("helm upgrade under writes")
     old = {p["metadata"]["name"] for p in pods("orders")}
     writer = Writer(api, "UPGRADE", update_every=3)
     writer.start()
@@ -366,7 +370,7 @@ def default_values():
           f"{len(acked)} orders saved meanwhile, all in 1C {delivered:.1f} s after uncordon")
 
     # 6. Uninstall leaves nothing of the release but what the README says is kept.
-    t = step("helm uninstall")
+    step("helm uninstall")
     helm("uninstall", rel.name, "-n", rel.namespace, "--wait", "--timeout", "2m")
     wait_until("the release's pods gone", 60, lambda: not pods("orders"))
     left = leftovers("orders", rel)
