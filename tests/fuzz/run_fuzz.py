@@ -40,16 +40,19 @@ def drop_database(server_url: str, name: str) -> None:
 ORDERS_COUNTS = """
 SELECT (SELECT count(*) FROM orders), (SELECT count(*) FROM order_items),
        (SELECT count(*) FROM order_payments), (SELECT count(*) FROM order_history),
-       (SELECT count(*) FROM outbox), (SELECT count(*) FROM idempotency_keys)
+       (SELECT count(*) FROM outbox), (SELECT count(*) FROM event_log),
+       (SELECT count(*) FROM idempotency_keys)
 """
 INVENTORY_COUNTS = """
 SELECT (SELECT count(*) FROM products), (SELECT count(*) FROM reservations),
        (SELECT count(*) FROM reservation_lines), (SELECT count(*) FROM outbox),
+       (SELECT count(*) FROM event_log),
        (SELECT sum(available) FROM products)
 """
 PAYMENTS_COUNTS = """
 SELECT (SELECT count(*) FROM accounts), (SELECT count(*) FROM top_ups),
        (SELECT count(*) FROM payments), (SELECT count(*) FROM outbox),
+       (SELECT count(*) FROM event_log),
        (SELECT sum(balance) FROM accounts)
 """
 

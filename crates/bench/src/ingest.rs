@@ -40,6 +40,7 @@ pub async fn run(broker: &mut Broker, quick: bool, out: &mut Vec<Figure>) -> Res
             };
             brokers::rabbitmq::declare(c, ingest::CONSUMER, &subscription).await?
         }
+        Broker::Postgres => anyhow::bail!("ingestion reads a broker"),
     }
     eprintln!("{name}: publishing {n} orders to {source}");
     let published = plain_publish_to(broker, source, "order", n, message).await?;
@@ -48,6 +49,7 @@ pub async fn run(broker: &mut Broker, quick: bool, out: &mut Vec<Figure>) -> Res
     let prefix = match broker {
         Broker::Kafka(_, c) => c.topic_prefix.clone(),
         Broker::RabbitMq(_, c) => c.prefix.clone(),
+        Broker::Postgres => anyhow::bail!("ingestion reads a broker"),
     };
     let url = broker.url();
     let proc = process::spawn(

@@ -14,6 +14,7 @@ mod brokers;
 mod cache;
 mod cpu;
 mod ingest;
+mod log;
 mod saga;
 mod scenarios;
 
@@ -69,6 +70,9 @@ pub enum Scenario {
     Cache,
     /// 10: `orders-center ingest` over Kafka and RabbitMQ.
     Ingest,
+    /// 11: the event log over the PostgreSQL transport: drains at a small
+    /// and a large backlog, commit → journal latency, dead tuples, RSS.
+    Log,
 }
 
 /// One measured figure.
@@ -109,6 +113,8 @@ pub struct Sizes {
     pub finished_rows: i64,
     /// Events of each broker drain.
     pub broker_events: i64,
+    /// The event log's small and large backlogs.
+    pub log_backlogs: (i64, i64),
 }
 
 fn full() -> Sizes {
@@ -122,6 +128,7 @@ fn full() -> Sizes {
         api_seconds: 20,
         finished_rows: 2_000_000,
         broker_events: 100_000,
+        log_backlogs: (10_000, 1_000_000),
     }
 }
 
@@ -136,6 +143,7 @@ fn quick() -> Sizes {
         api_seconds: 2,
         finished_rows: 10_000,
         broker_events: 2_000,
+        log_backlogs: (1_000, 20_000),
     }
 }
 

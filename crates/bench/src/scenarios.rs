@@ -64,7 +64,6 @@ fn noop_outlet(policy: DeliveryPolicy) -> Outlet {
         destination: NOOP.parse().expect("a destination name"),
         policy,
         sink: Arc::new(NoopSink),
-        from_log: false,
         protection: ProtectionConfig {
             max_in_flight: 10_000,
             rate_per_second: None,
@@ -203,6 +202,19 @@ pub async fn run_all(
     if only(Scenario::Rabbitmq) {
         let broker = crate::brokers::Broker::rabbitmq().await?;
         crate::brokers::run_all(broker, sizes, quick, out).await?;
+    }
+    if only(Scenario::Log) {
+        let (small, large) = sizes.log_backlogs;
+        crate::log::run(small, large, quick, out).await?;
+        let mut postgres = crate::brokers::Broker::Postgres;
+        crate::brokers::latency(
+            &mut postgres,
+            sizes.rates[0],
+            sizes.latency_seconds,
+            quick,
+            out,
+        )
+        .await?;
     }
     if only(Scenario::Cache) {
         crate::cache::run(quick, out).await?;
@@ -472,31 +484,34 @@ async fn pgbench_drain(
     Ok(rows as f64 / took.as_secs_f64())
 }
 
-/// "Every message in order" against "latest wins" on one backlog shape:
-/// every tenth order has five messages queued.
+/// "Every message in order" (the event log) against "latest wins" (1C's
+/// job rows) on one backlog shape: every tenth order has five messages
+/// queued.
 async fn in_order(orders: i64, quick: bool, out: &mut Vec<Figure>) -> Result<()> {
     let backlog = Backlog {
         orders,
         bursts: true,
     };
     let latest = drain_noop(backlog, DeliveryPolicy::LatestWins, 0, false).await?;
-    let ordered = drain_noop(backlog, DeliveryPolicy::EveryMessageInOrder, 0, false).await?;
+    let ordered = drain_log_noop(backlog).await?;
     let rows = backlog.rows();
-    for (name, drain) in [
-        ("latest wins", &latest),
-        ("every message in order", &ordered),
-    ] {
-        let scenario = format!("1b drain, {name}, 10% of orders with 5");
-        out.push(figure(
-            &scenario,
-            &format!("{rows} tasks settled"),
-            drain.rate,
-            "task/s",
-            None,
-        ));
-        drain.push_ceiling(&scenario, rows, out);
-    }
-    let kept = ordered.rate / latest.rate;
+    let scenario = "1b drain, latest wins (job rows), 10% of orders with 5";
+    out.push(figure(
+        scenario,
+        &format!("{rows} tasks settled"),
+        latest.rate,
+        "task/s",
+        None,
+    ));
+    latest.push_ceiling(scenario, rows, out);
+    out.push(figure(
+        "1b drain, every message in order (the log), 10% of orders with 5",
+        &format!("{rows} events delivered"),
+        ordered,
+        "event/s",
+        None,
+    ));
+    let kept = ordered / latest.rate;
     out.push(figure(
         "1b drain, in order / latest wins",
         "drain rate kept",
@@ -505,6 +520,54 @@ async fn in_order(orders: i64, quick: bool, out: &mut Vec<Figure>) -> Result<()>
         (!quick).then_some(("≥ 90", kept >= 0.9)),
     ));
     Ok(())
+}
+
+/// Drains `backlog` from the event log through an in-process relay into
+/// a no-op sink; events per second.
+async fn drain_log_noop(backlog: Backlog) -> Result<f64> {
+    let db = testkit::database().await;
+    sqlx::query(
+        "INSERT INTO event_log (position, segment, destination, partition, event_id,
+                                aggregatetype, aggregateid, type, version, payload)
+         SELECT e.p, ((e.p / c.segment_size) % c.segments)::smallint, $1,
+                (e.g % c.partitions)::smallint, gen_random_uuid(), 'order', 'N-' || e.g,
+                'order.updated', e.v, jsonb_build_object('order', jsonb_build_object('id', 'N-' || e.g))
+         FROM (SELECT nextval('event_log_position') AS p, g, v
+               FROM generate_series(1, $2) g
+               CROSS JOIN LATERAL generate_series(1, CASE WHEN $3 AND g % 10 = 0 THEN 5 ELSE 1 END) v
+               ORDER BY g, v) e
+         CROSS JOIN log_config c",
+    )
+    .bind(NOOP)
+    .bind(backlog.orders)
+    .bind(backlog.bursts)
+    .execute(&db.pool)
+    .await?;
+    let rows = backlog.rows();
+    let shutdown = CancellationToken::new();
+    let relay = Relay::start(
+        Store::new(db.pool.clone()),
+        vec![noop_outlet(DeliveryPolicy::EveryMessageInOrder)],
+        relay_config(BATCH, LANES),
+        Leadership::always(),
+        shutdown.clone(),
+    );
+    let started = Instant::now();
+    while (relay.metrics().delivered_total(NOOP) as i64) < rows {
+        ensure!(
+            started.elapsed() < Duration::from_secs(900),
+            "the log drain did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let took = started.elapsed();
+    shutdown.cancel();
+    relay.stopped().await?;
+    ensure!(
+        relay.metrics().delivered_total(NOOP) as i64 == rows,
+        "an event was delivered twice"
+    );
+    Ok(rows as f64 / took.as_secs_f64())
 }
 
 /// Mean latency of a claim of 100 tasks over a fresh pending set.

@@ -118,9 +118,8 @@ pub(crate) async fn metric(sys: &System, url: &str, series: &str) -> Result<f64>
         .unwrap_or(0.0))
 }
 
-/// Waits until the outbox has nothing pending for `broker`'s destination and
-/// the journal holds every event sent there; if it never does, says where
-/// the missing events got to.
+/// Waits until the journal holds every event the log has for `broker`'s
+/// destination; if it never does, says where the missing events got to.
 async fn journal_caught_up(
     sys: &System,
     broker: &Broker,
@@ -130,54 +129,51 @@ async fn journal_caught_up(
     let destination = broker.name();
     let deadline = Instant::now() + within;
     loop {
-        let (expected, pending, journaled): (i64, i64, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM outbox WHERE destination = $1)
-                      + (SELECT count(*) FROM event_log WHERE destination = $1),
-                    (SELECT count(*) FROM outbox WHERE destination = $1
-                       AND state IN ('pending', 'running')),
+        let (expected, journaled): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM event_log WHERE destination = $1),
                     (SELECT count(DISTINCT event_id) FROM order_journal)",
         )
         .bind(destination)
         .fetch_one(&sys.pool)
         .await?;
-        if pending == 0 && journaled >= expected {
+        if journaled >= expected {
             return Ok(expected);
         }
         if Instant::now() >= deadline {
             let trail = missing_events(sys, broker, prefix).await?;
             anyhow::bail!(
-                "after {within:?}, {pending} {destination} events wait and the journal has \
-                 {journaled} of {expected}; missing:\n{trail}"
+                "after {within:?}, the journal has {journaled} of the {expected} {destination} \
+                 events in the log; missing:\n{trail}"
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
-/// The outbox rows of `broker` whose event is not in the journal, at most
-/// ten, each with its outbox state, whether the inbox has it, and on Kafka
-/// where in the topic it is: a loss on the producer's side or the
-/// consumer's.
+/// The log events of `broker` whose event is not in the journal, at most
+/// ten, each with its partition, whether it was buried, whether the inbox
+/// has it, and on Kafka where in the topic it is: a loss on the producer's
+/// side or the consumer's.
 async fn missing_events(sys: &System, broker: &Broker, prefix: &str) -> Result<String> {
     #[derive(sqlx::FromRow)]
     struct Missing {
-        id: i64,
+        position: i64,
+        partition: i16,
         aggregateid: String,
         version: i64,
-        state: String,
-        attempts: i32,
-        last_error: Option<String>,
+        buried: Option<String>,
         in_inbox: bool,
         event: String,
     }
     let rows: Vec<Missing> = sqlx::query_as(
-        "SELECT o.id, o.aggregateid, o.version, o.state, o.attempts, o.last_error,
-                    EXISTS (SELECT 1 FROM inbox i WHERE i.message_id = o.event_id::text)
-                      AS in_inbox,
-                    o.event_id::text AS event
-             FROM outbox o WHERE o.destination = $1
-               AND NOT EXISTS (SELECT 1 FROM order_journal j WHERE j.event_id = o.event_id)
-             ORDER BY o.id LIMIT 10",
+        "SELECT e.position, e.partition, e.aggregateid, e.version,
+                (SELECT d.class || ': ' || d.reason FROM log_dead d
+                 WHERE d.destination = e.destination AND d.position = e.position) AS buried,
+                EXISTS (SELECT 1 FROM inbox i WHERE i.message_id = e.event_id::text) AS in_inbox,
+                e.event_id::text AS event
+         FROM event_log e WHERE e.destination = $1
+           AND NOT EXISTS (SELECT 1 FROM order_journal j WHERE j.event_id = e.event_id)
+         ORDER BY e.position LIMIT 10",
     )
     .bind(broker.name())
     .fetch_all(&sys.pool)
@@ -193,14 +189,13 @@ async fn missing_events(sys: &System, broker: &Broker, prefix: &str) -> Result<S
             let kafka = found.get(&r.event).map_or("not found", String::as_str);
             let logged = log_trail::lines(&sys.logs, 6, |l| l.contains(&r.event));
             format!(
-                "  task {} {} v{} {} after {} attempts (last error {:?}), event {}, \
+                "  position {} (partition {}) {} v{}, buried: {:?}, event {}, \
                  in the inbox: {}, in Kafka: {kafka}\n{}",
-                r.id,
+                r.position,
+                r.partition,
                 r.aggregateid,
                 r.version,
-                r.state,
-                r.attempts,
-                r.last_error,
+                r.buried,
                 r.event,
                 r.in_inbox,
                 logged.join("\n")
@@ -266,12 +261,7 @@ async fn kafka_positions(
     .await?
 }
 
-pub async fn event_stream(
-    sys: &mut System,
-    broker: Broker,
-    outage: Duration,
-    event_log: bool,
-) -> Result<Figures> {
+pub async fn event_stream(sys: &mut System, broker: Broker, outage: Duration) -> Result<Figures> {
     let name = broker.name();
     let scenario = match broker {
         Broker::Kafka(_) => "8 Kafka event stream",
@@ -285,7 +275,6 @@ pub async fn event_stream(
         ("BROKER", url.as_str()),
         ("BROKER_PREFIX", prefix.as_str()),
         ("BROKER_TIMEOUT", "3s"),
-        ("EVENT_LOG", if event_log { "true" } else { "false" }),
     ];
     // The consumer first: on RabbitMQ it declares the queue that the
     // relays' publishes are routed to.
@@ -361,11 +350,8 @@ pub async fn event_stream(
     let expected = journal_caught_up(sys, &broker, &prefix, Duration::from_secs(120)).await?;
     let recovery = thawed.elapsed();
     let (lost, twice, misordered): (i64, i64, i64) = sqlx::query_as(
-        // What was sent, in write order: outbox rows by id, or log events
-        // by position (with --event-log).
-        "WITH sent AS (SELECT event_id, id AS seq FROM outbox WHERE destination = $1
-                       UNION ALL
-                       SELECT event_id, position FROM event_log WHERE destination = $1)
+        // What was sent, in write order: the log's events by position.
+        "WITH sent AS (SELECT event_id, position AS seq FROM event_log WHERE destination = $1)
          SELECT
            (SELECT count(*) FROM sent s
               WHERE NOT EXISTS (SELECT 1 FROM order_journal j WHERE j.event_id = s.event_id)),
@@ -422,7 +408,7 @@ pub async fn event_stream(
 
     // Back to the 1C-only system for whatever runs next.
     consumer.stop().await.context("stopping the consumer")?;
-    sys.clear_relay_env(&["BROKER", "BROKER_PREFIX", "BROKER_TIMEOUT", "EVENT_LOG"]);
+    sys.clear_relay_env(&["BROKER", "BROKER_PREFIX", "BROKER_TIMEOUT"]);
     sys.restart_relays_with(&[]).await?;
     sys.restart_api_with(&[]).await?;
     tokio::task::spawn_blocking(move || broker.stop()).await?;

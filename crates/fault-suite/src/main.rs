@@ -42,10 +42,6 @@ struct Args {
     /// How long the broker stays frozen in the event-stream scenarios.
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     broker_outage: Duration,
-    /// Run the event-stream scenarios (8, 9) with order events through the
-    /// insert-only log (`EVENT_LOG`) instead of outbox rows.
-    #[arg(long)]
-    event_log: bool,
     /// Run only these scenarios, by number (repeatable); all when omitted.
     #[arg(long)]
     only: Vec<u8>,
@@ -92,18 +88,12 @@ async fn main() -> Result<()> {
 
     if only(8) {
         let kafka = event_streams::Broker::start_kafka().await?;
-        figures.push(
-            event_streams::event_stream(&mut sys, kafka, args.broker_outage, args.event_log)
-                .await?,
-        );
+        figures.push(event_streams::event_stream(&mut sys, kafka, args.broker_outage).await?);
         report(figures.last());
     }
     if only(9) {
         let rabbit = event_streams::Broker::start_rabbitmq().await?;
-        figures.push(
-            event_streams::event_stream(&mut sys, rabbit, args.broker_outage, args.event_log)
-                .await?,
-        );
+        figures.push(event_streams::event_stream(&mut sys, rabbit, args.broker_outage).await?);
         report(figures.last());
     }
 

@@ -328,8 +328,17 @@ async fn stuck_report(sys: &System, roles: &Roles, ids: &[String]) -> Result<Str
         )
         .fetch_all(pool)
         .await?;
+        let log_store = store::Store::new(pool.clone());
+        let log: Vec<(String, i16, i64, f64)> = log_store
+            .cursor_lag(&log_store.log_destinations().await?)
+            .await?
+            .into_iter()
+            .filter(|c| c.events > 0)
+            .map(|c| (c.destination.clone(), c.partition, c.events, c.seconds()))
+            .collect();
         report += &format!(
-            "; {db} outbox (destination, state, rows, most attempts, latest run_at from now in s): {outbox:?}"
+            "; {db} outbox (destination, state, rows, most attempts, latest run_at from now in s): {outbox:?}; \
+             log cursors behind (destination, partition, events, oldest in s): {log:?}"
         );
     }
     // How the consumers fared: the usual reason a saga waits.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use domain::{Checkout, Destination, OrderFull, OrderId};
 use inbox::local::LocalSink;
 use inbox::{ConsumerMetrics, Inbox, Incoming, Verdict};
-use relay::{DeliveryEngine, ProtectionConfig, RelayMetrics, ServiceConfig, SinkGuard};
+use relay::{LogEngine, ProtectionConfig, RelayMetrics, ServiceConfig, SinkGuard};
 use rust_decimal::Decimal;
 use saga::{Kind, Line, SagaMessage, Topic};
 use sink::signing::{Keyring, Signing};
@@ -25,7 +25,7 @@ fn metrics() -> ConsumerMetrics {
 }
 
 /// A relay's engine for `destination`, signing what it delivers.
-fn engine(store: &Store, destination: &str, sink: Arc<dyn sink::Sink>) -> Arc<DeliveryEngine> {
+fn engine(store: &Store, destination: &str, sink: Arc<dyn sink::Sink>) -> Arc<LogEngine> {
     let figures = RelayMetrics::new().destination(destination);
     let guard = Arc::new(SinkGuard::new(
         Arc::new(Signing::new(sink, keys())),
@@ -59,10 +59,9 @@ fn engine(store: &Store, destination: &str, sink: Arc<dyn sink::Sink>) -> Arc<De
         backlog_interval: Duration::from_secs(60),
         in_doubt: Duration::from_secs(30),
     };
-    DeliveryEngine::new(
+    LogEngine::new(
         store.clone(),
         destination.parse::<Destination>().unwrap(),
-        domain::DeliveryPolicy::EveryMessageInOrder,
         guard,
         service,
         figures,
@@ -94,7 +93,7 @@ struct Platform {
     payments: PgPool,
     notifier: Arc<notifier::Notifier>,
     /// (name, engine), in the order a pump drives them.
-    engines: Vec<(&'static str, Arc<DeliveryEngine>)>,
+    engines: Vec<(&'static str, Arc<LogEngine>)>,
 }
 
 impl Platform {
@@ -182,10 +181,7 @@ impl Platform {
         for _ in 0..500 {
             for (name, engine) in &self.engines {
                 if !skip.contains(name) {
-                    engine
-                        .claim_and_deliver(CancellationToken::new())
-                        .await
-                        .unwrap();
+                    engine.deliver_next(CancellationToken::new()).await.unwrap();
                 }
             }
             let mut open = 0;
@@ -199,19 +195,18 @@ impl Platform {
             }
             if open == 0 {
                 for pool in [self.orders.pool(), &self.inventory, &self.payments] {
-                    let dead: Vec<(String, String, Option<String>)> = sqlx::query_as(
-                        "SELECT destination, type, last_error FROM outbox WHERE state = 'dead'",
-                    )
-                    .fetch_all(pool)
-                    .await
-                    .unwrap();
+                    let dead: Vec<(String, String, String)> =
+                        sqlx::query_as("SELECT destination, type, reason FROM log_dead")
+                            .fetch_all(pool)
+                            .await
+                            .unwrap();
                     assert_eq!(dead, [], "no message may die");
                 }
                 return;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        panic!("the outboxes did not drain");
+        panic!("the logs did not drain");
     }
 
     async fn pump(&self) {
@@ -256,8 +251,8 @@ impl Platform {
     /// The message id of the latest `kind` command the saga of `order` sent.
     async fn command_id(&self, order: &str, kind: Kind) -> String {
         sqlx::query_scalar::<_, uuid::Uuid>(
-            "SELECT event_id FROM outbox WHERE aggregateid = $1 AND type = $2
-             ORDER BY id DESC LIMIT 1",
+            "SELECT event_id FROM event_log WHERE aggregateid = $1 AND type = $2
+             ORDER BY position DESC LIMIT 1",
         )
         .bind(order)
         .bind(kind.as_str())
@@ -312,14 +307,15 @@ impl Platform {
     }
 }
 
+/// Events of `destination` no cursor has passed yet.
 async fn open_rows(pool: &PgPool, destination: &str) -> i64 {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM outbox WHERE state IN ('pending', 'running') AND destination = $1",
-    )
-    .bind(destination)
-    .fetch_one(pool)
-    .await
-    .unwrap()
+    Store::new(pool.clone())
+        .cursor_lag(&[destination.parse().unwrap()])
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.events)
+        .sum()
 }
 
 const COMPLETED: [&str; 6] = [
@@ -514,7 +510,7 @@ async fn a_release_that_overtakes_its_reservation_leaves_nothing_held() {
         .unwrap()
         .unwrap();
     assert_eq!((level.available, level.reserved), (3, 0));
-    let answers: Vec<String> = sqlx::query_scalar("SELECT type FROM outbox ORDER BY id")
+    let answers: Vec<String> = sqlx::query_scalar("SELECT type FROM event_log ORDER BY position")
         .fetch_all(&p.inventory)
         .await
         .unwrap();

@@ -76,15 +76,6 @@ pub struct Config {
           num_args = 0..=1, default_missing_value = "true")]
     pub sagas: bool,
 
-    /// Order events to an event stream (the broker, the journal) are
-    /// appended to the insert-only log and delivered by partition cursor,
-    /// in batches (Kafka: one transaction per run) instead of as outbox
-    /// rows; 1C and the saga's messages keep their rows. Every `api` and
-    /// `relay` on one database must agree.
-    #[arg(long, env = "EVENT_LOG", default_value_t = false, global = true, action = ArgAction::Set,
-          num_args = 0..=1, default_missing_value = "true")]
-    pub event_log: bool,
-
     /// How long a saga step (a reservation, a charge, a commit, a
     /// compensation) may go unanswered before the saga compensates (or, once
     /// paid, asks again).
@@ -696,7 +687,6 @@ impl RelayTuning {
             policy: domain::DeliveryPolicy::LatestWins,
             sink: std::sync::Arc::new(onec::OnecSink::new(std::sync::Arc::new(client))),
             protection: self.onec_protection(),
-            from_log: false,
         }
     }
 
@@ -736,10 +726,22 @@ pub enum TasksCommand {
         json: bool,
     },
     /// Replay dead tasks: pending again now, with a fresh attempt budget.
+    /// A dead event of the log goes back to the log.
     Retry {
         /// Task ids.
         #[arg(required = true)]
         ids: Vec<i64>,
+    },
+    /// Show each event-stream destination's log cursors: who holds them,
+    /// and how far each is behind, in events and seconds.
+    Cursors {
+        /// Only this destination's cursors; every destination with a
+        /// cursor by default.
+        #[arg(long)]
+        destination: Option<domain::Destination>,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -604,14 +604,9 @@ fn require_url<'a>(config: &'a Config, role: &str) -> Result<&'a str> {
 }
 
 fn open_store(config: &Config, url: &str) -> Result<store::Store> {
-    let store = store::Store::new(connect(config, url)?)
+    Ok(store::Store::new(connect(config, url)?)
         .with_routes(config.routes())
-        .with_saga(config.saga());
-    Ok(if config.event_log {
-        store.with_event_log()
-    } else {
-        store
-    })
+        .with_saga(config.saga()))
 }
 
 /// A lazy pool on `url` of the configured size.

@@ -1,5 +1,5 @@
-//! `orders-center tasks list|retry`: the dead-letter tools of the API, from
-//! a shell with database access.
+//! `orders-center tasks list|retry|cursors`: the dead-letter tools of the
+//! API, and the log's cursors, from a shell with database access.
 
 use anyhow::{bail, Result};
 use store::{Store, TaskId};
@@ -65,6 +65,41 @@ pub async fn run(store: &Store, command: &TasksCommand) -> Result<()> {
             }
             if refused > 0 {
                 bail!("{refused} of {} tasks were not replayed", ids.len());
+            }
+            Ok(())
+        }
+        TasksCommand::Cursors { destination, json } => {
+            let destinations = match destination {
+                Some(d) => vec![d.clone()],
+                None => store.log_destinations().await?,
+            };
+            let cursors = store.cursor_lag(&destinations).await?;
+            if *json {
+                for c in &cursors {
+                    println!("{}", serde_json::to_string(c)?);
+                }
+                return Ok(());
+            }
+            if cursors.is_empty() {
+                eprintln!("no log cursors: no event-stream destination has been read yet");
+                return Ok(());
+            }
+            println!(
+                "{:<12} {:>9}  {:>10}  {:>11}  {:<20}  {:<40}",
+                "DESTINATION", "PARTITION", "LAG", "LAG (S)", "DELIVERED", "OWNER"
+            );
+            for c in &cursors {
+                println!(
+                    "{:<12} {:>9}  {:>10}  {:>11.1}  {:<20}  {:<40}",
+                    c.destination,
+                    c.partition,
+                    c.events,
+                    c.seconds(),
+                    c.delivered_at
+                        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                        .unwrap_or_else(|| "never".into()),
+                    c.owner.as_deref().unwrap_or("")
+                );
             }
             Ok(())
         }

@@ -6,7 +6,7 @@
 use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Context, Result};
-use brokers::kafka::{KafkaSink, KafkaSubscription};
+use brokers::kafka::KafkaSubscription;
 use brokers::rabbitmq::{RabbitSink, RabbitSubscription};
 use brokers::Broker;
 use domain::{DeliveryPolicy, Destination, OrderEvent, ORDER_AGGREGATE};
@@ -186,11 +186,7 @@ async fn outlet(
             if let Err(e) = kafka.ensure_topics(&aggregate_types()).await {
                 tracing::warn!(error = %e, "could not create the Kafka topics yet");
             }
-            if config.event_log {
-                Arc::new(brokers::kafka::TransactionalSink::new(kafka, "kafka")?)
-            } else {
-                Arc::new(KafkaSink::new(kafka)?)
-            }
+            Arc::new(brokers::kafka::TransactionalSink::new(kafka, "kafka")?)
         }
         ("rabbitmq", Some(Broker::RabbitMq { url })) => {
             Arc::new(RabbitSink::new(config.rabbitmq(url)))
@@ -224,7 +220,6 @@ async fn outlet(
         policy: DeliveryPolicy::EveryMessageInOrder,
         sink,
         protection: tuning.broker_protection(),
-        from_log: config.event_log,
     })
 }
 

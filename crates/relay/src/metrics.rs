@@ -7,6 +7,7 @@ use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use store::log::CursorLag;
 
 const SECONDS: [f64; 13] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -24,6 +25,8 @@ pub struct RelayMetrics {
     backlog_running: IntGaugeVec,
     backlog_dead: IntGaugeVec,
     backlog_oldest_age: GaugeVec,
+    cursor_lag_events: IntGaugeVec,
+    cursor_lag_seconds: GaugeVec,
     delivered: IntCounterVec,
     failed: IntCounterVec,
     dead: IntCounterVec,
@@ -90,6 +93,22 @@ impl RelayMetrics {
                     "Age of the oldest pending task (from the leader).",
                 ),
                 d,
+            )
+            .expect("valid metric"),
+            cursor_lag_events: IntGaugeVec::new(
+                Opts::new(
+                    "orders_center_log_cursor_lag_events",
+                    "Committed log events a cursor has not passed (from the leader).",
+                ),
+                &["destination", "partition"],
+            )
+            .expect("valid metric"),
+            cursor_lag_seconds: GaugeVec::new(
+                Opts::new(
+                    "orders_center_log_cursor_lag_seconds",
+                    "Age of the oldest log event a cursor has not passed; 0 when none (from the leader).",
+                ),
+                &["destination", "partition"],
             )
             .expect("valid metric"),
             delivered: counters(
@@ -172,6 +191,8 @@ impl RelayMetrics {
             Box::new(m.backlog_running.clone()),
             Box::new(m.backlog_dead.clone()),
             Box::new(m.backlog_oldest_age.clone()),
+            Box::new(m.cursor_lag_events.clone()),
+            Box::new(m.cursor_lag_seconds.clone()),
         ] {
             m.leader_registry
                 .register(c)
@@ -195,6 +216,15 @@ impl RelayMetrics {
             failed: self.failed.clone(),
             request: self.request.clone(),
         }
+    }
+
+    pub(crate) fn cursor(&self, lag: &CursorLag) {
+        let partition = lag.partition.to_string();
+        let l = &[lag.destination.as_str(), partition.as_str()];
+        self.cursor_lag_events.with_label_values(l).set(lag.events);
+        self.cursor_lag_seconds
+            .with_label_values(l)
+            .set(lag.seconds());
     }
 
     pub(crate) fn backlog(&self, stats: &SyncStats) {

@@ -39,10 +39,6 @@ pub struct Outlet {
     pub sink: Arc<dyn Sink>,
     /// The limits and breaker in front of it.
     pub protection: ProtectionConfig,
-    /// Also deliver its events from the log (`store::log`), for saves whose
-    /// store appends there; its outbox rows (saga messages, rows written
-    /// before) still go out too.
-    pub from_log: bool,
 }
 
 /// A running relay.
@@ -109,26 +105,32 @@ impl Relay {
                 Arc::new(SystemClock),
                 figures.clone(),
             ));
-            let engine = DeliveryEngine::new(
-                store.clone(),
-                outlet.destination.clone(),
-                outlet.policy,
-                guard.clone(),
-                config.service.clone(),
-                figures,
-            );
-            engine.register(&cron);
-            wakes.push(engine.wake());
-            if outlet.from_log {
-                let log = crate::LogEngine::new(
-                    store.clone(),
-                    outlet.destination.clone(),
-                    guard.clone(),
-                    config.service.clone(),
-                    metrics.destination(outlet.destination.as_str()),
-                );
-                log.register(&cron);
-                wakes.push(log.wake());
+            // Snapshots (1C) go out from job rows; event streams from the
+            // log, where saves and the saga append them.
+            match outlet.policy {
+                DeliveryPolicy::LatestWins => {
+                    let engine = DeliveryEngine::new(
+                        store.clone(),
+                        outlet.destination.clone(),
+                        outlet.policy,
+                        guard.clone(),
+                        config.service.clone(),
+                        figures,
+                    );
+                    engine.register(&cron);
+                    wakes.push(engine.wake());
+                }
+                DeliveryPolicy::EveryMessageInOrder => {
+                    let engine = crate::LogEngine::new(
+                        store.clone(),
+                        outlet.destination.clone(),
+                        guard.clone(),
+                        config.service.clone(),
+                        figures,
+                    );
+                    engine.register(&cron);
+                    wakes.push(engine.wake());
+                }
             }
             guards.push(guard);
             destinations.push(outlet.destination);

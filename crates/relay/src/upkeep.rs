@@ -113,10 +113,15 @@ impl Upkeep {
         Ok(more_if(deleted == u64::from(BATCH)))
     }
 
-    /// Recounts each destination's backlog for the API and the metrics.
+    /// Recounts each destination's backlog (for an event stream, its
+    /// cursors' lag) for the API and the metrics.
     pub async fn refresh_backlog(&self) -> Result<Progress> {
-        for stats in self.store.refresh_backlog(&self.destinations).await? {
-            self.metrics.backlog(&stats);
+        let backlog = self.store.refresh_backlog(&self.destinations).await?;
+        for stats in &backlog.destinations {
+            self.metrics.backlog(stats);
+        }
+        for cursor in &backlog.cursors {
+            self.metrics.cursor(cursor);
         }
         Ok(Progress::Idle)
     }

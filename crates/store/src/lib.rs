@@ -22,7 +22,7 @@ use sqlx::PgPool;
 pub use error::{Error, Result};
 pub use idempotency::{CreateOutcome, IdempotencyKey, RequestHash};
 pub use leases::{LeaseHeld, LEADER_CHANNEL};
-pub use maintenance::LIVE_COUNTS;
+pub use maintenance::{Backlog, LIVE_COUNTS};
 pub use orders::{
     Cursor, ListFilter, Page, Precondition, SaveContext, Saved, ORDER_CHANGED_CHANNEL,
 };
@@ -88,7 +88,6 @@ pub struct Store {
     pool: PgPool,
     routes: Arc<Routes>,
     saga: Arc<saga::SagaConfig>,
-    log: bool,
 }
 
 impl Store {
@@ -99,21 +98,7 @@ impl Store {
             pool,
             routes: Arc::default(),
             saga: Arc::default(),
-            log: false,
         }
-    }
-
-    /// Appends the events of event-stream destinations to the log
-    /// (`store::log`) instead of the outbox; 1C keeps its rows. Every relay
-    /// of these destinations must then run the log's engine.
-    pub fn with_event_log(mut self) -> Self {
-        self.log = true;
-        self
-    }
-
-    /// Whether event streams go through the log.
-    pub fn event_log(&self) -> bool {
-        self.log
     }
 
     /// Sends the events of every save along `routes` instead.

@@ -81,9 +81,18 @@ pub struct Append<'a> {
     /// The event's id, the same on every destination's copy.
     pub event_id: Uuid,
     /// The payload.
-    pub payload: serde_json::Value,
+    pub payload: &'a serde_json::Value,
     /// W3C trace context to pass on.
     pub traceparent: Option<&'a str>,
+}
+
+impl CursorLag {
+    /// The age of the oldest event not passed, in seconds; 0 when none.
+    pub fn seconds(&self) -> f64 {
+        self.oldest_at.map_or(0.0, |at| {
+            (Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0
+        })
+    }
 }
 
 /// One event read from the log.
@@ -143,7 +152,7 @@ pub async fn append(conn: &mut PgConnection, events: &[Append<'_>]) -> Result<()
     .bind(events.iter().map(|e| e.key).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.kind).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.version).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| &e.payload).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.payload).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.traceparent).collect::<Vec<_>>())
     .execute(conn)
     .await?;
@@ -167,15 +176,22 @@ pub struct Claimed {
     complete: bool,
 }
 
-/// How far one destination's cursors are behind.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LogLag {
+/// How far one cursor is behind: what `orders-center tasks cursors` lists
+/// and the per-partition metrics show.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CursorLag {
     /// The destination.
     pub destination: String,
-    /// Committed events no cursor has passed yet.
+    /// The partition.
+    pub partition: i16,
+    /// The relay that claimed it last.
+    pub owner: Option<String>,
+    /// When it last moved past a delivery.
+    pub delivered_at: Option<DateTime<Utc>>,
+    /// Committed events it has not passed yet.
     pub events: i64,
-    /// Age of the oldest of them; 0 when none.
-    pub oldest_seconds: f64,
+    /// When the oldest of them was appended; `None` when none.
+    pub oldest_at: Option<DateTime<Utc>>,
 }
 
 /// The events [`Claimed::read`] found.
@@ -185,6 +201,16 @@ pub struct Run {
     pub events: Vec<LogEvent>,
     /// Nothing of the window is left after these.
     pub complete: bool,
+}
+
+#[derive(sqlx::FromRow)]
+struct LagRow {
+    destination: String,
+    partition: i16,
+    owner: Option<String>,
+    delivered_at: Option<DateTime<Utc>>,
+    events: i64,
+    oldest_at: Option<DateTime<Utc>>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -275,36 +301,80 @@ impl Store {
         }))
     }
 
-    /// How far each destination's cursors are behind, summed over its
-    /// partitions. An event counts until its cursor has passed it: it is
-    /// neither visible in `done` nor in the open window at or below the
-    /// window's position.
-    pub async fn log_lag(&self) -> Result<Vec<LogLag>> {
-        let rows: Vec<(String, i64, f64)> = sqlx::query_as(
-            "SELECT c.destination, count(e.created_at),
-                    coalesce(extract(epoch FROM now() - min(e.created_at)), 0)::float8
-             FROM log_cursors c
+    /// How far each cursor of `destinations` is behind, by partition. An
+    /// event counts until its cursor has passed it: it is neither visible in
+    /// `done` nor in the open window at or below the window's position. A
+    /// partition whose cursor does not exist yet (no relay has read it)
+    /// counts every event in it.
+    pub async fn cursor_lag(&self, destinations: &[Destination]) -> Result<Vec<CursorLag>> {
+        let names: Vec<&str> = destinations.iter().map(Destination::as_str).collect();
+        let rows: Vec<LagRow> = sqlx::query_as(
+            "SELECT d.destination, p.partition::int2 AS partition, c.owner, c.delivered_at,
+                    count(e.created_at) AS events, min(e.created_at) AS oldest_at
+             FROM unnest($1::text[]) d(destination)
+             CROSS JOIN log_config cfg
+             CROSS JOIN generate_series(0, cfg.partitions - 1) p(partition)
+             LEFT JOIN log_cursors c
+                    ON c.destination = d.destination AND c.partition = p.partition
              LEFT JOIN LATERAL (
                  SELECT created_at FROM event_log e
-                 WHERE e.destination = c.destination AND e.partition = c.partition
-                   AND e.xid >= pg_snapshot_xmin(c.done)
-                   AND NOT pg_visible_in_snapshot(e.xid, c.done)
-                   AND (c.\"window\" IS NULL
-                        OR NOT pg_visible_in_snapshot(e.xid, c.\"window\")
-                        OR e.position > c.window_position)
+                 WHERE e.destination = d.destination AND e.partition = p.partition
+                   AND (c.done IS NULL
+                        OR e.xid >= pg_snapshot_xmin(c.done)
+                           AND NOT pg_visible_in_snapshot(e.xid, c.done)
+                           AND (c.\"window\" IS NULL
+                                OR NOT pg_visible_in_snapshot(e.xid, c.\"window\")
+                                OR e.position > c.window_position))
              ) e ON true
-             GROUP BY c.destination ORDER BY c.destination",
+             GROUP BY d.destination, p.partition, c.owner, c.delivered_at
+             ORDER BY d.destination, p.partition",
         )
+        .bind(names)
         .fetch_all(self.pool())
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(destination, events, oldest_seconds)| LogLag {
-                destination,
-                events,
-                oldest_seconds,
+            .map(|r| CursorLag {
+                destination: r.destination,
+                partition: r.partition,
+                owner: r.owner,
+                delivered_at: r.delivered_at,
+                events: r.events,
+                oldest_at: r.oldest_at,
             })
             .collect())
+    }
+
+    /// The destinations with events or cursors in the log.
+    pub async fn log_destinations(&self) -> Result<Vec<Destination>> {
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT destination FROM log_cursors UNION SELECT DISTINCT destination FROM event_log
+             ORDER BY 1",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        names
+            .into_iter()
+            .map(|n| n.parse().map_err(crate::Error::Invariant))
+            .collect()
+    }
+
+    /// Events of each of `destinations` buried in `log_dead` and not
+    /// replayed.
+    pub async fn log_dead_counts(
+        &self,
+        destinations: &[Destination],
+    ) -> Result<Vec<(String, i64)>> {
+        let names: Vec<&str> = destinations.iter().map(Destination::as_str).collect();
+        Ok(sqlx::query_as(
+            "SELECT d.destination,
+                    (SELECT count(*) FROM log_dead x
+                     WHERE x.destination = d.destination AND x.replayed_at IS NULL)
+             FROM unnest($1::text[]) d(destination)",
+        )
+        .bind(names)
+        .fetch_all(self.pool())
+        .await?)
     }
 
     /// Truncates every segment that all cursors have passed and the

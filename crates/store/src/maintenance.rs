@@ -7,7 +7,17 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use domain::{Destination, SyncStats};
 
+use crate::log::CursorLag;
 use crate::{Error, Result, Store, TaskId};
+
+/// What the leader's recount found.
+#[derive(Debug, Clone)]
+pub struct Backlog {
+    /// Each destination's figures, as [`Store::sync_stats`] serves them.
+    pub destinations: Vec<SyncStats>,
+    /// Each log cursor's lag, for event-stream destinations.
+    pub cursors: Vec<CursorLag>,
+}
 
 /// Backlog figures older than this are recounted on read, so the API stays
 /// right when no relay leads.
@@ -126,23 +136,74 @@ impl Store {
 
     /// Counts the backlog of each destination and stores the figures for
     /// [`Store::sync_stats`].
-    pub async fn refresh_backlog(&self, destinations: &[Destination]) -> Result<Vec<SyncStats>> {
-        let names: Vec<&str> = destinations.iter().map(Destination::as_str).collect();
-        let rows: Vec<BacklogRow> = sqlx::query_as(&format!(
-            "WITH live AS ({LIVE_COUNTS})
-             INSERT INTO outbox_backlog (destination, pending, running, dead,
+    pub async fn refresh_backlog(&self, destinations: &[Destination]) -> Result<Backlog> {
+        let (live, cursors) = self.live_backlog(destinations).await?;
+        let column = |f: fn(&BacklogRow) -> i64| live.iter().map(f).collect::<Vec<_>>();
+        let rows: Vec<BacklogRow> = sqlx::query_as(
+            "INSERT INTO outbox_backlog (destination, pending, running, dead,
                                          oldest_pending_at, refreshed_at)
-             SELECT * FROM live
+             SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[],
+                                  $5::timestamptz[], $6::timestamptz[])
              ON CONFLICT (destination) DO UPDATE SET pending = EXCLUDED.pending,
                  running = EXCLUDED.running, dead = EXCLUDED.dead,
                  oldest_pending_at = EXCLUDED.oldest_pending_at,
                  refreshed_at = EXCLUDED.refreshed_at
-             RETURNING destination, pending, running, dead, oldest_pending_at, refreshed_at"
-        ))
-        .bind(names)
+             RETURNING destination, pending, running, dead, oldest_pending_at, refreshed_at",
+        )
+        .bind(live.iter().map(|r| r.0.as_str()).collect::<Vec<_>>())
+        .bind(column(|r| r.1))
+        .bind(column(|r| r.2))
+        .bind(column(|r| r.3))
+        .bind(live.iter().map(|r| r.4).collect::<Vec<_>>())
+        .bind(live.iter().map(|r| r.5).collect::<Vec<_>>())
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter().map(|r| stats(r.clone(), r.5)).collect()
+        Ok(Backlog {
+            destinations: rows
+                .into_iter()
+                .map(|r| stats(r.clone(), r.5))
+                .collect::<Result<_>>()?,
+            cursors,
+        })
+    }
+
+    /// The live backlog of `destinations`: their outbox rows, plus for an
+    /// event stream the log events its cursors have not passed (pending)
+    /// and those buried in `log_dead` (dead); and each cursor's lag.
+    async fn live_backlog(
+        &self,
+        destinations: &[Destination],
+    ) -> Result<(Vec<BacklogRow>, Vec<CursorLag>)> {
+        let names: Vec<&str> = destinations.iter().map(Destination::as_str).collect();
+        let mut rows: Vec<BacklogRow> = sqlx::query_as(LIVE_COUNTS)
+            .bind(names)
+            .fetch_all(&self.pool)
+            .await?;
+        let streams: Vec<Destination> = destinations
+            .iter()
+            .filter(|d| !d.takes_snapshots())
+            .cloned()
+            .collect();
+        if streams.is_empty() {
+            return Ok((rows, Vec::new()));
+        }
+        let lag = self.cursor_lag(&streams).await?;
+        let dead = self.log_dead_counts(&streams).await?;
+        for row in &mut rows {
+            for cursor in lag.iter().filter(|c| c.destination == row.0) {
+                row.1 += cursor.events;
+                row.4 = match (row.4, cursor.oldest_at) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            row.3 += dead
+                .iter()
+                .filter(|d| d.0 == row.0)
+                .map(|d| d.1)
+                .sum::<i64>();
+        }
+        Ok((rows, lag))
     }
 
     /// One destination's backlog: the leader's figures while they are fresh,
@@ -161,10 +222,12 @@ impl Store {
         if let Some((row, now)) = stored {
             return stats(row, now);
         }
-        let row: BacklogRow = sqlx::query_as(LIVE_COUNTS)
-            .bind([destination.as_str()])
-            .fetch_one(&self.pool)
-            .await?;
+        let row = self
+            .live_backlog(std::slice::from_ref(destination))
+            .await?
+            .0
+            .pop()
+            .ok_or_else(|| Error::Invariant("a live count returned no row".into()))?;
         stats(row.clone(), row.5)
     }
 }

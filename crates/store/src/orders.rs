@@ -442,7 +442,7 @@ async fn record_saves(
         .collect();
     let mut by_order: std::collections::HashMap<String, Vec<outbox::Enqueued>> =
         std::collections::HashMap::new();
-    for e in outbox::enqueue(conn, store.routes(), store.event_log(), &events).await? {
+    for e in outbox::enqueue(conn, store.routes(), &events).await? {
         by_order.entry(e.order.clone()).or_default().push(e);
     }
     Ok(saved

@@ -1,6 +1,6 @@
-//! Writes to the outbox: the events of an order save, one row per event and
-//! destination, in the saving transaction. Claiming and completing them
-//! belong to the relay (`tasks.rs`).
+//! What a saving transaction queues for delivery: 1C's snapshots as outbox
+//! rows (claimed and completed by the relay, `tasks.rs`), and every event
+//! stream's events appended to the log (`log.rs`).
 
 use chrono::{DateTime, Utc};
 use domain::{Destination, OrderEvent, OrderFull, OrderId, OrderNotice, Routes, ORDER_AGGREGATE};
@@ -34,15 +34,14 @@ pub(crate) struct SaveEvents<'a> {
     pub traceparent: Option<&'a str>,
 }
 
-/// Queues the events of `saves` for their routed destinations, in one
-/// statement, and wakes the relays. Runs inside the saving transaction: the
-/// rows exist exactly when the save commits, and PostgreSQL delivers the
-/// notification only on commit. Every destination's copy of one event
-/// shares its event id.
+/// Queues the events of `saves` for their routed destinations, one
+/// statement for 1C's rows and one for the log, and wakes the relays. Runs
+/// inside the saving transaction: the rows exist exactly when the save
+/// commits, and PostgreSQL delivers the notification only on commit. Every
+/// destination's copy of one event shares its event id.
 pub(crate) async fn enqueue(
     conn: &mut PgConnection,
     routes: &Routes,
-    log: bool,
     saves: &[SaveEvents<'_>],
 ) -> Result<Vec<Enqueued>> {
     let mut logged = Vec::new();
@@ -68,16 +67,14 @@ pub(crate) async fn enqueue(
                 occurred_at,
             };
             for d in to {
-                if log && !d.takes_snapshots() {
+                if !d.takes_snapshots() {
                     let payload = serde_json::to_value(&notice).map_err(|e| {
                         Error::Invariant(format!("an event does not serialize: {e}"))
                     })?;
                     appends.push((d, save, event, event_id, payload));
                     continue;
                 }
-                let payload = if !d.takes_snapshots() {
-                    serde_json::to_value(&notice)
-                } else if event == OrderEvent::StatusChanged {
+                let payload = if event == OrderEvent::StatusChanged {
                     Ok(serde_json::json!({"from": save.previous_status, "to": status}))
                 } else {
                     serde_json::to_value(save.snapshot)
@@ -103,7 +100,7 @@ pub(crate) async fn enqueue(
                 kind: event.as_str(),
                 version: save.version,
                 event_id: *event_id,
-                payload: payload.clone(),
+                payload,
                 traceparent: save.traceparent,
             })
             .collect();
@@ -179,29 +176,32 @@ pub struct OutboxEvent {
     pub payload: serde_json::Value,
 }
 
-/// Writes `events` to the outbox in the caller's transaction and wakes the
-/// relays on commit.
+/// Appends `events`, all bound for event streams, to the log in the
+/// caller's transaction and wakes the relays on commit.
 pub async fn write_events(conn: &mut PgConnection, events: &[OutboxEvent]) -> Result<()> {
     if events.is_empty() {
         return Ok(());
     }
-    let column = |f: fn(&OutboxEvent) -> String| events.iter().map(f).collect::<Vec<_>>();
-    sqlx::query(
-        "INSERT INTO outbox (event_id, destination, aggregatetype, aggregateid, type, version,
-                             payload)
-         SELECT e.*
-         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
-                     $7::jsonb[]) AS e",
-    )
-    .bind(events.iter().map(|e| e.event_id).collect::<Vec<_>>())
-    .bind(column(|e| e.destination.as_str().to_owned()))
-    .bind(column(|e| e.aggregate_type.to_owned()))
-    .bind(column(|e| e.aggregate_id.clone()))
-    .bind(column(|e| e.kind.to_owned()))
-    .bind(events.iter().map(|e| e.version).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| Json(&e.payload)).collect::<Vec<_>>())
-    .execute(&mut *conn)
-    .await?;
+    if let Some(e) = events.iter().find(|e| e.destination.takes_snapshots()) {
+        return Err(Error::Invariant(format!(
+            "{} {} is bound for {}, which takes order snapshots, not events",
+            e.kind, e.aggregate_id, e.destination
+        )));
+    }
+    let batch: Vec<Append<'_>> = events
+        .iter()
+        .map(|e| Append {
+            destination: &e.destination,
+            stream: e.aggregate_type,
+            key: &e.aggregate_id,
+            kind: e.kind,
+            version: e.version,
+            event_id: e.event_id,
+            payload: &e.payload,
+            traceparent: None,
+        })
+        .collect();
+    crate::log::append(&mut *conn, &batch).await?;
     notify(conn).await
 }
 

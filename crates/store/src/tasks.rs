@@ -508,6 +508,13 @@ impl From<SummaryRow> for TaskSummary {
 const SUMMARY_COLUMNS: &str = "id, destination, type, aggregateid, version, state, attempts, \
                                run_at, claimed_by, last_error, created_at, updated_at";
 
+/// [`SUMMARY_COLUMNS`] of a `log_dead` row: dead, its class and reason as
+/// the last error.
+const LOG_DEAD_COLUMNS: &str = "id, destination, type, aggregateid, version, 'dead' AS state, \
+                                0 AS attempts, dead_at AS run_at, NULL::text AS claimed_by, \
+                                class || ': ' || reason AS last_error, dead_at AS created_at, \
+                                dead_at AS updated_at";
+
 /// What one claim did.
 #[derive(Debug, Clone, Default)]
 pub struct Claimed {
@@ -740,7 +747,8 @@ impl Store {
     }
 
     /// Tasks in `state`, of one destination or all, oldest first, after
-    /// task id `after`.
+    /// task id `after`. Dead ones include the log's events buried in
+    /// `log_dead` and not replayed: their ids come from the same sequence.
     pub async fn list_tasks(
         &self,
         destination: Option<&Destination>,
@@ -748,9 +756,18 @@ impl Store {
         after: Option<TaskId>,
         limit: u32,
     ) -> Result<Vec<TaskSummary>> {
+        let log_dead = if state == TaskState::Dead {
+            format!(
+                "UNION ALL SELECT {LOG_DEAD_COLUMNS} FROM log_dead
+                 WHERE replayed_at IS NULL AND id > $2 AND ($4::text IS NULL OR destination = $4)"
+            )
+        } else {
+            String::new()
+        };
         let rows: Vec<SummaryRow> = sqlx::query_as(&format!(
             "SELECT {SUMMARY_COLUMNS} FROM outbox
              WHERE state = $1 AND id > $2 AND ($4::text IS NULL OR destination = $4)
+             {log_dead}
              ORDER BY id LIMIT $3"
         ))
         .bind(state.as_str())
@@ -776,7 +793,8 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?;
         let Some((destination, order_id, version, state)) = found else {
-            return Err(Error::TaskNotFound(id));
+            tx.rollback().await?;
+            return self.replay_log_dead(id).await;
         };
         if state != TaskState::Dead.as_str() {
             return Err(Error::TaskNotReplayable {
@@ -817,5 +835,66 @@ impl Store {
         crate::outbox::notify(&mut tx).await?;
         tx.commit().await?;
         Ok(task.into())
+    }
+
+    /// Replays an event of the log buried in `log_dead`: appended to the log
+    /// again, with its event id, so its partition's cursor reaches it after
+    /// the key's newer events (the consumers' inboxes drop a copy that did
+    /// arrive), and marked replayed.
+    async fn replay_log_dead(&self, id: TaskId) -> Result<TaskSummary> {
+        let mut tx = self.pool.begin().await?;
+        #[derive(sqlx::FromRow)]
+        struct Buried {
+            #[sqlx(flatten)]
+            summary: SummaryRow,
+            aggregatetype: String,
+            event_id: Uuid,
+            payload: serde_json::Value,
+            traceparent: Option<String>,
+            replayed_at: Option<DateTime<Utc>>,
+        }
+        let found: Option<Buried> = sqlx::query_as(&format!(
+            "SELECT {LOG_DEAD_COLUMNS}, aggregatetype, event_id, payload, traceparent, replayed_at
+             FROM log_dead WHERE id = $1 FOR UPDATE"
+        ))
+        .bind(id.0)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(b) = found else {
+            return Err(Error::TaskNotFound(id));
+        };
+        if let Some(at) = b.replayed_at {
+            return Err(Error::TaskNotReplayable {
+                id,
+                reason: format!("it was replayed at {at}; that copy went back to the log"),
+            });
+        }
+        let row = b.summary;
+        crate::log::append(
+            &mut tx,
+            &[crate::log::Append {
+                destination: &row.destination,
+                stream: &b.aggregatetype,
+                key: &row.aggregateid,
+                kind: &row.kind,
+                version: row.version,
+                event_id: b.event_id,
+                payload: &b.payload,
+                traceparent: b.traceparent.as_deref(),
+            }],
+        )
+        .await?;
+        sqlx::query("UPDATE log_dead SET replayed_at = now() WHERE id = $1")
+            .bind(id.0)
+            .execute(&mut *tx)
+            .await?;
+        crate::outbox::notify(&mut tx).await?;
+        tx.commit().await?;
+        Ok(TaskSummary {
+            state: TaskState::Pending,
+            run_at: Utc::now(),
+            updated_at: Utc::now(),
+            ..row.into()
+        })
     }
 }

@@ -60,7 +60,7 @@ async fn a_checkout_starts_the_saga_and_its_chain() {
     assert!(chain[0]["at"].is_string());
 
     let (kind, destination, payload): (String, String, Value) = sqlx::query_as(
-        "SELECT type, destination, payload FROM outbox WHERE aggregatetype = 'reserve.commands'",
+        "SELECT type, destination, payload FROM event_log WHERE aggregatetype = 'reserve.commands'",
     )
     .fetch_one(&app.db.pool)
     .await

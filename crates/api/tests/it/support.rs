@@ -103,7 +103,8 @@ impl TestApp {
         let (orders, items, payments, history, tasks, idempotency_keys) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM orders), (SELECT count(*) FROM order_items),
                     (SELECT count(*) FROM order_payments), (SELECT count(*) FROM order_history),
-                    (SELECT count(*) FROM outbox), (SELECT count(*) FROM idempotency_keys)",
+                    (SELECT count(*) FROM outbox) + (SELECT count(*) FROM event_log),
+                    (SELECT count(*) FROM idempotency_keys)",
         )
         .fetch_one(&self.db.pool)
         .await

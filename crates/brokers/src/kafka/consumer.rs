@@ -163,6 +163,9 @@ async fn session<C: InboxConsumer + ?Sized>(
         .set("auto.commit.interval.ms", "200")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
+        // The relay publishes each run in a transaction: an aborted run's
+        // records are never read (librdkafka's default, said here).
+        .set("isolation.level", "read_committed")
         // A member that died hands its partitions over within this.
         .set("session.timeout.ms", "10000")
         // Also the rebalance timeout: how long the coordinator waits for

@@ -246,7 +246,15 @@ async fn dev_mode_serves_within_30s_runs_the_readme_tour_and_cleans_up_on_ctrl_c
     );
     let account: Value = get_json(&format!("{payments}/api/v1/accounts/acc-1")).await;
     assert_eq!(account["balance"].to_string(), "749.5");
-    let notes: Value = get_json(&format!("{notifier}/api/v1/notifications")).await;
+    // The notifications go out after the chains end: wait for both.
+    let mut notes = Value::Null;
+    for _ in 0..100 {
+        notes = get_json(&format!("{notifier}/api/v1/notifications")).await;
+        if notes.as_array().map_or(0, Vec::len) >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let outcomes: Vec<(&str, &str)> = notes
         .as_array()
         .unwrap()

@@ -71,6 +71,7 @@ async fn appended(pool: &PgPool, keys: usize, versions: i64) {
     let names: Vec<String> = (0..keys).map(|k| format!("K-{k}")).collect();
     for version in 1..=versions {
         let mut tx = pool.begin().await.unwrap();
+        let payload = serde_json::json!({"version": version});
         let batch: Vec<_> = names
             .iter()
             .map(|key| Append {
@@ -80,7 +81,7 @@ async fn appended(pool: &PgPool, keys: usize, versions: i64) {
                 kind: "order.updated",
                 version,
                 event_id: Uuid::now_v7(),
-                payload: serde_json::json!({"version": version}),
+                payload: &payload,
                 traceparent: None,
             })
             .collect();

@@ -74,7 +74,6 @@ impl RunningRelay {
                 policy: DeliveryPolicy::LatestWins,
                 sink: Arc::new(onec::OnecSink::new(client)),
                 protection: config.protection,
-                from_log: false,
             }],
             RelayConfig {
                 service: config.service,

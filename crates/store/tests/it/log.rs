@@ -29,6 +29,7 @@ async fn shaped(pool: &PgPool, segment_size: i64) -> Store {
 }
 
 async fn put(conn: &mut PgConnection, destination: &Destination, keys: &[&str]) {
+    let payload = serde_json::json!({"in": "test"});
     let batch: Vec<_> = keys
         .iter()
         .map(|key| Append {
@@ -38,7 +39,7 @@ async fn put(conn: &mut PgConnection, destination: &Destination, keys: &[&str]) 
             kind: "order.updated",
             version: 1,
             event_id: Uuid::now_v7(),
-            payload: serde_json::json!({"key": key}),
+            payload: &payload,
             traceparent: None,
         })
         .collect();
@@ -183,13 +184,14 @@ async fn the_lag_counts_what_no_cursor_has_passed_and_nothing_it_has() {
     let keys: Vec<String> = (0..10).map(|i| format!("K-{i}")).collect();
     let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
     put(&mut db.pool.acquire().await.unwrap(), &events(), &refs).await;
-    let lag = |store: Store| async move { store.log_lag().await.unwrap() };
+    let lag = |store: Store| async move { store.cursor_lag(&[events()]).await.unwrap() };
     let before = lag(store.clone()).await;
+    assert_eq!(before.len(), 1, "one partition");
     assert_eq!(
         (before[0].destination.as_str(), before[0].events),
         ("kafka", 10)
     );
-    assert!(before[0].oldest_seconds >= 0.0);
+    assert!(before[0].oldest_at.is_some());
 
     // Four delivered, the window still open after them.
     let mut claim = store
@@ -203,7 +205,9 @@ async fn the_lag_counts_what_no_cursor_has_passed_and_nothing_it_has() {
 
     drain(&store, 100).await;
     let after = lag(store.clone()).await;
-    assert_eq!((after[0].events, after[0].oldest_seconds), (0, 0.0));
+    assert_eq!((after[0].events, after[0].oldest_at), (0, None));
+    assert_eq!(after[0].owner.as_deref(), Some("r1"));
+    assert!(after[0].delivered_at.is_some());
 }
 
 #[tokio::test]
@@ -266,4 +270,28 @@ async fn rotation_truncates_only_segments_every_cursor_has_passed() {
     .await
     .unwrap();
     assert_eq!(dead, 0);
+}
+
+#[tokio::test]
+async fn the_migrations_hash_is_the_relays_hash() {
+    let db = testkit::database().await;
+    let keys = [
+        "",
+        "A-1",
+        "ORD-2026-000042",
+        "заказ-7",
+        "k\u{1F600}",
+        &"x".repeat(300),
+    ];
+    for stream in ["order", "saga.commands"] {
+        for key in keys {
+            let in_sql: i64 = sqlx::query_scalar("SELECT log_key_hash($1, $2)")
+                .bind(stream)
+                .bind(key)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+            assert_eq!(in_sql, store::log::key_hash(stream, key), "{stream} {key}");
+        }
+    }
 }

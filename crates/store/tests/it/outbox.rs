@@ -130,18 +130,16 @@ async fn a_committed_save_notifies_the_relays_and_a_failed_one_does_not() {
     assert!(second.is_err(), "only the committed save may notify");
 }
 
-/// With the event log on, a save's event-stream copies are appended to the
-/// log in the saving transaction, and 1C keeps its outbox row.
+/// A save's event-stream copies are appended to the log in the saving
+/// transaction, and 1C keeps its outbox row.
 #[tokio::test]
-async fn with_the_log_on_event_streams_are_appended_to_it_and_1c_keeps_its_row() {
+async fn event_streams_are_appended_to_the_log_and_1c_keeps_its_row() {
     let db = testkit::database().await;
     let kafka: domain::Destination = "kafka".parse().unwrap();
     let routes = domain::Routes::default()
         .with(domain::OrderEvent::Created, kafka.clone())
         .with(domain::OrderEvent::Updated, kafka);
-    let store = Store::new(db.pool.clone())
-        .with_routes(routes)
-        .with_event_log();
+    let store = Store::new(db.pool.clone()).with_routes(routes);
     let ctx = SaveContext::default();
     store
         .save_order(&order("LOG-1", "new"), Precondition::None, &ctx)

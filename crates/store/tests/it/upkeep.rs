@@ -39,7 +39,8 @@ async fn the_backlog_recount_reads_open_rows_only() {
     let stats = Store::new(db.pool.clone())
         .refresh_backlog(std::slice::from_ref(&events))
         .await
-        .unwrap();
+        .unwrap()
+        .destinations;
     assert_eq!(
         (stats[0].pending, stats[0].running, stats[0].dead),
         (100, 0, 10)
