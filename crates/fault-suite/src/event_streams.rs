@@ -9,7 +9,7 @@
 //! - the broker is frozen (SIGSTOP) for the outage while saves go on, then
 //!   thawed.
 //!
-//! Every broker event of the outbox must then be in the journal exactly
+//! Every broker event in the log must then be in the journal exactly
 //! once, each order's in the order written; the broker's breaker must have
 //! opened during the outage and closed after it; and 1C must still have
 //! every order at its latest version.
