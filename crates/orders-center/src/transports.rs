@@ -186,10 +186,7 @@ async fn outlet(
             if let Err(e) = kafka.ensure_topics(&aggregate_types()).await {
                 tracing::warn!(error = %e, "could not create the Kafka topics yet");
             }
-            let owner = tuning.relay_config().service.relay_id;
-            Arc::new(brokers::kafka::TransactionalSink::new(
-                kafka, "kafka", &owner,
-            )?)
+            Arc::new(brokers::kafka::TransactionalSink::new(kafka, "kafka")?)
         }
         ("rabbitmq", Some(Broker::RabbitMq { url })) => {
             Arc::new(RabbitSink::new(config.rabbitmq(url)))

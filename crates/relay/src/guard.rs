@@ -128,12 +128,13 @@ impl SinkGuard {
         Attempt::Sent(outcome)
     }
 
-    /// Sends `messages`, the runs of the log partitions claimed, as one
-    /// batch when as many slots and the rate limit allow and the breaker
-    /// admits it; `None` when it was not sent. The breaker counts the batch
-    /// as one request, unwell when any answer says the destination is.
+    /// Sends `messages`, the run of log partition `partition`, as one batch
+    /// when as many slots and the rate limit allow and the breaker admits
+    /// it; `None` when it was not sent. The breaker counts the batch as one
+    /// request, unwell when any answer says the destination is.
     pub async fn deliver_run(
         &self,
+        partition: i16,
         messages: &[Message],
         cancel: &CancellationToken,
     ) -> Option<Vec<Outcome>> {
@@ -162,7 +163,7 @@ impl SinkGuard {
             return None;
         }
         let sent = std::time::Instant::now();
-        let outcomes = self.sink.deliver_batch(messages).await;
+        let outcomes = self.sink.deliver_run(partition, messages).await;
         let seconds = sent.elapsed().as_secs_f64();
         for outcome in &outcomes {
             self.metrics.answered(outcome, seconds);

@@ -1,9 +1,9 @@
 //! The delivery engine of one event-stream destination read from the log
-//! (`store::log`): a lane claims its share of the partitions that are
-//! behind, reads each one's next run in commit order, hands the runs to the
-//! sink as one batch, and moves each cursor past what was delivered or
-//! buried, in one transaction. What failed and may pass stays ahead of its
-//! cursor, with everything after it, and is read again by the next claim.
+//! (`store::log`): a lane claims a partition, reads its next run in commit
+//! order, hands the run to the sink as one batch, and moves the cursor past
+//! what was delivered or buried, in one transaction. What failed and may
+//! pass stays ahead of the cursor, with everything after it, and is read
+//! again by the next claim.
 
 use std::sync::Arc;
 
@@ -84,53 +84,40 @@ impl LogEngine {
         ));
     }
 
-    /// Claims this lane's share of the partitions that are behind (the
-    /// partitions over the claim lanes, so the lanes and the other relays
-    /// split them), reads each one's next run, and hands all of them to the
-    /// sink as one batch (Kafka: one transaction). A batch delivered
-    /// reports more work.
+    /// Delivers the next run of the first partition, in one pass over the
+    /// free ones, that has events. A run delivered reports more work.
     pub async fn deliver_next(&self, cancel: CancellationToken) -> Result<Progress> {
-        let partitions = self.partitions().await?;
-        if self.guard.capacity() == 0 || cancel.is_cancelled() {
-            return Ok(Progress::Idle);
-        }
-        let lanes = u16::try_from(self.config.claim_lanes.max(1)).unwrap_or(u16::MAX);
-        let Some(mut claim) = self
-            .store
-            .claim_partitions(
-                &self.destination,
-                &self.config.relay_id,
-                partitions.div_ceil(lanes),
-            )
-            .await?
-        else {
-            return Ok(Progress::Idle);
-        };
-        let runs = claim.read_all(self.config.batch_size).await?;
-        let messages: Vec<Message> = runs
-            .iter()
-            .flat_map(|r| r.events.iter().map(message))
-            .collect();
-        if messages.is_empty() {
-            // Windows that closed with nothing left in them.
-            claim.advance().await?;
-            return Ok(Progress::MoreWork);
-        }
-        let sent = self.guard.deliver_run(&messages, &cancel);
-        let Some(outcomes) = sent.await else {
-            claim.release().await?;
-            return Ok(Progress::Idle);
-        };
-        // Each partition's cursor passes the prefix of its run that was
-        // delivered or refused for good; the first failure that may pass
-        // stops it there.
-        let (mut outcomes, mut passed) = (outcomes.iter(), Vec::with_capacity(runs.len()));
-        let (mut delivered, mut stopped) = (0, false);
-        for run in &runs {
-            let mut last = None;
-            let mut answers = outcomes.by_ref().take(run.events.len());
-            for event in &run.events {
-                match answers.next().expect("one outcome per message") {
+        let mut tried = Vec::new();
+        for _ in 0..self.partitions().await? {
+            if self.guard.capacity() == 0 || cancel.is_cancelled() {
+                return Ok(Progress::Idle);
+            }
+            let Some(mut claim) = self
+                .store
+                .claim_partition(&self.destination, &self.config.relay_id, &tried)
+                .await?
+            else {
+                return Ok(Progress::Idle);
+            };
+            tried.push(claim.partition());
+            let run = claim.read(self.config.batch_size).await?;
+            if run.events.is_empty() {
+                claim.advance().await?;
+                continue;
+            }
+            let messages: Vec<Message> = run.events.iter().map(message).collect();
+            let sent = self
+                .guard
+                .deliver_run(claim.partition(), &messages, &cancel);
+            let Some(outcomes) = sent.await else {
+                claim.release().await?;
+                return Ok(Progress::Idle);
+            };
+            // The cursor passes the prefix that was delivered or refused for
+            // good; the first failure that may pass stops it there.
+            let (mut last, mut delivered, mut stopped) = (None, 0, false);
+            for (event, outcome) in run.events.iter().zip(&outcomes) {
+                match outcome {
                     Ok(()) => {
                         delivered += 1;
                         self.metrics.answered_ok(event.created_at);
@@ -142,24 +129,22 @@ impl LogEngine {
                     }
                     Err(f) => {
                         self.metrics.failed(f);
-                        tracing::warn!(destination = %self.destination, key = %event.key, partition = run.partition, position = event.position, class = f.class, error = %f.detail, "not delivered; the partition resumes here");
+                        tracing::warn!(destination = %self.destination, key = %event.key, position = event.position, class = f.class, error = %f.detail, "not delivered; the partition resumes here");
                         stopped = true;
                         break;
                     }
                 }
                 last = Some(event.position);
             }
-            // What the break left of this run's answers.
-            answers.for_each(drop);
-            passed.push((last, run));
+            claim.advance_through(last, &run).await?;
+            self.metrics.completed(delivered);
+            return Ok(if stopped {
+                Progress::Idle
+            } else {
+                Progress::MoreWork
+            });
         }
-        claim.advance_through(&passed).await?;
-        self.metrics.completed(delivered);
-        Ok(if stopped {
-            Progress::Idle
-        } else {
-            Progress::MoreWork
-        })
+        Ok(Progress::Idle)
     }
 }
 

@@ -123,6 +123,15 @@ pub trait Sink: Send + Sync {
         }
         outcomes
     }
+
+    /// Delivers the run of log partition `partition`: as
+    /// [`deliver_batch`](Self::deliver_batch), unless the destination ties
+    /// a run to its partition (Kafka's transactional producer, one
+    /// `transactional.id` per partition).
+    async fn deliver_run(&self, partition: i16, messages: &[Message]) -> Vec<Outcome> {
+        let _ = partition;
+        self.deliver_batch(messages).await
+    }
 }
 
 #[cfg(test)]

@@ -187,6 +187,18 @@ impl crate::Sink for Signing {
             .collect();
         self.inner.deliver_batch(&signed).await
     }
+
+    async fn deliver_run(
+        &self,
+        partition: i16,
+        messages: &[crate::Message],
+    ) -> Vec<crate::Outcome> {
+        let signed: Vec<_> = messages
+            .iter()
+            .map(|m| self.signed(m).unwrap_or_else(|| m.clone()))
+            .collect();
+        self.inner.deliver_run(partition, &signed).await
+    }
 }
 
 fn mac(key: &[u8], stream: &str, event_id: &str, body: &[u8]) -> Hmac<Sha256> {

@@ -34,22 +34,6 @@ use crate::{Result, Store};
 /// it reads every event already in the log.
 const NOTHING_DELIVERED: &str = "3:3:";
 
-/// The condition, over an event `e` and its cursor `c`, that the cursor
-/// has not passed the event: it is neither visible in `done` nor in the
-/// open window at or below the window's position. The claim, the lag and
-/// the rotation all ask it, so a window left open after its last event
-/// counts as passed everywhere. (The `xmin` bound lets the index on `xid`
-/// skip what `done` sees for certain.)
-macro_rules! not_passed {
-    () => {
-        "e.xid >= pg_snapshot_xmin(c.done)
-         AND NOT pg_visible_in_snapshot(e.xid, c.done)
-         AND (c.\"window\" IS NULL
-              OR NOT pg_visible_in_snapshot(e.xid, c.\"window\")
-              OR e.position > c.window_position)"
-    };
-}
-
 /// The log's fixed shape, from `log_config`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogShape {
@@ -116,8 +100,6 @@ impl CursorLag {
 pub struct LogEvent {
     /// Its place in the log.
     pub position: i64,
-    /// Its partition.
-    pub partition: i16,
     /// The event's id.
     pub event_id: Uuid,
     /// The topic or exchange.
@@ -177,18 +159,13 @@ pub async fn append(conn: &mut PgConnection, events: &[Append<'_>]) -> Result<()
     Ok(())
 }
 
-/// Partitions claimed by this relay: their cursor rows stay locked, in one
-/// transaction, until [`advance`](Self::advance) or
-/// [`release`](Self::release), or until the relay's connection drops.
+/// A partition claimed by this relay: its cursor row stays locked until
+/// [`advance`](Self::advance) or [`release`](Self::release), or until the
+/// relay's connection drops.
 pub struct Claimed {
     tx: Transaction<'static, Postgres>,
     pool: sqlx::PgPool,
     destination: String,
-    cursors: Vec<Cursor>,
-}
-
-/// One claimed cursor, as read so far.
-struct Cursor {
     partition: i16,
     done: String,
     window: Option<String>,
@@ -217,11 +194,9 @@ pub struct CursorLag {
     pub oldest_at: Option<DateTime<Utc>>,
 }
 
-/// The events [`Claimed::read`] found in one partition.
+/// The events [`Claimed::read`] found.
 #[derive(Debug)]
 pub struct Run {
-    /// The partition.
-    pub partition: i16,
     /// In commit order per key, at most the limit asked for.
     pub events: Vec<LogEvent>,
     /// Nothing of the window is left after these.
@@ -241,7 +216,6 @@ struct LagRow {
 #[derive(sqlx::FromRow)]
 struct EventRow {
     position: i64,
-    partition: i16,
     event_id: Uuid,
     aggregatetype: String,
     aggregateid: String,
@@ -282,74 +256,48 @@ impl Store {
         Ok(())
     }
 
-    /// Claims one partition of `destination`, as
-    /// [`claim_partitions`](Self::claim_partitions) does.
+    /// Claims the partition of `destination`, other than those in `tried`,
+    /// that nobody holds and was claimed longest ago (so claims go round
+    /// all of them); `None` when every other one is held.
     pub async fn claim_partition(
         &self,
         destination: &Destination,
         owner: &str,
-    ) -> Result<Option<Claimed>> {
-        self.claim_partitions(destination, owner, 1).await
-    }
-
-    /// Claims up to `most` partitions of `destination` that have an open
-    /// window or committed events past their `done`, that nobody holds,
-    /// claimed longest ago first (so claims go round all of them); `None`
-    /// when none is both free and behind. An idle relay thus costs one
-    /// statement a pass, not one claim per partition. (A window is open only
-    /// while events of it are left, as [`Claimed::read`] closes it with its
-    /// last event, so the test needs no position.)
-    pub async fn claim_partitions(
-        &self,
-        destination: &Destination,
-        owner: &str,
-        most: u16,
+        tried: &[i16],
     ) -> Result<Option<Claimed>> {
         let mut tx = self.pool().begin().await?;
-        let rows: Vec<(i16, String, Option<String>, i64)> = sqlx::query_as(
+        let row: Option<(i16, String, Option<String>, i64)> = sqlx::query_as(
             "SELECT partition, done::text, \"window\"::text, window_position
-             FROM log_cursors c
-             WHERE destination = $1
-               AND (c.\"window\" IS NOT NULL OR EXISTS (
-                   SELECT 1 FROM event_log e
-                   WHERE e.destination = c.destination AND e.partition = c.partition
-                     AND e.xid >= pg_snapshot_xmin(c.done)
-                     AND NOT pg_visible_in_snapshot(e.xid, c.done)))
+             FROM log_cursors WHERE destination = $1 AND partition <> ALL($2)
              ORDER BY updated_at
-             LIMIT $2 FOR UPDATE SKIP LOCKED",
+             LIMIT 1 FOR UPDATE SKIP LOCKED",
         )
         .bind(destination.as_str())
-        .bind(i64::from(most.max(1)))
-        .fetch_all(&mut *tx)
+        .bind(tried)
+        .fetch_optional(&mut *tx)
         .await?;
-        if rows.is_empty() {
+        let Some((partition, done, window, position)) = row else {
             return Ok(None);
-        }
-        let partitions: Vec<i16> = rows.iter().map(|r| r.0).collect();
+        };
         sqlx::query(
             "UPDATE log_cursors SET owner = $3, updated_at = now()
-             WHERE destination = $1 AND partition = ANY($2)",
+             WHERE destination = $1 AND partition = $2",
         )
         .bind(destination.as_str())
-        .bind(&partitions)
+        .bind(partition)
         .bind(owner)
         .execute(&mut *tx)
         .await?;
         Ok(Some(Claimed {
+            moved: false,
+            complete: false,
             tx,
             pool: self.pool().clone(),
             destination: destination.as_str().to_owned(),
-            cursors: rows
-                .into_iter()
-                .map(|(partition, done, window, position)| Cursor {
-                    partition,
-                    done,
-                    window,
-                    position,
-                    moved: false,
-                    complete: false,
-                })
-                .collect(),
+            partition,
+            done,
+            window,
+            position,
         }))
     }
 
@@ -360,7 +308,7 @@ impl Store {
     /// counts every event in it.
     pub async fn cursor_lag(&self, destinations: &[Destination]) -> Result<Vec<CursorLag>> {
         let names: Vec<&str> = destinations.iter().map(Destination::as_str).collect();
-        let rows: Vec<LagRow> = sqlx::query_as(concat!(
+        let rows: Vec<LagRow> = sqlx::query_as(
             "SELECT d.destination, p.partition::int2 AS partition, c.owner, c.delivered_at,
                     count(e.created_at) AS events, min(e.created_at) AS oldest_at
              FROM unnest($1::text[]) d(destination)
@@ -371,13 +319,16 @@ impl Store {
              LEFT JOIN LATERAL (
                  SELECT created_at FROM event_log e
                  WHERE e.destination = d.destination AND e.partition = p.partition
-                   AND (c.done IS NULL OR (",
-            not_passed!(),
-            "))
+                   AND (c.done IS NULL
+                        OR e.xid >= pg_snapshot_xmin(c.done)
+                           AND NOT pg_visible_in_snapshot(e.xid, c.done)
+                           AND (c.\"window\" IS NULL
+                                OR NOT pg_visible_in_snapshot(e.xid, c.\"window\")
+                                OR e.position > c.window_position))
              ) e ON true
              GROUP BY d.destination, p.partition, c.owner, c.delivered_at
-             ORDER BY d.destination, p.partition"
-        ))
+             ORDER BY d.destination, p.partition",
+        )
         .bind(names)
         .fetch_all(self.pool())
         .await?;
@@ -461,8 +412,7 @@ impl Store {
                     AND NOT EXISTS (
                         SELECT 1 FROM {table} e
                         LEFT JOIN log_cursors c USING (destination, partition)
-                        WHERE c.done IS NULL OR ({}))",
-                not_passed!()
+                        WHERE c.done IS NULL OR NOT pg_visible_in_snapshot(e.xid, c.done))"
             ))
             .fetch_one(&mut *tx)
             .await?;
@@ -479,41 +429,15 @@ impl Store {
 }
 
 impl Claimed {
-    /// The partitions claimed, in claim order.
-    pub fn partitions(&self) -> Vec<i16> {
-        self.cursors.iter().map(|c| c.partition).collect()
-    }
-
-    /// The first partition claimed.
+    /// The partition claimed.
     pub fn partition(&self) -> i16 {
-        self.cursors[0].partition
+        self.partition
     }
 
-    /// The next run of the first partition claimed, as
-    /// [`read_all`](Self::read_all) reads each.
+    /// The next run of undelivered events, at most `limit`, opening a
+    /// window (the current snapshot) when none is open.
     pub async fn read(&mut self, limit: u32) -> Result<Run> {
-        self.read_cursor(0, limit).await
-    }
-
-    /// The next run of undelivered events of every partition claimed, at
-    /// most `limit` each, in claim order.
-    pub async fn read_all(&mut self, limit: u32) -> Result<Vec<Run>> {
-        let mut runs = Vec::with_capacity(self.cursors.len());
-        for i in 0..self.cursors.len() {
-            runs.push(self.read_cursor(i, limit).await?);
-        }
-        Ok(runs)
-    }
-
-    /// The next run of cursor `i`, opening a window (the current snapshot)
-    /// when none is open. One event more than `limit` is read, so a run
-    /// that ends the window says so and the window closes with it.
-    async fn read_cursor(&mut self, i: usize, limit: u32) -> Result<Run> {
-        let pool = self.pool.clone();
-        let destination = self.destination.clone();
-        let cursor = &mut self.cursors[i];
-        let partition = cursor.partition;
-        let window = match &cursor.window {
+        let window = match &self.window {
             Some(w) => w.clone(),
             None => {
                 // The lowest position of the new window's events, found by
@@ -529,27 +453,26 @@ impl Claimed {
                                AND NOT pg_visible_in_snapshot(xid, $3::pg_snapshot))
                      FROM w",
                 )
-                .bind(&destination)
-                .bind(partition)
-                .bind(&cursor.done)
-                .fetch_one(&pool)
+                .bind(&self.destination)
+                .bind(self.partition)
+                .bind(&self.done)
+                .fetch_one(&self.pool)
                 .await?;
                 let Some(floor) = floor else {
                     // Nothing new: the window is through at once, and the
                     // cursor may stay where it is.
                     return Ok(Run {
-                        partition,
                         events: Vec::new(),
                         complete: true,
                     });
                 };
-                cursor.window = Some(window.clone());
-                cursor.position = floor - 1;
+                self.window = Some(window.clone());
+                self.position = floor - 1;
                 window
             }
         };
-        let mut rows: Vec<EventRow> = sqlx::query_as(
-            "SELECT position, partition, event_id, aggregatetype, aggregateid, type, version,
+        let rows: Vec<EventRow> = sqlx::query_as(
+            "SELECT position, event_id, aggregatetype, aggregateid, type, version,
                     payload::text AS payload, traceparent, created_at
              FROM event_log
              WHERE destination = $1 AND partition = $2 AND position > $3
@@ -560,22 +483,20 @@ impl Claimed {
              ORDER BY position
              LIMIT $6",
         )
-        .bind(&destination)
-        .bind(partition)
-        .bind(cursor.position)
-        .bind(&cursor.done)
+        .bind(&self.destination)
+        .bind(self.partition)
+        .bind(self.position)
+        .bind(&self.done)
         .bind(&window)
-        .bind(i64::from(limit) + 1)
-        .fetch_all(&pool)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
         .await?;
-        let complete = rows.len() <= limit as usize;
-        rows.truncate(limit as usize);
+        let complete = rows.len() < limit as usize;
         let events = rows
             .into_iter()
             .map(|r| {
                 Ok(LogEvent {
                     position: r.position,
-                    partition: r.partition,
                     event_id: r.event_id,
                     stream: r.aggregatetype,
                     key: r.aggregateid,
@@ -590,18 +511,14 @@ impl Claimed {
             })
             .collect::<Result<Vec<_>>>()?;
         if let Some(last) = events.last() {
-            cursor.position = last.position;
-            cursor.moved = true;
+            self.position = last.position;
+            self.moved = true;
         }
         if complete {
-            cursor.moved = true;
-            cursor.complete = true;
+            self.moved = true;
+            self.complete = true;
         }
-        Ok(Run {
-            partition,
-            events,
-            complete,
-        })
+        Ok(Run { events, complete })
     }
 
     /// Keeps `event`, which its destination refused for good, in
@@ -615,7 +532,7 @@ impl Claimed {
              ON CONFLICT (destination, position) DO NOTHING",
         )
         .bind(&self.destination)
-        .bind(event.partition)
+        .bind(self.partition)
         .bind(event.position)
         .bind(event.event_id)
         .bind(&event.stream)
@@ -631,72 +548,50 @@ impl Claimed {
         Ok(())
     }
 
-    /// Records each run read as passed only up to its `last` event
-    /// (delivered or buried), or not at all with `None`, and lets go of
-    /// every partition: the rest is read again by the next claim.
-    pub async fn advance_through(mut self, passed: &[(Option<i64>, &Run)]) -> Result<()> {
-        for (last, run) in passed {
-            let Some(cursor) = self
-                .cursors
-                .iter_mut()
-                .find(|c| c.partition == run.partition)
-            else {
-                continue;
-            };
-            if run.events.last().map(|e| e.position) == *last {
-                continue;
-            }
-            match last {
-                // The window stays as it was stored (or, new, is opened
-                // again).
-                None => cursor.moved = false,
-                Some(last) => {
-                    cursor.complete = false;
-                    cursor.position = *last;
-                }
-            }
+    /// Records the run read as passed only up to `last` (its last event
+    /// delivered or buried), or not at all with `None`, and lets go: the
+    /// rest is read again by the next claim.
+    pub async fn advance_through(mut self, last: Option<i64>, run: &Run) -> Result<()> {
+        if run.events.last().map(|e| e.position) == last {
+            return self.advance().await;
         }
+        let Some(last) = last else {
+            // The window stays as it was stored (or, new, is opened again).
+            return self.release().await;
+        };
+        self.complete = false;
+        self.position = last;
         self.advance().await
     }
 
-    /// Records what was read as delivered and lets go of the partitions.
+    /// Records what was read as delivered and lets go of the partition.
     pub async fn advance(mut self) -> Result<()> {
-        let moved: Vec<&mut Cursor> = self.cursors.iter_mut().filter(|c| c.moved).collect();
-        if moved.is_empty() {
+        if !self.moved {
             self.tx.commit().await?;
             return Ok(());
         }
-        let (mut partitions, mut dones, mut windows, mut positions) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for cursor in moved {
-            if cursor.complete {
-                cursor.done = cursor.window.take().unwrap_or(cursor.done.clone());
-                cursor.position = 0;
-            }
-            partitions.push(cursor.partition);
-            dones.push(cursor.done.clone());
-            windows.push(cursor.window.clone());
-            positions.push(cursor.position);
+        if self.complete {
+            self.done = self.window.take().unwrap_or(self.done);
+            self.position = 0;
         }
         sqlx::query(
-            "UPDATE log_cursors c
-             SET done = u.done::pg_snapshot, \"window\" = u.w::pg_snapshot,
-                 window_position = u.p, delivered_at = now(), updated_at = now()
-             FROM unnest($2::int2[], $3::text[], $4::text[], $5::int8[]) AS u(partition, done, w, p)
-             WHERE c.destination = $1 AND c.partition = u.partition",
+            "UPDATE log_cursors
+             SET done = $3::pg_snapshot, \"window\" = $4::pg_snapshot, window_position = $5,
+                 delivered_at = now(), updated_at = now()
+             WHERE destination = $1 AND partition = $2",
         )
         .bind(&self.destination)
-        .bind(partitions)
-        .bind(dones)
-        .bind(windows)
-        .bind(positions)
+        .bind(self.partition)
+        .bind(&self.done)
+        .bind(&self.window)
+        .bind(self.position)
         .execute(&mut *self.tx)
         .await?;
         self.tx.commit().await?;
         Ok(())
     }
 
-    /// Lets go of the partitions without recording anything: what was read
+    /// Lets go of the partition without recording anything: what was read
     /// is read again by the next claim.
     pub async fn release(self) -> Result<()> {
         self.tx.rollback().await?;

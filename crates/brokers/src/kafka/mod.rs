@@ -1,9 +1,9 @@
-//! Kafka: the log's sink ([`TransactionalSink`], a transaction per batch)
-//! and the inbox consumer ([`consume`]). Topics are named `<prefix><aggregate type>`, e.g. `order`;
+//! Kafka: the outbox sink ([`KafkaSink`]) and the inbox consumer
+//! ([`consume`]). Topics are named `<prefix><aggregate type>`, e.g. `order`;
 //! a consumer's poison goes to `<topic>.dead`.
 
 mod consumer;
-mod record;
+mod sink;
 mod transactional;
 
 use std::time::Duration;
@@ -16,6 +16,7 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 
 pub use consumer::{consume, KafkaSubscription};
+pub use sink::KafkaSink;
 pub use transactional::TransactionalSink;
 
 use crate::{headers, Error};
@@ -102,15 +103,9 @@ impl KafkaConfig {
         Ok(self
             .producer_config()
             .set("transactional.id", id)
-            // How long consumers wait at a transaction a dead relay left
-            // open (see `TransactionalSink`); a batch ends within
-            // `delivery_timeout` and its commit.
             .set(
                 "transaction.timeout.ms",
-                (self.delivery_timeout * 2)
-                    .max(std::time::Duration::from_secs(10))
-                    .as_millis()
-                    .to_string(),
+                (self.delivery_timeout * 6).as_millis().to_string(),
             )
             .create()?)
     }

@@ -1,82 +1,51 @@
-//! Kafka transactions for the log's batches: each batch a relay lane hands
-//! over (the runs of the log partitions it claimed) goes out as one
-//! transaction. Every record is produced, then the transaction commits;
-//! only then do the cursors move. On any failure the transaction aborts
-//! and nothing of it is visible to a `read_committed` consumer, so a batch
-//! is in the topic whole or not at all: the gap a lost acknowledgement
-//! left (librdkafka #4134) cannot open.
-//!
-//! A sink keeps one producer per batch in flight, each with a stable
-//! `transactional.id`, `<prefix>orders-center.<destination>.<owner>.<n>`
-//! (`n` from 0 up to the lanes that ran at once). A producer that failed
-//! is replaced by one initialised under the same id, which fences it and
-//! aborts its open transaction at once; a relay restarted under the same
-//! name fences its previous life the same way. A relay that dies under a
-//! new name leaves its open transaction to the broker, which aborts it
-//! after `transaction.timeout.ms` (twice `--broker-timeout`, 10 s at
-//! least); until then `read_committed` consumers wait at it.
+//! Kafka transactions for the log's runs: the run of log partition `p` goes
+//! out as one transaction of a producer whose `transactional.id` is
+//! `<prefix>orders-center.<destination>.<p>`. Every record is produced,
+//! then the transaction commits; only then does the cursor move. On any
+//! failure the transaction aborts and nothing of it is visible to a
+//! `read_committed` consumer (librdkafka's default), so a run is in the
+//! log whole or not at all: the gap a lost acknowledgement left
+//! (librdkafka #4134) cannot open. A relay that takes a partition over
+//! initialises the same id, which fences the previous holder's producer.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use sink::{Failure, FailureKind, Message, Outcome, Sink};
 
-use super::record::{classify, record_headers};
-use super::KafkaConfig;
+use super::sink::{classify, record_headers};
+use super::{KafkaConfig, KafkaSink};
 use crate::Error;
 
-/// Delivers every batch in a Kafka transaction.
+/// Delivers log runs in Kafka transactions, and single messages (outside
+/// the log) through a plain idempotent producer.
 pub struct TransactionalSink {
     config: KafkaConfig,
     id_prefix: String,
-    /// Idle slots, each with its producer once initialised.
-    idle: Mutex<Vec<Slot>>,
-    /// Slots made so far: the next one's number.
-    made: Mutex<u32>,
-}
-
-/// One `transactional.id` and its producer.
-struct Slot {
-    n: u32,
-    producer: Option<Arc<FutureProducer>>,
+    plain: KafkaSink,
+    producers: Mutex<HashMap<i16, Arc<FutureProducer>>>,
 }
 
 impl TransactionalSink {
-    /// A sink for the log of `destination`, whose transactional ids name
-    /// `owner` (the relay).
-    pub fn new(config: KafkaConfig, destination: &str, owner: &str) -> Result<Self, Error> {
+    /// A sink for the log of `destination`.
+    pub fn new(config: KafkaConfig, destination: &str) -> Result<Self, Error> {
         Ok(Self {
-            id_prefix: format!(
-                "{}orders-center.{destination}.{owner}.",
-                config.topic_prefix
-            ),
+            id_prefix: format!("{}orders-center.{destination}.", config.topic_prefix),
+            plain: KafkaSink::new(config.clone())?,
             config,
-            idle: Mutex::default(),
-            made: Mutex::default(),
+            producers: Mutex::default(),
         })
     }
 
-    /// An idle slot, or a new one.
-    fn take(&self) -> Slot {
-        if let Some(slot) = self.idle.lock().expect("not poisoned").pop() {
-            return slot;
-        }
-        let mut made = self.made.lock().expect("not poisoned");
-        *made += 1;
-        Slot {
-            n: *made - 1,
-            producer: None,
-        }
-    }
-
-    /// `slot`'s producer, initialised when new (which fences any earlier
-    /// producer of the same id and aborts its open transaction).
-    async fn producer(&self, slot: &mut Slot) -> Result<Arc<FutureProducer>, Failure> {
-        if let Some(p) = &slot.producer {
+    /// The transactional producer of `partition`, initialised (which fences
+    /// any earlier producer of the same id).
+    async fn producer(&self, partition: i16) -> Result<Arc<FutureProducer>, Failure> {
+        if let Some(p) = self.producers.lock().expect("not poisoned").get(&partition) {
             return Ok(p.clone());
         }
-        let id = format!("{}{}", self.id_prefix, slot.n);
+        let id = format!("{}{partition}", self.id_prefix);
         let producer: FutureProducer = self
             .config
             .transactional_producer(&id)
@@ -89,30 +58,37 @@ impl TransactionalSink {
         .map_err(|e| failure("connection", &e.to_string()))?
         .map_err(|e| kafka_failure(&e))?;
         let producer = Arc::new(producer);
-        slot.producer = Some(producer.clone());
+        self.producers
+            .lock()
+            .expect("not poisoned")
+            .insert(partition, producer.clone());
         Ok(producer)
     }
 
-    /// Drops `slot`'s producer after an error it cannot go on from: the
-    /// slot's next batch starts with a fresh one under the same id.
-    fn forget(slot: &mut Slot) {
-        if let Some(old) = slot.producer.take() {
+    /// Drops `partition`'s producer after an error it cannot go on from:
+    /// the next run starts with a fresh one.
+    fn forget(&self, partition: i16) {
+        if let Some(old) = self
+            .producers
+            .lock()
+            .expect("not poisoned")
+            .remove(&partition)
+        {
             tokio::task::spawn_blocking(move || drop(old));
         }
     }
 
-    /// One transaction on `slot`: every record in `messages`, then commit.
-    /// The indexes of records the broker or the client refused for good
-    /// come back in the error, so the caller can send the rest without
-    /// them.
+    /// One transaction: every record in `sending`, then commit. The
+    /// indexes of records the broker or the client refused for good come
+    /// back in the error, so the caller can send the rest without them.
     async fn transaction(
         &self,
-        slot: &mut Slot,
+        partition: i16,
         messages: &[&Message],
     ) -> Result<(), (Failure, Vec<usize>)> {
-        let producer = self.producer(slot).await.map_err(|f| (f, vec![]))?;
+        let producer = self.producer(partition).await.map_err(|f| (f, vec![]))?;
         if let Err(e) = producer.begin_transaction() {
-            Self::forget(slot);
+            self.forget(partition);
             return Err((kafka_failure(&e), vec![]));
         }
         let topics: Vec<String> = messages
@@ -161,7 +137,7 @@ impl TransactionalSink {
         // A producer another holder of the id fenced purges its queue: the
         // records fail as purged, and the cause is the fatal error.
         if let Some((code, reason)) = producer.client().fatal_error() {
-            Self::forget(slot);
+            self.forget(partition);
             let class = match code {
                 RDKafkaErrorCode::Fenced | RDKafkaErrorCode::ProducerFenced => "fenced",
                 _ => "broker",
@@ -177,7 +153,7 @@ impl TransactionalSink {
         let ended = ended.map_err(|e| (failure("broker", &e.to_string()), vec![]))?;
         if let Err(e) = &ended {
             // Fenced, or the transaction state is unknown: start over.
-            Self::forget(slot);
+            self.forget(partition);
             if failed.is_none() {
                 return Err((kafka_failure(e), vec![]));
             }
@@ -192,28 +168,20 @@ impl TransactionalSink {
 #[async_trait::async_trait]
 impl Sink for TransactionalSink {
     async fn deliver(&self, message: &Message) -> Outcome {
-        self.deliver_batch(std::slice::from_ref(message))
-            .await
-            .pop()
-            .expect("one outcome per message")
+        self.plain.deliver(message).await
     }
 
-    /// The batch as one transaction. Records refused for good are left out
-    /// of a second transaction with the rest, and answered as refused; any
-    /// other failure aborts the batch, and every record of it is to be sent
-    /// again.
     async fn deliver_batch(&self, messages: &[Message]) -> Vec<Outcome> {
-        let mut slot = self.take();
-        let outcomes = self.batch(&mut slot, messages).await;
-        self.idle.lock().expect("not poisoned").push(slot);
-        outcomes
+        self.plain.deliver_batch(messages).await
     }
-}
 
-impl TransactionalSink {
-    async fn batch(&self, slot: &mut Slot, messages: &[Message]) -> Vec<Outcome> {
+    /// The run as one transaction. Records refused for good are left out
+    /// of a second transaction with the rest, and answered as refused;
+    /// any other failure aborts the run, and every record of it is to be
+    /// sent again.
+    async fn deliver_run(&self, partition: i16, messages: &[Message]) -> Vec<Outcome> {
         let all: Vec<&Message> = messages.iter().collect();
-        let (failure, refused) = match self.transaction(slot, &all).await {
+        let (failure, refused) = match self.transaction(partition, &all).await {
             Ok(()) => return vec![Ok(()); messages.len()],
             Err(e) => e,
         };
@@ -224,7 +192,7 @@ impl TransactionalSink {
             .filter(|i| !refused.contains(i))
             .map(|i| &messages[i])
             .collect();
-        let second = self.transaction(slot, &rest).await;
+        let second = self.transaction(partition, &rest).await;
         (0..messages.len())
             .map(|i| {
                 if refused.contains(&i) {
@@ -241,7 +209,7 @@ impl TransactionalSink {
 }
 
 /// What a record of an aborted transaction comes to: sent again later.
-/// A fenced producer says so: another producer took its id.
+/// A fenced producer says so: another relay holds the partition now.
 fn aborted(cause: &Failure) -> Failure {
     if cause.class == "fenced" {
         return cause.clone();
@@ -251,10 +219,7 @@ fn aborted(cause: &Failure) -> Failure {
         class: "aborted",
         counts_against_destination: cause.counts_against_destination,
         retry_after: None,
-        detail: format!(
-            "kafka: the batch's transaction was aborted: {}",
-            cause.detail
-        ),
+        detail: format!("kafka: the run's transaction was aborted: {}", cause.detail),
     }
 }
 

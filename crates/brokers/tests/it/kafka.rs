@@ -1,7 +1,9 @@
 use std::time::Duration;
 
 use brokers::headers;
-use brokers::kafka::{consume, dead_topic, KafkaConfig, KafkaSubscription, TransactionalSink};
+use brokers::kafka::{
+    consume, dead_topic, KafkaConfig, KafkaSink, KafkaSubscription, TransactionalSink,
+};
 use futures::StreamExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
@@ -68,9 +70,9 @@ fn sorted(mut v: Vec<(String, String)>) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_is_one_transaction_and_an_aborted_one_leaves_nothing_visible() {
     let (_db, config) = setup().await;
-    let sink = TransactionalSink::new(config.clone(), "kafka", "relay-0").unwrap();
+    let sink = TransactionalSink::new(config.clone(), "kafka").unwrap();
     let first: Vec<Message> = notices(20, 1).iter().map(message).collect();
-    let outcomes = sink.deliver_batch(&first).await;
+    let outcomes = sink.deliver_run(0, &first).await;
     assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
 
     // A record too large for Kafka in the middle of a run: the transaction
@@ -79,7 +81,7 @@ async fn a_run_is_one_transaction_and_an_aborted_one_leaves_nothing_visible() {
     let mut second: Vec<Message> = notices(20, 2).iter().skip(20).map(message).collect();
     let huge = serde_json::json!({"padding": "x".repeat(2_000_000)});
     second[10].payload = serde_json::value::to_raw_value(&huge).unwrap();
-    let outcomes = sink.deliver_batch(&second).await;
+    let outcomes = sink.deliver_run(0, &second).await;
     let classes: Vec<_> = outcomes
         .iter()
         .map(|o| o.as_ref().map_or_else(|f| f.class, |()| "ok"))
@@ -108,22 +110,22 @@ async fn a_run_is_one_transaction_and_an_aborted_one_leaves_nothing_visible() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_relay_restarted_under_its_name_fences_its_earlier_life() {
+async fn a_partitions_new_holder_fences_the_old_one() {
     let (_db, config) = setup().await;
-    let old = TransactionalSink::new(config.clone(), "kafka", "relay-0").unwrap();
-    let new = TransactionalSink::new(config.clone(), "kafka", "relay-0").unwrap();
+    let old = TransactionalSink::new(config.clone(), "kafka").unwrap();
+    let new = TransactionalSink::new(config.clone(), "kafka").unwrap();
     let runs: Vec<Vec<Message>> = notices(30, 1)
         .chunks(10)
         .map(|c| c.iter().map(message).collect())
         .collect();
-    assert!(old.deliver_batch(&runs[0]).await.iter().all(Result::is_ok));
-    assert!(new.deliver_batch(&runs[1]).await.iter().all(Result::is_ok));
-    let outcomes = old.deliver_batch(&runs[2]).await;
+    assert!(old.deliver_run(3, &runs[0]).await.iter().all(Result::is_ok));
+    assert!(new.deliver_run(3, &runs[1]).await.iter().all(Result::is_ok));
+    let outcomes = old.deliver_run(3, &runs[2]).await;
     assert!(
         outcomes
             .iter()
             .all(|o| o.as_ref().is_err_and(|f| f.class == "fenced")),
-        "the earlier life is fenced: {outcomes:?}"
+        "the old holder is fenced: {outcomes:?}"
     );
     let seen = committed(&config, Duration::from_secs(15)).await;
     let mut expected = ids(&runs[0]);
@@ -166,7 +168,7 @@ fn start_journal(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pipelined_batch_reaches_the_journal_once_and_in_order_through_kafka() {
     let (db, config) = setup().await;
-    let sink = TransactionalSink::new(config.clone(), "kafka", "relay-0").unwrap();
+    let sink = KafkaSink::new(config.clone()).unwrap();
     batches_reach_the_journal_once_and_in_order(&sink, &db.pool, || {
         start_journal(&config, &db.pool)
     })
@@ -176,7 +178,7 @@ async fn a_pipelined_batch_reaches_the_journal_once_and_in_order_through_kafka()
 #[tokio::test(flavor = "multi_thread")]
 async fn every_event_reaches_the_journal_once_and_in_order_through_kafka() {
     let (db, config) = setup().await;
-    let sink = TransactionalSink::new(config.clone(), "kafka", "relay-0").unwrap();
+    let sink = KafkaSink::new(config.clone()).unwrap();
     every_event_once_in_order(&sink, &db.pool, || start_journal(&config, &db.pool)).await;
 }
 
