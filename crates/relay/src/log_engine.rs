@@ -144,6 +144,13 @@ impl LogEngine {
                 Progress::MoreWork
             });
         }
+        // Every partition was free and had nothing: a breaker waiting for a
+        // probe has nothing to carry one (the other relays delivered the
+        // backlog), so it closes instead of reporting half-open until the
+        // next save.
+        if self.guard.probe_due() && self.guard.close_when_idle() {
+            tracing::info!(destination = %self.destination, "nothing left to deliver; circuit breaker closes without a probe");
+        }
         Ok(Progress::Idle)
     }
 }

@@ -15,23 +15,31 @@ use store::log::{append, Append};
 use store::Store;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use worker::{BreakerConfig, SystemClock};
+use worker::{BreakerConfig, BreakerState, SystemClock};
 
 use crate::support::config;
 
 /// Records what it delivered; fails `(key, version)` as scripted, a
-/// transient failure only as many times as given.
+/// transient failure only as many times as given; with `unwell`, every
+/// message fails as a destination that is down.
 #[derive(Default)]
 struct Scripted {
     delivered: Mutex<Vec<(String, i64)>>,
     transient: Mutex<HashMap<(String, i64), u32>>,
     refused: Vec<(String, i64)>,
+    unwell: bool,
 }
 
 #[async_trait::async_trait]
 impl Sink for Scripted {
     async fn deliver(&self, m: &Message) -> Outcome {
         let id = (m.aggregate_id.clone(), m.version);
+        if self.unwell {
+            return Err(Failure {
+                counts_against_destination: true,
+                ..failure(FailureKind::Transient, "unavailable")
+            });
+        }
         if self.refused.contains(&id) {
             return Err(failure(FailureKind::Permanent, "rejected"));
         }
@@ -91,20 +99,29 @@ async fn appended(pool: &PgPool, keys: usize, versions: i64) {
 }
 
 async fn engine(pool: &PgPool, sink: Arc<Scripted>, relay_id: &str) -> Arc<LogEngine> {
-    let metrics = RelayMetrics::new().destination("kafka");
-    let guard = Arc::new(SinkGuard::new(
+    let breaker = BreakerConfig {
+        failure_threshold: 1000,
+        cool_down: Duration::from_secs(60),
+    };
+    engine_behind(pool, guard(sink, breaker), relay_id)
+}
+
+fn guard(sink: Arc<Scripted>, breaker: BreakerConfig) -> Arc<SinkGuard> {
+    Arc::new(SinkGuard::new(
         sink,
         ProtectionConfig {
             max_in_flight: 1000,
             rate_per_second: None,
-            breaker: BreakerConfig {
-                failure_threshold: 1000,
-                cool_down: Duration::from_secs(60),
-            },
+            breaker,
         },
         Arc::new(SystemClock),
-        metrics.clone(),
-    ));
+        RelayMetrics::new().destination("kafka"),
+    ))
+}
+
+/// An engine of relay `relay_id` delivering through `guard`.
+fn engine_behind(pool: &PgPool, guard: Arc<SinkGuard>, relay_id: &str) -> Arc<LogEngine> {
+    let metrics = RelayMetrics::new().destination("kafka");
     let mut service = config().service;
     service.relay_id = relay_id.into();
     service.batch_size = 64;
@@ -201,4 +218,37 @@ async fn a_refused_event_is_buried_with_its_reason_and_its_partition_goes_on() {
             "rejected from the script".to_owned()
         )]
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_breaker_waiting_for_a_probe_closes_once_another_relay_delivered_everything() {
+    let db = testkit::database().await;
+    appended(&db.pool, 3, 1).await;
+    let down = Arc::new(Scripted {
+        unwell: true,
+        ..Scripted::default()
+    });
+    let breaker = BreakerConfig {
+        failure_threshold: 1,
+        cool_down: Duration::from_millis(50),
+    };
+    let unwell = guard(down.clone(), breaker);
+    let r1 = engine_behind(&db.pool, unwell.clone(), "r1");
+    r1.deliver_next(CancellationToken::new()).await.unwrap();
+    assert_eq!(unwell.breaker_state(), BreakerState::Open);
+
+    // Another relay delivers everything while r1's breaker cools down.
+    let healthy = Arc::new(Scripted::default());
+    let r2 = engine(&db.pool, healthy.clone(), "r2").await;
+    until_delivered(&[r2], &healthy, 3).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(unwell.probe_due(), "cooled down, waiting for a probe");
+
+    r1.deliver_next(CancellationToken::new()).await.unwrap();
+    assert_eq!(
+        unwell.breaker_state(),
+        BreakerState::Closed,
+        "nothing left to probe with: closed without one"
+    );
+    assert!(down.delivered.lock().unwrap().is_empty());
 }
