@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use sqlx::PgPool;
 use store::Store;
-use testkit::process::{self, Proc};
+use testkit::process::Proc;
 
 use crate::scenarios::figure;
 use crate::Figure;
@@ -64,32 +64,9 @@ struct Drain {
 /// A relay process delivering the log's `journal` destination (and
 /// nothing else: no 1C route) with the PostgreSQL transport.
 async fn spawn_relay(db_url: &str) -> Result<Proc> {
-    process::spawn(
-        "orders-center",
-        &[
-            "relay",
-            "--listen",
-            "127.0.0.1:0",
-            "--onec-url",
-            "http://127.0.0.1:9",
-            "--onec-username",
-            "bench",
-            "--batch-size",
-            "500",
-            "--claim-lanes",
-            "3",
-            "--poll-interval",
-            "100ms",
-        ],
-        &[
-            ("DATABASE_URL", db_url),
-            ("ONEC_PASSWORD", "bench"),
-            ("EVENT_ROUTES", "journal=order.created"),
-        ],
-        "relay started",
-        &testkit::target_tmp().join("bench").join("log-relay.log"),
-    )
-    .await
+    let routes = [("EVENT_ROUTES", "journal=order.created")];
+    crate::scenarios::spawn_relay_with(db_url, "http://127.0.0.1:9", 500, &routes, "log-relay")
+        .await
 }
 
 /// `orders_center_outbox_delivered_total{destination="journal"}` of the

@@ -613,7 +613,20 @@ fn log_file(role: &str) -> std::path::PathBuf {
 
 /// A relay process delivering to `onec_url` (user and password `bench`).
 async fn spawn_relay(db_url: &str, onec_url: &str, batch: u32) -> Result<Proc> {
+    spawn_relay_with(db_url, onec_url, batch, &[], "relay").await
+}
+
+/// The same, with `env` added, logging to `<log>.log`.
+pub(crate) async fn spawn_relay_with(
+    db_url: &str,
+    onec_url: &str,
+    batch: u32,
+    env: &[(&str, &str)],
+    log: &str,
+) -> Result<Proc> {
     let batch = batch.to_string();
+    let mut env = env.to_vec();
+    env.extend([("DATABASE_URL", db_url), ("ONEC_PASSWORD", "bench")]);
     process::spawn(
         "orders-center",
         &[
@@ -633,9 +646,9 @@ async fn spawn_relay(db_url: &str, onec_url: &str, batch: u32) -> Result<Proc> {
             "--poll-interval",
             "100ms",
         ],
-        &[("DATABASE_URL", db_url), ("ONEC_PASSWORD", "bench")],
+        &env,
         "relay started",
-        &log_file("relay"),
+        &log_file(log),
     )
     .await
 }
