@@ -140,7 +140,7 @@ impl Broker {
     /// journal's inbox on `pool`, counted in `metrics`.
     fn outlet(&self, pool: &PgPool, metrics: &ConsumerMetrics) -> Result<Outlet> {
         let sink: Arc<dyn sink::Sink> = match self {
-            Self::Kafka(_, c) => Arc::new(TransactionalSink::new(c.clone(), "kafka")?),
+            Self::Kafka(_, c) => Arc::new(TransactionalSink::new(c.clone(), "bench", "kafka")?),
             Self::RabbitMq(_, c) => Arc::new(RabbitSink::new(c.clone())),
             Self::Postgres => Arc::new(LocalSink::new(journal(pool, metrics))),
         };

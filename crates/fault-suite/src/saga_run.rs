@@ -689,12 +689,18 @@ pub async fn saga_run(sys: &mut System, broker: Broker, outage: Duration) -> Res
         faulty_outcomes.completed,
         faulty_outcomes.cancelled,
     );
-    // Without faults some sagas must complete; with them every saga may be
-    // compensated (the broker freezes while all of them are in flight),
-    // which the invariants above cover.
+    // Without faults the sagas end by their own outcome: the load offers
+    // all of them at once, faster than two cores run sagas, so the last
+    // few may wait past the step timeout, but no more than a tenth (when
+    // the services' relays fenced each other's Kafka transactions, 1,921
+    // of 2,000 did). With faults every saga may be compensated (the broker
+    // freezes while all of them are in flight), which the invariants above
+    // cover.
+    let timed_out = clean_outcomes.cancelled.get("deadline").copied().unwrap_or(0);
     ensure!(
-        clean_outcomes.completed > 0,
-        "no saga completed without faults: {notes}"
+        clean_outcomes.completed > 0 && timed_out <= SAGAS / 10,
+        "without faults, {timed_out} sagas timed out and {} completed: {notes}",
+        clean_outcomes.completed
     );
     let mut figures = settle(sys, scenario, &before, &saved, thawed, notes).await?;
     figures.recovery_s = recovered.as_secs_f64();

@@ -186,7 +186,8 @@ async fn outlet(
             if let Err(e) = kafka.ensure_topics(&aggregate_types()).await {
                 tracing::warn!(error = %e, "could not create the Kafka topics yet");
             }
-            Arc::new(brokers::kafka::TransactionalSink::new(kafka, "kafka")?)
+            let log = store.log_shape().await?.id.to_string();
+            Arc::new(brokers::kafka::TransactionalSink::new(kafka, &log, "kafka")?)
         }
         ("rabbitmq", Some(Broker::RabbitMq { url })) => {
             Arc::new(RabbitSink::new(config.rabbitmq(url)))

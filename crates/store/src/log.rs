@@ -35,7 +35,7 @@ use crate::{Result, Store};
 const NOTHING_DELIVERED: &str = "3:3:";
 
 /// The log's fixed shape, from `log_config`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogShape {
     /// Partitions per destination; a key's partition depends on it.
     pub partitions: u16,
@@ -43,6 +43,9 @@ pub struct LogShape {
     pub segment_size: i64,
     /// Segments in the ring.
     pub segments: i16,
+    /// This log's identity, unique per database: what tells its Kafka
+    /// transactional ids from those of another database's log.
+    pub id: Uuid,
 }
 
 /// The ordering key's hash: FNV-1a (64 bit) of `stream`, a newline and
@@ -229,14 +232,16 @@ struct EventRow {
 impl Store {
     /// The log's shape.
     pub async fn log_shape(&self) -> Result<LogShape> {
-        let (partitions, segment_size, segments): (i16, i64, i16) =
-            sqlx::query_as("SELECT partitions, segment_size, segments FROM log_config")
-                .fetch_one(self.pool())
-                .await?;
+        let (partitions, segment_size, segments, id): (i16, i64, i16, Uuid) = sqlx::query_as(
+            "SELECT partitions, segment_size, segments, log_id FROM log_config",
+        )
+        .fetch_one(self.pool())
+        .await?;
         Ok(LogShape {
             partitions: u16::try_from(partitions).unwrap_or(1),
             segment_size,
             segments,
+            id,
         })
     }
 

@@ -1,6 +1,9 @@
 //! Kafka transactions for the log's runs: the run of log partition `p` goes
 //! out as one transaction of a producer whose `transactional.id` is
-//! `<prefix>orders-center.<destination>.<p>`. Every record is produced,
+//! `<prefix>orders-center.<log>.<destination>.<p>`, where `<log>` is the
+//! identity of the database's log: the relays of one log share a
+//! partition's id, the logs of other databases (the saga's services) never
+//! fence each other. Every record is produced,
 //! then the transaction commits; only then does the cursor move. On any
 //! failure the transaction aborts and nothing of it is visible to a
 //! `read_committed` consumer (librdkafka's default), so a run is in the
@@ -29,10 +32,13 @@ pub struct TransactionalSink {
 }
 
 impl TransactionalSink {
-    /// A sink for the log of `destination`.
-    pub fn new(config: KafkaConfig, destination: &str) -> Result<Self, Error> {
+    /// A sink for `destination`'s runs of the log identified by `log`.
+    pub fn new(config: KafkaConfig, log: &str, destination: &str) -> Result<Self, Error> {
         Ok(Self {
-            id_prefix: format!("{}orders-center.{destination}.", config.topic_prefix),
+            id_prefix: format!(
+                "{}orders-center.{log}.{destination}.",
+                config.topic_prefix
+            ),
             plain: KafkaSink::new(config.clone())?,
             config,
             producers: Mutex::default(),

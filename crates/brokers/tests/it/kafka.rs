@@ -70,7 +70,7 @@ fn sorted(mut v: Vec<(String, String)>) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_is_one_transaction_and_an_aborted_one_leaves_nothing_visible() {
     let (_db, config) = setup().await;
-    let sink = TransactionalSink::new(config.clone(), "kafka").unwrap();
+    let sink = TransactionalSink::new(config.clone(), "log-a", "kafka").unwrap();
     let first: Vec<Message> = notices(20, 1).iter().map(message).collect();
     let outcomes = sink.deliver_run(0, &first).await;
     assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
@@ -112,8 +112,8 @@ async fn a_run_is_one_transaction_and_an_aborted_one_leaves_nothing_visible() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_partitions_new_holder_fences_the_old_one() {
     let (_db, config) = setup().await;
-    let old = TransactionalSink::new(config.clone(), "kafka").unwrap();
-    let new = TransactionalSink::new(config.clone(), "kafka").unwrap();
+    let old = TransactionalSink::new(config.clone(), "log-a", "kafka").unwrap();
+    let new = TransactionalSink::new(config.clone(), "log-a", "kafka").unwrap();
     let runs: Vec<Vec<Message>> = notices(30, 1)
         .chunks(10)
         .map(|c| c.iter().map(message).collect())
@@ -131,6 +131,27 @@ async fn a_partitions_new_holder_fences_the_old_one() {
     let mut expected = ids(&runs[0]);
     expected.extend(ids(&runs[1]));
     assert_eq!(sorted(seen), sorted(expected), "nothing of the fenced run");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_partition_of_two_logs_never_fences() {
+    // The orders database and a saga service's database both publish their
+    // log's partition 3 to Kafka; each holder keeps its transactions.
+    let (_db, config) = setup().await;
+    let orders = TransactionalSink::new(config.clone(), "log-a", "kafka").unwrap();
+    let service = TransactionalSink::new(config.clone(), "log-b", "kafka").unwrap();
+    let runs: Vec<Vec<Message>> = notices(40, 1)
+        .chunks(10)
+        .map(|c| c.iter().map(message).collect())
+        .collect();
+    for (i, run) in runs.iter().enumerate() {
+        let sink = if i % 2 == 0 { &orders } else { &service };
+        let outcomes = sink.deliver_run(3, run).await;
+        assert!(outcomes.iter().all(Result::is_ok), "run {i}: {outcomes:?}");
+    }
+    let seen = committed(&config, Duration::from_secs(15)).await;
+    let expected: Vec<_> = runs.iter().flat_map(|r| ids(r)).collect();
+    assert_eq!(sorted(seen), sorted(expected), "every run of both logs");
 }
 
 async fn setup() -> (testkit::TestDb, KafkaConfig) {
