@@ -17,11 +17,13 @@ pub enum OrderEvent {
     /// Version 1 was saved. Payload: the OrderFull snapshot.
     #[serde(rename = "order.created")]
     Created,
-    /// A later version was saved. Payload: the OrderFull snapshot.
+    /// A later version was saved. Payload: the OrderFull snapshot; the
+    /// notice carries `previous_status` when the status changed.
     #[serde(rename = "order.updated")]
     Updated,
-    /// The status differs from the previous version's. Payload:
-    /// `{"from", "to"}`.
+    /// Not an event of its own since one version yields one event: in a
+    /// route, it selects the updates whose status changed; in a notice, it
+    /// is the old shape (a second event of the same version), still read.
     #[serde(rename = "order.status_changed")]
     StatusChanged,
 }
@@ -44,13 +46,11 @@ impl OrderEvent {
         Self::ALL.into_iter().find(|e| e.as_str() == s)
     }
 
-    /// The events one save yields: created or updated, plus a status change
-    /// when the previous version had another status.
-    pub fn of_save(previous_status: Option<&str>, status: &str) -> Vec<OrderEvent> {
+    /// The one event a save yields: created for version 1, updated after.
+    pub fn of_save(previous_status: Option<&str>) -> OrderEvent {
         match previous_status {
-            None => vec![Self::Created],
-            Some(before) if before != status => vec![Self::Updated, Self::StatusChanged],
-            Some(_) => vec![Self::Updated],
+            None => Self::Created,
+            Some(_) => Self::Updated,
         }
     }
 }
@@ -86,6 +86,10 @@ pub struct OrderNotice {
     /// What happened.
     #[serde(rename = "type")]
     pub kind: OrderEvent,
+    /// The status of the version before, on an update that changed it:
+    /// what a consumer of status changes filters on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_status: Option<String>,
     /// When the save committed (within the transaction's clock).
     pub occurred_at: chrono::DateTime<chrono::Utc>,
 }
@@ -222,6 +226,21 @@ impl Routes {
         self.0.get(&event).map_or(&[], Vec::as_slice)
     }
 
+    /// Where the one event of a save goes: the destinations of `event`,
+    /// and, when the status changed, those routed `order.status_changed`.
+    /// Each once.
+    pub fn of_save(&self, event: OrderEvent, status_changed: bool) -> Vec<&Destination> {
+        let mut to: Vec<&Destination> = self.destinations(event).iter().collect();
+        if status_changed {
+            for d in self.destinations(OrderEvent::StatusChanged) {
+                if !to.contains(&d) {
+                    to.push(d);
+                }
+            }
+        }
+        to
+    }
+
     /// Every destination some event goes to.
     pub fn all_destinations(&self) -> Vec<Destination> {
         let mut all: Vec<Destination> = self.0.values().flatten().cloned().collect();
@@ -303,17 +322,58 @@ mod tests {
     }
 
     #[test]
-    fn a_save_yields_created_or_updated_and_a_status_change_only_when_it_changed() {
+    fn a_save_yields_one_event_and_status_change_routes_take_the_updates_that_change_it() {
         use OrderEvent::*;
-        assert_eq!(OrderEvent::of_save(None, "new"), vec![Created]);
-        assert_eq!(OrderEvent::of_save(Some("new"), "new"), vec![Updated]);
+        assert_eq!(OrderEvent::of_save(None), Created);
+        assert_eq!(OrderEvent::of_save(Some("new")), Updated);
+        let routes: Routes = "onec=order.updated; kafka=order.updated,order.status_changed; \
+                              audit=order.status_changed"
+            .parse()
+            .unwrap();
+        fn names(to: Vec<&Destination>) -> Vec<&str> {
+            to.into_iter().map(Destination::as_str).collect()
+        }
+        assert_eq!(names(routes.of_save(Updated, false)), ["onec", "kafka"]);
         assert_eq!(
-            OrderEvent::of_save(Some("new"), "paid"),
-            vec![Updated, StatusChanged]
+            names(routes.of_save(Updated, true)),
+            ["onec", "kafka", "audit"],
+            "kafka once, though routed both"
         );
         for e in OrderEvent::ALL {
             assert_eq!(OrderEvent::parse(e.as_str()), Some(e));
             assert_eq!(serde_json::to_value(e).unwrap(), e.as_str());
         }
+    }
+
+    #[test]
+    fn a_notice_carries_the_previous_status_only_when_it_changed_and_the_old_shape_still_reads() {
+        let mut notice = OrderNotice {
+            idempotent_key: uuid::Uuid::nil(),
+            order_id: "A-1".into(),
+            version: 2,
+            status: "paid".into(),
+            kind: OrderEvent::Updated,
+            previous_status: None,
+            occurred_at: chrono::DateTime::UNIX_EPOCH,
+        };
+        let plain = serde_json::to_value(&notice).unwrap();
+        assert!(plain.get("previous_status").is_none(), "{plain}");
+        notice.previous_status = Some("new".into());
+        let changed = serde_json::to_value(&notice).unwrap();
+        assert_eq!(changed["previous_status"], "new");
+        assert_eq!(
+            serde_json::from_value::<OrderNotice>(changed).unwrap(),
+            notice
+        );
+        let old: OrderNotice = serde_json::from_value(serde_json::json!({
+            "idempotent_key": uuid::Uuid::nil(), "order_id": "A-1", "version": 2,
+            "status": "paid", "type": "order.status_changed",
+            "occurred_at": "2026-12-01T00:00:00Z"
+        }))
+        .unwrap();
+        assert_eq!(
+            (old.kind, old.previous_status),
+            (OrderEvent::StatusChanged, None)
+        );
     }
 }

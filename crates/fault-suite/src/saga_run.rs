@@ -696,7 +696,11 @@ pub async fn saga_run(sys: &mut System, broker: Broker, outage: Duration) -> Res
     // of 2,000 did). With faults every saga may be compensated (the broker
     // freezes while all of them are in flight), which the invariants above
     // cover.
-    let timed_out = clean_outcomes.cancelled.get("deadline").copied().unwrap_or(0);
+    let timed_out = clean_outcomes
+        .cancelled
+        .get("deadline")
+        .copied()
+        .unwrap_or(0);
     ensure!(
         clean_outcomes.completed > 0 && timed_out <= SAGAS / 10,
         "without faults, {timed_out} sagas timed out and {} completed: {notes}",

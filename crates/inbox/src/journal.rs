@@ -68,12 +68,14 @@ impl Handler for Journal {
             column(|n| n.status.clone()),
         );
         sqlx::query(
-            "INSERT INTO order_journal
-                 (consumer, event_id, order_id, version, type, status, occurred_at)
-             SELECT $1, u.event_id, u.order_id, u.version, u.type, u.status, u.occurred_at
+            "INSERT INTO order_journal (consumer, event_id, order_id, version, type, status,
+                                        previous_status, occurred_at)
+             SELECT $1, u.event_id, u.order_id, u.version, u.type, u.status, u.previous_status,
+                    u.occurred_at
              FROM unnest($2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::text[],
-                         $7::timestamptz[])
-                  WITH ORDINALITY AS u(event_id, order_id, version, type, status, occurred_at, n)
+                         $7::text[], $8::timestamptz[])
+                  WITH ORDINALITY
+                  AS u(event_id, order_id, version, type, status, previous_status, occurred_at, n)
              ORDER BY u.n",
         )
         .bind(&self.consumer)
@@ -82,6 +84,12 @@ impl Handler for Journal {
         .bind(notices.iter().map(|n| n.version).collect::<Vec<_>>())
         .bind(kinds)
         .bind(statuses)
+        .bind(
+            notices
+                .iter()
+                .map(|n| n.previous_status.as_deref())
+                .collect::<Vec<_>>(),
+        )
         .bind(notices.iter().map(|n| n.occurred_at).collect::<Vec<_>>())
         .execute(conn)
         .await?;

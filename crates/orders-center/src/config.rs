@@ -29,7 +29,9 @@ pub struct Config {
 
     /// Which destinations receive which order events, as
     /// `destination=event,...;destination=event,...`. Events:
-    /// `order.created`, `order.updated`, `order.status_changed`.
+    /// `order.created`, `order.updated`, `order.status_changed` (updates
+    /// that change the status, sent as `order.updated` with
+    /// `previous_status`).
     /// Destinations: `onec` (snapshots, latest version wins), `kafka` and
     /// `rabbitmq` (the broker of --broker), `journal` (the journal consumer
     /// in PostgreSQL). By default every version goes to 1C, and every event

@@ -187,7 +187,9 @@ async fn outlet(
                 tracing::warn!(error = %e, "could not create the Kafka topics yet");
             }
             let log = store.log_shape().await?.id.to_string();
-            Arc::new(brokers::kafka::TransactionalSink::new(kafka, &log, "kafka")?)
+            Arc::new(brokers::kafka::TransactionalSink::new(
+                kafka, &log, "kafka",
+            )?)
         }
         ("rabbitmq", Some(Broker::RabbitMq { url })) => {
             Arc::new(RabbitSink::new(config.rabbitmq(url)))

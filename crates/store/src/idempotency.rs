@@ -6,7 +6,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::types::Json;
 
-use crate::orders::save_in;
+use crate::checkout::save_in;
 use crate::{Error, Precondition, Result, SaveContext, Store};
 
 /// An `Idempotency-Key` header value: 1–255 visible ASCII characters.

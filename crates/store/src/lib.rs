@@ -1,6 +1,7 @@
 //! PostgreSQL access for orders-center: the order repository, the outbox
 //! (writes in `outbox`, the claim engine's SQL in `tasks`) and the embedded migrator. All SQL of the service lives here.
 
+mod checkout;
 mod error;
 mod idempotency;
 mod leases;

@@ -232,11 +232,10 @@ struct EventRow {
 impl Store {
     /// The log's shape.
     pub async fn log_shape(&self) -> Result<LogShape> {
-        let (partitions, segment_size, segments, id): (i16, i64, i16, Uuid) = sqlx::query_as(
-            "SELECT partitions, segment_size, segments, log_id FROM log_config",
-        )
-        .fetch_one(self.pool())
-        .await?;
+        let (partitions, segment_size, segments, id): (i16, i64, i16, Uuid) =
+            sqlx::query_as("SELECT partitions, segment_size, segments, log_id FROM log_config")
+                .fetch_one(self.pool())
+                .await?;
         Ok(LogShape {
             partitions: u16::try_from(partitions).unwrap_or(1),
             segment_size,

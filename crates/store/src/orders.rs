@@ -13,8 +13,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use domain::{
-    history, Destination, HistoryEntry, Money, Order, OrderEvent, OrderFull, OrderId, OrderSummary,
-    OrderView, StatusChange, SyncStatus, TaskState, ValidOrder, ONEC,
+    history, Destination, HistoryEntry, Money, Order, OrderFull, OrderId, OrderSummary, OrderView,
+    StatusChange, SyncStatus, TaskState, ValidOrder, ONEC,
 };
 use rust_decimal::Decimal;
 use sqlx::types::Json;
@@ -162,7 +162,7 @@ const ORDER_COLUMNS: &str = "o.id, o.type, o.status, o.city, o.subdivision, o.pr
 const SYNC_SQL: &str = "(SELECT row_to_json(t) FROM (
                 SELECT id AS task_id, version, state, attempts, last_error, updated_at
                 FROM outbox WHERE destination = 'onec' AND aggregateid = o.id
-                  AND type <> 'order.status_changed'
+                  AND type <> 'order.status_changed' -- rows of before one event per version
                 ORDER BY id DESC LIMIT 1) t)";
 
 /// The whole OrderFull of the orders `WHERE` selects, in one round trip and
@@ -351,11 +351,10 @@ pub(crate) async fn save_in(
     }
     insert_lines(conn, &[order]).await?;
     let version = before.as_ref().map_or(1, |b| b.version + 1);
-    if let Some(checkout) = &order.get().checkout {
-        if !created {
-            return Err(Error::CheckoutOnExisting(id.clone()));
-        }
-        crate::saga::start(conn, store.saga_config(), id, o.price, checkout).await?;
+    // The saga a checkout asks for is started by the caller
+    // (`checkout.rs`): the order knows nothing of sagas.
+    if order.get().checkout.is_some() && !created {
+        return Err(Error::CheckoutOnExisting(id.clone()));
     }
     let after = history::Tracked {
         status: o.status.clone(),
@@ -451,15 +450,15 @@ async fn record_saves(
             let mine = by_order.remove(r.id.as_str()).unwrap_or_default();
             view.sync = mine
                 .iter()
-                .find(|e| e.destination.as_str() == ONEC && e.event != OrderEvent::StatusChanged)
+                .find(|e| e.destination.as_str() == ONEC)
                 .and_then(|task| task.id.map(|id| (task, id)))
                 .map(|(task, task_id)| SyncStatus {
                     task_id,
                     version: view.version,
                     state: TaskState::Pending,
-                    attempts: 0,
-                    last_error: None,
-                    updated_at: task.created_at,
+                    attempts: task.attempts,
+                    last_error: task.last_error.clone(),
+                    updated_at: task.updated_at,
                 });
             Saved {
                 view,
@@ -888,19 +887,6 @@ pub(crate) async fn change_status_in(
 }
 
 impl Store {
-    /// Saves a whole order (create or replace) and queues its delivery to 1C.
-    pub async fn save_order(
-        &self,
-        order: &ValidOrder,
-        pre: Precondition,
-        ctx: &SaveContext,
-    ) -> Result<Saved> {
-        let mut tx = self.pool.begin().await?;
-        let saved = save_in(&mut tx, self, order, pre, ctx).await?;
-        tx.commit().await?;
-        Ok(saved)
-    }
-
     /// Changes only the status of an existing order; the rest is kept as is,
     /// and the change is saved, recorded and delivered like any other save.
     pub async fn change_status(

@@ -2,6 +2,8 @@
 //! rows (claimed and completed by the relay, `tasks.rs`), and every event
 //! stream's events appended to the log (`log.rs`).
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use domain::{Destination, OrderEvent, OrderFull, OrderId, OrderNotice, Routes, ORDER_AGGREGATE};
 use sqlx::types::Json;
@@ -16,12 +18,16 @@ pub const NOTIFY_CHANNEL: &str = "outbox";
 
 /// One outbox row, or log event, just written.
 pub(crate) struct Enqueued {
-    /// The outbox row's id; `None` for an event appended to the log.
+    /// The outbox row's id (new, or the pending row the save coalesced
+    /// into); `None` for an event appended to the log.
     pub id: Option<i64>,
     pub order: String,
     pub destination: Destination,
-    pub event: OrderEvent,
-    pub created_at: DateTime<Utc>,
+    /// When the row or event was last written, and the row's attempts and
+    /// last error so far (a row a save coalesced into keeps them).
+    pub updated_at: DateTime<Utc>,
+    pub attempts: i32,
+    pub last_error: Option<String>,
 }
 
 /// What a save is about: the order version, its snapshot and the status it
@@ -34,9 +40,9 @@ pub(crate) struct SaveEvents<'a> {
     pub traceparent: Option<&'a str>,
 }
 
-/// Queues the events of `saves` for their routed destinations, one
-/// statement for 1C's rows and one for the log, and wakes the relays. Runs
-/// inside the saving transaction: the rows exist exactly when the save
+/// Queues the one event of each of `saves` for its routed destinations,
+/// one statement for 1C's rows and one for the log, and wakes the relays.
+/// Runs inside the saving transaction: the rows exist exactly when the save
 /// commits, and PostgreSQL delivers the notification only on commit. Every
 /// destination's copy of one event shares its event id.
 pub(crate) async fn enqueue(
@@ -44,52 +50,57 @@ pub(crate) async fn enqueue(
     routes: &Routes,
     saves: &[SaveEvents<'_>],
 ) -> Result<Vec<Enqueued>> {
-    let mut logged = Vec::new();
     let mut appends = Vec::new();
+    // 1C's snapshots by (destination, order): latest wins, so of one
+    // order's versions in this transaction only the newest is queued.
+    let mut snapshots: BTreeMap<(&str, &str), Snapshot<'_>> = BTreeMap::new();
     let occurred_at = Utc::now();
-    let (mut orders, mut versions, mut traceparents) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut destinations, mut types, mut event_ids, mut payloads) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let invariant =
+        |e: serde_json::Error| Error::Invariant(format!("an event does not serialize: {e}"));
     for save in saves {
         let status = &save.snapshot.order.status;
-        for event in OrderEvent::of_save(save.previous_status, status) {
-            let to = routes.destinations(event);
-            if to.is_empty() {
+        let event = OrderEvent::of_save(save.previous_status);
+        let changed_from = save.previous_status.filter(|before| before != status);
+        let to = routes.of_save(event, changed_from.is_some());
+        if to.is_empty() {
+            continue;
+        }
+        let event_id = Uuid::now_v7();
+        let notice = OrderNotice {
+            idempotent_key: event_id,
+            order_id: save.order.as_str().to_owned(),
+            version: save.version,
+            status: status.clone(),
+            kind: event,
+            previous_status: changed_from.map(str::to_owned),
+            occurred_at,
+        };
+        for d in to {
+            if !d.takes_snapshots() {
+                let payload = serde_json::to_value(&notice).map_err(invariant)?;
+                appends.push((d, save, event, event_id, payload));
                 continue;
             }
-            let event_id = Uuid::now_v7();
-            let notice = OrderNotice {
-                idempotent_key: event_id,
-                order_id: save.order.as_str().to_owned(),
-                version: save.version,
-                status: status.clone(),
-                kind: event,
-                occurred_at,
-            };
-            for d in to {
-                if !d.takes_snapshots() {
-                    let payload = serde_json::to_value(&notice).map_err(|e| {
-                        Error::Invariant(format!("an event does not serialize: {e}"))
-                    })?;
-                    appends.push((d, save, event, event_id, payload));
-                    continue;
-                }
-                let payload = if event == OrderEvent::StatusChanged {
-                    Ok(serde_json::json!({"from": save.previous_status, "to": status}))
-                } else {
-                    serde_json::to_value(save.snapshot)
-                }
-                .map_err(|e| Error::Invariant(format!("an event does not serialize: {e}")))?;
-                orders.push(save.order.as_str());
-                versions.push(save.version);
-                traceparents.push(save.traceparent);
-                destinations.push(d.as_str());
-                types.push(event.as_str());
-                event_ids.push(event_id);
-                payloads.push(payload);
+            let key = (d.as_str(), save.order.as_str());
+            if snapshots
+                .get(&key)
+                .is_some_and(|s| s.save.version > save.version)
+            {
+                continue;
             }
+            let payload = serde_json::to_value(save.snapshot).map_err(invariant)?;
+            snapshots.insert(
+                key,
+                Snapshot {
+                    save,
+                    event,
+                    event_id,
+                    payload,
+                },
+            );
         }
     }
+    let mut queued = Vec::with_capacity(appends.len() + snapshots.len());
     if !appends.is_empty() {
         let batch: Vec<Append<'_>> = appends
             .iter()
@@ -106,29 +117,98 @@ pub(crate) async fn enqueue(
             .collect();
         crate::log::append(&mut *conn, &batch).await?;
         let now = Utc::now();
-        logged.extend(appends.iter().map(|(d, save, event, ..)| Enqueued {
+        queued.extend(appends.iter().map(|(d, save, ..)| Enqueued {
             id: None,
             order: save.order.as_str().to_owned(),
             destination: (*d).clone(),
-            event: *event,
-            created_at: now,
+            updated_at: now,
+            attempts: 0,
+            last_error: None,
         }));
     }
-    if destinations.is_empty() {
-        if !logged.is_empty() {
-            notify(conn).await?;
-        }
-        return Ok(logged);
+    if !snapshots.is_empty() {
+        queued.extend(queue_snapshots(conn, snapshots).await?);
     }
-    let rows: Vec<(i64, String, String, String, DateTime<Utc>)> = sqlx::query_as(
-        "INSERT INTO outbox (event_id, destination, aggregatetype, aggregateid, type, version,
-                             payload, traceparent)
-         SELECT e.event_id, e.destination, $1, e.aggregateid, e.type, e.version, e.payload,
-                e.traceparent
-         FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::bigint[],
-                     $7::jsonb[], $8::text[])
-              AS e(event_id, destination, aggregateid, type, version, payload, traceparent)
-         RETURNING id, aggregateid, destination, type, created_at",
+    if !queued.is_empty() {
+        notify(conn).await?;
+    }
+    Ok(queued)
+}
+
+/// A 1C row as the save left it.
+#[derive(sqlx::FromRow)]
+struct QueuedRow {
+    id: i64,
+    aggregateid: String,
+    destination: String,
+    updated_at: DateTime<Utc>,
+    attempts: i32,
+    last_error: Option<String>,
+}
+
+/// A 1C snapshot to queue.
+struct Snapshot<'a> {
+    save: &'a SaveEvents<'a>,
+    event: OrderEvent,
+    event_id: Uuid,
+    payload: serde_json::Value,
+}
+
+/// Queues 1C's snapshots, at most one pending row per order: a save
+/// coalesces into its order's pending row (version, payload, event id and
+/// trace replaced in place), and adds a row only when there is none that
+/// may take it. A row that runs was claimed: its attempt is under way, so
+/// the new version needs a row of its own. So does a row whose attempt is
+/// in doubt: 1C may still apply that version, and the claim must see two
+/// versions to hold the newer one back until the older can no longer
+/// land. A claim racing the save either locked the row first (the save
+/// waits, sees it running on recheck, and adds a row) or finds it already
+/// rewritten, and sends the newer version.
+async fn queue_snapshots(
+    conn: &mut PgConnection,
+    snapshots: BTreeMap<(&str, &str), Snapshot<'_>>,
+) -> Result<Vec<Enqueued>> {
+    let (mut destinations, mut orders, mut types, mut versions) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut event_ids, mut payloads, mut traceparents) = (Vec::new(), Vec::new(), Vec::new());
+    for ((destination, order), s) in snapshots {
+        destinations.push(destination);
+        orders.push(order);
+        types.push(s.event.as_str());
+        versions.push(s.save.version);
+        event_ids.push(s.event_id);
+        payloads.push(Json(s.payload));
+        traceparents.push(s.save.traceparent);
+    }
+    let rows: Vec<QueuedRow> = sqlx::query_as(
+        "WITH e AS (
+             SELECT * FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::bigint[],
+                                  $7::jsonb[], $8::text[])
+                 AS e(event_id, destination, aggregateid, type, version, payload, traceparent)
+         ),
+         coalesced AS (
+             UPDATE outbox t
+             SET event_id = e.event_id, type = e.type, version = e.version,
+                 payload = e.payload, traceparent = e.traceparent, updated_at = now()
+             FROM e
+             WHERE t.destination = e.destination AND t.aggregateid = e.aggregateid
+               AND t.state = 'pending' AND t.version < e.version
+               AND (t.in_doubt_until IS NULL OR t.in_doubt_until <= now())
+             RETURNING t.id, t.aggregateid, t.destination, t.updated_at, t.attempts,
+                       t.last_error
+         ),
+         added AS (
+             INSERT INTO outbox (event_id, destination, aggregatetype, aggregateid, type,
+                                 version, payload, traceparent)
+             SELECT e.event_id, e.destination, $1, e.aggregateid, e.type, e.version,
+                    e.payload, e.traceparent
+             FROM e
+             WHERE NOT EXISTS (SELECT 1 FROM coalesced c
+                               WHERE c.aggregateid = e.aggregateid
+                                 AND c.destination = e.destination)
+             RETURNING id, aggregateid, destination, updated_at, attempts, last_error
+         )
+         SELECT * FROM coalesced UNION ALL SELECT * FROM added",
     )
     .bind(ORDER_AGGREGATE)
     .bind(event_ids)
@@ -136,23 +216,22 @@ pub(crate) async fn enqueue(
     .bind(orders)
     .bind(types)
     .bind(versions)
-    .bind(payloads.into_iter().map(Json).collect::<Vec<_>>())
+    .bind(payloads)
     .bind(traceparents)
     .fetch_all(&mut *conn)
     .await?;
-    notify(conn).await?;
     Ok(rows
         .into_iter()
-        .filter_map(|(id, order, destination, event, created_at)| {
+        .filter_map(|r| {
             Some(Enqueued {
-                id: Some(id),
-                order,
-                destination: destination.parse().ok()?,
-                event: OrderEvent::parse(&event)?,
-                created_at,
+                id: Some(r.id),
+                order: r.aggregateid,
+                destination: r.destination.parse().ok()?,
+                updated_at: r.updated_at,
+                attempts: r.attempts,
+                last_error: r.last_error,
             })
         })
-        .chain(logged)
         .collect())
 }
 

@@ -35,10 +35,7 @@ impl TransactionalSink {
     /// A sink for `destination`'s runs of the log identified by `log`.
     pub fn new(config: KafkaConfig, log: &str, destination: &str) -> Result<Self, Error> {
         Ok(Self {
-            id_prefix: format!(
-                "{}orders-center.{log}.{destination}.",
-                config.topic_prefix
-            ),
+            id_prefix: format!("{}orders-center.{log}.{destination}.", config.topic_prefix),
             plain: KafkaSink::new(config.clone())?,
             config,
             producers: Mutex::default(),

@@ -33,6 +33,7 @@ fn notices(orders: usize, versions: i64) -> Vec<OrderNotice> {
                 } else {
                     OrderEvent::Updated
                 },
+                previous_status: None,
                 occurred_at: Utc::now(),
             });
         }

@@ -92,6 +92,7 @@ impl Target {
                     version: 1,
                     status: "new".into(),
                     kind: domain::OrderEvent::Created,
+                    previous_status: None,
                     occurred_at: chrono::Utc::now(),
                 };
                 let id = notice.idempotent_key.to_string();

@@ -2,6 +2,7 @@
 
 mod batch_save;
 mod claims;
+mod coalescing;
 mod in_order;
 mod log;
 mod outbox;

@@ -26,7 +26,7 @@ async fn refuse_outbox_rows_of(pool: &sqlx::PgPool, key: &str) {
              IF NEW.aggregateid = '{key}' THEN RAISE EXCEPTION 'outbox refused'; END IF;
              RETURN NEW;
          END $$;
-         CREATE TRIGGER refuse_outbox_row BEFORE INSERT ON outbox
+         CREATE TRIGGER refuse_outbox_row BEFORE INSERT OR UPDATE ON outbox
              FOR EACH ROW EXECUTE FUNCTION refuse_outbox_row();"
     ))
     .execute(pool)
