@@ -164,65 +164,47 @@ struct Snapshot<'a> {
 /// land. A claim racing the save either locked the row first (the save
 /// waits, sees it running on recheck, and adds a row) or finds it already
 /// rewritten, and sends the newer version.
+///
+/// An order's first version has no row to coalesce into and is inserted
+/// without looking: the look-up is planned once per connection, and a plan
+/// made while the outbox was nearly empty scans it whole, which cut the
+/// API's creates to a third as the table grew (bench scenario 4).
 async fn queue_snapshots(
     conn: &mut PgConnection,
     snapshots: BTreeMap<(&str, &str), Snapshot<'_>>,
 ) -> Result<Vec<Enqueued>> {
-    let (mut destinations, mut orders, mut types, mut versions) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut event_ids, mut payloads, mut traceparents) = (Vec::new(), Vec::new(), Vec::new());
-    for ((destination, order), s) in snapshots {
-        destinations.push(destination);
-        orders.push(order);
-        types.push(s.event.as_str());
-        versions.push(s.save.version);
-        event_ids.push(s.event_id);
-        payloads.push(Json(s.payload));
-        traceparents.push(s.save.traceparent);
-    }
-    let rows: Vec<QueuedRow> = sqlx::query_as(
-        "WITH e AS (
-             SELECT * FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::bigint[],
-                                  $7::jsonb[], $8::text[])
-                 AS e(event_id, destination, aggregateid, type, version, payload, traceparent)
-         ),
-         coalesced AS (
-             UPDATE outbox t
-             SET event_id = e.event_id, type = e.type, version = e.version,
-                 payload = e.payload, traceparent = e.traceparent, updated_at = now()
-             FROM e
-             WHERE t.destination = e.destination AND t.aggregateid = e.aggregateid
-               AND t.state = 'pending' AND t.version < e.version
-               AND (t.in_doubt_until IS NULL OR t.in_doubt_until <= now())
-             RETURNING t.id, t.aggregateid, t.destination, t.updated_at, t.attempts,
-                       t.last_error
-         ),
-         added AS (
-             INSERT INTO outbox (event_id, destination, aggregatetype, aggregateid, type,
-                                 version, payload, traceparent)
-             SELECT e.event_id, e.destination, $1, e.aggregateid, e.type, e.version,
-                    e.payload, e.traceparent
-             FROM e
-             WHERE NOT EXISTS (SELECT 1 FROM coalesced c
-                               WHERE c.aggregateid = e.aggregateid
-                                 AND c.destination = e.destination)
-             RETURNING id, aggregateid, destination, updated_at, attempts, last_error
-         )
-         SELECT * FROM coalesced UNION ALL SELECT * FROM added",
-    )
-    .bind(ORDER_AGGREGATE)
-    .bind(event_ids)
-    .bind(destinations)
-    .bind(orders)
-    .bind(types)
-    .bind(versions)
-    .bind(payloads)
-    .bind(traceparents)
-    .fetch_all(&mut *conn)
-    .await?;
-    Ok(rows
+    let (created, updated): (Vec<_>, Vec<_>) = snapshots
         .into_iter()
-        .filter_map(|r| {
+        .partition(|(_, s)| s.save.previous_status.is_none());
+    let mut queued = Vec::new();
+    for (sql, group) in [(INSERT_SNAPSHOTS, created), (COALESCE_SNAPSHOTS, updated)] {
+        if group.is_empty() {
+            continue;
+        }
+        let (mut destinations, mut orders, mut types, mut versions) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut event_ids, mut payloads, mut traceparents) = (Vec::new(), Vec::new(), Vec::new());
+        for ((destination, order), s) in group {
+            destinations.push(destination);
+            orders.push(order);
+            types.push(s.event.as_str());
+            versions.push(s.save.version);
+            event_ids.push(s.event_id);
+            payloads.push(Json(s.payload));
+            traceparents.push(s.save.traceparent);
+        }
+        let rows: Vec<QueuedRow> = sqlx::query_as(sql)
+            .bind(ORDER_AGGREGATE)
+            .bind(event_ids)
+            .bind(destinations)
+            .bind(orders)
+            .bind(types)
+            .bind(versions)
+            .bind(payloads)
+            .bind(traceparents)
+            .fetch_all(&mut *conn)
+            .await?;
+        queued.extend(rows.into_iter().filter_map(|r| {
             Some(Enqueued {
                 id: Some(r.id),
                 order: r.aggregateid,
@@ -231,9 +213,65 @@ async fn queue_snapshots(
                 attempts: r.attempts,
                 last_error: r.last_error,
             })
-        })
-        .collect())
+        }));
+    }
+    Ok(queued)
 }
+
+/// The snapshots `$2`..`$8` (event id, destination, order, type, version,
+/// payload, traceparent) of aggregate type `$1`, as new rows.
+const INSERT_SNAPSHOTS: &str = "
+    INSERT INTO outbox (event_id, destination, aggregatetype, aggregateid, type, version,
+                        payload, traceparent)
+    SELECT e.event_id, e.destination, $1, e.aggregateid, e.type, e.version, e.payload,
+           e.traceparent
+    FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::jsonb[],
+                $8::text[])
+         AS e(event_id, destination, aggregateid, type, version, payload, traceparent)
+    RETURNING id, aggregateid, destination, updated_at, attempts, last_error";
+
+/// The same, each coalesced into its order's pending row where one may take
+/// it, and as a new row where none may.
+const COALESCE_SNAPSHOTS: &str = "
+    WITH e AS (
+        SELECT * FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::bigint[],
+                             $7::jsonb[], $8::text[])
+            AS e(event_id, destination, aggregateid, type, version, payload, traceparent)
+    ),
+    -- Each order's newest pending row, read from its lane (the lane index).
+    -- `state` stays out of the WHERE: with it, the planner may take the
+    -- partial index of pending rows and filter every pending row of the
+    -- destination by key (48 ms a save at 16,000 pending rows).
+    target AS (
+        SELECT e.*, p.id AS row_id FROM e
+        CROSS JOIN LATERAL (
+            SELECT max(o.id) FILTER (WHERE o.state = 'pending') AS id
+            FROM outbox o
+            WHERE o.aggregateid = e.aggregateid AND o.destination = e.destination
+        ) p
+    ),
+    coalesced AS (
+        UPDATE outbox t
+        SET event_id = e.event_id, type = e.type, version = e.version,
+            payload = e.payload, traceparent = e.traceparent, updated_at = now()
+        FROM target e
+        WHERE t.id = e.row_id
+          AND t.state = 'pending' AND t.version < e.version
+          AND (t.in_doubt_until IS NULL OR t.in_doubt_until <= now())
+        RETURNING t.id, t.aggregateid, t.destination, t.updated_at, t.attempts, t.last_error
+    ),
+    added AS (
+        INSERT INTO outbox (event_id, destination, aggregatetype, aggregateid, type,
+                            version, payload, traceparent)
+        SELECT e.event_id, e.destination, $1, e.aggregateid, e.type, e.version,
+               e.payload, e.traceparent
+        FROM e
+        WHERE NOT EXISTS (SELECT 1 FROM coalesced c
+                          WHERE c.aggregateid = e.aggregateid
+                            AND c.destination = e.destination)
+        RETURNING id, aggregateid, destination, updated_at, attempts, last_error
+    )
+    SELECT * FROM coalesced UNION ALL SELECT * FROM added";
 
 /// One event for one destination, written by a caller other than an order
 /// save: the saga's commands and outcomes, and the services' answers.

@@ -153,7 +153,7 @@ async fn a_held_partition_is_skipped_and_a_dead_holders_is_free_at_once() {
         "SELECT l.pid FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
          JOIN pg_stat_activity a ON a.pid = l.pid
          WHERE c.relname = 'log_cursors' AND l.mode = 'RowShareLock'
-           AND a.state = 'idle in transaction'",
+           AND a.state = 'idle in transaction' AND a.datname = current_database()",
     )
     .fetch_one(&db.pool)
     .await
