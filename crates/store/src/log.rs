@@ -446,22 +446,15 @@ impl Claimed {
             None => {
                 // The lowest position of the new window's events, found by
                 // transaction id; the run reads on from there by position.
-                // `OFFSET 0` keeps the transaction id range on its index:
-                // without it the planner served min(position) from the
-                // position index and filtered the partition's every event
-                // from the first (67 ms and 2,420 buffers a window under
-                // the saga's load, against 0.2 ms and 22).
                 let (window, floor): (String, Option<i64>) = sqlx::query_as(
                     "WITH w AS (SELECT pg_current_snapshot() AS s)
                      SELECT w.s::text,
-                            (SELECT min(e.position)
-                             FROM (SELECT position, xid FROM event_log
-                                   WHERE destination = $1 AND partition = $2
-                                     AND xid >= pg_snapshot_xmin($3::pg_snapshot)
-                                     AND xid < pg_snapshot_xmax(w.s)
-                                   OFFSET 0) e
-                             WHERE pg_visible_in_snapshot(e.xid, w.s)
-                               AND NOT pg_visible_in_snapshot(e.xid, $3::pg_snapshot))
+                            (SELECT min(position) FROM event_log
+                             WHERE destination = $1 AND partition = $2
+                               AND xid >= pg_snapshot_xmin($3::pg_snapshot)
+                               AND xid < pg_snapshot_xmax(w.s)
+                               AND pg_visible_in_snapshot(xid, w.s)
+                               AND NOT pg_visible_in_snapshot(xid, $3::pg_snapshot))
                      FROM w",
                 )
                 .bind(&self.destination)
