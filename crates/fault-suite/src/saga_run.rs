@@ -694,9 +694,9 @@ pub async fn saga_run(sys: &mut System, broker: Broker, outage: Duration) -> Res
     // transactions, so the last ones may wait past the 8 s step timeout
     // (1 to 128 of 2,000 in runs of 2026-12-06), but never most of them
     // (when the services' relays fenced each other's Kafka transactions,
-    // 1,921 of 2,000 did). With faults every saga may be compensated (the broker
-    // freezes while all of them are in flight), which the invariants above
-    // cover.
+    // 1,921 of 2,000 did). With faults every saga may be compensated (the
+    // broker freezes while all of them are in flight), which the invariants
+    // above cover.
     let timed_out = clean_outcomes
         .cancelled
         .get("deadline")
