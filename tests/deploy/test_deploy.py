@@ -221,15 +221,18 @@ def test_rendered_contract(docs):
             assert "secretKeyRef" in env(container, "BROKER")["valueFrom"]
         secrets = {d["metadata"]["name"] for d in by_kind(docs, "Secret")}
         # Each role holds the signing keys of its own saga streams only.
-        own = {"orchestrator": ["reserve", "payment"], "inventory": ["reserve.commands", "reserve"],
-               "payments": ["payment.commands", "payment"], "notifier": ["saga"]}
+        # A stream with two readers has a key per reader; its writer holds both.
+        own = {"orchestrator": ["reserve@saga", "payment"],
+               "inventory": ["reserve.commands", "saga@inventory", "reserve@saga", "reserve@payments"],
+               "payments": ["payment.commands", "reserve@payments", "payment"], "notifier": ["saga@notifier"]}
         for role, container in [*saga.items(), ("relay", relay)]:
-            streams = own.get(role, ["reserve.commands", "payment.commands", "saga"])
+            streams = own.get(role, ["reserve.commands", "payment.commands", "saga@notifier", "saga@inventory"])
             keys = env(container, "SAGA_KEYS")["value"]
             assert keys == ",".join(f"{s}=$(SAGA_KEY_{i})" for i, s in enumerate(streams)), (role, keys)
             for i, stream in enumerate(streams):
                 ref = env(container, f"SAGA_KEY_{i}")["valueFrom"]["secretKeyRef"]
-                assert ref["key"] == stream and ref["name"].endswith("-saga-keys"), (role, ref)
+                assert ref["key"] == stream.replace("@", "_for_"), (role, ref)
+                assert ref["name"].endswith("-saga-keys"), (role, ref)
                 assert ref["name"] in secrets, ref
         refs = set()
         for role in ("inventory", "payments"):

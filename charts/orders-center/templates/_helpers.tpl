@@ -158,13 +158,23 @@ takes: whole numbers print as integers, the rest as they are.
 SAGA_KEYS of a role: the keys of its own streams only, so no role can sign
 another's messages. Called with (dict "root" $ "streams" (list ...)).
 */}}
+{{/* The Secret key of a saga stream's key: `reserve@saga` is `reserve_for_saga` ('@' is not allowed there). */}}
+{{- define "orders-center.sagaKeyName" -}}
+{{- replace "@" "_for_" . }}
+{{- end }}
+
+{{/* The streams whose keys sign or check saga messages, a key per reader where a stream has two. */}}
+{{- define "orders-center.sagaStreams" -}}
+reserve.commands payment.commands reserve@saga reserve@payments payment saga@notifier saga@inventory
+{{- end }}
+
 {{- define "orders-center.sagaKeysEnv" -}}
 {{- $secret := include "orders-center.sagaKeysSecret" .root }}
 {{- $pairs := list }}
 {{- range $i, $stream := .streams }}
 - name: SAGA_KEY_{{ $i }}
   valueFrom:
-    secretKeyRef: {name: {{ $secret }}, key: {{ $stream }}}
+    secretKeyRef: {name: {{ $secret }}, key: {{ include "orders-center.sagaKeyName" $stream }}}
 {{- $pairs = append $pairs (printf "%s=$(SAGA_KEY_%d)" $stream $i) }}
 {{- end }}
 - name: SAGA_KEYS

@@ -577,13 +577,12 @@ pub async fn saga_run(sys: &mut System, broker: Broker, outage: Duration) -> Res
     let url = broker.url();
     let prefix = format!("fs-saga-{name}-");
     // Every saga message travels signed, as the chart runs it.
-    let keys = saga::Topic::ALL
+    let keys = saga::messages::KEY_NAMES
         .iter()
-        .map(|t| {
+        .map(|name| {
             format!(
-                "{}=fault-suite-{}-0123456789abcdef0123456789",
-                t.as_str(),
-                t.as_str()
+                "{name}=fault-suite-{}-0123456789abcdef0123456789",
+                name.replace('@', "-")
             )
         })
         .collect::<Vec<_>>()

@@ -1,4 +1,5 @@
-//! The consumer of the saga's stock commands.
+//! The consumer of the saga's stock commands, and of `OrderCompleted`,
+//! which sells the order's reservation.
 
 use inbox::saga::Received;
 use inbox::{Handler, Incoming, Poison};
@@ -9,8 +10,8 @@ use store::saga::SagaRoute;
 
 use crate::stock;
 
-/// Applies `ReserveStock`, `ReleaseStock` and `CommitStock`, and writes
-/// each answer to the outbox for `route`.
+/// Applies `ReserveStock`, `ReleaseStock`, `CommitStock` and
+/// `OrderCompleted`, and writes each answer to the outbox for `route`.
 pub struct Inventory {
     route: SagaRoute,
     keys: Keyring,
@@ -25,8 +26,8 @@ impl Inventory {
         }
     }
 
-    /// Requires the signature of `keys` on the commands' topic, when it
-    /// has a key there.
+    /// Requires the signature of `keys` on the topics it reads, where it
+    /// has a key.
     pub fn with_keys(mut self, keys: Keyring) -> Self {
         self.keys = keys;
         self
@@ -38,16 +39,30 @@ impl Handler for Inventory {
     type Message = Received;
 
     fn decode(&self, incoming: &Incoming) -> Result<Received, Poison> {
-        inbox::saga::decode_command(&[Topic::ReserveCommands], &self.keys, incoming)
+        inbox::saga::decode_command(&[Topic::ReserveCommands, Topic::Saga], &self.keys, incoming)
     }
 
     async fn apply(&self, conn: &mut PgConnection, r: &Received) -> sqlx::Result<()> {
         let m = &r.message;
         let reply = match m.kind {
-            Kind::ReserveStock => Some(stock::reserve(conn, &m.order_id, &m.lines).await?),
+            Kind::ReserveStock => {
+                let mut reply = stock::reserve(conn, &m.order_id, &m.lines).await?;
+                if reply.kind == Kind::StockReserved {
+                    reply.voucher = r.voucher.clone();
+                }
+                Some(reply)
+            }
             Kind::ReleaseStock => stock::release(conn, &m.order_id).await?,
             Kind::CommitStock => stock::commit(conn, &m.order_id).await?,
-            other => unreachable!("decode admits only stock commands, not {other}"),
+            // The saga's word: the sale needs no answer.
+            Kind::OrderCompleted => {
+                stock::commit(conn, &m.order_id).await?;
+                None
+            }
+            // Its queue on RabbitMQ is bound to OrderCompleted only; a
+            // Kafka group reads the whole topic.
+            Kind::OrderCancelled => None,
+            other => unreachable!("decode admits only stock commands and outcomes, not {other}"),
         };
         match reply {
             Some(reply) => {

@@ -28,7 +28,10 @@ fn metrics() -> ConsumerMetrics {
 fn engine(store: &Store, destination: &str, sink: Arc<dyn sink::Sink>) -> Arc<LogEngine> {
     let figures = RelayMetrics::new().destination(destination);
     let guard = Arc::new(SinkGuard::new(
-        Arc::new(Signing::new(sink, keys())),
+        Arc::new(Signing::new(sink, keys()).endorsing(
+            Topic::ReserveCommands.as_str(),
+            Topic::PaymentCommands.as_str(),
+        )),
         ProtectionConfig {
             max_in_flight: 64,
             rate_per_second: None,
@@ -71,13 +74,12 @@ fn engine(store: &Store, destination: &str, sink: Arc<dyn sink::Sink>) -> Arc<Lo
 /// A key for every saga stream: every message in these tests travels
 /// signed, as the chart runs it.
 fn keys() -> Keyring {
-    Topic::ALL
+    saga::messages::KEY_NAMES
         .iter()
-        .map(|t| {
+        .map(|name| {
             format!(
-                "{}={}-0123456789abcdef0123456789abcdef",
-                t.as_str(),
-                t.as_str()
+                "{name}={}-0123456789abcdef0123456789abcdef",
+                name.replace('@', "-")
             )
         })
         .collect::<Vec<_>>()
@@ -114,6 +116,14 @@ impl Platform {
         );
         let inventory_store = Store::new(inventory.clone());
         let payments_store = Store::new(payments.clone());
+        let payments_sink = || {
+            Arc::new(LocalSink::new(Inbox::new(
+                payments.clone(),
+                payments::CONSUMER,
+                payments::Payments::new(SagaRoute::Local).with_keys(keys()),
+                metrics(),
+            ))) as Arc<dyn sink::Sink>
+        };
         let saga_sink = || {
             Arc::new(LocalSink::new(Inbox::new(
                 orders.pool().clone(),
@@ -136,19 +146,7 @@ impl Platform {
                     ))),
                 ),
             ),
-            (
-                "payments",
-                engine(
-                    &orders,
-                    "payments",
-                    Arc::new(LocalSink::new(Inbox::new(
-                        payments.clone(),
-                        payments::CONSUMER,
-                        payments::Payments::new(SagaRoute::Local).with_keys(keys()),
-                        metrics(),
-                    ))),
-                ),
-            ),
+            ("payments", engine(&orders, "payments", payments_sink())),
             (
                 "notifier",
                 engine(
@@ -160,6 +158,10 @@ impl Platform {
             (
                 "inventory-answers",
                 engine(&inventory_store, "saga", saga_sink()),
+            ),
+            (
+                "inventory-to-payments",
+                engine(&inventory_store, "payments", payments_sink()),
             ),
             (
                 "payments-answers",
@@ -188,6 +190,7 @@ impl Platform {
             for (name, _) in self.engines.iter().filter(|(n, _)| !skip.contains(n)) {
                 let (pool, destination) = match *name {
                     "inventory-answers" => (&self.inventory, "saga"),
+                    "inventory-to-payments" => (&self.inventory, "payments"),
                     "payments-answers" => (&self.payments, "saga"),
                     other => (self.orders.pool(), other),
                 };
@@ -426,7 +429,8 @@ async fn a_step_without_an_answer_is_compensated_at_its_deadline() {
     assert_eq!(state, "compensating");
     // Now its reservation and its release arrive, in that order: the
     // reservation is made, then released; the late StockReserved changes
-    // nothing.
+    // nothing. Payments would charge on it, so the refund went out too: its
+    // tombstone refuses that charge.
     p.pump().await;
     let (state, _, reason) = p.saga_state("LATE-1").await;
     assert_eq!(state, "cancelled");
@@ -437,14 +441,20 @@ async fn a_step_without_an_answer_is_compensated_at_its_deadline() {
             "ORDER_CREATED",
             "DEADLINE_PASSED",
             "RESERVE_RELEASED",
+            "PAYMENT_REFUNDED",
             "ORDER_CANCELLED"
         ]
     );
+    let payment: (String,) = sqlx::query_as("SELECT state FROM payments WHERE order_id = 'LATE-1'")
+        .fetch_one(&p.payments)
+        .await
+        .unwrap();
+    assert_eq!(payment.0, "refunded", "the tombstone, charged nothing");
 
     // payments never hears of the charge before the deadline: the refund
     // and the release go out together.
     p.create("LATE-2", 10.0, "rich", &[("sku-a", 1)]).await;
-    p.pump_except(&["payments"]).await;
+    p.pump_except(&["payments", "inventory-to-payments"]).await;
     assert_eq!(p.saga_state("LATE-2").await.0, "reserved");
     assert_eq!(p.orders.pass_saga_deadlines(100).await.unwrap(), 1);
     p.pump().await;
@@ -732,7 +742,7 @@ async fn forged_answers_are_dead_lettered_and_conservation_holds() {
     payments::ledger::open(&p.payments, "poor").await.unwrap();
     p.create("F-1", 250.0, "poor", &[("sku-a", 1)]).await;
     // Payments is away: the stock is reserved and the charge waits.
-    p.pump_except(&["payments"]).await;
+    p.pump_except(&["payments", "inventory-to-payments"]).await;
     assert_eq!(p.saga_state("F-1").await.0, "reserved");
 
     let saga = Inbox::new(
@@ -741,7 +751,8 @@ async fn forged_answers_are_dead_lettered_and_conservation_holds() {
         orchestrator::Orchestrator::new(p.orders.clone()).with_keys(keys()),
         metrics(),
     );
-    let charge = p.command_id("F-1", Kind::ChargePayment).await;
+    // Payments charges the ReserveStock and answers it.
+    let charge = p.command_id("F-1", Kind::ReserveStock).await;
     let paid = SagaMessage::new(Kind::PaymentSucceeded, "F-1")
         .amount("250".parse().unwrap())
         .replying_to(&charge);
@@ -837,5 +848,168 @@ async fn a_forged_or_mismatched_refund_is_dead_lettered_and_moves_no_money() {
         (balance, state.as_str()),
         ("50".parse().unwrap(), "charged")
     );
+    p.assert_money_conserved().await;
+}
+
+/// Payments charges what orders-center's `ReserveStock` endorsed, never
+/// what a `StockReserved` alone says: inventory holds the key of `reserve`,
+/// not the key of `payment.commands`.
+#[tokio::test]
+async fn payments_charges_only_the_reserve_stock_that_orders_center_endorsed() {
+    let p = Platform::new(Duration::from_secs(30)).await;
+    let initial = BTreeMap::from([("sku-a", 5)]);
+    p.set_stock("sku-a", 5).await;
+    p.open_account("rich", "1000").await;
+    p.create("V-1", 40.0, "rich", &[("sku-a", 1)]).await;
+    p.pump_except(&["inventory-to-payments"]).await;
+    assert_eq!(p.saga_state("V-1").await.0, "reserved");
+    // The StockReserved inventory wrote for payments, with its voucher.
+    let genuine: serde_json::Value = sqlx::query_scalar(
+        "SELECT payload FROM event_log WHERE destination = 'payments' AND aggregateid = 'V-1'",
+    )
+    .fetch_one(&p.inventory)
+    .await
+    .unwrap();
+    let genuine: SagaMessage = serde_json::from_value(genuine).unwrap();
+    let voucher = genuine
+        .voucher
+        .clone()
+        .expect("StockReserved carries its ReserveStock");
+    assert!(voucher
+        .endorsement
+        .as_deref()
+        .unwrap_or_default()
+        .starts_with("e1="));
+
+    let payments = Inbox::new(
+        p.payments.clone(),
+        payments::CONSUMER,
+        payments::Payments::new(SagaRoute::Local).with_keys(keys()),
+        metrics(),
+    );
+    // What inventory's keys alone can make: the charge rewritten to 999 on
+    // the same account (its body no longer what was endorsed), the
+    // endorsement dropped, an endorsement of inventory's own making, no
+    // voucher, and the genuine voucher on another order.
+    let inventory_keys: Keyring = keys();
+    let rewritten = voucher.body.replace("40", "999");
+    assert_ne!(rewritten, voucher.body);
+    let with = |v: Option<saga::messages::Voucher>, order: &str| SagaMessage {
+        voucher: v,
+        ..SagaMessage::new(Kind::StockReserved, order)
+    };
+    let own_endorsement = inventory_keys
+        .sign("reserve.commands", &voucher.id, rewritten.as_bytes())
+        .unwrap()
+        .replace("v1=", "e1=");
+    for (id, message, class, why) in [
+        (
+            "v-1",
+            with(
+                Some(saga::messages::Voucher {
+                    body: rewritten.clone(),
+                    ..voucher.clone()
+                }),
+                "V-1",
+            ),
+            "forged",
+            "not endorsed",
+        ),
+        (
+            "v-2",
+            with(
+                Some(saga::messages::Voucher {
+                    endorsement: None,
+                    ..voucher.clone()
+                }),
+                "V-1",
+            ),
+            "unsigned",
+            "not endorsed",
+        ),
+        (
+            "v-3",
+            with(
+                Some(saga::messages::Voucher {
+                    body: rewritten.clone(),
+                    endorsement: Some(own_endorsement.clone()),
+                    ..voucher.clone()
+                }),
+                "V-1",
+            ),
+            "forged",
+            "not endorsed",
+        ),
+        ("v-4", with(None, "V-1"), "invalid", "no ReserveStock"),
+        (
+            "v-5",
+            with(Some(voucher.clone()), "V-2"),
+            "invalid",
+            "not the ReserveStock of V-2",
+        ),
+    ] {
+        let verdicts = payments
+            .process(&[signed(id, &message, &inventory_keys)])
+            .await
+            .unwrap();
+        assert_eq!(dead_class(verdicts, why), class, "{id}");
+    }
+    let charged: i64 = sqlx::query_scalar("SELECT count(*) FROM payments")
+        .fetch_one(&p.payments)
+        .await
+        .unwrap();
+    assert_eq!(charged, 0, "no forged voucher charged anything");
+
+    // The genuine one charges the 40 asked for, and the saga completes.
+    p.pump().await;
+    assert_eq!(p.saga_state("V-1").await.0, "completed");
+    p.assert_stock_conserved(&initial).await;
+    p.assert_money_conserved().await;
+    let balance: Decimal =
+        sqlx::query_scalar("SELECT balance FROM accounts WHERE account_id = 'rich'")
+            .fetch_one(&p.payments)
+            .await
+            .unwrap();
+    assert_eq!(balance, Decimal::from(960));
+}
+
+/// `PaymentSucceeded` and `StockReserved` travel on different topics, so
+/// the charge's answer may come first: it proves the reservation, the saga
+/// completes on it, and the late `StockReserved` changes nothing.
+#[tokio::test]
+async fn a_payment_that_overtakes_its_reservation_completes_the_saga() {
+    let p = Platform::new(Duration::from_secs(30)).await;
+    let initial = BTreeMap::from([("sku-a", 5)]);
+    p.set_stock("sku-a", 5).await;
+    p.open_account("rich", "1000").await;
+    p.create("O-9", 25.0, "rich", &[("sku-a", 2)]).await;
+    p.pump_except(&["inventory-answers"]).await;
+    assert_eq!(p.saga_state("O-9").await.0, "completed");
+    // OrderCompleted sold the reservation, with no StockReserved seen.
+    let state: String = sqlx::query_scalar("SELECT state FROM reservations WHERE order_id = 'O-9'")
+        .fetch_one(&p.inventory)
+        .await
+        .unwrap();
+    assert_eq!(state, "committed");
+    let version = p.saga_state("O-9").await.1;
+    p.pump().await;
+    assert_eq!(
+        p.saga_state("O-9").await.1,
+        version,
+        "the late StockReserved moved it"
+    );
+    assert_eq!(
+        p.chain("O-9").await,
+        [
+            "ORDER_CREATED",
+            "RESERVE_CREATED",
+            "PAYMENT_CREATED",
+            "PAYMENT_COMPLETED",
+            "RESERVE_COMMITTED",
+            "ORDER_COMPLETED"
+        ]
+    );
+    assert_eq!(p.notifier.notification("O-9").unwrap().outcome, "completed");
+    p.assert_stock_conserved(&initial).await;
     p.assert_money_conserved().await;
 }

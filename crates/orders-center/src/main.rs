@@ -96,7 +96,7 @@ async fn consume(
         ),
         config::ConsumerName::Saga => (
             orchestrator::CONSUMER,
-            transports::Stream::saga(&orchestrator::TOPICS),
+            transports::Stream::saga(orchestrator::CONSUMER, &orchestrator::TOPICS),
             Box::new(transports::saga_inbox(&store, &config.keys())),
         ),
     };

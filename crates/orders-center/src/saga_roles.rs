@@ -33,12 +33,27 @@ impl Service {
         }
     }
 
-    /// The commands it consumes.
-    fn topic(self) -> Topic {
+    /// What it consumes: its commands, and the messages of another
+    /// service it acts on (inventory sells on `OrderCompleted`, payments
+    /// charges on `StockReserved`).
+    fn reads(self) -> [Topic; 2] {
         match self {
-            Service::Inventory => Topic::ReserveCommands,
-            Service::Payments => Topic::PaymentCommands,
+            Service::Inventory => [Topic::ReserveCommands, Topic::Saga],
+            Service::Payments => [Topic::PaymentCommands, Topic::Reserve],
         }
+    }
+
+    /// What it answers on.
+    fn answers(self) -> Topic {
+        match self {
+            Service::Inventory => Topic::Reserve,
+            Service::Payments => Topic::Payment,
+        }
+    }
+
+    /// The streams it consumes.
+    fn streams(self) -> Vec<Stream> {
+        Stream::saga(self.name(), &self.reads())
     }
 
     /// Its database URL from the configuration.
@@ -109,11 +124,12 @@ pub async fn run_service(
     if args.migrate {
         service.migrate(store.pool()).await?;
     }
-    let streams = Stream::saga(&[service.topic()]);
-    transports::warn_unsigned(&config.keys(), &[service.topic()]);
+    let streams = service.streams();
+    transports::warn_unsigned(&config.keys(), &service.reads());
     transport.prepare(name, &streams).await?;
     let relay_config = args.tuning.relay_config();
-    let outlets = transports::service_outlets(config, &args.tuning, &store, None).await?;
+    let outlets =
+        transports::service_outlets(config, &args.tuning, &store, service.answers(), None).await?;
     let leadership = crate::leadership(
         &args.election,
         &store,
@@ -167,7 +183,7 @@ pub async fn run_notifier(
             .context("building the webhook client")?
             .with_keys(config.keys()),
     );
-    let streams = Stream::saga(&[Topic::Saga]);
+    let streams = Stream::saga(notifier::CONSUMER, &[Topic::Saga]);
     transports::warn_unsigned(&config.keys(), &[Topic::Saga]);
     transport.prepare(notifier::CONSUMER, &streams).await?;
     let listener = crate::bind(args.listen).await?;
@@ -263,8 +279,14 @@ impl DevSaga {
         };
         let mut service_listeners = vec![listeners.inventory, listeners.payments].into_iter();
         for (service, store) in stores {
-            let outlets =
-                transports::service_outlets(config, tuning, &store, saga.peers.as_ref()).await?;
+            let outlets = transports::service_outlets(
+                config,
+                tuning,
+                &store,
+                service.answers(),
+                saga.peers.as_ref(),
+            )
+            .await?;
             let relay = relay::Relay::start(
                 store.clone(),
                 outlets,
@@ -282,7 +304,7 @@ impl DevSaga {
             )));
             if let Some(t) = &transport {
                 let route = config.saga_route().expect("a broker gives a saga route");
-                let streams = Stream::saga(&[service.topic()]);
+                let streams = service.streams();
                 t.prepare(service.name(), &streams).await?;
                 let consumer = service.consumer(store.pool(), route, &config.keys());
                 saga.tasks
@@ -291,13 +313,13 @@ impl DevSaga {
             saga.relays.push(relay);
         }
         if let Some(t) = &transport {
-            let streams = Stream::saga(&orchestrator::TOPICS);
+            let streams = Stream::saga(orchestrator::CONSUMER, &orchestrator::TOPICS);
             t.prepare(orchestrator::CONSUMER, &streams).await?;
             let orchestrator: Box<dyn inbox::Consumer> =
                 Box::new(transports::saga_inbox(orders, &config.keys()));
             saga.tasks
                 .push(consume(t.clone(), orchestrator, streams, shutdown));
-            let streams = Stream::saga(&[Topic::Saga]);
+            let streams = Stream::saga(notifier::CONSUMER, &[Topic::Saga]);
             t.prepare(notifier::CONSUMER, &streams).await?;
             saga.tasks.push(consume(
                 t.clone(),

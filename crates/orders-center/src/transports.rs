@@ -128,9 +128,11 @@ pub async fn outlets(
 ) -> Result<Vec<relay::Outlet>> {
     let mut destinations = config.routes().all_destinations();
     if let Some(route) = config.saga().route {
-        for topic in [Topic::ReserveCommands, Topic::PaymentCommands, Topic::Saga] {
-            destinations.push(route.destination(topic));
-        }
+        destinations.extend(route.destinations_of(&[
+            Topic::ReserveCommands,
+            Topic::PaymentCommands,
+            Topic::Saga,
+        ]));
     }
     destinations.sort_by(|a, b| a.as_str().cmp(b.as_str()));
     destinations.dedup();
@@ -147,21 +149,24 @@ pub async fn outlets(
     Ok(outlets)
 }
 
-/// The outlet of a service database (inventory, payments): its answers,
-/// to the broker or, over PostgreSQL, to the orchestrator's inbox.
+/// The outlets of a service database (inventory, payments): its answers
+/// on `answers`, to the broker or, over PostgreSQL, to the inbox of each
+/// of their readers.
 pub async fn service_outlets(
     config: &Config,
     tuning: &RelayTuning,
     store: &store::Store,
+    answers: Topic,
     peers: Option<&LocalPeers>,
 ) -> Result<Vec<relay::Outlet>> {
     let route = config
         .saga_route()
         .context("the saga's services need --broker (or `orders-center dev`)")?;
-    let destination = route.destination(Topic::Reserve);
-    Ok(vec![
-        outlet(config, tuning, store, destination, peers).await?,
-    ])
+    let mut outlets = Vec::new();
+    for destination in route.destinations_of(&[answers]) {
+        outlets.push(outlet(config, tuning, store, destination, peers).await?);
+    }
+    Ok(outlets)
 }
 
 /// An every-message-in-order outlet to `destination`, other than 1C.
@@ -212,11 +217,15 @@ async fn outlet(
              journal, or the destination of --broker (kafka or rabbitmq)"
         ),
     };
-    // What this process publishes on a stream with a key goes out signed.
-    let sink: Arc<dyn sink::Sink> = if keys.streams().next().is_some() {
-        Arc::new(Signing::new(sink, keys))
-    } else {
+    // What this process publishes on a stream with a key goes out signed,
+    // and its ReserveStock endorsed as the charge payments may make.
+    let sink: Arc<dyn sink::Sink> = if keys.is_empty() {
         sink
+    } else {
+        Arc::new(Signing::new(sink, keys).endorsing(
+            Topic::ReserveCommands.as_str(),
+            Topic::PaymentCommands.as_str(),
+        ))
     };
     Ok(relay::Outlet {
         destination,
@@ -243,7 +252,6 @@ impl Stream {
         }]
     }
 
-    /// Every saga message on `topics`.
     /// Whatever is published to `source` (every routing key on RabbitMQ).
     pub fn ingest(source: &str) -> Vec<Stream> {
         vec![Stream {
@@ -252,12 +260,17 @@ impl Stream {
         }]
     }
 
-    pub fn saga(topics: &[Topic]) -> Vec<Stream> {
+    /// The saga messages on `topics` that `reader` reads.
+    pub fn saga(reader: &str, topics: &[Topic]) -> Vec<Stream> {
         topics
             .iter()
             .map(|t| Stream {
                 aggregate_type: t.as_str().into(),
-                events: t.kinds().iter().map(|k| k.as_str().to_owned()).collect(),
+                events: t
+                    .kinds_for(reader)
+                    .iter()
+                    .map(|k| k.as_str().to_owned())
+                    .collect(),
             })
             .collect()
     }

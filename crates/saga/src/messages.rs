@@ -24,17 +24,22 @@ pub const MAX_REASON: usize = 1024;
 /// What a message says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Kind {
-    /// orders-center → inventory: reserve every line, or none.
+    /// orders-center → inventory: reserve every line, or none; then (the
+    /// `account_id` and `amount` it carries) payments charges the order.
     ReserveStock,
     /// orders-center → inventory: give the order's reservation back.
     ReleaseStock,
-    /// orders-center → inventory: the order is paid; the reserved stock is sold.
+    /// orders-center → inventory: the order is paid; the reserved stock is
+    /// sold. Sagas started before `OrderCompleted` sold it.
     CommitStock,
-    /// orders-center → payments: take `amount` from `account_id`.
+    /// orders-center → payments: take `amount` from `account_id`. Sagas
+    /// started before the charge rode on `StockReserved`.
     ChargePayment,
     /// orders-center → payments: give the order's charge back.
     RefundPayment,
-    /// inventory: every line is reserved.
+    /// inventory → orders-center and payments: every line is reserved;
+    /// carries the `ReserveStock` it answers, endorsed by orders-center,
+    /// which payments charges.
     StockReserved,
     /// inventory: nothing was reserved, with the `reason`.
     StockFailed,
@@ -48,7 +53,8 @@ pub enum Kind {
     PaymentFailed,
     /// payments: `amount` (0 when nothing had been charged) was refunded.
     PaymentRefunded,
-    /// orders-center → notifier: the order completed.
+    /// orders-center → notifier and inventory: the order completed; its
+    /// reserved stock is sold.
     OrderCompleted,
     /// orders-center → notifier: the order was cancelled, with the `reason`.
     OrderCancelled,
@@ -105,6 +111,21 @@ impl Kind {
         }
     }
 
+    /// The consumers that read it, by name; on the PostgreSQL transport
+    /// also the outbox destinations it is written for.
+    pub fn readers(self) -> &'static [&'static str] {
+        match self {
+            Kind::StockReserved => &["saga", "payments"],
+            Kind::OrderCompleted => &["notifier", "inventory"],
+            other => match other.topic() {
+                Topic::ReserveCommands => &["inventory"],
+                Topic::PaymentCommands => &["payments"],
+                Topic::Reserve | Topic::Payment => &["saga"],
+                Topic::Saga => &["notifier"],
+            },
+        }
+    }
+
     /// The topic it travels on.
     pub fn topic(self) -> Topic {
         match self {
@@ -137,8 +158,21 @@ impl FromStr for Kind {
     }
 }
 
+/// The names of the saga's signing keys (`sink::signing`): one per
+/// stream, and one per reader of the streams with two (`stream@reader`).
+/// The chart generates one key for each.
+pub const KEY_NAMES: [&str; 7] = [
+    "reserve.commands",
+    "payment.commands",
+    "reserve@saga",
+    "reserve@payments",
+    "payment",
+    "saga@notifier",
+    "saga@inventory",
+];
+
 /// A stream of saga messages: a Kafka topic, the outbox aggregate type, and
-/// the name part of a consumer's RabbitMQ queue. One service reads each.
+/// the name part of a consumer's RabbitMQ queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Topic {
     /// Commands to inventory.
@@ -165,17 +199,6 @@ impl Topic {
         }
     }
 
-    /// The consumer that reads it; on the PostgreSQL transport also the
-    /// outbox destination of its messages.
-    pub fn reader(self) -> &'static str {
-        match self {
-            Topic::ReserveCommands => "inventory",
-            Topic::PaymentCommands => "payments",
-            Topic::Reserve | Topic::Payment => "saga",
-            Topic::Saga => "notifier",
-        }
-    }
-
     /// Every topic.
     pub const ALL: [Topic; 5] = [
         Topic::ReserveCommands,
@@ -192,6 +215,30 @@ impl Topic {
             .filter(|k| k.topic() == self)
             .collect()
     }
+
+    /// The kinds on it that `reader` reads.
+    pub fn kinds_for(self, reader: &str) -> Vec<Kind> {
+        self.kinds()
+            .into_iter()
+            .filter(|k| k.readers().contains(&reader))
+            .collect()
+    }
+}
+
+/// A command as it was sent, passed on inside an answer to the service
+/// that acts next: `StockReserved` carries its `ReserveStock` to payments,
+/// which charges what orders-center endorsed (the `e1=` items of the
+/// command's signature, made with the key of `payment.commands`) and so
+/// never what inventory alone says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Voucher {
+    /// The command's message id.
+    pub id: String,
+    /// Its body, byte for byte.
+    pub body: String,
+    /// Its endorsement, when its stream is signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endorsement: Option<String>,
 }
 
 /// One saga message.
@@ -205,11 +252,11 @@ pub struct SagaMessage {
     /// `ReserveStock`: the lines.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lines: Vec<Line>,
-    /// `ChargePayment`: who pays.
+    /// `ReserveStock`, `ChargePayment`: who pays.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub account_id: Option<String>,
-    /// `ChargePayment`, `PaymentSucceeded`, `PaymentRefunded`,
-    /// `OrderCompleted`: how much.
+    /// `ReserveStock`, `ChargePayment`, `PaymentSucceeded`,
+    /// `PaymentRefunded`, `OrderCompleted`: how much.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub amount: Option<Money>,
     /// `StockFailed`, `PaymentFailed`, `OrderCancelled`: why.
@@ -218,6 +265,9 @@ pub struct SagaMessage {
     /// An answer: the message id of the command it answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_reply_to: Option<String>,
+    /// `StockReserved`: the `ReserveStock` it answers, for payments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voucher: Option<Voucher>,
 }
 
 impl SagaMessage {
@@ -231,6 +281,7 @@ impl SagaMessage {
             amount: None,
             reason: None,
             in_reply_to: None,
+            voucher: None,
         }
     }
 
@@ -276,11 +327,13 @@ impl SagaMessage {
                 if let Some((field, m)) = line_problems(&self.lines, "lines").into_iter().next() {
                     return Err(format!("{field} {m}"));
                 }
+                // The charge; older commands carry none.
+                if self.account_id.is_some() || self.amount.is_some() {
+                    self.charge()?;
+                }
             }
             Kind::ChargePayment => {
-                let account = self.account_id.as_deref().ok_or("account_id is missing")?;
-                check_name(account).map_err(|m| format!("account_id {m}"))?;
-                self.positive_amount()?;
+                self.charge()?;
             }
             Kind::PaymentSucceeded | Kind::OrderCompleted => self.positive_amount()?,
             Kind::PaymentRefunded => {
@@ -310,6 +363,14 @@ impl SagaMessage {
             | Kind::StockCommitted => {}
         }
         Ok(())
+    }
+
+    /// The account and amount of a charge, checked.
+    pub fn charge(&self) -> Result<(&str, Money), String> {
+        let account = self.account_id.as_deref().ok_or("account_id is missing")?;
+        check_name(account).map_err(|m| format!("account_id {m}"))?;
+        self.positive_amount()?;
+        Ok((account, self.amount.unwrap_or(Money::ZERO)))
     }
 
     fn positive_amount(&self) -> Result<(), String> {

@@ -6,14 +6,20 @@
 //! or duplicate answer) is [`None`]: nothing changes.
 //!
 //! ```text
-//! Pending ──StockReserved──► Reserved ──PaymentSucceeded──► Paid ──StockCommitted──► Completed
-//!    │                          │                            └─deadline: send CommitStock again
+//! Pending ──StockReserved──► Reserved ──PaymentSucceeded──► Completed (OrderCompleted sells the stock)
+//!    │  └───────────────PaymentSucceeded (it overtook StockReserved)───────┘
 //!    │ StockFailed              │ PaymentFailed / deadline
 //!    ▼                          ▼
 //! Cancelled ◄──all confirmed── Compensating {release, refund}
-//!    ▲                          └─deadline: send what is unconfirmed again
-//!    └────── deadline in Pending: Compensating {release}
+//!                               └─deadline: send what is unconfirmed again
 //! ```
+//!
+//! The happy path is four messages: `ReserveStock` (carrying the charge),
+//! `StockReserved` (read by payments, which charges, and by the saga),
+//! `PaymentSucceeded`, and `OrderCompleted` (read by the notifier and by
+//! inventory, which sells the reservation). Orchestration keeps the
+//! decisions: only the saga completes or compensates, and inventory sells
+//! stock only on its word.
 //!
 //! Compensation never gives up: a release or refund that is not confirmed
 //! by its deadline is sent again. Inventory and payments make both
@@ -27,11 +33,12 @@ use std::str::FromStr;
 /// Where a saga is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum State {
-    /// `ReserveStock` sent; waiting for inventory.
+    /// `ReserveStock` sent; waiting for inventory (and payments).
     Pending,
-    /// Stock held, `ChargePayment` sent; waiting for payments.
+    /// Stock held, payments charging; waiting for payments.
     Reserved,
-    /// Charged, `CommitStock` sent; waiting for inventory.
+    /// Charged, `CommitStock` sent; waiting for inventory. Only sagas
+    /// started before `OrderCompleted` sold the stock are ever here.
     Paid,
     /// Sold. Final.
     Completed,
@@ -153,10 +160,9 @@ pub enum Command {
     Reserve,
     /// `ReleaseStock` to inventory.
     Release,
-    /// `CommitStock` to inventory.
+    /// `CommitStock` to inventory (sagas that were `paid` before an
+    /// upgrade).
     Commit,
-    /// `ChargePayment` to payments.
-    Charge,
     /// `RefundPayment` to payments.
     Refund,
     /// `OrderCompleted` to the notifier.
@@ -173,7 +179,6 @@ impl Command {
             Command::Reserve => K::ReserveStock,
             Command::Release => K::ReleaseStock,
             Command::Commit => K::CommitStock,
-            Command::Charge => K::ChargePayment,
             Command::Refund => K::RefundPayment,
             Command::NotifyCompleted => K::OrderCompleted,
             Command::NotifyCancelled => K::OrderCancelled,
@@ -190,7 +195,7 @@ pub enum Step {
     ReserveCreated,
     /// Stock not reserved.
     ReserveFailed,
-    /// `ChargePayment` sent.
+    /// Payments was asked to charge (by `StockReserved`).
     PaymentCreated,
     /// Charged.
     PaymentCompleted,
@@ -198,7 +203,7 @@ pub enum Step {
     PaymentFailed,
     /// A step did not answer before its deadline; compensation started.
     DeadlinePassed,
-    /// The reservation was sold.
+    /// The reservation was sold (`OrderCompleted` tells inventory).
     ReserveCommitted,
     /// Compensation: the reservation was released.
     ReserveReleased,
@@ -321,13 +326,31 @@ pub fn transition(state: State, event: &Event) -> Option<Transition> {
             )
         }
     };
+    let complete = |steps: &[Step]| {
+        let mut all = steps.to_vec();
+        all.extend([
+            Step::PaymentCompleted,
+            Step::ReserveCommitted,
+            Step::OrderCompleted,
+        ]);
+        go(S::Completed, &[C::NotifyCompleted], &all, Deadline::Clear)
+    };
+    let reserved = [Step::ReserveCreated, Step::PaymentCreated];
     Some(match (state, event) {
-        (S::Pending, E::StockReserved) => go(
-            S::Reserved,
-            &[C::Charge],
-            &[Step::ReserveCreated, Step::PaymentCreated],
-            Deadline::Start,
-        ),
+        // Payments charges on the same message.
+        (S::Pending, E::StockReserved) => go(S::Reserved, &[], &reserved, Deadline::Start),
+        // The money is taken, so the sale stands: the OrderCompleted that
+        // tells the notifier also tells inventory to sell the reservation,
+        // which StockReserved (and so any PaymentSucceeded) proves is held.
+        (S::Reserved, E::PaymentSucceeded) => complete(&[]),
+        // Payments charges only on a StockReserved, so one that overtook
+        // it (another topic, another queue) proves the reservation.
+        (S::Pending, E::PaymentSucceeded) => complete(&reserved),
+        (S::Pending, E::PaymentFailed { reason }) => {
+            let mut t = compensate(true, false, Step::PaymentFailed, reason.clone());
+            t.steps.splice(0..0, reserved);
+            t
+        }
         // A reservation is all or nothing: a failed one holds nothing.
         (S::Pending, E::StockFailed { reason }) => Transition {
             reason: Some(reason.clone()),
@@ -338,18 +361,13 @@ pub fn transition(state: State, event: &Event) -> Option<Transition> {
                 Deadline::Clear,
             )
         },
-        // The reservation may still happen: release whatever it holds.
+        // The reservation may still happen, and payments charge on it:
+        // release and refund whatever they take.
         (S::Pending, E::DeadlinePassed) => compensate(
             true,
-            false,
+            true,
             Step::DeadlinePassed,
             "inventory did not answer in time".into(),
-        ),
-        (S::Reserved, E::PaymentSucceeded) => go(
-            S::Paid,
-            &[C::Commit],
-            &[Step::PaymentCompleted],
-            Deadline::Start,
         ),
         (S::Reserved, E::PaymentFailed { reason }) => {
             compensate(true, false, Step::PaymentFailed, reason.clone())
@@ -546,10 +564,12 @@ mod tests {
             reason: "insufficient funds".into(),
         };
         vec![
-            (S::Pending, E::StockReserved, S::Reserved, &[C::Charge], &[T::ReserveCreated, T::PaymentCreated], Start),
+            (S::Pending, E::StockReserved, S::Reserved, &[], &[T::ReserveCreated, T::PaymentCreated], Start),
             (S::Pending, failed_stock, S::Cancelled, &[C::NotifyCancelled], &[T::ReserveFailed, T::OrderCancelled], Clear),
-            (S::Pending, E::DeadlinePassed, comp(true, false), &[C::Release], &[T::DeadlinePassed], Start),
-            (S::Reserved, E::PaymentSucceeded, S::Paid, &[C::Commit], &[T::PaymentCompleted], Start),
+            (S::Pending, E::DeadlinePassed, comp(true, true), &[C::Refund, C::Release], &[T::DeadlinePassed], Start),
+            (S::Pending, E::PaymentSucceeded, S::Completed, &[C::NotifyCompleted], &[T::ReserveCreated, T::PaymentCreated, T::PaymentCompleted, T::ReserveCommitted, T::OrderCompleted], Clear),
+            (S::Pending, failed_payment.clone(), comp(true, false), &[C::Release], &[T::ReserveCreated, T::PaymentCreated, T::PaymentFailed], Start),
+            (S::Reserved, E::PaymentSucceeded, S::Completed, &[C::NotifyCompleted], &[T::PaymentCompleted, T::ReserveCommitted, T::OrderCompleted], Clear),
             (S::Reserved, failed_payment, comp(true, false), &[C::Release], &[T::PaymentFailed], Start),
             (S::Reserved, E::DeadlinePassed, comp(true, true), &[C::Refund, C::Release], &[T::DeadlinePassed], Start),
             (S::Paid, E::StockCommitted, S::Completed, &[C::NotifyCompleted], &[T::ReserveCommitted, T::OrderCompleted], Clear),
@@ -673,11 +693,16 @@ mod tests {
                 let count = |c| commands.iter().filter(|x| **x == c).count();
                 if state == S::Cancelled {
                     assert!(count(C::Commit) == 0, "{steps:?}");
-                    if count(C::Reserve) > 0 && !steps.contains(&Step::ReserveFailed) {
+                    assert_eq!(count(C::NotifyCompleted), 0, "{steps:?}");
+                    // Payments charges on any StockReserved: unless stock
+                    // failed (then nothing was held or charged), what may
+                    // be held is released, and what may be charged is
+                    // refunded unless the charge failed.
+                    if !steps.contains(&Step::ReserveFailed) {
                         assert!(count(C::Release) > 0, "{steps:?}");
-                    }
-                    if count(C::Charge) > 0 && !steps.contains(&Step::PaymentFailed) {
-                        assert!(count(C::Refund) > 0, "{steps:?}");
+                        if !steps.contains(&Step::PaymentFailed) {
+                            assert!(count(C::Refund) > 0, "{steps:?}");
+                        }
                     }
                 }
                 return;
@@ -724,7 +749,12 @@ mod tests {
             T::OrderCancelled,
         ];
         assert_eq!(replay(&timed_out), Ok(S::Cancelled));
-        assert_eq!(replay(&completed[..4]), Ok(S::Paid), "a saga still running");
+        assert_eq!(
+            replay(&completed[..3]),
+            Ok(S::Reserved),
+            "a saga still running"
+        );
+        assert!(replay(&completed[..4]).is_err(), "the sale is one step");
         for bad in [
             &[T::OrderCreated, T::PaymentCreated][..],
             &[T::OrderCreated, T::ReserveCreated][..],

@@ -9,13 +9,19 @@
 //! v1=<base64url(HMAC-SHA256(key, "orders-center/v1\n" + stream + "\n" + event id + "\n" + body))>
 //! ```
 //!
-//! A key belongs to one stream, and every saga stream has one writer and
-//! one reader (`reserve.commands`: orders-center to inventory; `reserve`:
-//! inventory to orders-center; ...), so each service holds only the keys of
-//! its own streams: inventory cannot sign a `ChargePayment`, nor payments a
-//! `StockReserved`. (One key per sending service would let every reader of
+//! A key belongs to one stream, so each service holds only the keys of
+//! its own streams: inventory cannot sign a `RefundPayment`, nor payments a
+//! `ReserveStock`. (One key per sending service would let every reader of
 //! orders-center's commands sign commands to the others, with a symmetric
-//! MAC.)
+//! MAC.) A stream with several readers has a key per reader,
+//! `stream@reader=key`: the writer holds them all and signs with each (the
+//! header then holds several `v1=` items, space-separated), and each reader
+//! holds its own, so no reader can write as the writer to another.
+//!
+//! An endorsement (`e1=`, same MAC) is a signature with another stream's
+//! key: orders-center's `ReserveStock` is endorsed with the key of
+//! `payment.commands`, inventory passes the command on inside its
+//! `StockReserved`, and payments charges only what orders-center endorsed.
 //!
 //! Rotation: a stream may have several keys (`stream=old|new`, or the
 //! stream named twice). The last one signs; any of them verifies. Add the
@@ -36,10 +42,12 @@ pub const HEADER: &str = "signature";
 pub const MIN_KEY_LEN: usize = 32;
 
 const VERSION: &str = "v1=";
+const ENDORSEMENT: &str = "e1=";
 
-/// The keys of some streams, from `stream=key,stream=key,...`.
+/// The keys of some streams, from `stream=key,stream@reader=key,...`.
 #[derive(Clone, Default)]
 pub struct Keyring {
+    /// By name: `stream` or `stream@reader`.
     keys: HashMap<String, Vec<Vec<u8>>>,
 }
 
@@ -91,30 +99,60 @@ pub enum Refusal {
 }
 
 impl Keyring {
+    /// The keys of `stream`, each name (`stream`, `stream@reader`) with
+    /// its keys, in a stable order.
+    fn of(&self, stream: &str) -> Vec<&Vec<Vec<u8>>> {
+        let mut named: Vec<(&String, &Vec<Vec<u8>>)> = self
+            .keys
+            .iter()
+            .filter(|(name, _)| name.split('@').next() == Some(stream))
+            .collect();
+        named.sort_unstable_by_key(|(name, _)| *name);
+        named.into_iter().map(|(_, keys)| keys).collect()
+    }
+
     /// Whether `stream` has a key: its messages are signed and must be.
     pub fn covers(&self, stream: &str) -> bool {
-        self.keys.contains_key(stream)
+        !self.of(stream).is_empty()
     }
 
-    /// The streams with keys.
-    pub fn streams(&self) -> impl Iterator<Item = &str> {
-        self.keys.keys().map(String::as_str)
+    /// Whether any stream has a key.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
     }
 
-    /// The signature of a message of `stream`, with its newest key; `None`
-    /// when the stream has none.
+    /// The signature of a message of `stream`: a `v1=` item per reader's
+    /// newest key; `None` when the stream has none.
     pub fn sign(&self, stream: &str, event_id: &str, body: &[u8]) -> Option<String> {
-        let key = self.keys.get(stream)?.last()?;
-        let tag = mac(key, stream, event_id, body).finalize().into_bytes();
-        Some(format!(
-            "{VERSION}{}",
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag)
-        ))
+        self.tags(VERSION, stream, event_id, body)
+    }
+
+    /// The endorsement of a message with the keys of `endorser` (another
+    /// stream): `e1=` items, to append to its signature; `None` when
+    /// `endorser` has no key here.
+    pub fn endorse(&self, endorser: &str, event_id: &str, body: &[u8]) -> Option<String> {
+        self.tags(ENDORSEMENT, endorser, event_id, body)
+    }
+
+    fn tags(&self, version: &str, stream: &str, event_id: &str, body: &[u8]) -> Option<String> {
+        let tags: Vec<String> = self
+            .of(stream)
+            .into_iter()
+            .filter_map(|keys| keys.last())
+            .map(|key| {
+                let tag = mac(key, stream, event_id, body).finalize().into_bytes();
+                format!(
+                    "{version}{}",
+                    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag)
+                )
+            })
+            .collect();
+        (!tags.is_empty()).then(|| tags.join(" "))
     }
 
     /// Checks a message of `stream`: any message passes on a stream
-    /// without a key; on one with a key, `signature` must be one of its
-    /// keys' over this message (compared in constant time).
+    /// without a key; on one with a key, one `v1=` item of `signature` must
+    /// be one of its keys' over this message (compared in constant time).
     pub fn verify(
         &self,
         stream: &str,
@@ -122,22 +160,52 @@ impl Keyring {
         body: &[u8],
         signature: Option<&str>,
     ) -> Result<(), Refusal> {
-        let Some(keys) = self.keys.get(stream) else {
+        self.check(VERSION, stream, event_id, body, signature)
+    }
+
+    /// Checks that a message was endorsed with a key of `endorser`, as
+    /// [`Keyring::verify`] checks a signature, from the `e1=` items of its
+    /// signature header.
+    pub fn verify_endorsement(
+        &self,
+        endorser: &str,
+        event_id: &str,
+        body: &[u8],
+        signature: Option<&str>,
+    ) -> Result<(), Refusal> {
+        self.check(ENDORSEMENT, endorser, event_id, body, signature)
+    }
+
+    fn check(
+        &self,
+        version: &str,
+        stream: &str,
+        event_id: &str,
+        body: &[u8],
+        signature: Option<&str>,
+    ) -> Result<(), Refusal> {
+        let keys = self.of(stream);
+        if keys.is_empty() {
             return Ok(());
-        };
-        let signature = signature.ok_or(Refusal::Unsigned)?;
-        let tag = signature
-            .strip_prefix(VERSION)
-            .and_then(|t| {
+        }
+        let tags: Vec<Vec<u8>> = signature
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|item| item.strip_prefix(version))
+            .map(|t| {
                 base64::engine::general_purpose::URL_SAFE_NO_PAD
                     .decode(t)
-                    .ok()
+                    .unwrap_or_default()
             })
-            .ok_or(Refusal::Forged)?;
-        keys.iter()
-            .any(|key| mac(key, stream, event_id, body).verify_slice(&tag).is_ok())
-            .then_some(())
-            .ok_or(Refusal::Forged)
+            .collect();
+        if tags.is_empty() {
+            return Err(Refusal::Unsigned);
+        }
+        let genuine = keys.iter().flat_map(|k| k.iter()).any(|key| {
+            tags.iter()
+                .any(|tag| mac(key, stream, event_id, body).verify_slice(tag).is_ok())
+        });
+        genuine.then_some(()).ok_or(Refusal::Forged)
     }
 }
 
@@ -146,26 +214,43 @@ impl Keyring {
 pub struct Signing {
     inner: std::sync::Arc<dyn crate::Sink>,
     keys: Keyring,
+    /// `(stream, endorser)`: messages of `stream` are also endorsed with
+    /// the keys of `endorser`.
+    endorsements: Vec<(String, String)>,
 }
 
 impl Signing {
     /// Signs for `inner` with `keys`.
     pub fn new(inner: std::sync::Arc<dyn crate::Sink>, keys: Keyring) -> Self {
-        Self { inner, keys }
+        Self {
+            inner,
+            keys,
+            endorsements: Vec::new(),
+        }
     }
-}
 
-impl Signing {
+    /// Also endorses each message of `stream` with the keys of `endorser`.
+    pub fn endorsing(mut self, stream: &str, endorser: &str) -> Self {
+        self.endorsements.push((stream.into(), endorser.into()));
+        self
+    }
+
     /// `message` with its signature, when its stream has a key.
     fn signed(&self, message: &crate::Message) -> Option<crate::Message> {
         let id = message.event_id.to_string();
-        let signature = self.keys.sign(
-            &message.aggregate_type,
-            &id,
-            message.payload.get().as_bytes(),
-        )?;
-        Some(crate::Message {
-            signature: Some(signature),
+        let stream = message.aggregate_type.as_str();
+        let body = message.payload.get().as_bytes();
+        let items: Vec<String> = std::iter::once(self.keys.sign(stream, &id, body))
+            .chain(
+                self.endorsements
+                    .iter()
+                    .filter(|(s, _)| s == stream)
+                    .map(|(_, endorser)| self.keys.endorse(endorser, &id, body)),
+            )
+            .flatten()
+            .collect();
+        (!items.is_empty()).then(|| crate::Message {
+            signature: Some(items.join(" ")),
             ..message.clone()
         })
     }
@@ -274,6 +359,71 @@ mod tests {
         assert_eq!(both.verify("payment", "e", b"x", Some(&by_old)), Ok(()));
         assert_eq!(
             new.verify("payment", "e", b"x", Some(&by_old)),
+            Err(Refusal::Forged)
+        );
+    }
+
+    #[test]
+    fn each_reader_of_a_stream_verifies_with_its_own_key_and_cannot_sign_for_the_other() {
+        let a = "0123456789abcdef0123456789abcdef-for-saga";
+        let b = "0123456789abcdef0123456789abcdef-for-payments";
+        let writer: Keyring = format!("reserve@saga={a},reserve@payments={b}")
+            .parse()
+            .unwrap();
+        let saga: Keyring = format!("reserve@saga={a}").parse().unwrap();
+        let payments: Keyring = format!("reserve@payments={b}").parse().unwrap();
+        let sig = writer.sign("reserve", "e", b"x").unwrap();
+        assert_eq!(sig.matches("v1=").count(), 2, "{sig}");
+        assert!(saga.covers("reserve") && !saga.covers("payment"));
+        assert_eq!(saga.verify("reserve", "e", b"x", Some(&sig)), Ok(()));
+        assert_eq!(payments.verify("reserve", "e", b"x", Some(&sig)), Ok(()));
+        // What one reader can sign, the other refuses.
+        let by_payments = payments.sign("reserve", "e", b"x").unwrap();
+        assert_eq!(
+            saga.verify("reserve", "e", b"x", Some(&by_payments)),
+            Err(Refusal::Forged)
+        );
+    }
+
+    #[test]
+    fn an_endorsement_is_checked_with_the_endorsers_key_only() {
+        let ring: Keyring = format!("reserve.commands={OLD},payment.commands={NEW}")
+            .parse()
+            .unwrap();
+        let payments: Keyring = format!("payment.commands={NEW}").parse().unwrap();
+        let inventory: Keyring = format!("reserve.commands={OLD}").parse().unwrap();
+        let header = format!(
+            "{} {}",
+            ring.sign("reserve.commands", "e", b"x").unwrap(),
+            ring.endorse("payment.commands", "e", b"x").unwrap()
+        );
+        assert_eq!(
+            inventory.verify("reserve.commands", "e", b"x", Some(&header)),
+            Ok(())
+        );
+        assert_eq!(
+            payments.verify_endorsement("payment.commands", "e", b"x", Some(&header)),
+            Ok(())
+        );
+        // The signature alone is no endorsement, and inventory's key makes none.
+        let signed_only = ring.sign("reserve.commands", "e", b"x").unwrap();
+        assert_eq!(
+            payments.verify_endorsement("payment.commands", "e", b"x", Some(&signed_only)),
+            Err(Refusal::Unsigned)
+        );
+        let by_inventory = format!(
+            "e1={}",
+            inventory
+                .sign("reserve.commands", "e", b"x")
+                .unwrap()
+                .trim_start_matches("v1=")
+        );
+        assert_eq!(
+            payments.verify_endorsement("payment.commands", "e", b"x", Some(&by_inventory)),
+            Err(Refusal::Forged)
+        );
+        assert_eq!(
+            payments.verify_endorsement("payment.commands", "e", b"y", Some(&header)),
             Err(Refusal::Forged)
         );
     }

@@ -24,23 +24,36 @@ use crate::{Error, Precondition, Result, SaveContext, Store};
 /// Where the saga's messages go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SagaRoute {
-    /// The PostgreSQL transport: to each topic's reader as a destination
-    /// (`inventory`, `payments`, `saga`, `notifier`).
+    /// The PostgreSQL transport: to each reader of a message as a
+    /// destination (`inventory`, `payments`, `saga`, `notifier`).
     Local,
     /// Every topic to this broker destination (`kafka`, `rabbitmq`).
     Broker(Destination),
 }
 
 impl SagaRoute {
-    /// The outbox destination of `topic`'s messages.
-    pub fn destination(&self, topic: Topic) -> Destination {
+    /// The outbox destinations of `kind`'s messages.
+    pub fn destinations(&self, kind: Kind) -> Vec<Destination> {
         match self {
-            SagaRoute::Local => topic
-                .reader()
-                .parse()
-                .expect("readers are destination names"),
-            SagaRoute::Broker(d) => d.clone(),
+            SagaRoute::Local => kind
+                .readers()
+                .iter()
+                .map(|r| r.parse().expect("readers are destination names"))
+                .collect(),
+            SagaRoute::Broker(d) => vec![d.clone()],
         }
+    }
+
+    /// The outbox destinations of every message of `topics`.
+    pub fn destinations_of(&self, topics: &[Topic]) -> Vec<Destination> {
+        let mut all: Vec<Destination> = topics
+            .iter()
+            .flat_map(|t| t.kinds())
+            .flat_map(|k| self.destinations(k))
+            .collect();
+        all.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        all.dedup();
+        all
     }
 }
 
@@ -119,12 +132,21 @@ fn with_ids(commands: &[Command]) -> Vec<(Command, Uuid)> {
 }
 
 /// How `sent` names the commands that get answers (not the notifier's
-/// outcomes): `<type>/<event id>`.
+/// outcomes): `<type>/<event id>`. A `ReserveStock` is also the charge
+/// that payments' answers name.
 fn sent_entries(commands: &[(Command, Uuid)]) -> Vec<String> {
     commands
         .iter()
-        .filter(|(c, _)| !matches!(c, Command::NotifyCompleted | Command::NotifyCancelled))
-        .map(|(c, id)| format!("{}/{id}", c.kind()))
+        .flat_map(|(c, id)| {
+            let kinds: &[Kind] = match c {
+                Command::NotifyCompleted | Command::NotifyCancelled => &[],
+                Command::Reserve => &[Kind::ReserveStock, Kind::ChargePayment],
+                Command::Release => &[Kind::ReleaseStock],
+                Command::Commit => &[Kind::CommitStock],
+                Command::Refund => &[Kind::RefundPayment],
+            };
+            kinds.iter().map(move |k| format!("{k}/{id}"))
+        })
         .collect()
 }
 
@@ -380,7 +402,7 @@ async fn send_commands(
     let route = config.route.as_ref().ok_or(Error::SagasDisabled)?;
     let events: Vec<OutboxEvent> = commands
         .iter()
-        .map(|(c, id)| event(route, &message(order.as_str(), row, *c), row.version, *id))
+        .flat_map(|(c, id)| events(route, &message(order.as_str(), row, *c), row.version, *id))
         .collect();
     write_events(conn, &events).await
 }
@@ -388,20 +410,26 @@ async fn send_commands(
 /// Writes one saga message (a service's answer) to the outbox along
 /// `route`, keyed by its order.
 pub async fn send(conn: &mut PgConnection, route: &SagaRoute, message: &SagaMessage) -> Result<()> {
-    write_events(conn, &[event(route, message, 1, Uuid::now_v7())]).await
+    write_events(conn, &events(route, message, 1, Uuid::now_v7())).await
 }
 
-fn event(route: &SagaRoute, message: &SagaMessage, version: i64, id: Uuid) -> OutboxEvent {
+/// `message` as an event per destination, all under one id.
+fn events(route: &SagaRoute, message: &SagaMessage, version: i64, id: Uuid) -> Vec<OutboxEvent> {
     let topic = message.kind.topic();
-    OutboxEvent {
-        event_id: id,
-        destination: route.destination(topic),
-        aggregate_type: topic.as_str(),
-        aggregate_id: message.order_id.clone(),
-        kind: message.kind.as_str(),
-        version,
-        payload: message.to_json(),
-    }
+    let payload = message.to_json();
+    route
+        .destinations(message.kind)
+        .into_iter()
+        .map(|destination| OutboxEvent {
+            event_id: id,
+            destination,
+            aggregate_type: topic.as_str(),
+            aggregate_id: message.order_id.clone(),
+            kind: message.kind.as_str(),
+            version,
+            payload: payload.clone(),
+        })
+        .collect()
 }
 
 fn message(order: &str, row: &Row, command: Command) -> SagaMessage {
@@ -409,13 +437,10 @@ fn message(order: &str, row: &Row, command: Command) -> SagaMessage {
     match command {
         Command::Reserve => SagaMessage {
             lines: row.lines.clone(),
-            ..plain
-        },
-        Command::Release | Command::Commit => plain,
-        Command::Charge => SagaMessage {
             account_id: Some(row.account_id.clone()),
             ..plain.amount(row.amount)
         },
+        Command::Release | Command::Commit => plain,
         Command::Refund | Command::NotifyCompleted => plain.amount(row.amount),
         Command::NotifyCancelled => {
             plain.because(row.reason.clone().unwrap_or_else(|| "cancelled".into()))

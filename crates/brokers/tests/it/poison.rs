@@ -122,13 +122,12 @@ impl Target {
 
 /// A key for every saga stream.
 fn keys() -> Keyring {
-    Topic::ALL
+    saga::messages::KEY_NAMES
         .iter()
-        .map(|t| {
+        .map(|name| {
             format!(
-                "{}={}-poison-suite-0123456789abcdef0123",
-                t.as_str(),
-                t.as_str()
+                "{name}={}-poison-suite-0123456789abcdef0123",
+                name.replace('@', "-")
             )
         })
         .collect::<Vec<_>>()
