@@ -413,6 +413,10 @@ def saga_tour():
         return api.call("GET", f"/api/v1/orders/{oid}")[1]["order"]["status"]
 
     wait_until("both sagas end", 120, lambda: outcome("ORD-2001") == "completed" and outcome("ORD-2002") == "cancelled")
+    # OrderCompleted sells the stock and tells the notifier, after the saga ends.
+    wait_until("the sale and both notifications", 60, lambda: (
+        inventory.call("GET", "/api/v1/stock/SKU-1")[1].get("sold") == 2
+        and len(saga.service("saga-notifier").call("GET", "/api/v1/notifications")[1]) == 2))
     stock = inventory.call("GET", "/api/v1/stock/SKU-1")[1]
     account = payments.call("GET", "/api/v1/accounts/acc-1")[1]
     notes = saga.service("saga-notifier").call("GET", "/api/v1/notifications")[1]

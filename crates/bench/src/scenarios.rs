@@ -165,6 +165,21 @@ pub async fn run_all(
                 full.then_some(("≥ 43000", drain.rate >= 43_000.0)),
             ));
             drain.push_ceiling(scenario, orders, out);
+            let simplest = simplest_claim_ceiling(orders).await?;
+            out.push(figure(
+                scenario,
+                "simplest claim ceiling (pgbench: PK, partial index, 500 SKIP LOCKED, c=3)",
+                simplest,
+                "task/s",
+                None,
+            ));
+            out.push(figure(
+                scenario,
+                "drain / simplest claim ceiling",
+                drain.rate / simplest,
+                "×",
+                full.then_some(("≥ 0.7", drain.rate / simplest >= 0.7)),
+            ));
             out.push(figure(
                 scenario,
                 "rows claimed per claim query",
@@ -436,16 +451,45 @@ async fn pgbench_drain(
 ) -> Result<f64> {
     prefill(&db.pool, NOOP, "P-", backlog).await?;
     let rows = backlog.rows();
+    let args = [
+        "-D".to_owned(),
+        format!("batch={BATCH}"),
+        "-D".to_owned(),
+        format!("dest={NOOP}"),
+        "-D".to_owned(),
+        "claimant=pgbench".to_owned(),
+        "-D".to_owned(),
+        "lease=120".to_owned(),
+    ];
+    // EXISTS stops at the first open row: polling must not load the
+    // database it measures.
+    let open = format!(
+        "SELECT EXISTS (SELECT 1 FROM outbox WHERE destination = '{NOOP}' AND state = 'pending')
+             OR EXISTS (SELECT 1 FROM outbox WHERE state = 'running')"
+    );
+    let took = pgbench_until_drained(db, &args, &pgbench_drain_script(policy), &open).await?;
+    Ok(rows as f64 / took.as_secs_f64())
+}
+
+/// Runs `script` with pgbench at the relay's concurrency until `open`
+/// (a query answering whether any row is still to be settled) says no;
+/// answers how long it took.
+async fn pgbench_until_drained(
+    db: &testkit::TestDb,
+    args: &[String],
+    script: &str,
+    open: &str,
+) -> Result<Duration> {
     let dir = tempfile::tempdir()?;
-    let script = dir.path().join("drain.sql");
-    std::fs::write(&script, pgbench_drain_script(policy))?;
+    let path = dir.path().join("drain.sql");
+    std::fs::write(&path, script)?;
     let started = Instant::now();
     let mut pgbench = tokio::process::Command::new("pgbench")
         .args(["-n", "-M", "prepared", "-c", &LANES.to_string(), "-j", "2"])
-        .args(["-T", "900", "-D", &format!("batch={BATCH}"), "-D"])
-        .arg(format!("dest={NOOP}"))
-        .args(["-D", "claimant=pgbench", "-D", "lease=120", "-f"])
-        .arg(&script)
+        .args(["-T", "900"])
+        .args(args)
+        .arg("-f")
+        .arg(&path)
         .arg(db.url.split('?').next().unwrap_or(&db.url))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -453,16 +497,8 @@ async fn pgbench_drain(
         .spawn()
         .context("pgbench is installed (postgresql-client)")?;
     loop {
-        // EXISTS stops at the first open row: polling must not load the
-        // database it measures.
-        let open: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM outbox WHERE destination = $1 AND state = 'pending')
-                 OR EXISTS (SELECT 1 FROM outbox WHERE state = 'running')",
-        )
-        .bind(NOOP)
-        .fetch_one(&db.pool)
-        .await?;
-        if !open {
+        let still_open: bool = sqlx::query_scalar(open).fetch_one(&db.pool).await?;
+        if !still_open {
             break;
         }
         if let Some(status) = pgbench.try_wait()? {
@@ -481,6 +517,54 @@ async fn pgbench_drain(
     }
     let took = started.elapsed();
     pgbench.kill().await?;
+    Ok(took)
+}
+
+/// The least any claim of job rows can cost here: pgbench on a table of
+/// the outbox's shape with only a primary key and a partial index on
+/// `(run_at, id) WHERE state = 'pending'`, claiming 500 rows `FOR UPDATE
+/// SKIP LOCKED` at concurrency 3 and completing them by id; tasks per
+/// second over a backlog of `rows`.
+async fn simplest_claim_ceiling(rows: i64) -> Result<f64> {
+    let db = testkit::database().await;
+    for ddl in [
+        "CREATE TABLE simplest (
+             id bigserial PRIMARY KEY,
+             event_id uuid NOT NULL,
+             destination text NOT NULL,
+             aggregateid text NOT NULL,
+             version bigint NOT NULL,
+             payload jsonb NOT NULL,
+             state text NOT NULL DEFAULT 'pending',
+             run_at timestamptz NOT NULL DEFAULT now(),
+             claimed_by text,
+             attempts int NOT NULL DEFAULT 0,
+             finished_at timestamptz)",
+        "CREATE INDEX simplest_pending ON simplest (run_at, id) WHERE state = 'pending'",
+    ] {
+        sqlx::query(ddl).execute(&db.pool).await?;
+    }
+    sqlx::query(
+        "INSERT INTO simplest (event_id, destination, aggregateid, version, payload)
+         SELECT gen_random_uuid(), 'bench', 'S-' || g, 1, '{\"order\": {\"status\": \"new\"}}'
+         FROM generate_series(1, $1) g",
+    )
+    .bind(rows)
+    .execute(&db.pool)
+    .await?;
+    sqlx::query("VACUUM ANALYZE simplest")
+        .execute(&db.pool)
+        .await?;
+    let script = "BEGIN;\n\
+        WITH c AS (UPDATE simplest SET state = 'running', claimed_by = 'pgbench', \
+        attempts = attempts + 1 WHERE id IN (SELECT id FROM simplest WHERE state = 'pending' \
+        AND run_at <= now() ORDER BY run_at, id LIMIT 500 FOR UPDATE SKIP LOCKED) \
+        RETURNING id) SELECT coalesce(array_agg(id), '{}') AS ids FROM c \\gset\n\
+        COMMIT;\n\
+        UPDATE simplest SET state = 'done', finished_at = now() WHERE id = ANY(:ids);\n";
+    let open = "SELECT EXISTS (SELECT 1 FROM simplest WHERE state = 'pending')
+                    OR EXISTS (SELECT 1 FROM simplest WHERE state = 'running')";
+    let took = pgbench_until_drained(&db, &[], script, open).await?;
     Ok(rows as f64 / took.as_secs_f64())
 }
 

@@ -439,19 +439,43 @@ async fn check(sys: &System, roles: &Roles, run: &Run) -> Result<Outcomes> {
     }
 
     // Stock: what each product started with is free or sold, nothing held;
-    // exactly the completed orders hold sold stock.
-    let levels: Vec<(String, i64, i64, i64)> = sqlx::query_as(
-        "SELECT p.product_id, p.available,
-                coalesce(sum(l.quantity) FILTER (WHERE r.state = 'reserved'), 0)::bigint,
-                coalesce(sum(l.quantity) FILTER (WHERE r.state = 'committed'), 0)::bigint
-         FROM products p
-         LEFT JOIN reservation_lines l ON l.product_id = p.product_id
-         LEFT JOIN reservations r ON r.order_id = l.order_id
-         WHERE p.product_id = ANY($1) GROUP BY p.product_id",
-    )
-    .bind(run.stock.keys().collect::<Vec<_>>())
-    .fetch_all(&roles.inventory_pool)
-    .await?;
+    // exactly the completed orders hold sold stock. A saga completes before
+    // its OrderCompleted reaches inventory, so the last sales may still be
+    // on their way.
+    let completed: Vec<&String> = sagas
+        .iter()
+        .filter(|s| s.1 == "completed")
+        .map(|s| &s.0)
+        .collect();
+    let mut want = completed.clone();
+    want.sort();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (levels, committed) = loop {
+        let levels: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT p.product_id, p.available,
+                    coalesce(sum(l.quantity) FILTER (WHERE r.state = 'reserved'), 0)::bigint,
+                    coalesce(sum(l.quantity) FILTER (WHERE r.state = 'committed'), 0)::bigint
+             FROM products p
+             LEFT JOIN reservation_lines l ON l.product_id = p.product_id
+             LEFT JOIN reservations r ON r.order_id = l.order_id
+             WHERE p.product_id = ANY($1) GROUP BY p.product_id",
+        )
+        .bind(run.stock.keys().collect::<Vec<_>>())
+        .fetch_all(&roles.inventory_pool)
+        .await?;
+        let mut committed: Vec<String> = sqlx::query_scalar(
+            "SELECT order_id FROM reservations WHERE order_id = ANY($1) AND state = 'committed'",
+        )
+        .bind(&run.ids)
+        .fetch_all(&roles.inventory_pool)
+        .await?;
+        committed.sort();
+        let settled = levels.iter().all(|l| l.2 == 0) && committed.len() == want.len();
+        if settled || Instant::now() > deadline {
+            break (levels, committed);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     for (product, available, held, sold) in &levels {
         ensure!(*held == 0, "{product}: {held} units still held");
         ensure!(
@@ -460,21 +484,7 @@ async fn check(sys: &System, roles: &Roles, run: &Run) -> Result<Outcomes> {
             run.stock[product]
         );
     }
-    let committed: Vec<String> = sqlx::query_scalar(
-        "SELECT order_id FROM reservations WHERE order_id = ANY($1) AND state = 'committed'",
-    )
-    .bind(&run.ids)
-    .fetch_all(&roles.inventory_pool)
-    .await?;
-    let completed: Vec<&String> = sagas
-        .iter()
-        .filter(|s| s.1 == "completed")
-        .map(|s| &s.0)
-        .collect();
-    let mut sold_to: Vec<&String> = committed.iter().collect();
-    sold_to.sort();
-    let mut want = completed.clone();
-    want.sort();
+    let sold_to: Vec<&String> = committed.iter().collect();
     ensure!(
         sold_to == want,
         "stock is sold to {} orders, {} completed",

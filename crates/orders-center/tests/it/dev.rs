@@ -244,7 +244,15 @@ async fn dev_mode_serves_within_30s_runs_the_readme_tour_and_cleans_up_on_ctrl_c
     );
     let order: Value = get_json(&format!("{base}/api/v1/orders/ORD-2001")).await;
     assert_eq!(order["order"]["status"], "completed");
-    let stock: Value = get_json(&format!("{inventory}/api/v1/stock/SKU-1")).await;
+    // The OrderCompleted that sells the stock goes out with the last step.
+    let mut stock = Value::Null;
+    for _ in 0..100 {
+        stock = get_json(&format!("{inventory}/api/v1/stock/SKU-1")).await;
+        if stock["sold"].as_i64() == Some(2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(
         (
             stock["available"].as_i64(),
