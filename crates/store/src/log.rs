@@ -446,15 +446,25 @@ impl Claimed {
             None => {
                 // The lowest position of the new window's events, found by
                 // transaction id; the run reads on from there by position.
+                // The range of transaction ids is read on their index
+                // (`ORDER BY xid`, fenced by `OFFSET 0`): otherwise the plan
+                // cached for the statement, made without statistics (the
+                // log is never analyzed), served min(position) from the
+                // position index and filtered every event of the partition
+                // from the first: 2,135 buffers a window with 2,800 events
+                // in the partition, against 11, and 37% of PostgreSQL's
+                // time in the saga bench.
                 let (window, floor): (String, Option<i64>) = sqlx::query_as(
                     "WITH w AS (SELECT pg_current_snapshot() AS s)
                      SELECT w.s::text,
-                            (SELECT min(position) FROM event_log
-                             WHERE destination = $1 AND partition = $2
-                               AND xid >= pg_snapshot_xmin($3::pg_snapshot)
-                               AND xid < pg_snapshot_xmax(w.s)
-                               AND pg_visible_in_snapshot(xid, w.s)
-                               AND NOT pg_visible_in_snapshot(xid, $3::pg_snapshot))
+                            (SELECT min(position)
+                             FROM (SELECT position FROM event_log
+                                   WHERE destination = $1 AND partition = $2
+                                     AND xid >= pg_snapshot_xmin($3::pg_snapshot)
+                                     AND xid < pg_snapshot_xmax(w.s)
+                                     AND pg_visible_in_snapshot(xid, w.s)
+                                     AND NOT pg_visible_in_snapshot(xid, $3::pg_snapshot)
+                                   ORDER BY xid OFFSET 0) fresh)
                      FROM w",
                 )
                 .bind(&self.destination)
