@@ -429,6 +429,19 @@ impl<H: Handler> Inbox<H> {
                 applied.push(*i);
             }
         }
+        // Keyed messages apply in key order (stable, so one key's keep
+        // theirs): two transactions of this consumer at once (two queues,
+        // two parts of a batch) then lock their keys' rows in one order and
+        // wait for each other instead of deadlocking. The orchestrator met
+        // that once StockReserved and PaymentSucceeded of one order came in
+        // together on two queues.
+        if new.iter().all(|m| self.handler.ordering_key(m).is_some()) {
+            new.sort_by(|a, b| {
+                self.handler
+                    .ordering_key(a)
+                    .cmp(&self.handler.ordering_key(b))
+            });
+        }
         self.handler.apply_batch(&mut tx, &new).await?;
         tx.commit().await?;
         Ok(applied)

@@ -318,3 +318,80 @@ async fn the_local_sink_applies_a_batch_at_once_and_refuses_only_the_poison() {
     );
     assert_eq!(journal_rows(&db.pool).await, 3);
 }
+
+/// Adds one to row `<key>` of `counters`, holding the row a moment.
+struct Counting;
+
+#[async_trait::async_trait]
+impl Handler for Counting {
+    type Message = String;
+
+    fn decode(&self, incoming: &Incoming) -> Result<String, Poison> {
+        Ok(String::from_utf8_lossy(&incoming.payload)
+            .split('#')
+            .next()
+            .unwrap_or_default()
+            .to_owned())
+    }
+
+    fn ordering_key<'m>(&self, key: &'m String) -> Option<&'m str> {
+        Some(key)
+    }
+
+    async fn apply(&self, conn: &mut PgConnection, key: &String) -> sqlx::Result<()> {
+        sqlx::query("UPDATE counters SET n = n + 1 WHERE key = $1")
+            .bind(key)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("SELECT pg_sleep(0.02)")
+            .execute(conn)
+            .await
+            .map(drop)
+    }
+}
+
+/// Two batches of one consumer at once (two queues of the orchestrator)
+/// that touch the same keys in opposite orders lock them in key order, so
+/// one waits for the other instead of both deadlocking.
+#[tokio::test]
+async fn concurrent_batches_over_the_same_keys_wait_instead_of_deadlocking() {
+    let db = testkit::database().await;
+    sqlx::query("CREATE TABLE counters (key text PRIMARY KEY, n int NOT NULL)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO counters SELECT 'K' || g, 0 FROM generate_series(0, 9) g")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let inbox = Inbox::new(
+        db.pool.clone(),
+        "counting",
+        Counting,
+        ConsumerMetrics::unregistered(),
+    );
+    let batch = |keys: Vec<i32>, tag: &str| -> Vec<Incoming> {
+        keys.into_iter()
+            .map(|k| Incoming {
+                id: Some(format!("K{k}#{tag}")),
+                payload: format!("K{k}#{tag}").into_bytes(),
+                origin: "test".into(),
+                signature: None,
+            })
+            .collect()
+    };
+    let up = batch((0..10).collect(), "up");
+    let down = batch((0..10).rev().collect(), "down");
+    let (a, b) = tokio::join!(inbox.process(&up), inbox.process(&down));
+    for verdicts in [a.unwrap(), b.unwrap()] {
+        assert!(
+            verdicts.iter().all(|v| *v == Verdict::Applied),
+            "{verdicts:?}"
+        );
+    }
+    let counts: Vec<i32> = sqlx::query_scalar("SELECT n FROM counters ORDER BY key")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(counts, [2; 10]);
+}

@@ -144,6 +144,10 @@ impl Handler for Orchestrator {
         })
     }
 
+    fn ordering_key<'m>(&self, answer: &'m Answer) -> Option<&'m str> {
+        Some(answer.order.as_str())
+    }
+
     async fn apply(&self, conn: &mut PgConnection, answer: &Answer) -> sqlx::Result<()> {
         let applied = self
             .store
