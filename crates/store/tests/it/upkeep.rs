@@ -51,3 +51,39 @@ async fn the_backlog_recount_reads_open_rows_only() {
         stats[0].oldest_pending_age_seconds
     );
 }
+
+/// The inbox keeps a row per message (issue 33, decision 4: no transport
+/// here carries a per-key sequence that a high-water mark could stand on),
+/// so its size is bounded by age: rows older than the window go, a batch at
+/// a time, and the window's rows stay to absorb redeliveries.
+#[tokio::test]
+async fn inbox_rows_older_than_the_window_are_deleted_a_batch_at_a_time() {
+    let db = testkit::database().await;
+    sqlx::query(
+        "INSERT INTO inbox (consumer, message_id, received_at)
+         SELECT 'saga', 'm-' || g, now() - make_interval(hours => CASE WHEN g < 300 THEN 25 ELSE 1 END)
+         FROM generate_series(0, 399) g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let store = Store::new(db.pool.clone());
+    let day = std::time::Duration::from_secs(86_400);
+    let count = |old: bool| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM inbox WHERE (received_at < now() - interval '1 day') = $1",
+            )
+            .bind(old)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    store.delete_finished(day, day, day, 200).await.unwrap();
+    assert_eq!(count(true).await, 100, "one call deletes at most its limit");
+    store.delete_finished(day, day, day, 200).await.unwrap();
+    assert_eq!(count(true).await, 0);
+    assert_eq!(count(false).await, 100, "the window's rows stay");
+}
