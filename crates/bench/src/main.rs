@@ -37,9 +37,23 @@ struct Args {
     /// 200,000 by default, 5,000 with `--quick`.
     #[arg(long)]
     backlog: Vec<i64>,
+    /// The saga's transports (repeatable); all three when omitted.
+    #[arg(long, value_enum)]
+    saga_over: Vec<SagaOver>,
     /// Where to write the figures as JSON.
     #[arg(long, default_value = "target/bench.json")]
     json: PathBuf,
+}
+
+/// A transport of the saga bench, for `--saga-over`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SagaOver {
+    /// Kafka.
+    Kafka,
+    /// RabbitMQ.
+    Rabbitmq,
+    /// The PostgreSQL transport (`orders-center dev`).
+    Postgresql,
 }
 
 /// A scenario of the issue, for `--only`.
@@ -97,6 +111,8 @@ pub struct Figure {
 pub struct Sizes {
     /// Orders pre-filled for the no-op drains, one drain each.
     pub noop_backlogs: Vec<i64>,
+    /// The saga's transports.
+    pub saga_over: Vec<SagaOver>,
     /// Orders of the in-order against latest-wins drains.
     pub in_order_orders: i64,
     /// Orders of each flat-cost drain.
@@ -120,6 +136,7 @@ pub struct Sizes {
 fn full() -> Sizes {
     Sizes {
         noop_backlogs: vec![200_000],
+        saga_over: vec![SagaOver::Kafka, SagaOver::Rabbitmq, SagaOver::Postgresql],
         in_order_orders: 100_000,
         flat_orders: 50_000,
         http_tasks: 50_000,
@@ -135,6 +152,7 @@ fn full() -> Sizes {
 fn quick() -> Sizes {
     Sizes {
         noop_backlogs: vec![5_000],
+        saga_over: vec![SagaOver::Kafka, SagaOver::Rabbitmq, SagaOver::Postgresql],
         in_order_orders: 5_000,
         flat_orders: 1_250,
         http_tasks: 1_000,
@@ -156,6 +174,9 @@ async fn main() -> anyhow::Result<()> {
     let mut sizes = if args.quick { quick() } else { full() };
     if !args.backlog.is_empty() {
         sizes.noop_backlogs.clone_from(&args.backlog);
+    }
+    if !args.saga_over.is_empty() {
+        sizes.saga_over.clone_from(&args.saga_over);
     }
     let mut figures = Vec::new();
     let only = |s| args.only.is_empty() || args.only.contains(&s);

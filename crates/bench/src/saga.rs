@@ -1,8 +1,9 @@
 //! 8: the order saga over a real Kafka and a real RabbitMQ, every role a
 //! release process as deployed: the API, a relay, `consume saga`,
 //! `inventory` and `payments` (each on its own database), the notifier,
-//! the journal and the 1C mock. Orders with a checkout go in through the
-//! API; stock and funds are ample, so every saga completes.
+//! the journal and the 1C mock; and over the PostgreSQL transport, every
+//! role in one `orders-center dev`. Orders with a checkout go in through
+//! the API; stock and funds are ample, so every saga completes.
 //!
 //! - throughput: a burst of sagas as fast as 64 clients create them;
 //!   completed sagas per second from the first create to the last
@@ -47,6 +48,60 @@ fn log(role: &str) -> std::path::PathBuf {
 }
 
 impl Platform {
+    /// `orders-center dev`: every role in one process, the saga's messages
+    /// over the PostgreSQL transport.
+    async fn start_local() -> Result<Self> {
+        let orders = testkit::database().await;
+        let inventory_db = testkit::unmigrated_database().await;
+        let payments_db = testkit::unmigrated_database().await;
+        let any = "127.0.0.1:0";
+        let env = [
+            ("DATABASE_URL", orders.url.as_str()),
+            ("INVENTORY_DATABASE_URL", inventory_db.url.as_str()),
+            ("PAYMENTS_DATABASE_URL", payments_db.url.as_str()),
+            ("SAGA_STEP_TIMEOUT", "10m"),
+            ("LISTEN_ADDR", any),
+            ("RELAY_LISTEN_ADDR", any),
+            ("ONEC_MOCK_LISTEN_ADDR", any),
+            ("INVENTORY_LISTEN_ADDR", any),
+            ("PAYMENTS_LISTEN_ADDR", any),
+            ("NOTIFIER_LISTEN_ADDR", any),
+            ("RELAY_POLL_INTERVAL", "100ms"),
+        ];
+        let dev = process::spawn(
+            "orders-center",
+            &["dev"],
+            &env,
+            "dev listening",
+            &log("dev"),
+        )
+        .await?;
+        // The ready line names each service: `inventory=http://...`.
+        let line = dev.ready_line.clone();
+        let service = |name: &str| -> Result<String> {
+            let at = line
+                .find(&format!("{name}=http://"))
+                .with_context(|| format!("no {name} URL in {line:?}"))?;
+            let url = &line[at + name.len() + 1..];
+            Ok(url
+                .split(|c: char| c.is_whitespace() || c == '"')
+                .next()
+                .unwrap_or_default()
+                .to_owned())
+        };
+        let (inventory, payments) = (service("inventory")?, service("payments")?);
+        let names = HashMap::from([(dev.pid()?, "dev (every role)".to_owned())]);
+        let platform = Self {
+            api: dev.url.clone(),
+            roles: vec![dev],
+            names,
+            databases: [orders.pool.clone(), inventory_db.pool, payments_db.pool],
+            orders: orders.pool,
+        };
+        platform.stock_and_fund(&inventory, &payments).await?;
+        Ok(platform)
+    }
+
     async fn start(broker: &Broker, prefix: &str) -> Result<Self> {
         let url = broker.url();
         let orders = testkit::database().await;
@@ -108,6 +163,19 @@ impl Platform {
         }
         let url = |i: usize| roles[i].url.clone();
         let (inventory, payments, api) = (url(3), url(4), url(6));
+        let platform = Self {
+            roles,
+            names,
+            api,
+            databases: [orders.pool.clone(), inventory_db.pool, payments_db.pool],
+            orders: orders.pool,
+        };
+        platform.stock_and_fund(&inventory, &payments).await?;
+        Ok(platform)
+    }
+
+    /// Ample stock of every product and funds in every account.
+    async fn stock_and_fund(&self, inventory: &str, payments: &str) -> Result<()> {
         let http = reqwest::Client::new();
         for p in 0..PRODUCTS {
             let res = http
@@ -131,13 +199,7 @@ impl Platform {
                 ensure!(res.status().is_success(), "funding: {}", res.status());
             }
         }
-        Ok(Self {
-            roles,
-            names,
-            api,
-            databases: [orders.pool.clone(), inventory_db.pool, payments_db.pool],
-            orders: orders.pool,
-        })
+        Ok(())
     }
 
     /// Outbox rows inserted and log events appended so far, in all three
@@ -240,16 +302,20 @@ impl Platform {
     }
 }
 
-/// Runs both saga figures on `broker`.
+/// Runs both saga figures on `broker`, or over the PostgreSQL transport
+/// (`orders-center dev`) without one.
 pub async fn run(
-    broker: &mut Broker,
+    broker: Option<&mut Broker>,
     quick: bool,
     seconds: u64,
     out: &mut Vec<Figure>,
 ) -> Result<()> {
-    let name = broker.name();
+    let name = broker.as_ref().map_or("postgresql", |b| b.name());
     let scenario = format!("8 saga over {name}");
-    let platform = Platform::start(broker, &format!("saga-{}-", std::process::id())).await?;
+    let platform = match &broker {
+        Some(broker) => Platform::start(broker, &format!("saga-{}-", std::process::id())).await?,
+        None => Platform::start_local().await?,
+    };
     let http = reqwest::Client::new();
 
     // Throughput: a burst.
@@ -326,6 +392,9 @@ pub async fn run(
     // The broker alone: confirmed publishes per second over the 4 messages
     // of a saga, and the 3 plain round trips in a row from create to
     // completed (ReserveStock, StockReserved, PaymentSucceeded).
+    let Some(broker) = broker else {
+        return Ok(());
+    };
     broker.fresh(&format!("sagaplain{}", std::process::id()));
     broker.prepare().await?;
     let published =

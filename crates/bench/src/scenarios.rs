@@ -246,14 +246,16 @@ pub async fn run_all(
         }
     }
     if only(Scenario::Saga) {
-        for kafka in [true, false] {
-            let mut broker = if kafka {
-                crate::brokers::Broker::kafka().await?
-            } else {
-                crate::brokers::Broker::rabbitmq().await?
+        for over in &sizes.saga_over {
+            let mut broker = match over {
+                crate::SagaOver::Kafka => Some(crate::brokers::Broker::kafka().await?),
+                crate::SagaOver::Rabbitmq => Some(crate::brokers::Broker::rabbitmq().await?),
+                crate::SagaOver::Postgresql => None,
             };
-            crate::saga::run(&mut broker, quick, sizes.latency_seconds, out).await?;
-            tokio::task::spawn_blocking(move || broker.stop()).await?;
+            crate::saga::run(broker.as_mut(), quick, sizes.latency_seconds, out).await?;
+            if let Some(broker) = broker {
+                tokio::task::spawn_blocking(move || broker.stop()).await?;
+            }
         }
     }
     Ok(())

@@ -459,6 +459,8 @@ async fn dev(config: &Config, args: &DevArgs, shutdown: CancellationToken) -> Re
     ));
     let relay_status = serve_status(relay_listener, &relay, args.http.limits(), &shutdown);
 
+    let services: Vec<String> = saga.urls.iter().map(|(s, u)| format!("{s}={u}")).collect();
+    tracing::info!(url = %api_url, services = services.join(" "), "dev listening");
     println!("orders-center dev is running");
     println!("  API           {api_url}/api/v1/orders");
     println!("  Swagger UI    {api_url}/docs");

@@ -16,6 +16,8 @@ pub struct Proc {
     pub child: Child,
     /// The `http://` URL from its ready line.
     pub url: String,
+    /// The ready line itself, for what else it names.
+    pub ready_line: String,
 }
 
 /// A binary built next to the running one (`cargo build --release --bins`).
@@ -64,7 +66,7 @@ pub async fn spawn(
         .with_context(|| format!("opening {}", log.display()))?;
     let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
     let deadline = Instant::now() + Duration::from_secs(30);
-    let url = loop {
+    let (url, ready_line) = loop {
         let line = tokio::time::timeout_at(deadline.into(), lines.next_line())
             .await
             .with_context(|| format!("{binary} did not log {ready:?}"))??
@@ -72,11 +74,12 @@ pub async fn spawn(
         file.write_all(format!("{line}\n").as_bytes()).await?;
         if line.contains(ready) {
             let start = line.find("http://").context("no URL in the ready line")?;
-            break line[start..]
+            let url = line[start..]
                 .split_whitespace()
                 .next()
                 .unwrap_or_default()
                 .to_owned();
+            break (url, line);
         }
     };
     // Keep draining the log so the child never blocks on a full pipe.
@@ -86,7 +89,11 @@ pub async fn spawn(
         }
         let _ = file.flush().await;
     });
-    Ok(Proc { child, url })
+    Ok(Proc {
+        child,
+        url,
+        ready_line,
+    })
 }
 
 impl Proc {
