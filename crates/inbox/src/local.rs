@@ -12,13 +12,21 @@ use crate::{Consumer, Incoming, Verdict};
 /// A consumer as an outbox destination.
 pub struct LocalSink<C> {
     inbox: C,
+    /// One inbox transaction at a time, as a broker's consumer applies one
+    /// batch at a time: the relay's lanes deliver at once, and their
+    /// transactions queued on the reader's hot rows (20 products locked
+    /// `FOR UPDATE` at 36.6 ms a call in the saga bench).
+    turn: tokio::sync::Mutex<()>,
 }
 
 impl<C: Consumer> LocalSink<C> {
     /// Delivers to `inbox`: an [`Inbox`](crate::Inbox), in this database
     /// or another one, or any other consumer in this process.
     pub fn new(inbox: C) -> Self {
-        Self { inbox }
+        Self {
+            inbox,
+            turn: tokio::sync::Mutex::new(()),
+        }
     }
 }
 
@@ -57,6 +65,7 @@ fn unavailable(e: &crate::Error) -> Failure {
 #[async_trait::async_trait]
 impl<C: Consumer + 'static> Sink for LocalSink<C> {
     async fn deliver(&self, message: &Message) -> Outcome {
+        let _turn = self.turn.lock().await;
         let verdicts = self
             .inbox
             .process(&[incoming(message)])
@@ -69,6 +78,7 @@ impl<C: Consumer + 'static> Sink for LocalSink<C> {
     /// commit.
     async fn deliver_batch(&self, messages: &[Message]) -> Vec<Outcome> {
         let batch: Vec<Incoming> = messages.iter().map(incoming).collect();
+        let _turn = self.turn.lock().await;
         match self.inbox.process(&batch).await {
             Ok(verdicts) if verdicts.len() == messages.len() => {
                 verdicts.into_iter().map(outcome).collect()
