@@ -200,18 +200,21 @@ async fn outlet(
             Arc::new(RabbitSink::new(config.rabbitmq(url)))
         }
         (JOURNAL, _) => Arc::new(LocalSink::new(journal_inbox(store))),
-        (name @ "inventory", _) => Arc::new(LocalSink::new(inventory_inbox(
+        (name @ "inventory", _) => Arc::new(LocalSink::one_at_a_time(inventory_inbox(
             &local(name)?.inventory,
             SagaRoute::Local,
             &keys,
         ))),
-        (name @ "payments", _) => Arc::new(LocalSink::new(payments_inbox(
+        (name @ "payments", _) => Arc::new(LocalSink::one_at_a_time(payments_inbox(
             &local(name)?.payments,
             SagaRoute::Local,
             &keys,
         ))),
-        (name @ "notifier", _) => Arc::new(LocalSink::new(local(name)?.notifier.clone())),
-        (name @ "saga", _) => Arc::new(LocalSink::new(saga_inbox(&local(name)?.orders, &keys))),
+        (name @ "notifier", _) => Arc::new(LocalSink::one_at_a_time(local(name)?.notifier.clone())),
+        (name @ "saga", _) => Arc::new(LocalSink::one_at_a_time(saga_inbox(
+            &local(name)?.orders,
+            &keys,
+        ))),
         (other, _) => bail!(
             "events are routed to {other:?}, which has no sink here: route to onec, \
              journal, or the destination of --broker (kafka or rabbitmq)"
