@@ -703,8 +703,8 @@ pub async fn saga_run(sys: &mut System, broker: Broker, outage: Duration) -> Res
     // Without faults most sagas end by their own outcome. The load offers
     // all of them at once, faster than two cores run sagas over Kafka's
     // transactions, so the last ones may wait past the step timeout, all in
-    // the reservation's hop (at 8 s: 1 to 211 of 2,000 in runs of 2026-12-06
-    // before noon, 522 to 758 after), but never most of them
+    // the reservation's hop (at 8 s, on 2026-12-06: 1 to 211 of 2,000 in
+    // the first runs, 522 to 758 in later ones), but never most of them
     // (when the services' relays fenced each other's Kafka transactions,
     // 1,921 of 2,000 did). With faults every saga may be compensated (the
     // broker freezes while all of them are in flight), which the invariants
