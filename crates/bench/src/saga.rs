@@ -132,10 +132,13 @@ impl Platform {
         // Consumers first: on RabbitMQ they declare the queues publishes go to.
         for (name, args, ready) in [
             ("journal", &["consume", "journal"][..], "consumer started"),
-            // One member: an order's two answers come on two topics, in
-            // unrelated partitions, and members would wait on each other's
-            // saga rows.
-            ("orchestrator", &["consume", "saga"][..], "consumer started"),
+            // The orchestrator's Kafka partitions in parallel: it does the
+            // most work per message and touches one order per message.
+            (
+                "orchestrator",
+                &["consume", "saga", "--members", "3"][..],
+                "consumer started",
+            ),
             (
                 "inventory",
                 &["inventory", "--migrate"][..],
