@@ -32,13 +32,10 @@ pub fn decode_command(
         id: id.clone(),
         // decode parsed it as JSON, so it is UTF-8.
         body: String::from_utf8_lossy(&incoming.payload).into_owned(),
-        endorsement: incoming.signature.as_deref().and_then(|s| {
-            let items: Vec<&str> = s
-                .split_whitespace()
-                .filter(|i| !i.starts_with("v1="))
-                .collect();
-            (!items.is_empty()).then(|| items.join(" "))
-        }),
+        endorsement: incoming
+            .signature
+            .as_deref()
+            .and_then(sink::signing::endorsements),
     });
     Ok(Received {
         id,

@@ -209,6 +209,16 @@ impl Keyring {
     }
 }
 
+/// The endorsements (`e1=` items) of a signature header, to pass on with
+/// the message they endorse; `None` when it has none.
+pub fn endorsements(signature: &str) -> Option<String> {
+    let items: Vec<&str> = signature
+        .split_whitespace()
+        .filter(|item| item.starts_with(ENDORSEMENT))
+        .collect();
+    (!items.is_empty()).then(|| items.join(" "))
+}
+
 /// A sink that signs each message of a stream with a key before `inner`
 /// delivers it; other messages pass as they are.
 pub struct Signing {
@@ -403,6 +413,13 @@ mod tests {
         );
         assert_eq!(
             payments.verify_endorsement("payment.commands", "e", b"x", Some(&header)),
+            Ok(())
+        );
+        // Passed on without the signature, the endorsement still holds.
+        let passed_on = endorsements(&header).unwrap();
+        assert!(!passed_on.contains("v1="), "{passed_on}");
+        assert_eq!(
+            payments.verify_endorsement("payment.commands", "e", b"x", Some(&passed_on)),
             Ok(())
         );
         // The signature alone is no endorsement, and inventory's key makes none.
