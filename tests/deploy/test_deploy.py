@@ -17,7 +17,26 @@ CHART = ROOT / "charts" / "orders-center"
 PRODUCTION = yaml.safe_load((ROOT / "k8s" / "values-production.yaml").read_text())
 RELEASE, NAMESPACE = "orders-center", "orders"
 KUBE_VERSIONS = ["1.29.0", "1.32.0"]
-CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule"}
+# Kinds whose CRDs kubernetes-validate does not know: the monitoring ones
+# belong to other projects; OutboxRelay's CRD ships in crds/ and is
+# validated on its own.
+CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule", "OutboxRelay"}
+CRD = CHART / "crds" / "outboxrelays.yaml"
+
+# What the relay's code calls on the API server, as (API group, resource,
+# verb, resource names): crates/worker/src/leader/kube.rs on its Lease, and
+# crates/relay-resource on the OutboxRelay resources (kube's watcher lists
+# and watches; the leader's server-side apply patches the status; kube's
+# event recorder creates Events and patches their series).
+def relay_calls(lease):
+    return {("coordination.k8s.io", "leases", "create", ()),
+            ("coordination.k8s.io", "leases", "get", (lease,)),
+            ("coordination.k8s.io", "leases", "update", (lease,)),
+            ("orders-center.io", "outboxrelays", "list", ()),
+            ("orders-center.io", "outboxrelays", "watch", ()),
+            ("orders-center.io", "outboxrelays/status", "patch", ()),
+            ("events.k8s.io", "events", "create", ()),
+            ("events.k8s.io", "events", "patch", ())}
 
 
 def render(values):
@@ -70,6 +89,32 @@ def test_kubernetes_validate(docs, label):
             assert out.returncode == 0, f"{label} on {version}:\n{out.stdout}{out.stderr}"
 
 
+def test_outbox_relay_crd():
+    crd = yaml.safe_load(CRD.read_text())
+    assert crd["kind"] == "CustomResourceDefinition" and crd["metadata"]["name"] == "outboxrelays.orders-center.io"
+    for version in KUBE_VERSIONS:
+        out = subprocess.run(
+            [str(Path(sys.executable).parent / "kubernetes-validate"), "-k", version, "--strict", str(CRD)],
+            capture_output=True, text=True,
+        )
+        assert out.returncode == 0, f"the CRD on {version}:\n{out.stdout}{out.stderr}"
+
+
+def test_outbox_relay_values():
+    rabbit = render({"broker": {"url": "amqp://u:p@rabbitmq:5672/"}, "relay": {"outboxRelays": {"spec": {"onec": {"rateLimit": 50}}}}})
+    relays = {d["spec"]["destination"]: d["spec"] for d in by_kind(rabbit, "OutboxRelay")}
+    assert relays == {"onec": {"destination": "onec", "rateLimit": 50}, "rabbitmq": {"destination": "rabbitmq"}}, relays
+    off = render({"relay": {"outboxRelays": {"enabled": False}, "leaderElection": {"backend": "postgres"}}})
+    assert not by_kind(off, "OutboxRelay") and not by_kind(off, "Role")
+    relay = one(off, "Deployment", "relay")["spec"]["template"]["spec"]
+    assert relay["automountServiceAccountToken"] is False
+    assert not [e for e in relay["containers"][0]["env"] if e["name"].startswith("OUTBOX_RELAY")]
+    with helm.Chart.load(str(CHART)) as chart:
+        notes = chart.render({}, name=RELEASE, namespace=NAMESPACE)["orders-center/templates/NOTES.txt"]
+    assert f"kubectl -n {NAMESPACE} get obr" in notes, notes
+    assert f"patch obr {RELEASE}-onec --type merge -p '{{\"spec\":{{\"paused\":true}}}}'" in notes, notes
+
+
 def test_custom_resources(docs):
     rules = one(docs, "PrometheusRule")
     assert rules["apiVersion"] == "monitoring.coreos.com/v1"
@@ -105,24 +150,28 @@ def test_rendered_contract(docs):
     assert len(images) == 1, images
     assert api["args"] == ["api"] and relay["args"] == ["relay"]
 
-    # The relay's ServiceAccount may do what the kube lease code does:
-    # GET and PUT (update) its Lease, POST (create) it when absent.
+    # The relay's ServiceAccount may do exactly what its code calls.
     account = relay_pod["serviceAccountName"]
     binding = one(docs, "RoleBinding", "relay")
     assert {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE} in binding["subjects"]
     role = one(docs, "Role", "relay")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
     lease_name = env(relay, "LEASE_NAME")["value"]
-    granted = set()
-    for rule in role["rules"]:
-        assert rule["apiGroups"] == ["coordination.k8s.io"] and rule["resources"] == ["leases"]
-        for verb in rule["verbs"]:
-            granted.add((verb, tuple(rule.get("resourceNames", []))))
-    assert ("create", ()) in granted
-    for verb in ("get", "update"):
-        assert (verb, (lease_name,)) in granted, f"{verb} on {lease_name} not granted: {granted}"
-    assert not any(v in ("list", "watch", "delete", "*") for v, _ in granted), granted
+    granted = {(group, resource, verb, tuple(rule.get("resourceNames", [])))
+               for rule in role["rules"] for group in rule["apiGroups"]
+               for resource in rule["resources"] for verb in rule["verbs"]}
+    assert granted == relay_calls(lease_name), granted ^ relay_calls(lease_name)
     assert relay_pod["automountServiceAccountToken"] is True
+    assert env(relay, "OUTBOX_RELAY_RESOURCES")["value"] == "true"
+    assert env(relay, "OUTBOX_RELAY_SELECTOR")["value"] == f"app.kubernetes.io/instance={RELEASE}"
+    # One OutboxRelay per destination of the relays, selected by that label.
+    relays = {d["spec"]["destination"]: d for d in by_kind(docs, "OutboxRelay")}
+    broker = {"kafka"} if any(e["name"] == "BROKER" for e in relay["env"]) else set()
+    assert set(relays) == {"onec"} | broker, relays.keys()
+    for destination, resource in relays.items():
+        assert resource["apiVersion"] == "orders-center.io/v1alpha1"
+        assert resource["metadata"]["name"] == f"{RELEASE}-{destination}"
+        assert resource["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
     assert env(relay, "LEADER_ELECTION")["value"] == "kube"
 
     # API tokens come from a Secret, and the helm test sends one.
@@ -384,6 +433,8 @@ def main():
         ("rendered contract: default values", lambda: test_rendered_contract(render(defaults))),
         ("rendered contract: production values", lambda: test_rendered_contract(render(production))),
         ("broker users per role", lambda: test_broker_users(production)),
+        ("OutboxRelay CRD: kubernetes-validate --strict", test_outbox_relay_crd),
+        ("OutboxRelay resources and RBAC follow the values", test_outbox_relay_values),
         ("numbers render as written: default values", lambda: test_numbers_render_as_written(defaults, "defaults")),
         ("numbers render as written: production values", lambda: test_numbers_render_as_written(production, "production")),
         ("numbers render as written: millions", lambda: test_numbers_render_as_written(large, "millions")),

@@ -186,6 +186,27 @@ reserve.commands payment.commands reserve@saga reserve@payments payment saga@not
 {{- if or .Values.broker.url .Values.broker.existingSecret }}true{{ end }}
 {{- end }}
 
+{{/* The relays' destinations, one per line: 1C, and the broker's (named
+by the scheme of broker.url, or by broker.kind). */}}
+{{- define "orders-center.relayDestinations" -}}
+onec
+{{- if include "orders-center.brokerEnabled" . }}
+{{- $kind := .Values.broker.kind }}
+{{- if not $kind }}
+{{- if hasPrefix "amqp" .Values.broker.url }}{{ $kind = "rabbitmq" }}
+{{- else if hasPrefix "kafka" .Values.broker.url }}{{ $kind = "kafka" }}
+{{- else }}{{ fail "set broker.kind (kafka or rabbitmq): the broker URL is in a Secret, and the relays' OutboxRelay resources are named by it" }}
+{{- end }}
+{{- end }}
+{{ $kind }}
+{{- end }}
+{{- end }}
+
+{{/* Whether the relay talks to the Kubernetes API. */}}
+{{- define "orders-center.relayUsesApi" -}}
+{{- if or (eq .Values.relay.leaderElection.backend "kube") .Values.relay.outboxRelays.enabled }}true{{ end }}
+{{- end }}
+
 {{/* Secret holding the broker URL. */}}
 {{- define "orders-center.migrateSecret" -}}
 {{- printf "%s-migrate" (include "orders-center.fullname" .) }}

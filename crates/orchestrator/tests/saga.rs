@@ -10,7 +10,7 @@ use std::time::Duration;
 use domain::{Checkout, Destination, OrderFull, OrderId};
 use inbox::local::LocalSink;
 use inbox::{ConsumerMetrics, Inbox, Incoming, Verdict};
-use relay::{LogEngine, ProtectionConfig, RelayMetrics, ServiceConfig, SinkGuard};
+use relay::{Controls, LogEngine, ProtectionConfig, RelayMetrics, ServiceConfig, SinkGuard};
 use rust_decimal::Decimal;
 use saga::{Kind, Line, SagaMessage, Topic};
 use sink::signing::{Keyring, Signing};
@@ -62,13 +62,9 @@ fn engine(store: &Store, destination: &str, sink: Arc<dyn sink::Sink>) -> Arc<Lo
         backlog_interval: Duration::from_secs(60),
         in_doubt: Duration::from_secs(30),
     };
-    LogEngine::new(
-        store.clone(),
-        destination.parse::<Destination>().unwrap(),
-        guard,
-        service,
-        figures,
-    )
+    let destination = destination.parse::<Destination>().unwrap();
+    let controls = Controls::new(destination, guard, service.batch_size);
+    LogEngine::new(store.clone(), Arc::new(controls), service, figures)
 }
 
 /// A key for every saga stream: every message in these tests travels

@@ -235,6 +235,9 @@ pub enum Command {
     /// --broker, logs and serves one notification per order, and POSTs
     /// each to --webhook-url if given.
     Notifier(NotifierArgs),
+    /// Print the CRD of the `OutboxRelay` resource (what the chart ships in
+    /// crds/) as YAML.
+    Crdgen,
 }
 
 /// Flags of `inventory` and `payments`.
@@ -476,7 +479,29 @@ pub struct RelayArgs {
     pub election: ElectionArgs,
 
     #[command(flatten)]
+    pub resources: ResourceArgs,
+
+    #[command(flatten)]
     pub http: HttpArgs,
+}
+
+/// Steering the relay from `OutboxRelay` resources.
+#[derive(Debug, Args)]
+pub struct ResourceArgs {
+    /// Watch the `OutboxRelay` resources (in-cluster or KUBECONFIG): each
+    /// destination's spec (paused, limits, batch size, breaker) applies
+    /// live over the flags, and the leader writes their status.
+    #[arg(long, env = "OUTBOX_RELAY_RESOURCES")]
+    pub outbox_relay_resources: bool,
+
+    /// Namespace of the resources; the pod's own by default.
+    #[arg(long, env = "OUTBOX_RELAY_NAMESPACE")]
+    pub outbox_relay_namespace: Option<String>,
+
+    /// Only resources with these labels, e.g.
+    /// `app.kubernetes.io/instance=orders-center`.
+    #[arg(long, env = "OUTBOX_RELAY_SELECTOR")]
+    pub outbox_relay_selector: Option<String>,
 }
 
 /// Leader election backends.

@@ -78,6 +78,10 @@ async fn run(config: &Config, shutdown: CancellationToken) -> Result<()> {
             saga_roles::run_service(config, saga_roles::Service::Payments, args, shutdown).await
         }
         Command::Notifier(args) => saga_roles::run_notifier(config, args, shutdown).await,
+        Command::Crdgen => {
+            print!("{}", relay_resource::crd_yaml());
+            Ok(())
+        }
     }
 }
 
@@ -238,6 +242,7 @@ async fn run_relay(config: &Config, args: &RelayArgs, shutdown: CancellationToke
         .tuning
         .onec_config(&args.onec_url, &args.onec_username, &args.onec_password);
     let relay_config = args.tuning.relay_config();
+    let relay_config_id = relay_config.service.relay_id.clone();
     let outlets = transports::outlets(
         config,
         &args.tuning,
@@ -274,6 +279,22 @@ async fn run_relay(config: &Config, args: &RelayArgs, shutdown: CancellationToke
             args.tuning.saga_deadline_interval,
         ));
     }
+    if args.resources.outbox_relay_resources {
+        let client = kube_client().await?;
+        let namespace = args
+            .resources
+            .outbox_relay_namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_owned());
+        tracing::info!(%namespace, selector = ?args.resources.outbox_relay_selector, "steered by OutboxRelay resources");
+        relay_resource::steer(
+            &relay,
+            client,
+            &namespace,
+            args.resources.outbox_relay_selector.clone(),
+            &relay_config_id,
+        );
+    }
     let status = serve_status(listener, &relay, args.http.limits(), &shutdown);
     relay.stopped().await?;
     status
@@ -301,9 +322,7 @@ async fn leadership(
             shutdown.clone(),
         )),
         LeaderElection::Kube => {
-            let client = kube::Client::try_default()
-                .await
-                .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
+            let client = kube_client().await?;
             let namespace = args
                 .lease_namespace
                 .clone()
@@ -323,6 +342,12 @@ async fn leadership(
         leader: elector,
         election: Some(task),
     })
+}
+
+async fn kube_client() -> Result<kube::Client> {
+    kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")
 }
 
 /// `dev`: a throwaway PostgreSQL unless `DATABASE_URL` is set, then the API,

@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use worker::{Backoff, Cron, Job, Progress, Scope};
 
-use crate::guard::{Attempt, SinkGuard};
+use crate::controls::Controls;
+use crate::guard::Attempt;
 use crate::metrics::DestinationMetrics;
 use crate::Result;
 
@@ -92,7 +93,7 @@ pub fn decide(
 pub(crate) fn lanes_job(
     name: String,
     config: &ServiceConfig,
-    wake: &Arc<Notify>,
+    wake: Arc<Notify>,
     run: worker::JobFn,
 ) -> Job {
     Job {
@@ -101,7 +102,7 @@ pub(crate) fn lanes_job(
         scope: Scope::EveryPod,
         every: config.poll_interval,
         parallelism: config.claim_lanes,
-        wake: Some(wake.clone()),
+        wake: Some(wake),
         run,
     }
 }
@@ -111,37 +112,34 @@ pub struct DeliveryEngine {
     store: Store,
     destination: Destination,
     policy: DeliveryPolicy,
-    guard: Arc<SinkGuard>,
+    controls: Arc<Controls>,
     config: ServiceConfig,
-    wake: Arc<Notify>,
     metrics: DestinationMetrics,
 }
 
 impl DeliveryEngine {
-    /// An engine delivering `destination`'s tasks under `policy` through
-    /// `guard`.
+    /// An engine delivering the tasks of the destination of `controls`
+    /// under `policy`, through its guard and under its live settings.
     pub fn new(
         store: Store,
-        destination: Destination,
         policy: DeliveryPolicy,
-        guard: Arc<SinkGuard>,
+        controls: Arc<Controls>,
         config: ServiceConfig,
         metrics: DestinationMetrics,
     ) -> Arc<Self> {
         Arc::new(Self {
             store,
-            destination,
+            destination: controls.destination().clone(),
             policy,
-            guard,
+            controls,
             config,
-            wake: Arc::new(Notify::new()),
             metrics,
         })
     }
 
     /// Notified when new tasks may be waiting (a save's NOTIFY).
     pub fn wake(&self) -> Arc<Notify> {
-        self.wake.clone()
+        self.controls.wake()
     }
 
     /// Registers `deliver <destination>` on every relay, run early on
@@ -151,7 +149,7 @@ impl DeliveryEngine {
         cron.schedule(lanes_job(
             format!("deliver {}", self.destination),
             &self.config,
-            &self.wake,
+            self.wake(),
             Arc::new(move |cancel| {
                 let engine = engine.clone();
                 Box::pin(async move { Ok(engine.claim_and_deliver(cancel).await?) })
@@ -159,10 +157,12 @@ impl DeliveryEngine {
         ));
     }
 
-    /// Claims one batch and delivers it. A full batch reports more work.
+    /// Claims one batch and delivers it. A full batch reports more work;
+    /// a paused destination claims nothing.
     pub async fn claim_and_deliver(&self, cancel: CancellationToken) -> Result<Progress> {
-        let want = self.guard.capacity().min(self.config.batch_size as usize) as u32;
-        if want == 0 || cancel.is_cancelled() {
+        let guard = self.controls.guard();
+        let want = guard.capacity().min(self.controls.batch_size() as usize) as u32;
+        if want == 0 || cancel.is_cancelled() || self.controls.paused() {
             return Ok(Progress::Idle);
         }
         let claim = self
@@ -178,7 +178,7 @@ impl DeliveryEngine {
         self.metrics.claimed(&claim);
         let more = claim.more;
         let claimed = claim.tasks.len();
-        if claimed == 0 && self.guard.probe_due() {
+        if claimed == 0 && guard.probe_due() {
             self.close_breaker_if_idle().await?;
         }
         // One run per key, sent in order by one worker; runs go out
@@ -225,7 +225,9 @@ impl DeliveryEngine {
     /// (the other relays delivered the backlog), the breaker closes instead
     /// of reporting half-open until the next save.
     async fn close_breaker_if_idle(&self) -> Result<()> {
-        if !self.store.has_undelivered(&self.destination).await? && self.guard.close_when_idle() {
+        if !self.store.has_undelivered(&self.destination).await?
+            && self.controls.guard().close_when_idle()
+        {
             tracing::info!(destination = %self.destination, "nothing left to deliver; circuit breaker closes without a probe");
         }
         Ok(())
@@ -294,7 +296,7 @@ impl DeliveryEngine {
             traceparent,
             signature: None,
         };
-        let outcome = match self.guard.deliver(&message, cancel).await {
+        let outcome = match self.controls.guard().deliver(&message, cancel).await {
             Attempt::Sent(outcome) => outcome,
             Attempt::NotSent => {
                 self.metrics.released.inc();
@@ -359,7 +361,7 @@ impl DeliveryEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::guard::ProtectionConfig;
+    use crate::guard::{ProtectionConfig, SinkGuard};
     use worker::{BreakerConfig, MockCron, SystemClock};
 
     const SECOND: Duration = Duration::from_secs(1);
@@ -431,9 +433,8 @@ mod tests {
         ));
         let engine = DeliveryEngine::new(
             Store::new(pool),
-            "events".parse().unwrap(),
             DeliveryPolicy::EveryMessageInOrder,
-            guard,
+            Arc::new(Controls::new("events".parse().unwrap(), guard, 10)),
             crate::upkeep::tests::config(),
             metrics,
         );

@@ -1,12 +1,14 @@
 //! What stands between the relay and each destination's sink: a limit on
 //! requests in flight, a requests-per-second limit and the circuit breaker.
+//! Each can be changed while deliveries run ([`SinkGuard::reconfigure`]).
 
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use sink::{Message, Outcome, Sink};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use worker::{Admission, BreakerConfig, BreakerState, CircuitBreaker, Clock};
 
@@ -33,16 +35,66 @@ pub enum Attempt {
     NotSent,
 }
 
+/// A requests-per-second limit and its burst: the most cells one wait
+/// may ask for.
+struct Rate {
+    limiter: Arc<DefaultDirectRateLimiter>,
+    burst: u32,
+}
+
+impl Rate {
+    fn of(config: &ProtectionConfig) -> Option<Self> {
+        config.rate_per_second.map(|r| Self {
+            limiter: Arc::new(RateLimiter::direct(Quota::per_second(r))),
+            burst: r.get(),
+        })
+    }
+}
+
 /// The guarded path to one destination; share it through an `Arc`.
 pub struct SinkGuard {
     sink: Arc<dyn Sink>,
     metrics: DestinationMetrics,
     in_flight: Semaphore,
-    limiter: Option<DefaultDirectRateLimiter>,
-    /// The limiter's burst: the most cells one wait may ask for.
-    burst: u32,
-    max_in_flight: usize,
+    /// The in-flight limit in force.
+    max_in_flight: AtomicUsize,
+    /// Slots owed after the limit was lowered while they were taken: each
+    /// comes back as a delivery ends, and is dropped instead of freed.
+    owed: AtomicUsize,
+    rate: RwLock<Option<Rate>>,
+    config: Mutex<ProtectionConfig>,
     breaker: CircuitBreaker,
+}
+
+/// Slots taken from the in-flight limit, given back (or paid towards a
+/// lowered limit) on drop.
+struct Slots<'a> {
+    permit: Option<SemaphorePermit<'a>>,
+    guard: &'a SinkGuard,
+}
+
+impl Drop for Slots<'_> {
+    fn drop(&mut self) {
+        let Some(permit) = self.permit.take() else {
+            return;
+        };
+        let n = permit.num_permits();
+        let paid = take_up_to(&self.guard.owed, n);
+        if paid > 0 {
+            permit.forget();
+            self.guard.in_flight.add_permits(n - paid);
+        }
+    }
+}
+
+/// Subtracts up to `n` from `counter` and returns how much it took.
+fn take_up_to(counter: &AtomicUsize, n: usize) -> usize {
+    let mut taken = 0;
+    let _ = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |owed| {
+        taken = owed.min(n);
+        Some(owed - taken)
+    });
+    taken
 }
 
 impl SinkGuard {
@@ -53,17 +105,46 @@ impl SinkGuard {
         clock: Arc<dyn Clock>,
         metrics: DestinationMetrics,
     ) -> Self {
+        let max_in_flight = config.max_in_flight.max(1);
         Self {
             sink,
             metrics,
-            in_flight: Semaphore::new(config.max_in_flight.max(1)),
-            max_in_flight: config.max_in_flight.max(1),
-            burst: config.rate_per_second.map_or(u32::MAX, NonZeroU32::get),
-            limiter: config
-                .rate_per_second
-                .map(|r| RateLimiter::direct(Quota::per_second(r))),
+            in_flight: Semaphore::new(max_in_flight),
+            max_in_flight: AtomicUsize::new(max_in_flight),
+            owed: AtomicUsize::new(0),
+            rate: RwLock::new(Rate::of(&config)),
+            config: Mutex::new(config),
             breaker: CircuitBreaker::new(config.breaker, clock),
         }
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> ProtectionConfig {
+        *self.config.lock().expect("not poisoned")
+    }
+
+    /// Applies `config` to the deliveries that start from now on; those in
+    /// flight finish under the old limits. A lowered in-flight limit takes
+    /// its slots back as deliveries end.
+    pub fn reconfigure(&self, config: ProtectionConfig) {
+        let mut current = self.config.lock().expect("not poisoned");
+        if *current == config {
+            return;
+        }
+        let new = config.max_in_flight.max(1);
+        let old = self.max_in_flight.swap(new, Ordering::SeqCst);
+        if new > old {
+            let paid = take_up_to(&self.owed, new - old);
+            self.in_flight.add_permits(new - old - paid);
+        } else if new < old {
+            let freed = self.in_flight.forget_permits(old - new);
+            self.owed.fetch_add(old - new - freed, Ordering::SeqCst);
+        }
+        if current.rate_per_second != config.rate_per_second {
+            *self.rate.write().expect("not poisoned") = Rate::of(&config);
+        }
+        self.breaker.reconfigure(config.breaker);
+        *current = config;
     }
 
     /// How many deliveries are worth claiming now: the free in-flight slots,
@@ -76,6 +157,30 @@ impl SinkGuard {
     /// The breaker's state.
     pub fn breaker_state(&self) -> BreakerState {
         self.breaker.state()
+    }
+
+    /// The breaker's transitions.
+    pub fn breaker_changes(&self) -> watch::Receiver<BreakerState> {
+        self.breaker.subscribe()
+    }
+
+    /// The rate limit in force, if any: cloned out, so no lock is held
+    /// across a wait.
+    fn rate(&self) -> Option<(Arc<DefaultDirectRateLimiter>, u32)> {
+        let rate = self.rate.read().expect("not poisoned");
+        rate.as_ref().map(|r| (r.limiter.clone(), r.burst))
+    }
+
+    async fn slots(&self, n: u32) -> Slots<'_> {
+        let permit = self
+            .in_flight
+            .acquire_many(n)
+            .await
+            .expect("the semaphore is never closed");
+        Slots {
+            permit: Some(permit),
+            guard: self,
+        }
     }
 
     /// Whether the breaker waits for a probe (it closes only after one).
@@ -103,9 +208,9 @@ impl SinkGuard {
         let _slot = tokio::select! {
             biased;
             () = cancel.cancelled() => return Attempt::NotSent,
-            slot = self.in_flight.acquire() => slot.expect("the semaphore is never closed"),
+            slot = self.slots(1) => slot,
         };
-        if let Some(limiter) = &self.limiter {
+        if let Some((limiter, _)) = self.rate() {
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => return Attempt::NotSent,
@@ -139,16 +244,17 @@ impl SinkGuard {
         cancel: &CancellationToken,
     ) -> Option<Vec<Outcome>> {
         let n = u32::try_from(messages.len()).unwrap_or(u32::MAX).max(1);
-        let slots = n.min(u32::try_from(self.max_in_flight).unwrap_or(u32::MAX));
+        let max_in_flight = self.max_in_flight.load(Ordering::SeqCst);
+        let slots = n.min(u32::try_from(max_in_flight).unwrap_or(u32::MAX));
         let _slots = tokio::select! {
             biased;
             () = cancel.cancelled() => return None,
-            slots = self.in_flight.acquire_many(slots) => slots.expect("the semaphore is never closed"),
+            slots = self.slots(slots) => slots,
         };
-        if let Some(limiter) = &self.limiter {
+        if let Some((limiter, burst)) = self.rate() {
             let mut left = n;
             while left > 0 {
-                let take = left.min(self.burst);
+                let take = left.min(burst);
                 let chunk = NonZeroU32::new(take).expect("more than zero");
                 tokio::select! {
                     biased;

@@ -9,6 +9,8 @@
 //!   (the log's SQL is `store::log`).
 //! - [`guard`]: what stands in front of each sink: in-flight limit, rate
 //!   limit, circuit breaker.
+//! - [`controls`]: each destination's live settings (paused, batch size,
+//!   limits, breaker), which an operator may change while it runs.
 //! - [`upkeep`]: the leader's jobs over the whole outbox: rescuing expired
 //!   claims, retention, backlog figures.
 //! - [`Relay`] wires them onto the shared `worker` runtime for one process.
@@ -21,9 +23,11 @@ mod error;
 pub mod guard;
 pub mod log_engine;
 pub mod metrics;
+pub mod controls;
 mod runtime;
 pub mod upkeep;
 
+pub use controls::{Controls, Settings};
 pub use engine::{decide, Decision, DeliveryEngine, ServiceConfig};
 pub use error::{Error, Result};
 pub use guard::{Attempt, ProtectionConfig, SinkGuard};

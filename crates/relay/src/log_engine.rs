@@ -15,8 +15,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use worker::{Cron, Progress};
 
+use crate::controls::Controls;
 use crate::engine::lanes_job;
-use crate::guard::SinkGuard;
 use crate::metrics::DestinationMetrics;
 use crate::{Result, ServiceConfig};
 
@@ -24,31 +24,29 @@ use crate::{Result, ServiceConfig};
 pub struct LogEngine {
     store: Store,
     destination: Destination,
-    guard: Arc<SinkGuard>,
+    controls: Arc<Controls>,
     config: ServiceConfig,
     /// The partition count, read (and the cursor rows made) on first use.
     partitions: tokio::sync::OnceCell<u16>,
-    wake: Arc<Notify>,
     metrics: DestinationMetrics,
 }
 
 impl LogEngine {
-    /// An engine delivering `destination`'s log through `guard`; its first
-    /// run makes the cursor rows when missing.
+    /// An engine delivering the log of the destination of `controls`
+    /// through its guard and under its live settings; its first run makes
+    /// the cursor rows when missing.
     pub fn new(
         store: Store,
-        destination: Destination,
-        guard: Arc<SinkGuard>,
+        controls: Arc<Controls>,
         config: ServiceConfig,
         metrics: DestinationMetrics,
     ) -> Arc<Self> {
         Arc::new(Self {
             store,
-            destination,
-            guard,
+            destination: controls.destination().clone(),
+            controls,
             config,
             partitions: tokio::sync::OnceCell::new(),
-            wake: Arc::new(Notify::new()),
             metrics,
         })
     }
@@ -66,7 +64,7 @@ impl LogEngine {
 
     /// Notified when new events may be waiting.
     pub fn wake(&self) -> Arc<Notify> {
-        self.wake.clone()
+        self.controls.wake()
     }
 
     /// Registers `log <destination>` on every relay, one lane per claim
@@ -76,7 +74,7 @@ impl LogEngine {
         cron.schedule(lanes_job(
             format!("log {}", self.destination),
             &self.config,
-            &self.wake,
+            self.wake(),
             Arc::new(move |cancel| {
                 let engine = engine.clone();
                 Box::pin(async move { Ok(engine.deliver_next(cancel).await?) })
@@ -85,11 +83,13 @@ impl LogEngine {
     }
 
     /// Delivers the next run of the first partition, in one pass over the
-    /// free ones, that has events. A run delivered reports more work.
+    /// free ones, that has events. A run delivered reports more work; a
+    /// paused destination claims nothing.
     pub async fn deliver_next(&self, cancel: CancellationToken) -> Result<Progress> {
         let mut tried = Vec::new();
+        let guard = self.controls.guard();
         for _ in 0..self.partitions().await? {
-            if self.guard.capacity() == 0 || cancel.is_cancelled() {
+            if guard.capacity() == 0 || cancel.is_cancelled() || self.controls.paused() {
                 return Ok(Progress::Idle);
             }
             let Some(mut claim) = self
@@ -100,15 +100,13 @@ impl LogEngine {
                 return Ok(Progress::Idle);
             };
             tried.push(claim.partition());
-            let run = claim.read(self.config.batch_size).await?;
+            let run = claim.read(self.controls.batch_size()).await?;
             if run.events.is_empty() {
                 claim.advance().await?;
                 continue;
             }
             let messages: Vec<Message> = run.events.iter().map(message).collect();
-            let sent = self
-                .guard
-                .deliver_run(claim.partition(), &messages, &cancel);
+            let sent = guard.deliver_run(claim.partition(), &messages, &cancel);
             let Some(outcomes) = sent.await else {
                 claim.release().await?;
                 return Ok(Progress::Idle);
@@ -148,7 +146,7 @@ impl LogEngine {
         // probe has nothing to carry one (the other relays delivered the
         // backlog), so it closes instead of reporting half-open until the
         // next save.
-        if self.guard.probe_due() && self.guard.close_when_idle() {
+        if guard.probe_due() && guard.close_when_idle() {
             tracing::info!(destination = %self.destination, "nothing left to deliver; circuit breaker closes without a probe");
         }
         Ok(Progress::Idle)

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use worker::{AlwaysLeader, Cron, Leader, PoolCron, Supervisor, SystemClock, TaskDied, WorkerPool};
 
+use crate::controls::Controls;
 use crate::engine::{DeliveryEngine, ServiceConfig};
 use crate::guard::{ProtectionConfig, SinkGuard};
 use crate::metrics::RelayMetrics;
@@ -70,10 +71,11 @@ struct Inner {
     store: Store,
     cron: PoolCron,
     leader: Arc<dyn Leader>,
-    guards: Vec<Arc<SinkGuard>>,
+    controls: Vec<Arc<Controls>>,
     pool: WorkerPool,
     supervisor: Supervisor,
     metrics: Arc<RelayMetrics>,
+    backlog: tokio::sync::watch::Receiver<Option<Arc<store::Backlog>>>,
 }
 
 impl Relay {
@@ -96,7 +98,7 @@ impl Relay {
         let m = metrics.clone();
         let cron = PoolCron::new(pool.clone(), supervisor.clone(), leadership.leader.clone())
             .on_success(Arc::new(move |job| m.ticked(job)));
-        let (mut destinations, mut guards, mut wakes) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut destinations, mut all_controls, mut wakes) = (Vec::new(), Vec::new(), Vec::new());
         for outlet in outlets {
             let figures = metrics.destination(outlet.destination.as_str());
             let guard = Arc::new(SinkGuard::new(
@@ -105,36 +107,35 @@ impl Relay {
                 Arc::new(SystemClock),
                 figures.clone(),
             ));
+            let controls = Arc::new(Controls::new(
+                outlet.destination.clone(),
+                guard,
+                config.service.batch_size,
+            ));
             // Snapshots (1C) go out from job rows; event streams from the
             // log, where saves and the saga append them.
             match outlet.policy {
-                DeliveryPolicy::LatestWins => {
-                    let engine = DeliveryEngine::new(
-                        store.clone(),
-                        outlet.destination.clone(),
-                        outlet.policy,
-                        guard.clone(),
-                        config.service.clone(),
-                        figures,
-                    );
-                    engine.register(&cron);
-                    wakes.push(engine.wake());
-                }
-                DeliveryPolicy::EveryMessageInOrder => {
-                    let engine = crate::LogEngine::new(
-                        store.clone(),
-                        outlet.destination.clone(),
-                        guard.clone(),
-                        config.service.clone(),
-                        figures,
-                    );
-                    engine.register(&cron);
-                    wakes.push(engine.wake());
-                }
+                DeliveryPolicy::LatestWins => DeliveryEngine::new(
+                    store.clone(),
+                    outlet.policy,
+                    controls.clone(),
+                    config.service.clone(),
+                    figures,
+                )
+                .register(&cron),
+                DeliveryPolicy::EveryMessageInOrder => crate::LogEngine::new(
+                    store.clone(),
+                    controls.clone(),
+                    config.service.clone(),
+                    figures,
+                )
+                .register(&cron),
             }
-            guards.push(guard);
+            wakes.push(controls.wake());
+            all_controls.push(controls);
             destinations.push(outlet.destination);
         }
+        let (backlog_tx, backlog) = tokio::sync::watch::channel(None);
         Upkeep::new(
             store.clone(),
             destinations,
@@ -142,6 +143,7 @@ impl Relay {
             metrics.clone(),
             wakes.clone(),
         )
+        .publishing(backlog_tx)
         .register(&cron);
         let listen = worker::wakeup::listen(
             store.pool().clone(),
@@ -161,10 +163,11 @@ impl Relay {
                 store,
                 cron,
                 leader: leadership.leader,
-                guards,
+                controls: all_controls,
                 pool,
                 supervisor,
                 metrics,
+                backlog,
             }),
         }
     }
@@ -185,9 +188,42 @@ impl Relay {
         self.inner.cron.schedule(job);
     }
 
+    /// Runs `task` until shutdown under this relay's supervisor: its end
+    /// before shutdown, or its error, stops the relay.
+    pub fn spawn<E>(
+        &self,
+        name: &'static str,
+        task: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
+    ) where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.inner.supervisor.spawn(name, task);
+    }
+
     /// The relay's metrics.
     pub fn metrics(&self) -> &RelayMetrics {
         &self.inner.metrics
+    }
+
+    /// The live settings of each destination, in the order of the outlets.
+    pub fn controls(&self) -> &[Arc<Controls>] {
+        &self.inner.controls
+    }
+
+    /// Who leads.
+    pub fn leader(&self) -> Arc<dyn Leader> {
+        self.inner.leader.clone()
+    }
+
+    /// The leader's latest recount of every destination's backlog: `None`
+    /// until this relay has led through one.
+    pub fn backlog(&self) -> tokio::sync::watch::Receiver<Option<Arc<store::Backlog>>> {
+        self.inner.backlog.clone()
+    }
+
+    /// When shutdown begins.
+    pub fn shutdown(&self) -> CancellationToken {
+        self.inner.supervisor.shutdown().clone()
     }
 
     /// `/healthz`, `/readyz` and `/metrics` of the relay.
@@ -225,8 +261,8 @@ async fn readyz(State(relay): State<Relay>) -> impl IntoResponse {
 
 async fn metrics(State(relay): State<Relay>) -> impl IntoResponse {
     let i = &relay.inner;
-    for guard in &i.guards {
-        guard.report_breaker();
+    for controls in &i.controls {
+        controls.guard().report_breaker();
     }
     i.metrics.workers_busy.set(i.pool.busy() as i64);
     (

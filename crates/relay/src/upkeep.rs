@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use domain::Destination;
 use futures::future::BoxFuture;
-use store::Store;
-use tokio::sync::Notify;
+use store::{Backlog, Store};
+use tokio::sync::{watch, Notify};
 use worker::{Cron, Job, JobError, Progress, Scope};
 
 use crate::engine::ServiceConfig;
@@ -24,6 +24,8 @@ pub struct Upkeep {
     metrics: Arc<RelayMetrics>,
     /// Woken after a rescue, so the rescued tasks go out at once.
     wake: Vec<Arc<Notify>>,
+    /// Where each recount goes, for the `OutboxRelay` status.
+    published: Option<watch::Sender<Option<Arc<Backlog>>>>,
 }
 
 impl Upkeep {
@@ -42,7 +44,15 @@ impl Upkeep {
             config,
             metrics,
             wake,
+            published: None,
         })
+    }
+
+    /// Sends each recount to `to` as well.
+    pub fn publishing(self: Arc<Self>, to: watch::Sender<Option<Arc<Backlog>>>) -> Arc<Self> {
+        let mut upkeep = Arc::into_inner(self).expect("not shared yet");
+        upkeep.published = Some(to);
+        Arc::new(upkeep)
     }
 
     /// Registers `rescue` (expired claims), `retention` (old finished rows)
@@ -122,6 +132,9 @@ impl Upkeep {
         }
         for cursor in &backlog.cursors {
             self.metrics.cursor(cursor);
+        }
+        if let Some(to) = &self.published {
+            to.send_replace(Some(Arc::new(backlog)));
         }
         Ok(Progress::Idle)
     }

@@ -17,6 +17,27 @@ pub struct Backlog {
     pub destinations: Vec<SyncStats>,
     /// Each log cursor's lag, for event-stream destinations.
     pub cursors: Vec<CursorLag>,
+    /// When each job-row destination last had a task delivered.
+    pub delivered: Vec<(String, Option<DateTime<Utc>>)>,
+}
+
+impl Backlog {
+    /// When `destination` last had something delivered: its newest done
+    /// task, or for an event stream the latest move of a cursor past a
+    /// delivery.
+    pub fn last_delivery(&self, destination: &str) -> Option<DateTime<Utc>> {
+        let tasks = self
+            .delivered
+            .iter()
+            .filter(|d| d.0 == destination)
+            .filter_map(|d| d.1);
+        let cursors = self
+            .cursors
+            .iter()
+            .filter(|c| c.destination == destination)
+            .filter_map(|c| c.delivered_at);
+        tasks.chain(cursors).max()
+    }
 }
 
 /// Backlog figures older than this are recounted on read, so the API stays
@@ -158,12 +179,29 @@ impl Store {
         .bind(live.iter().map(|r| r.5).collect::<Vec<_>>())
         .fetch_all(&self.pool)
         .await?;
+        let snapshots: Vec<&str> = destinations
+            .iter()
+            .filter(|d| d.takes_snapshots())
+            .map(Destination::as_str)
+            .collect();
+        // The newest done row, read backwards on the finished rows' index.
+        let delivered = sqlx::query_as(
+            "SELECT d.destination,
+                    (SELECT finished_at FROM outbox
+                     WHERE state = 'done' AND destination = d.destination
+                     ORDER BY finished_at DESC LIMIT 1)
+             FROM unnest($1::text[]) AS d(destination)",
+        )
+        .bind(snapshots)
+        .fetch_all(&self.pool)
+        .await?;
         Ok(Backlog {
             destinations: rows
                 .into_iter()
                 .map(|r| stats(r.clone(), r.5))
                 .collect::<Result<_>>()?,
             cursors,
+            delivered,
         })
     }
 

@@ -5,6 +5,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
+
 use crate::clock::Clock;
 
 /// Breaker settings.
@@ -58,19 +60,51 @@ enum State {
 
 /// The breaker. Thread-safe; share it through an `Arc`.
 pub struct CircuitBreaker {
-    config: BreakerConfig,
+    /// Changed while running (an operator's `OutboxRelay`); read under the
+    /// state's lock, so one decision sees one config.
+    config: Mutex<BreakerConfig>,
     clock: Arc<dyn Clock>,
     state: Mutex<State>,
+    /// Every stored transition, for whoever reports them (Kubernetes
+    /// Events): the lazy open → half-open of [`CircuitBreaker::state`] is
+    /// published when a probe is admitted.
+    changes: watch::Sender<BreakerState>,
 }
 
 impl CircuitBreaker {
     /// A closed breaker.
     pub fn new(config: BreakerConfig, clock: Arc<dyn Clock>) -> Self {
         Self {
-            config,
+            config: Mutex::new(config),
             clock,
             state: Mutex::new(State::Closed { failures: 0 }),
+            changes: watch::Sender::new(BreakerState::Closed),
         }
+    }
+
+    /// Applies new thresholds from the next decision on; the current state
+    /// stays (an open breaker keeps its cool-down).
+    pub fn reconfigure(&self, config: BreakerConfig) {
+        *self.config.lock().expect("not poisoned") = config;
+    }
+
+    /// The thresholds in force.
+    pub fn config(&self) -> BreakerConfig {
+        *self.config.lock().expect("not poisoned")
+    }
+
+    /// The breaker's transitions: closed, open, half-open.
+    pub fn subscribe(&self) -> watch::Receiver<BreakerState> {
+        self.changes.subscribe()
+    }
+
+    fn publish(&self, state: &State) {
+        let public = match state {
+            State::Closed { .. } => BreakerState::Closed,
+            State::Open { .. } => BreakerState::Open,
+            State::HalfOpen { .. } => BreakerState::HalfOpen,
+        };
+        self.changes.send_if_modified(|s| std::mem::replace(s, public) != public);
     }
 
     /// Asks to send one delivery.
@@ -81,6 +115,7 @@ impl CircuitBreaker {
             State::Open { until } if self.clock.now() < until => Admission::Refused,
             State::Open { .. } | State::HalfOpen { probing: false } => {
                 *state = State::HalfOpen { probing: true };
+                self.publish(&state);
                 Admission::Probe
             }
             State::HalfOpen { probing: true } => Admission::Refused,
@@ -91,16 +126,15 @@ impl CircuitBreaker {
     /// says something about 1C itself.
     pub fn record(&self, admission: Admission, healthy: bool) {
         let mut state = self.state.lock().expect("not poisoned");
+        let config = self.config();
         let next = match (&*state, admission, healthy) {
             (State::HalfOpen { .. }, Admission::Probe, true) | (State::Closed { .. }, _, true) => {
                 State::Closed { failures: 0 }
             }
-            (State::HalfOpen { .. }, Admission::Probe, false) => self.opened(),
-            (State::Closed { failures }, _, false)
-                if failures + 1 >= self.config.failure_threshold =>
-            {
-                tracing::warn!(cool_down = ?self.config.cool_down, "the destination keeps failing; circuit breaker opens");
-                self.opened()
+            (State::HalfOpen { .. }, Admission::Probe, false) => self.opened(config),
+            (State::Closed { failures }, _, false) if failures + 1 >= config.failure_threshold => {
+                tracing::warn!(cool_down = ?config.cool_down, "the destination keeps failing; circuit breaker opens");
+                self.opened(config)
             }
             (State::Closed { failures }, _, false) => State::Closed {
                 failures: failures + 1,
@@ -110,11 +144,12 @@ impl CircuitBreaker {
             _ => return,
         };
         *state = next;
+        self.publish(&state);
     }
 
-    fn opened(&self) -> State {
+    fn opened(&self, config: BreakerConfig) -> State {
         State::Open {
-            until: self.clock.now() + self.config.cool_down,
+            until: self.clock.now() + config.cool_down,
         }
     }
 
@@ -144,6 +179,7 @@ impl CircuitBreaker {
         };
         if due {
             *state = State::Closed { failures: 0 };
+            self.publish(&state);
         }
         due
     }
@@ -242,6 +278,25 @@ mod tests {
         assert_eq!(b.state(), BreakerState::Closed);
         assert_eq!(b.admit(), Admission::Allowed);
         assert!(!b.close_when_idle(), "already closed");
+    }
+
+    #[test]
+    fn transitions_are_published_and_new_thresholds_apply_to_the_next_decision() {
+        let (b, now) = breaker();
+        let mut changes = b.subscribe();
+        b.reconfigure(BreakerConfig {
+            failure_threshold: 1,
+            cool_down: Duration::from_secs(1),
+        });
+        b.record(b.admit(), false);
+        assert_eq!(*changes.borrow_and_update(), BreakerState::Open, "one failure opens it now");
+        now.store(1_000, Ordering::SeqCst);
+        assert_eq!(b.admit(), Admission::Probe, "after the new, shorter cool-down");
+        assert_eq!(*changes.borrow_and_update(), BreakerState::HalfOpen);
+        b.record(Admission::Probe, true);
+        assert_eq!(*changes.borrow_and_update(), BreakerState::Closed);
+        b.record(b.admit(), true);
+        assert!(!changes.has_changed().unwrap(), "closed stays closed: nothing published");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use domain::{DeliveryPolicy, Destination};
-use relay::{DeliveryEngine, ProtectionConfig, RelayMetrics, SinkGuard};
+use relay::{Controls, DeliveryEngine, ProtectionConfig, RelayMetrics, SinkGuard};
 use sink::{Failure, FailureKind, MockSink};
 use sqlx::PgPool;
 use store::Store;
@@ -72,11 +72,12 @@ fn engine_with(
         base: Duration::from_secs(3600),
         max: Duration::from_secs(3600),
     };
+    let destination = "fake".parse::<Destination>().unwrap();
+    let controls = Controls::new(destination, guard.clone(), service.batch_size);
     let engine = DeliveryEngine::new(
         Store::new(pool.clone()),
-        "fake".parse::<Destination>().unwrap(),
         policy,
-        guard.clone(),
+        Arc::new(controls),
         service,
         metrics,
     );

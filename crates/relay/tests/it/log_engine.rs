@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use domain::Destination;
-use relay::{LogEngine, ProtectionConfig, RelayMetrics, SinkGuard};
+use relay::{Controls, LogEngine, ProtectionConfig, RelayMetrics, SinkGuard};
 use sink::{Failure, FailureKind, Message, Outcome, Sink};
 use sqlx::PgPool;
 use store::log::{append, Append};
@@ -125,7 +125,8 @@ fn engine_behind(pool: &PgPool, guard: Arc<SinkGuard>, relay_id: &str) -> Arc<Lo
     let mut service = config().service;
     service.relay_id = relay_id.into();
     service.batch_size = 64;
-    LogEngine::new(Store::new(pool.clone()), kafka(), guard, service, metrics)
+    let controls = Arc::new(Controls::new(kafka(), guard, service.batch_size));
+    LogEngine::new(Store::new(pool.clone()), controls, service, metrics)
 }
 
 /// Runs `engines` until `sink` has `n` deliveries (at most 60 s).
