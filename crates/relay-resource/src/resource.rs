@@ -14,6 +14,8 @@ use worker::BreakerConfig;
 
 /// One destination of the relays, steered from the cluster. Unset fields
 /// leave the relay's flags in force.
+// The lint reads each `printcolumn(type_ = …)` as a repeat of the one before.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
 #[kube(
     group = "orders-center.io",
@@ -26,7 +28,11 @@ use worker::BreakerConfig;
     status = "OutboxRelayStatus",
     derive = "PartialEq",
     derive = "Default",
-    printcolumn(name = "Destination", type_ = "string", json_path = ".spec.destination"),
+    printcolumn(
+        name = "Destination",
+        type_ = "string",
+        json_path = ".spec.destination"
+    ),
     printcolumn(name = "Paused", type_ = "boolean", json_path = ".spec.paused"),
     printcolumn(
         name = "Backlog",
@@ -43,7 +49,11 @@ use worker::BreakerConfig;
     printcolumn(name = "Dead", type_ = "integer", json_path = ".status.dead"),
     printcolumn(name = "Leader", type_ = "string", json_path = ".status.leader"),
     printcolumn(name = "Breaker", type_ = "string", json_path = ".status.breaker"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct OutboxRelaySpec {
@@ -186,7 +196,10 @@ pub fn settings(spec: &OutboxRelaySpec, flags: Settings) -> Settings {
             cool_down,
         } = flags.protection.breaker;
         s.protection.breaker = BreakerConfig {
-            failure_threshold: breaker.failure_threshold.unwrap_or(failure_threshold).max(1),
+            failure_threshold: breaker
+                .failure_threshold
+                .unwrap_or(failure_threshold)
+                .max(1),
             cool_down: breaker
                 .cool_down
                 .as_deref()
@@ -195,4 +208,127 @@ pub fn settings(spec: &OutboxRelaySpec, flags: Settings) -> Settings {
         };
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use relay::ProtectionConfig;
+
+    fn version() -> serde_json::Value {
+        let crd = serde_json::to_value(OutboxRelay::crd()).unwrap();
+        crd["spec"]["versions"][0].clone()
+    }
+
+    #[test]
+    fn the_crd_has_a_status_subresource_and_the_printer_columns() {
+        let v = version();
+        assert_eq!(v["name"], "v1alpha1");
+        assert_eq!(v["subresources"]["status"], serde_json::json!({}));
+        let columns: Vec<(String, String, String)> = v["additionalPrinterColumns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let s = |k: &str| c[k].as_str().unwrap().to_owned();
+                (s("name"), s("type"), s("jsonPath"))
+            })
+            .collect();
+        let expected = [
+            ("Destination", "string", ".spec.destination"),
+            ("Paused", "boolean", ".spec.paused"),
+            ("Backlog", "integer", ".status.backlog"),
+            ("Oldest", "date", ".status.oldestPending"),
+            ("Dead", "integer", ".status.dead"),
+            ("Leader", "string", ".status.leader"),
+            ("Breaker", "string", ".status.breaker"),
+            ("Age", "date", ".metadata.creationTimestamp"),
+        ];
+        let expected: Vec<_> = expected
+            .iter()
+            .map(|(a, b, c)| ((*a).to_owned(), (*b).to_owned(), (*c).to_owned()))
+            .collect();
+        assert_eq!(columns, expected);
+        let crd = OutboxRelay::crd();
+        assert_eq!(crd.spec.names.short_names, Some(vec!["obr".to_owned()]));
+        assert_eq!(crd.spec.scope, "Namespaced");
+    }
+
+    #[test]
+    fn the_schema_refuses_a_negative_rate_limit_and_a_zero_batch() {
+        let spec = &version()["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+        assert_eq!(spec["rateLimit"]["type"], "integer");
+        assert_eq!(spec["rateLimit"]["minimum"].as_f64(), Some(0.0));
+        assert_eq!(spec["batchSize"]["minimum"].as_f64(), Some(1.0));
+        assert_eq!(spec["maxInFlight"]["minimum"].as_f64(), Some(1.0));
+        assert_eq!(
+            spec["breaker"]["properties"]["failureThreshold"]["minimum"].as_f64(),
+            Some(1.0)
+        );
+        // And the relay's own reading of a resource written past the schema.
+        let negative = serde_json::json!({"destination": "onec", "rateLimit": -1});
+        assert!(serde_json::from_value::<OutboxRelaySpec>(negative).is_err());
+    }
+
+    #[test]
+    fn the_chart_ships_the_generated_crd() {
+        let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../charts/orders-center/crds/outboxrelays.yaml");
+        let shipped = std::fs::read_to_string(&shipped).unwrap();
+        assert!(
+            shipped == crd_yaml(),
+            "charts/orders-center/crds/outboxrelays.yaml differs from the generated CRD: \
+             run `cargo run -q --bin orders-center -- crdgen > charts/orders-center/crds/outboxrelays.yaml`"
+        );
+    }
+
+    #[test]
+    fn a_spec_overrides_the_flags_it_sets_and_only_those() {
+        let flags = Settings {
+            paused: false,
+            batch_size: 100,
+            protection: ProtectionConfig {
+                max_in_flight: 64,
+                rate_per_second: NonZeroU32::new(200),
+                breaker: BreakerConfig {
+                    failure_threshold: 5,
+                    cool_down: Duration::from_secs(10),
+                },
+            },
+        };
+        let bare = OutboxRelaySpec {
+            destination: "onec".into(),
+            ..OutboxRelaySpec::default()
+        };
+        assert_eq!(settings(&bare, flags), flags);
+        let full = OutboxRelaySpec {
+            destination: "onec".into(),
+            paused: true,
+            rate_limit: Some(0),
+            max_in_flight: Some(4),
+            batch_size: Some(10),
+            breaker: Some(BreakerSpec {
+                failure_threshold: None,
+                cool_down: Some("2m".into()),
+            }),
+        };
+        assert_eq!(
+            settings(&full, flags),
+            Settings {
+                paused: true,
+                batch_size: 10,
+                protection: ProtectionConfig {
+                    max_in_flight: 4,
+                    rate_per_second: None,
+                    breaker: BreakerConfig {
+                        failure_threshold: 5,
+                        cool_down: Duration::from_secs(120),
+                    },
+                },
+            },
+            "rate 0 lifts the limit; an unset threshold keeps the flag's"
+        );
+    }
 }

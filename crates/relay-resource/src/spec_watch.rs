@@ -32,7 +32,11 @@ pub struct SpecWatch {
 impl SpecWatch {
     /// Watches `api`'s resources (those matching the label `selector`, if
     /// any) for `controls`.
-    pub fn new(api: Api<OutboxRelay>, selector: Option<String>, controls: Vec<Arc<Controls>>) -> Self {
+    pub fn new(
+        api: Api<OutboxRelay>,
+        selector: Option<String>,
+        controls: Vec<Arc<Controls>>,
+    ) -> Self {
         Self {
             api,
             selector,
@@ -51,7 +55,10 @@ impl SpecWatch {
     /// server away) are warned about once and retried with backoff; the
     /// settings last applied stay meanwhile, so a paused destination stays
     /// paused while the API server is away.
-    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), std::convert::Infallible> {
+    pub async fn run(
+        mut self,
+        shutdown: CancellationToken,
+    ) -> Result<(), std::convert::Infallible> {
         let mut config = watcher::Config::default();
         if let Some(selector) = &self.selector {
             config = config.labels(selector);
@@ -111,7 +118,12 @@ impl SpecWatch {
                     controls.apply(settings(&resource.spec, controls.flags()));
                 }
                 None => {
-                    self.warn_once(&format!("missing {destination}"), || tracing::warn!(destination, "no OutboxRelay resource names this destination; its flags apply"));
+                    self.warn_once(&format!("missing {destination}"), || {
+                        tracing::warn!(
+                            destination,
+                            "no OutboxRelay resource names this destination; its flags apply"
+                        )
+                    });
                     controls.apply(controls.flags());
                 }
             }

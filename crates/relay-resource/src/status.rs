@@ -53,6 +53,8 @@ pub struct StatusWriter {
     written: BTreeMap<String, OutboxRelayStatus>,
     /// The resources this relay has announced its leadership on.
     announced: BTreeSet<String>,
+    /// Each destination's breaker transitions, subscribed from the start.
+    breakers: Vec<watch::Receiver<BreakerState>>,
 }
 
 fn counters() -> &'static (IntCounterVec, IntCounterVec) {
@@ -91,35 +93,35 @@ impl StatusWriter {
             },
         );
         counters();
+        let breakers = sources
+            .controls
+            .iter()
+            .map(|c| c.breaker_changes())
+            .collect();
         Self {
             api,
             recorder,
             sources,
             written: BTreeMap::new(),
             announced: BTreeSet::new(),
+            breakers,
         }
     }
 
     /// Runs until `shutdown`. A failed write or Event is logged and tried
     /// again on the next change; it never stops the relay.
-    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), std::convert::Infallible> {
+    pub async fn run(
+        mut self,
+        shutdown: CancellationToken,
+    ) -> Result<(), std::convert::Infallible> {
         let mut leading = self.sources.leader.subscribe();
-        let mut breakers: Vec<_> = self
-            .sources
-            .controls
-            .iter()
-            .map(|c| c.breaker_changes())
-            .collect();
+        let mut breakers = std::mem::take(&mut self.breakers);
         loop {
-            let (mut backlog, mut resources) = (
-                self.sources.backlog.clone(),
-                self.sources.resources.clone(),
-            );
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
-                _ = backlog.changed() => {}
-                _ = resources.changed() => {}
-                _ = leading.changed() => {}
+                () = changed(&mut self.sources.backlog) => {}
+                () = changed(&mut self.sources.resources) => {}
+                () = changed(&mut leading) => {}
                 () = tokio::time::sleep(TICK) => {}
             }
             for (i, changes) in breakers.iter_mut().enumerate() {
@@ -129,6 +131,9 @@ impl StatusWriter {
                 }
             }
             if !self.sources.leader.is_leader() {
+                // Seen, so a follower's loop waits for the next change.
+                self.sources.backlog.borrow_and_update();
+                self.sources.resources.borrow_and_update();
                 self.announced.clear();
                 self.written.clear();
                 continue;
@@ -168,8 +173,8 @@ impl StatusWriter {
     }
 
     async fn write_all(&mut self) {
-        let resources = self.sources.resources.borrow().clone();
-        let backlog = self.sources.backlog.borrow().clone();
+        let resources = self.sources.resources.borrow_and_update().clone();
+        let backlog = self.sources.backlog.borrow_and_update().clone();
         for controls in self.sources.controls.clone() {
             let Some((resource, _)) = steering(&resources, controls.destination().as_str()) else {
                 continue;
@@ -196,8 +201,12 @@ impl StatusWriter {
                 self.record(resource, "LeaderElected", EventType::Normal, note)
                     .await;
             }
+            // What this relay wrote last is newer than what the watch has
+            // brought back of it.
+            let before = self.written.get(&name).or(resource.status.as_ref());
             let status = status_of(
                 resource,
+                before,
                 &controls,
                 &self.sources.identity,
                 backlog.as_deref(),
@@ -260,22 +269,30 @@ impl StatusWriter {
     }
 }
 
+/// Waits for a change; a channel whose sender is gone never changes again.
+async fn changed<T>(rx: &mut watch::Receiver<T>) {
+    if rx.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 fn timestamp(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
 /// The status of `resource` as the leader `identity` sees it: its own
 /// breaker, and the figures of `backlog` (the latest recount); without a
-/// recount yet, the figures stay as the resource has them.
+/// recount yet, the figures stay as they were `before`.
 pub fn status_of(
     resource: &OutboxRelay,
+    before: Option<&OutboxRelayStatus>,
     controls: &Controls,
     identity: &str,
     backlog: Option<&Backlog>,
     now: DateTime<Utc>,
 ) -> OutboxRelayStatus {
     let destination = controls.destination();
-    let before = resource.status.clone().unwrap_or_default();
+    let before = before.cloned().unwrap_or_default();
     let mut status = OutboxRelayStatus {
         observed_generation: resource.metadata.generation,
         leader: Some(identity.to_owned()),
@@ -294,7 +311,8 @@ pub fn status_of(
         status.backlog = Some(waiting);
         status.dead = Some(stats.dead);
         status.oldest_pending = (waiting > 0).then(|| {
-            let age = chrono::Duration::milliseconds((stats.oldest_pending_age_seconds * 1000.0) as i64);
+            let age =
+                chrono::Duration::milliseconds((stats.oldest_pending_age_seconds * 1000.0) as i64);
             timestamp(counted - age)
         });
         status.last_delivery = backlog
@@ -336,37 +354,69 @@ fn conditions(
     let dead = status.dead.unwrap_or(0);
     let [ready, degraded, paused_condition] = [
         match (paused, breaker) {
-            (true, _) => (false, "Paused", format!("claims for {destination} are paused")),
-            (false, BreakerState::Closed) => (true, "Delivering", format!("the relays deliver to {destination}")),
-            (false, _) => (false, "BreakerOpen", format!("the leader's circuit breaker to {destination} is {breaker:?}")),
+            (true, _) => (
+                false,
+                "Paused",
+                format!("claims for {destination} are paused"),
+            ),
+            (false, BreakerState::Closed) => (
+                true,
+                "Delivering",
+                format!("the relays deliver to {destination}"),
+            ),
+            (false, _) => (
+                false,
+                "BreakerOpen",
+                format!("the leader's circuit breaker to {destination} is {breaker:?}"),
+            ),
         },
         match (breaker, dead) {
-            (BreakerState::Closed, 0) => (false, "Healthy", "no open breaker and no dead letters".to_owned()),
-            (BreakerState::Closed, n) => (true, "DeadLetters", format!("{n} dead: see `orders-center tasks list --state dead`")),
-            (state, _) => (true, "BreakerOpen", format!("the leader's circuit breaker is {state:?}")),
+            (BreakerState::Closed, 0) => (
+                false,
+                "Healthy",
+                "no open breaker and no dead letters".to_owned(),
+            ),
+            (BreakerState::Closed, n) => (
+                true,
+                "DeadLetters",
+                format!("{n} dead: see `orders-center tasks list --state dead`"),
+            ),
+            (state, _) => (
+                true,
+                "BreakerOpen",
+                format!("the leader's circuit breaker is {state:?}"),
+            ),
         },
         if paused {
-            (true, "PausedBySpec", "spec.paused is true: no new claims".to_owned())
+            (
+                true,
+                "PausedBySpec",
+                "spec.paused is true: no new claims".to_owned(),
+            )
         } else {
             (false, "NotPaused", "spec.paused is false".to_owned())
         },
     ];
-    [("Ready", ready), ("Degraded", degraded), ("Paused", paused_condition)]
-        .into_iter()
-        .map(|(type_, (on, reason, message))| {
-            let value = if on { "True" } else { "False" };
-            let since = before
-                .iter()
-                .find(|c| c.type_ == type_ && c.status == value)
-                .map_or_else(|| timestamp(now), |c| c.last_transition_time.clone());
-            Condition {
-                type_: type_.into(),
-                status: value.into(),
-                reason: reason.into(),
-                message,
-                last_transition_time: since,
-                observed_generation: resource.metadata.generation,
-            }
-        })
-        .collect()
+    [
+        ("Ready", ready),
+        ("Degraded", degraded),
+        ("Paused", paused_condition),
+    ]
+    .into_iter()
+    .map(|(type_, (on, reason, message))| {
+        let value = if on { "True" } else { "False" };
+        let since = before
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == value)
+            .map_or_else(|| timestamp(now), |c| c.last_transition_time.clone());
+        Condition {
+            type_: type_.into(),
+            status: value.into(),
+            reason: reason.into(),
+            message,
+            last_transition_time: since,
+            observed_generation: resource.metadata.generation,
+        }
+    })
+    .collect()
 }

@@ -282,3 +282,80 @@ impl SinkGuard {
         Some(outcomes)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use worker::SystemClock;
+
+    fn config(max_in_flight: usize, rate: Option<u32>) -> ProtectionConfig {
+        ProtectionConfig {
+            max_in_flight,
+            rate_per_second: rate.and_then(NonZeroU32::new),
+            breaker: BreakerConfig {
+                failure_threshold: 5,
+                cool_down: Duration::from_secs(10),
+            },
+        }
+    }
+
+    fn guard(c: ProtectionConfig) -> SinkGuard {
+        SinkGuard::new(
+            Arc::new(sink::MockSink::new()),
+            c,
+            Arc::new(SystemClock),
+            crate::RelayMetrics::new().destination("x"),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_lowered_in_flight_limit_takes_its_slots_back_as_deliveries_end() {
+        let g = guard(config(4, None));
+        let held = g.slots(3).await;
+        assert_eq!(g.capacity(), 1);
+        g.reconfigure(config(2, None));
+        assert_eq!(
+            g.capacity(),
+            0,
+            "the free slot goes at once; one more is owed"
+        );
+        drop(held);
+        assert_eq!(
+            g.capacity(),
+            2,
+            "the owed slot was kept back, the rest freed"
+        );
+        g.reconfigure(config(5, None));
+        assert_eq!(g.capacity(), 5);
+        let held = g.slots(5).await;
+        g.reconfigure(config(1, None));
+        g.reconfigure(config(3, None));
+        drop(held);
+        assert_eq!(
+            g.capacity(),
+            3,
+            "raising the limit again pays the debt first"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_rate_limit_and_breaker_change_in_place() {
+        let g = guard(config(4, Some(100)));
+        assert_eq!(g.rate().map(|r| r.1), Some(100));
+        let mut c = config(4, Some(7));
+        c.breaker.failure_threshold = 1;
+        g.reconfigure(c);
+        assert_eq!(g.rate().map(|r| r.1), Some(7));
+        assert_eq!(g.config(), c);
+        g.breaker.record(g.breaker.admit(), false);
+        assert_eq!(
+            g.breaker_state(),
+            BreakerState::Open,
+            "one failure opens it now"
+        );
+        g.reconfigure(config(4, None));
+        assert!(g.rate().is_none(), "no limit");
+    }
+}

@@ -18,12 +18,12 @@
 //! The claim SQL lives in the `store` crate (`tasks.rs`); the cron, pool,
 //! election, breaker and supervisor in the `worker` crate.
 
+pub mod controls;
 pub mod engine;
 mod error;
 pub mod guard;
 pub mod log_engine;
 pub mod metrics;
-pub mod controls;
 mod runtime;
 pub mod upkeep;
 

@@ -104,7 +104,8 @@ impl CircuitBreaker {
             State::Open { .. } => BreakerState::Open,
             State::HalfOpen { .. } => BreakerState::HalfOpen,
         };
-        self.changes.send_if_modified(|s| std::mem::replace(s, public) != public);
+        self.changes
+            .send_if_modified(|s| std::mem::replace(s, public) != public);
     }
 
     /// Asks to send one delivery.
@@ -289,14 +290,25 @@ mod tests {
             cool_down: Duration::from_secs(1),
         });
         b.record(b.admit(), false);
-        assert_eq!(*changes.borrow_and_update(), BreakerState::Open, "one failure opens it now");
+        assert_eq!(
+            *changes.borrow_and_update(),
+            BreakerState::Open,
+            "one failure opens it now"
+        );
         now.store(1_000, Ordering::SeqCst);
-        assert_eq!(b.admit(), Admission::Probe, "after the new, shorter cool-down");
+        assert_eq!(
+            b.admit(),
+            Admission::Probe,
+            "after the new, shorter cool-down"
+        );
         assert_eq!(*changes.borrow_and_update(), BreakerState::HalfOpen);
         b.record(Admission::Probe, true);
         assert_eq!(*changes.borrow_and_update(), BreakerState::Closed);
         b.record(b.admit(), true);
-        assert!(!changes.has_changed().unwrap(), "closed stays closed: nothing published");
+        assert!(
+            !changes.has_changed().unwrap(),
+            "closed stays closed: nothing published"
+        );
     }
 
     #[test]
