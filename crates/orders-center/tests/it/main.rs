@@ -3,5 +3,6 @@
 mod dev;
 mod e2e;
 mod observability;
+mod outbox_relay;
 mod roles;
 mod support;

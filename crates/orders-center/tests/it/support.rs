@@ -216,6 +216,25 @@ impl System {
         relays: usize,
         env: &[(&str, &str)],
     ) -> Self {
+        Self::start_relays_with(
+            db_url,
+            mock_faults,
+            relays,
+            env,
+            &["--leader-election", "postgres"],
+        )
+        .await
+    }
+
+    /// The same, with `relay_args` (the leader election's among them) given
+    /// to every relay.
+    pub async fn start_relays_with(
+        db_url: &str,
+        mock_faults: &[&str],
+        relays: usize,
+        env: &[(&str, &str)],
+        relay_args: &[&str],
+    ) -> Self {
         let mock_args = [
             &[
                 "--listen",
@@ -259,8 +278,6 @@ impl System {
                 "500ms",
                 "--onec-timeout",
                 "5s",
-                "--leader-election",
-                "postgres",
                 "--lease-duration",
                 "3s",
                 "--lease-renew-deadline",
@@ -271,6 +288,7 @@ impl System {
                 "1s",
             ]);
             relay
+                .args(relay_args)
                 .env("DATABASE_URL", db_url)
                 .env("ONEC_PASSWORD", "pw")
                 .envs(env.iter().copied());
