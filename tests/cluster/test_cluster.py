@@ -307,6 +307,18 @@ def default_values():
     held = wait_until("1,000 orders in 1C", 120, all_held)
     print(f"1C held {before} orders before, {len(held)} after; saved in {saved:.1f} s, all in 1C at +{time.monotonic() - t:.1f} s")
 
+    # The chart's OutboxRelay (its CRD from crds/), reported by the Lease's
+    # holder through the relay pods' own ServiceAccount.
+    step("kubectl get obr")
+
+    def reported():
+        status = json.loads(kubectl("get", "obr", f"{rel.fullname}-onec", "-n", "orders", "-o", "json")).get("status", {})
+        ready = [c for c in status.get("conditions", []) if c["type"] == "Ready" and c["status"] == "True"]
+        return status.get("leader") == rel.leader() and status.get("backlog") == 0 and ready and status
+
+    wait_until("the leader's OutboxRelay status", 60, reported)
+    print(kubectl("get", "obr", "-n", "orders"))
+
     # 3. The Lease between real relay pods: the leader force-deleted (it
     # releases the Lease on SIGTERM), then its process SIGKILLed on the node
     # (nothing releases it; the others wait for it to expire).

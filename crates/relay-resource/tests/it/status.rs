@@ -279,3 +279,75 @@ async fn each_relay_records_its_breaker_opening_and_closing() {
     r.shutdown.cancel();
     r.task.await.unwrap().unwrap();
 }
+
+#[test]
+fn a_log_destination_reports_its_cursors_lag_and_who_holds_its_partitions() {
+    let (_, kafka) = controls("kafka", Arc::default(), closed_breaker());
+    let cursor =
+        |partition: i16, owner: &str, events: i64, oldest: Option<&str>| store::log::CursorLag {
+            destination: "kafka".into(),
+            partition,
+            owner: Some(owner.into()),
+            delivered_at: Some(at("2026-12-06T09:59:50Z")),
+            events,
+            oldest_at: oldest.map(at),
+        };
+    let backlog = store::Backlog {
+        destinations: vec![SyncStats {
+            destination: "kafka".parse().unwrap(),
+            pending: 12,
+            running: 0,
+            dead: 0,
+            oldest_pending_age_seconds: 40.0,
+            refreshed_at: at("2026-12-06T10:00:00Z"),
+        }],
+        cursors: vec![
+            cursor(0, "relay-0", 5, Some("2026-12-06T09:59:20Z")),
+            cursor(1, "relay-1", 7, Some("2026-12-06T09:59:45Z")),
+            cursor(2, "relay-0", 0, None),
+        ],
+        delivered: Vec::new(),
+    };
+    let resource: OutboxRelay =
+        serde_json::from_value(resource("orders-center-kafka", "kafka", true, 2, json!({})))
+            .unwrap();
+    let status = relay_resource::status::status_of(
+        &resource,
+        None,
+        &kafka,
+        "relay-1",
+        Some(&backlog),
+        at("2026-12-06T10:00:01Z"),
+    );
+    let lag = status.cursor_lag.unwrap();
+    assert_eq!(
+        (lag.events, lag.seconds),
+        (12, 40),
+        "summed over partitions; the oldest's age"
+    );
+    assert_eq!(
+        status.partitions.into_iter().collect::<Vec<_>>(),
+        [("relay-0".to_owned(), 2), ("relay-1".to_owned(), 1)]
+    );
+    assert_eq!(
+        status.last_delivery.as_deref(),
+        Some("2026-12-06T09:59:50Z")
+    );
+    assert_eq!(
+        status.oldest_pending.as_deref(),
+        Some("2026-12-06T09:59:20Z")
+    );
+    let paused: Vec<_> = status
+        .conditions
+        .iter()
+        .map(|c| (c.type_.as_str(), c.status.as_str(), c.reason.as_str()))
+        .collect();
+    assert_eq!(
+        paused,
+        [
+            ("Ready", "False", "Paused"),
+            ("Degraded", "False", "Healthy"),
+            ("Paused", "True", "PausedBySpec"),
+        ]
+    );
+}
