@@ -29,6 +29,10 @@ pub const FIELD_MANAGER: &str = "orders-center-relay";
 /// lazy open → half-open is seen here).
 const TICK: Duration = Duration::from_secs(1);
 
+/// The longest a status write or an Event may take: a slow API server
+/// delays the report, never the next one for long.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What the writer reads, all of it from the relay it runs in.
 pub struct Sources {
     /// This relay's name.
@@ -220,13 +224,16 @@ impl StatusWriter {
             if !self.sources.leader.is_leader() {
                 return;
             }
-            match self.patch(&name, &status).await {
-                Ok(()) => {
+            match tokio::time::timeout(CALL_TIMEOUT, self.patch(&name, &status)).await {
+                Ok(Ok(())) => {
                     counters().0.with_label_values(&[&name]).inc();
                     self.written.insert(name, status);
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::warn!(resource = %name, error = %e, "could not write the OutboxRelay status; trying again on the next change")
+                }
+                Err(_) => {
+                    tracing::warn!(resource = %name, timeout = ?CALL_TIMEOUT, "the OutboxRelay status write timed out; trying again on the next change")
                 }
             }
         }
@@ -256,14 +263,15 @@ impl StatusWriter {
             action: "Deliver".into(),
             secondary: None,
         };
-        match self
-            .recorder
-            .publish(&event, &resource.object_ref(&()))
-            .await
-        {
-            Ok(()) => counters().1.with_label_values(&[reason]).inc(),
-            Err(e) => {
+        let reference = resource.object_ref(&());
+        let publish = self.recorder.publish(&event, &reference);
+        match tokio::time::timeout(CALL_TIMEOUT, publish).await {
+            Ok(Ok(())) => counters().1.with_label_values(&[reason]).inc(),
+            Ok(Err(e)) => {
                 tracing::warn!(resource = %resource.name_any(), reason, error = %e, "could not record a Kubernetes Event")
+            }
+            Err(_) => {
+                tracing::warn!(resource = %resource.name_any(), reason, timeout = ?CALL_TIMEOUT, "recording a Kubernetes Event timed out")
             }
         }
     }

@@ -128,6 +128,18 @@ async fn wait_status(
     }
 }
 
+/// `kubectl patch` of `spec.paused`, as an operator types it.
+fn set_paused(api: &KubeApi, paused: bool) {
+    let patch = format!(r#"{{"spec":{{"paused":{paused}}}}}"#);
+    kubectl(
+        api,
+        &[
+            "patch", "obr", RESOURCE, "-n", NAMESPACE, "--type", "merge", "-p", &patch,
+        ],
+        None,
+    );
+}
+
 fn table(api: &KubeApi) -> String {
     kubectl(api, &["get", "obr", "-n", NAMESPACE], None)
 }
@@ -262,21 +274,7 @@ async fn three_relays_are_steered_and_reported_through_the_charts_outbox_relay()
     // Timed from before kubectl starts: the relays apply the change before
     // the kubectl process has exited.
     let paused_at = Instant::now();
-    kubectl(
-        api,
-        &[
-            "patch",
-            "obr",
-            RESOURCE,
-            "-n",
-            NAMESPACE,
-            "--type",
-            "merge",
-            "-p",
-            r#"{"spec":{"paused":true}}"#,
-        ],
-        None,
-    );
+    set_paused(api, true);
     let applied = |system: &System| {
         system.relays.iter().all(|r| {
             r.log
@@ -322,21 +320,7 @@ async fn three_relays_are_steered_and_reported_through_the_charts_outbox_relay()
     println!("paused on every relay {pause_took:?} after kubectl patch; backlog 1000 in the status {took:?} after the saves:\n{}", table(api));
 
     let resumed_at = Instant::now();
-    kubectl(
-        api,
-        &[
-            "patch",
-            "obr",
-            RESOURCE,
-            "-n",
-            NAMESPACE,
-            "--type",
-            "merge",
-            "-p",
-            r#"{"spec":{"paused":false}}"#,
-        ],
-        None,
-    );
+    set_paused(api, false);
     while count(
         &db.pool,
         "SELECT count(*) FROM outbox WHERE state <> 'done'",

@@ -112,6 +112,18 @@ fn start(
     (running, guard)
 }
 
+/// Answers a status write with the resource as stored.
+fn stored(patch: crate::support::Call) {
+    let stored = resource(
+        "orders-center-onec",
+        "onec",
+        false,
+        3,
+        patch.body["status"].clone(),
+    );
+    patch.reply(StatusCode::OK, &stored);
+}
+
 fn closed_breaker() -> relay::ProtectionConfig {
     protection(5, Duration::from_secs(10))
 }
@@ -176,14 +188,7 @@ async fn the_leader_applies_the_status_under_its_field_manager_and_announces_its
             ("Paused".into(), "False".into(), "NotPaused".into()),
         ]
     );
-    let stored = resource(
-        "orders-center-onec",
-        "onec",
-        false,
-        3,
-        patch.body["status"].clone(),
-    );
-    patch.reply(StatusCode::OK, &stored);
+    stored(patch);
 
     // Unchanged, it is not written again; a new recount is.
     r.api.silent_for(Duration::from_millis(2500)).await;
@@ -193,14 +198,7 @@ async fn the_leader_applies_the_status_under_its_field_manager_and_announces_its
     assert_eq!(patch.body["status"]["backlog"], 1);
     assert_eq!(patch.body["status"]["dead"], 0);
     assert_eq!(patch.body["status"]["conditions"][1]["status"], "False");
-    let stored = resource(
-        "orders-center-onec",
-        "onec",
-        false,
-        3,
-        patch.body["status"].clone(),
-    );
-    patch.reply(StatusCode::OK, &stored);
+    stored(patch);
 
     r.shutdown.cancel();
     r.task.await.unwrap().unwrap();
