@@ -242,7 +242,7 @@ async fn run_relay(config: &Config, args: &RelayArgs, shutdown: CancellationToke
         .tuning
         .onec_config(&args.onec_url, &args.onec_username, &args.onec_password);
     let relay_config = args.tuning.relay_config();
-    let relay_config_id = relay_config.service.relay_id.clone();
+    let relay_id = relay_config.service.relay_id.clone();
     let outlets = transports::outlets(
         config,
         &args.tuning,
@@ -254,17 +254,11 @@ async fn run_relay(config: &Config, args: &RelayArgs, shutdown: CancellationToke
     let listener = bind(args.listen).await?;
     tracing::info!(
         url = %url_of(&listener)?,
-        relay_id = %relay_config.service.relay_id,
+        relay_id = %relay_id,
         onec = %args.onec_url,
         "relay started"
     );
-    let leadership = leadership(
-        &args.election,
-        &store,
-        &relay_config.service.relay_id,
-        &shutdown,
-    )
-    .await?;
+    let leadership = leadership(&args.election, &store, &relay_id, &shutdown).await?;
     let relay = relay::Relay::start(
         store.clone(),
         outlets,
@@ -292,7 +286,7 @@ async fn run_relay(config: &Config, args: &RelayArgs, shutdown: CancellationToke
             client,
             &namespace,
             args.resources.outbox_relay_selector.clone(),
-            &relay_config_id,
+            &relay_id,
         );
     }
     let status = serve_status(listener, &relay, args.http.limits(), &shutdown);
