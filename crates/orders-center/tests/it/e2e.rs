@@ -14,7 +14,7 @@ use crate::support::{get_json, get_text, promtool_check_metrics, sample_sum, Sys
 
 /// The heavy scenarios share two cores; running them one at a time keeps
 /// each one's timing honest.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+pub(crate) static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
 const ORDERS: usize = 5_000;
 const UPDATED: usize = 1_000;

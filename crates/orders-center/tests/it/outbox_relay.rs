@@ -172,6 +172,9 @@ async fn status_writes(system: &System) -> BTreeMap<String, f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_relays_are_steered_and_reported_through_the_charts_outbox_relay() {
+    // Its timings (the pause, the hand-over) are bounded: not beside the
+    // heavy scenarios.
+    let _one = crate::e2e::ONE_AT_A_TIME.lock().await;
     let api = tokio::task::spawn_blocking(api_server).await.unwrap();
     let crd = crate::support::orders_center(&["crdgen"])
         .output()
