@@ -111,3 +111,46 @@ impl Controls {
         self.wake.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use worker::{BreakerConfig, SystemClock};
+
+    #[tokio::test]
+    async fn settings_apply_to_the_guard_and_a_resume_wakes_the_engine() {
+        let protection = ProtectionConfig {
+            max_in_flight: 4,
+            rate_per_second: None,
+            breaker: BreakerConfig {
+                failure_threshold: 5,
+                cool_down: Duration::from_secs(10),
+            },
+        };
+        let guard = Arc::new(SinkGuard::new(
+            Arc::new(sink::MockSink::new()),
+            protection,
+            Arc::new(SystemClock),
+            crate::RelayMetrics::new().destination("onec"),
+        ));
+        let controls = Controls::new(Destination::onec(), guard.clone(), 100);
+        let wake = controls.wake();
+        let mut paused = controls.flags();
+        paused.paused = true;
+        paused.protection.max_in_flight = 2;
+        controls.apply(paused);
+        assert!(controls.paused());
+        assert_eq!(guard.capacity(), 2, "the guard took the new limit");
+        let woken = tokio::time::timeout(Duration::from_millis(50), wake.notified()).await;
+        assert!(woken.is_err(), "a pause wakes nobody");
+
+        controls.apply(controls.flags());
+        assert!(!controls.paused());
+        assert_eq!(guard.capacity(), 4);
+        tokio::time::timeout(Duration::from_secs(1), wake.notified())
+            .await
+            .expect("a resume wakes the engine at once");
+    }
+}
