@@ -39,6 +39,7 @@ pub fn steer(
             leader: relay.leader(),
             backlog: relay.backlog(),
             resources: watch.resources(),
+            store: Some(relay.store()),
         },
     );
     relay.spawn("outboxrelay spec watch", watch.run(relay.shutdown()));

@@ -48,7 +48,12 @@ use worker::BreakerConfig;
     ),
     printcolumn(name = "Dead", type_ = "integer", json_path = ".status.dead"),
     printcolumn(name = "Leader", type_ = "string", json_path = ".status.leader"),
-    printcolumn(name = "Breaker", type_ = "string", json_path = ".status.breaker"),
+    printcolumn(
+        name = "Breaker",
+        type_ = "string",
+        json_path = ".status.breaker",
+        description = "The worst circuit breaker of any relay"
+    ),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -105,9 +110,13 @@ pub struct OutboxRelayStatus {
     /// The relay that leads, and writes this status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader: Option<String>,
-    /// The leader's circuit breaker: `Closed`, `Open` or `HalfOpen`.
+    /// The worst circuit breaker of any relay: `Closed`, `HalfOpen` or
+    /// `Open`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub breaker: Option<String>,
+    /// Each relay's circuit breaker, as it reported within 15 s.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub breakers: BTreeMap<String, String>,
     /// Tasks (or log events) not delivered yet, as of the leader's last
     /// recount.
     #[serde(default, skip_serializing_if = "Option::is_none")]

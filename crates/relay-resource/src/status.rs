@@ -1,8 +1,9 @@
 //! The leading relay writes each `OutboxRelay`'s status (server-side apply
 //! on the status subresource, under one field manager) from its backlog
-//! recount, its breaker and its identity; followers never do. Every relay
-//! records a Kubernetes Event when its own breaker opens or closes, and
-//! the new leader one when it takes over.
+//! recount, every relay's breaker and its identity; followers never do.
+//! Every relay reports its breakers to the database for the leader, and
+//! records a Kubernetes Event when its own breaker opens or closes; the new
+//! leader records one when it takes over.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, OnceLock};
@@ -33,6 +34,10 @@ const TICK: Duration = Duration::from_secs(1);
 /// delays the report, never the next one for long.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often every relay reports its breakers, besides on each change; a
+/// report older than three of these is a relay that is gone.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
 /// What the writer reads, all of it from the relay it runs in.
 pub struct Sources {
     /// This relay's name.
@@ -45,6 +50,9 @@ pub struct Sources {
     pub backlog: watch::Receiver<Option<Arc<Backlog>>>,
     /// The resources, from the spec watch.
     pub resources: watch::Receiver<Arc<Resources>>,
+    /// Where every relay reports its breakers and the leader reads them
+    /// all; without it the status shows the leader's breaker alone.
+    pub store: Option<store::Store>,
 }
 
 /// Writes statuses and records Events.
@@ -120,6 +128,7 @@ impl StatusWriter {
     ) -> Result<(), std::convert::Infallible> {
         let mut leading = self.sources.leader.subscribe();
         let mut breakers = std::mem::take(&mut self.breakers);
+        let mut reported: Option<std::time::Instant> = None;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
@@ -128,11 +137,17 @@ impl StatusWriter {
                 () = changed(&mut leading) => {}
                 () = tokio::time::sleep(TICK) => {}
             }
+            let mut changed_any = false;
             for (i, changes) in breakers.iter_mut().enumerate() {
                 if changes.has_changed().unwrap_or(false) {
                     let state = *changes.borrow_and_update();
+                    changed_any = true;
                     self.breaker_changed(i, state).await;
                 }
+            }
+            if changed_any || reported.is_none_or(|at| at.elapsed() >= HEARTBEAT) {
+                self.report_breakers().await;
+                reported = Some(std::time::Instant::now());
             }
             if !self.sources.leader.is_leader() {
                 // Seen, so a follower's loop waits for the next change.
@@ -176,9 +191,55 @@ impl StatusWriter {
         }
     }
 
+    /// Records this relay's breakers for the leader.
+    async fn report_breakers(&self) {
+        let Some(store) = &self.sources.store else {
+            return;
+        };
+        let states: Vec<(String, String)> = self
+            .sources
+            .controls
+            .iter()
+            .map(|c| (c.destination().to_string(), format!("{:?}", c.breaker())))
+            .collect();
+        let states: Vec<(&str, &str)> = states
+            .iter()
+            .map(|(d, s)| (d.as_str(), s.as_str()))
+            .collect();
+        if let Err(e) = store.report_breakers(&self.sources.identity, &states).await {
+            tracing::warn!(error = %e, "could not report this relay's breakers; the leader's status may miss them");
+        }
+    }
+
+    /// Every relay's breaker per destination, as reported within three
+    /// heartbeats, with this relay's own as of now.
+    async fn fleet_breakers(&self) -> BTreeMap<String, BTreeMap<String, String>> {
+        let mut fleet: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        if let Some(store) = &self.sources.store {
+            match store.breakers(HEARTBEAT * 3).await {
+                Ok(rows) => {
+                    for (destination, relay, state) in rows {
+                        fleet.entry(destination).or_default().insert(relay, state);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read the relays' breakers; the status shows the leader's alone")
+                }
+            }
+        }
+        for c in &self.sources.controls {
+            fleet
+                .entry(c.destination().to_string())
+                .or_default()
+                .insert(self.sources.identity.clone(), format!("{:?}", c.breaker()));
+        }
+        fleet
+    }
+
     async fn write_all(&mut self) {
         let resources = self.sources.resources.borrow_and_update().clone();
         let backlog = self.sources.backlog.borrow_and_update().clone();
+        let fleet = self.fleet_breakers().await;
         for controls in self.sources.controls.clone() {
             let Some((resource, _)) = steering(&resources, controls.destination().as_str()) else {
                 continue;
@@ -208,11 +269,18 @@ impl StatusWriter {
             // What this relay wrote last is newer than what the watch has
             // brought back of it.
             let before = self.written.get(&name).or(resource.status.as_ref());
+            let breakers = fleet
+                .get(controls.destination().as_str())
+                .cloned()
+                .unwrap_or_default();
             let status = status_of(
                 resource,
                 before,
                 &controls,
-                &self.sources.identity,
+                &Reporters {
+                    leader: &self.sources.identity,
+                    breakers,
+                },
                 backlog.as_deref(),
                 Utc::now(),
             );
@@ -288,14 +356,53 @@ fn timestamp(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
-/// The status of `resource` as the leader `identity` sees it: its own
-/// breaker, and the figures of `backlog` (the latest recount); without a
-/// recount yet, the figures stay as they were `before`.
+/// Who reports: the leader, and each relay's breaker (relay → `Closed`,
+/// `Open` or `HalfOpen`).
+pub struct Reporters<'a> {
+    /// The leader's name.
+    pub leader: &'a str,
+    /// Each relay's breaker of the destination.
+    pub breakers: BTreeMap<String, String>,
+}
+
+impl Reporters<'_> {
+    /// The worst breaker of any relay: open over half-open over closed.
+    fn worst(&self) -> BreakerState {
+        let rank = |s: &str| match s {
+            "Open" => BreakerState::Open,
+            "HalfOpen" => BreakerState::HalfOpen,
+            _ => BreakerState::Closed,
+        };
+        self.breakers
+            .values()
+            .map(|s| rank(s))
+            .max_by_key(|s| match s {
+                BreakerState::Closed => 0,
+                BreakerState::HalfOpen => 1,
+                BreakerState::Open => 2,
+            })
+            .unwrap_or(BreakerState::Closed)
+    }
+
+    /// The relays whose breaker is not closed.
+    fn unwell(&self) -> Vec<&str> {
+        self.breakers
+            .iter()
+            .filter(|(_, s)| *s != "Closed")
+            .map(|(r, _)| r.as_str())
+            .collect()
+    }
+}
+
+/// The status of `resource` as its leader sees it: the relays' breakers
+/// (`Breaker` is the worst of them), and the figures of `backlog` (the
+/// latest recount); without a recount yet, the figures stay as they were
+/// `before`.
 pub fn status_of(
     resource: &OutboxRelay,
     before: Option<&OutboxRelayStatus>,
     controls: &Controls,
-    identity: &str,
+    reporters: &Reporters<'_>,
     backlog: Option<&Backlog>,
     now: DateTime<Utc>,
 ) -> OutboxRelayStatus {
@@ -303,8 +410,9 @@ pub fn status_of(
     let before = before.cloned().unwrap_or_default();
     let mut status = OutboxRelayStatus {
         observed_generation: resource.metadata.generation,
-        leader: Some(identity.to_owned()),
-        breaker: Some(format!("{:?}", controls.breaker())),
+        leader: Some(reporters.leader.to_owned()),
+        breaker: Some(format!("{:?}", reporters.worst())),
+        breakers: reporters.breakers.clone(),
         ..before.clone()
     };
     let stats = backlog.and_then(|b| {
@@ -345,20 +453,29 @@ pub fn status_of(
             }
         }
     }
-    status.conditions = conditions(resource, controls, &status, &before.conditions, now);
+    status.conditions = conditions(
+        resource,
+        controls,
+        reporters,
+        &status,
+        &before.conditions,
+        now,
+    );
     status
 }
 
 fn conditions(
     resource: &OutboxRelay,
     controls: &Controls,
+    reporters: &Reporters<'_>,
     status: &OutboxRelayStatus,
     before: &[Condition],
     now: DateTime<Utc>,
 ) -> Vec<Condition> {
     let destination = controls.destination();
     let paused = resource.spec.paused;
-    let breaker = controls.breaker();
+    let breaker = reporters.worst();
+    let unwell = reporters.unwell().join(", ");
     let dead = status.dead.unwrap_or(0);
     let [ready, degraded, paused_condition] = [
         match (paused, breaker) {
@@ -375,7 +492,7 @@ fn conditions(
             (false, _) => (
                 false,
                 "BreakerOpen",
-                format!("the leader's circuit breaker to {destination} is {breaker:?}"),
+                format!("the circuit breaker to {destination} is {breaker:?} on {unwell}"),
             ),
         },
         match (breaker, dead) {
@@ -392,7 +509,7 @@ fn conditions(
             (state, _) => (
                 true,
                 "BreakerOpen",
-                format!("the leader's circuit breaker is {state:?}"),
+                format!("the circuit breaker is {state:?} on {unwell}"),
             ),
         },
         if paused {

@@ -210,6 +210,11 @@ impl Relay {
         &self.inner.controls
     }
 
+    /// The database it delivers from.
+    pub fn store(&self) -> Store {
+        self.inner.store.clone()
+    }
+
     /// Who leads.
     pub fn leader(&self) -> Arc<dyn Leader> {
         self.inner.leader.clone()

@@ -351,6 +351,13 @@ async fn three_relays_are_steered_and_reported_through_the_charts_outbox_relay()
     .await;
     println!("resumed: 1,000 delivered {drained:?} after kubectl patch; backlog 0 in the status {took:?} later:\n{}", table(api));
 
+    // Every relay's breaker is in the status, through the database.
+    let breakers = status(api)["breakers"].clone();
+    assert_eq!(
+        breakers,
+        serde_json::json!({"relay-0": "Closed", "relay-1": "Closed", "relay-2": "Closed"})
+    );
+
     // Only the leader wrote the status; every call the relays made was allowed.
     let leader = status(api)["leader"].as_str().unwrap().to_owned();
     let writes = status_writes(&system).await;

@@ -10,6 +10,7 @@ use domain::SyncStats;
 use http::{Method, StatusCode};
 use kube::Api;
 use relay_resource::spec_watch::Resources;
+use relay_resource::status::Reporters;
 use relay_resource::{OutboxRelay, Sources, StatusWriter};
 use serde_json::{json, Value};
 use sink::Message;
@@ -97,6 +98,7 @@ fn start(
             leader,
             backlog: backlog.subscribe(),
             resources: resources.subscribe(),
+            store: None,
         },
     );
     let shutdown = CancellationToken::new();
@@ -279,7 +281,7 @@ async fn each_relay_records_its_breaker_opening_and_closing() {
 }
 
 #[test]
-fn a_log_destination_reports_its_cursors_lag_and_who_holds_its_partitions() {
+fn a_log_destination_reports_its_cursors_lag_who_holds_its_partitions_and_every_breaker() {
     let (_, kafka) = controls("kafka", Arc::default(), closed_breaker());
     let cursor =
         |partition: i16, owner: &str, events: i64, oldest: Option<&str>| store::log::CursorLag {
@@ -309,14 +311,31 @@ fn a_log_destination_reports_its_cursors_lag_and_who_holds_its_partitions() {
     let resource: OutboxRelay =
         serde_json::from_value(resource("orders-center-kafka", "kafka", true, 2, json!({})))
             .unwrap();
+    let reporters = Reporters {
+        leader: "relay-1",
+        breakers: [
+            ("relay-0", "HalfOpen"),
+            ("relay-1", "Closed"),
+            ("relay-2", "Open"),
+        ]
+        .into_iter()
+        .map(|(r, s)| (r.to_owned(), s.to_owned()))
+        .collect(),
+    };
     let status = relay_resource::status::status_of(
         &resource,
         None,
         &kafka,
-        "relay-1",
+        &reporters,
         Some(&backlog),
         at("2026-12-06T10:00:01Z"),
     );
+    assert_eq!(
+        status.breaker.as_deref(),
+        Some("Open"),
+        "the worst of the relays'"
+    );
+    assert_eq!(status.breakers.len(), 3);
     let lag = status.cursor_lag.unwrap();
     assert_eq!(
         (lag.events, lag.seconds),
@@ -344,8 +363,104 @@ fn a_log_destination_reports_its_cursors_lag_and_who_holds_its_partitions() {
         paused,
         [
             ("Ready", "False", "Paused"),
-            ("Degraded", "False", "Healthy"),
+            ("Degraded", "True", "BreakerOpen"),
             ("Paused", "True", "PausedBySpec"),
         ]
     );
+    assert_eq!(
+        status.conditions[1].message,
+        "the circuit breaker is Open on relay-0, relay-2"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followers_open_breaker_reaches_the_leaders_status_through_the_database() {
+    let db = testkit::database().await;
+    let store = store::Store::new(db.pool.clone());
+    let shared = watch::Sender::new(resources(&[resource(
+        "orders-center-onec",
+        "onec",
+        false,
+        1,
+        json!({}),
+    )]));
+    let writer = |identity: &str, leading: bool, controls: Arc<relay::Controls>| {
+        let (client, api) = client();
+        let (leading, leader) = leader(leading);
+        let writer = StatusWriter::new(
+            Api::namespaced(client, crate::support::NAMESPACE),
+            Sources {
+                identity: identity.into(),
+                controls: vec![controls],
+                leader,
+                backlog: watch::Sender::new(None).subscribe(),
+                resources: shared.subscribe(),
+                store: Some(store.clone()),
+            },
+        );
+        (writer, api, leading)
+    };
+    let failing = Arc::new(Switch::default());
+    failing.failing.store(true, Ordering::SeqCst);
+    let (follower_guard, follower_controls) =
+        controls("onec", failing, protection(1, Duration::from_secs(60)));
+    let (_, leader_controls) = controls("onec", Arc::default(), closed_breaker());
+    let (follower, mut follower_api, _f) = writer("relay-1", false, follower_controls);
+    let (leader, mut leader_api, _l) = writer("relay-0", true, leader_controls);
+    let shutdown = CancellationToken::new();
+    let tasks = [
+        tokio::spawn(follower.run(shutdown.clone())),
+        tokio::spawn(leader.run(shutdown.clone())),
+    ];
+    // The follower's Events are answered; it never writes a status.
+    let follower_calls = tokio::spawn(async move {
+        loop {
+            let call = follower_api.next().await;
+            assert_eq!(call.path, EVENTS, "a follower only records Events");
+            let body = call.body.clone();
+            call.reply(StatusCode::CREATED, &body);
+        }
+    });
+
+    // Both relays report Closed; then the follower's breaker opens.
+    let mut opened = false;
+    let status = loop {
+        let call = leader_api.next().await;
+        if call.method == Method::POST {
+            let body = call.body.clone();
+            call.reply(StatusCode::CREATED, &body);
+            continue;
+        }
+        let status = call.body["status"].clone();
+        let stored = resource("orders-center-onec", "onec", false, 1, status.clone());
+        call.reply(StatusCode::OK, &stored);
+        if status["breakers"] == json!({"relay-0": "Closed", "relay-1": "Closed"}) && !opened {
+            assert_eq!(status["breaker"], "Closed");
+            follower_guard
+                .deliver(&message(), &CancellationToken::new())
+                .await;
+            opened = true;
+        }
+        if status["breaker"] == "Open" {
+            break status;
+        }
+    };
+    assert_eq!(
+        status["breakers"],
+        json!({"relay-0": "Closed", "relay-1": "Open"})
+    );
+    assert_eq!(status["leader"], "relay-0");
+    let degraded = &status["conditions"][1];
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(
+        degraded["message"],
+        "the circuit breaker is Open on relay-1"
+    );
+    assert_eq!(status["conditions"][0]["status"], "False", "not Ready");
+
+    shutdown.cancel();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    follower_calls.abort();
 }
