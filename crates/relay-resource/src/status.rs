@@ -368,20 +368,17 @@ pub struct Reporters<'a> {
 impl Reporters<'_> {
     /// The worst breaker of any relay: open over half-open over closed.
     fn worst(&self) -> BreakerState {
-        let rank = |s: &str| match s {
-            "Open" => BreakerState::Open,
-            "HalfOpen" => BreakerState::HalfOpen,
-            _ => BreakerState::Closed,
+        // A state and its severity.
+        let state = |s: &str| match s {
+            "Open" => (BreakerState::Open, 2),
+            "HalfOpen" => (BreakerState::HalfOpen, 1),
+            _ => (BreakerState::Closed, 0),
         };
         self.breakers
             .values()
-            .map(|s| rank(s))
-            .max_by_key(|s| match s {
-                BreakerState::Closed => 0,
-                BreakerState::HalfOpen => 1,
-                BreakerState::Open => 2,
-            })
-            .unwrap_or(BreakerState::Closed)
+            .map(|s| state(s))
+            .max_by_key(|&(_, severity)| severity)
+            .map_or(BreakerState::Closed, |(s, _)| s)
     }
 
     /// The relays whose breaker is not closed.
