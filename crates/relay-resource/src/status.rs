@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use domain::Destination;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Resource, ResourceExt};
@@ -276,7 +277,7 @@ impl StatusWriter {
             let status = status_of(
                 resource,
                 before,
-                &controls,
+                controls.destination(),
                 &Reporters {
                     leader: &self.sources.identity,
                     breakers,
@@ -398,12 +399,11 @@ impl Reporters<'_> {
 pub fn status_of(
     resource: &OutboxRelay,
     before: Option<&OutboxRelayStatus>,
-    controls: &Controls,
+    destination: &Destination,
     reporters: &Reporters<'_>,
     backlog: Option<&Backlog>,
     now: DateTime<Utc>,
 ) -> OutboxRelayStatus {
-    let destination = controls.destination();
     let before = before.cloned().unwrap_or_default();
     let mut status = OutboxRelayStatus {
         observed_generation: resource.metadata.generation,
@@ -452,7 +452,7 @@ pub fn status_of(
     }
     status.conditions = conditions(
         resource,
-        controls,
+        destination,
         reporters,
         &status,
         &before.conditions,
@@ -463,13 +463,12 @@ pub fn status_of(
 
 fn conditions(
     resource: &OutboxRelay,
-    controls: &Controls,
+    destination: &Destination,
     reporters: &Reporters<'_>,
     status: &OutboxRelayStatus,
     before: &[Condition],
     now: DateTime<Utc>,
 ) -> Vec<Condition> {
-    let destination = controls.destination();
     let paused = resource.spec.paused;
     let breaker = reporters.worst();
     let unwell = reporters.unwell().join(", ");

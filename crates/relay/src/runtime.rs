@@ -142,8 +142,8 @@ impl Relay {
             config.service,
             metrics.clone(),
             wakes.clone(),
+            backlog_tx,
         )
-        .publishing(backlog_tx)
         .register(&cron);
         let listen = worker::wakeup::listen(
             store.pool().clone(),

@@ -25,18 +25,20 @@ pub struct Upkeep {
     /// Woken after a rescue, so the rescued tasks go out at once.
     wake: Vec<Arc<Notify>>,
     /// Where each recount goes, for the `OutboxRelay` status.
-    published: Option<watch::Sender<Option<Arc<Backlog>>>>,
+    published: watch::Sender<Option<Arc<Backlog>>>,
 }
 
 impl Upkeep {
-    /// Upkeep of the outbox; backlog figures for `destinations`, and `wake`
-    /// notified when rescued tasks are due again.
+    /// Upkeep of the outbox; backlog figures for `destinations`, sent to
+    /// `published` too, and `wake` notified when rescued tasks are due
+    /// again.
     pub fn new(
         store: Store,
         destinations: Vec<Destination>,
         config: ServiceConfig,
         metrics: Arc<RelayMetrics>,
         wake: Vec<Arc<Notify>>,
+        published: watch::Sender<Option<Arc<Backlog>>>,
     ) -> Arc<Self> {
         Arc::new(Self {
             store,
@@ -44,15 +46,8 @@ impl Upkeep {
             config,
             metrics,
             wake,
-            published: None,
+            published,
         })
-    }
-
-    /// Sends each recount to `to` as well.
-    pub fn publishing(self: Arc<Self>, to: watch::Sender<Option<Arc<Backlog>>>) -> Arc<Self> {
-        let mut upkeep = Arc::into_inner(self).expect("not shared yet");
-        upkeep.published = Some(to);
-        Arc::new(upkeep)
     }
 
     /// Registers `rescue` (expired claims), `retention` (old finished rows)
@@ -133,9 +128,7 @@ impl Upkeep {
         for cursor in &backlog.cursors {
             self.metrics.cursor(cursor);
         }
-        if let Some(to) = &self.published {
-            to.send_replace(Some(Arc::new(backlog)));
-        }
+        self.published.send_replace(Some(Arc::new(backlog)));
         Ok(Progress::Idle)
     }
 }
@@ -187,6 +180,7 @@ pub(crate) mod tests {
             config(),
             Arc::default(),
             Vec::new(),
+            watch::Sender::new(None),
         );
         let mut cron = MockCron::new();
         let mut seq = mockall::Sequence::new();

@@ -272,11 +272,16 @@ impl Store {
 
 impl Store {
     /// Records the breaker `states` (destination, state) of relay `relay_id`,
-    /// as of now.
+    /// as of now, and deletes the rows of other relays gone an hour (in the
+    /// same statement: every relay reports every few seconds anyway; its
+    /// own rows are left to the upsert, which one statement may not also
+    /// delete).
     pub async fn report_breakers(&self, relay_id: &str, states: &[(&str, &str)]) -> Result<()> {
         let (destinations, states): (Vec<&str>, Vec<&str>) = states.iter().copied().unzip();
         sqlx::query(
-            "INSERT INTO relay_breakers (destination, relay_id, state, seen_at)
+            "WITH gone AS (DELETE FROM relay_breakers
+                           WHERE seen_at < now() - interval '1 hour' AND relay_id <> $1)
+             INSERT INTO relay_breakers (destination, relay_id, state, seen_at)
              SELECT d, $1, s, now() FROM unnest($2::text[], $3::text[]) AS t(d, s)
              ON CONFLICT (destination, relay_id)
              DO UPDATE SET state = EXCLUDED.state, seen_at = EXCLUDED.seen_at",
@@ -290,12 +295,8 @@ impl Store {
     }
 
     /// The breakers reported within `fresh`: (destination, relay, state),
-    /// by destination and relay. Rows an hour old (relays long gone) are
-    /// deleted on the way.
+    /// by destination and relay.
     pub async fn breakers(&self, fresh: Duration) -> Result<Vec<(String, String, String)>> {
-        sqlx::query("DELETE FROM relay_breakers WHERE seen_at < now() - interval '1 hour'")
-            .execute(&self.pool)
-            .await?;
         Ok(sqlx::query_as(
             "SELECT destination, relay_id, state FROM relay_breakers
              WHERE seen_at > now() - make_interval(secs => $1)

@@ -282,7 +282,6 @@ async fn each_relay_records_its_breaker_opening_and_closing() {
 
 #[test]
 fn a_log_destination_reports_its_cursors_lag_who_holds_its_partitions_and_every_breaker() {
-    let (_, kafka) = controls("kafka", Arc::default(), closed_breaker());
     let cursor =
         |partition: i16, owner: &str, events: i64, oldest: Option<&str>| store::log::CursorLag {
             destination: "kafka".into(),
@@ -325,7 +324,7 @@ fn a_log_destination_reports_its_cursors_lag_who_holds_its_partitions_and_every_
     let status = relay_resource::status::status_of(
         &resource,
         None,
-        &kafka,
+        &"kafka".parse().unwrap(),
         &reporters,
         Some(&backlog),
         at("2026-12-06T10:00:01Z"),

@@ -87,3 +87,75 @@ async fn inbox_rows_older_than_the_window_are_deleted_a_batch_at_a_time() {
     assert_eq!(count(true).await, 0);
     assert_eq!(count(false).await, 100, "the window's rows stay");
 }
+
+/// Each relay reports its breakers; the leader reads the fresh ones, and a
+/// relay gone an hour leaves no row behind.
+#[tokio::test]
+async fn relay_breakers_are_read_while_fresh_and_deleted_when_gone() {
+    let db = testkit::database().await;
+    let store = Store::new(db.pool.clone());
+    store
+        .report_breakers("relay-0", &[("onec", "Closed"), ("kafka", "Open")])
+        .await
+        .unwrap();
+    store
+        .report_breakers("relay-1", &[("onec", "Closed")])
+        .await
+        .unwrap();
+    store
+        .report_breakers("relay-1", &[("onec", "HalfOpen")])
+        .await
+        .unwrap();
+    let fresh = std::time::Duration::from_secs(15);
+    let all = |v: &[(&str, &str, &str)]| {
+        v.iter()
+            .map(|(d, r, s)| ((*d).to_owned(), (*r).to_owned(), (*s).to_owned()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        store.breakers(fresh).await.unwrap(),
+        all(&[
+            ("kafka", "relay-0", "Open"),
+            ("onec", "relay-0", "Closed"),
+            ("onec", "relay-1", "HalfOpen"),
+        ])
+    );
+    sqlx::query("UPDATE relay_breakers SET seen_at = now() - interval '1 minute' WHERE relay_id = 'relay-1'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.breakers(fresh).await.unwrap().len(),
+        2,
+        "a stale report is ignored"
+    );
+    sqlx::query(
+        "UPDATE relay_breakers SET seen_at = now() - interval '2 hours' WHERE relay_id = 'relay-1'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    store
+        .report_breakers("relay-0", &[("onec", "Closed")])
+        .await
+        .unwrap();
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM relay_breakers WHERE relay_id = 'relay-1'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, 0, "the next report deletes a relay gone an hour");
+    // A relay back after an hour reports over its own old rows.
+    sqlx::query("UPDATE relay_breakers SET seen_at = now() - interval '2 hours'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    store
+        .report_breakers("relay-0", &[("onec", "Open")])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.breakers(fresh).await.unwrap(),
+        all(&[("onec", "relay-0", "Open")])
+    );
+}
