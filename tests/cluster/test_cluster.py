@@ -127,6 +127,12 @@ def ready(pod):
     )
 
 
+def node_schedulable():
+    node = json.loads(kubectl("get", "node", NODE, "-o", "json"))
+    conditions = {c["type"]: c["status"] for c in node["status"].get("conditions", [])}
+    return conditions.get("Ready") == "True" and not node["spec"].get("taints")
+
+
 def all_ready(namespace):
     """Every pod Ready and none restarted (a crash loop shows as restarts)."""
     items = [p for p in pods(namespace) if p["status"].get("phase") != "Succeeded"]
@@ -152,6 +158,8 @@ class Release:
         return args
 
     def install(self):
+        # A node that cannot take pods fails here with its reason, not after helm's 5 minutes.
+        wait_until("the node Ready and untainted", 60, node_schedulable)
         kubectl("create", "namespace", self.namespace)
         expose(self.namespace)
         _, took = helm("install", self.name, str(CHART), "-n", self.namespace, "--wait", "--timeout", "5m",
@@ -491,11 +499,44 @@ def leftovers(namespace, release):
     return sorted(found)
 
 
+def diagnose():
+    """What a failed step needs to be understood from CI's output alone: the
+    pods and why any is unscheduled, the node's conditions and taints, recent
+    events, the cluster's processes, the log tails of any that stopped, and
+    the disk the kubelet measures."""
+    def show(title, text):
+        print(f"\n-- {title}\n{text.rstrip()}", file=sys.stderr)
+
+    for namespace in ["orders", "saga"]:
+        show(f"pods in {namespace}", kubectl("get", "pods", "-n", namespace, "-o", "wide", check=False))
+        for pod in json.loads(kubectl("get", "pods", "-n", namespace, "-o", "json", check=False) or '{"items": []}')[
+                "items"]:
+            if pod["status"].get("phase") == "Pending":
+                conditions = pod["status"].get("conditions") or "none (never seen by the scheduler)"
+                show(f"{pod['metadata']['name']} is Pending; its conditions", json.dumps(conditions))
+        show(f"events in {namespace}", "\n".join(
+            kubectl("get", "events", "-n", namespace, "--sort-by=.lastTimestamp", check=False).splitlines()[-25:]))
+    node = json.loads(kubectl("get", "node", NODE, "-o", "json", check=False) or "{}")
+    show("node conditions", "\n".join(
+        f"{c['type']}={c['status']} {c.get('reason', '')}: {c.get('message', '')}"
+        for c in node.get("status", {}).get("conditions", [])))
+    show("node taints", json.dumps(node.get("spec", {}).get("taints", [])))
+    show("node allocatable", json.dumps(node.get("status", {}).get("allocatable", {})))
+    status = run("bash", str(ROOT / "scripts/cluster"), "status", check=False)
+    show("cluster processes", status.stdout.split("\nNAME")[0])
+    stopped = [line.split(":")[0] for line in status.stdout.splitlines() if line.endswith(": stopped")]
+    # The scheduler's log is quiet while all is well: its tail is shown either way.
+    for name in dict.fromkeys(stopped + ["kube-scheduler"]):
+        log = ROOT / "target/cluster/logs" / f"{name}.log"
+        if log.exists():
+            show(f"the last lines of {name}'s log", "\n".join(log.read_text(errors="replace").splitlines()[-30:]))
+    show("disk", run("df", "-h", str(ROOT / "target"), check=False).stdout)
+
+
 if __name__ == "__main__":
     try:
         main()
     except AssertionError as e:
         print(f"\nFAILED: {e}", file=sys.stderr)
-        for namespace in ["orders", "saga"]:
-            print(kubectl("get", "pods", "-n", namespace, "-o", "wide", check=False), file=sys.stderr)
+        diagnose()
         sys.exit(1)
