@@ -3,7 +3,8 @@
 //! [`database`] gives each test its own freshly migrated database, so tests run
 //! in parallel without seeing each other's rows. The server is `DATABASE_URL`
 //! when set; otherwise a throwaway cluster under `target/tmp`, started once per
-//! test binary and stopped when the binary exits.
+//! test binary and stopped when the binary exits. [`kube_api`] scripts a
+//! Kubernetes API server behind a `kube::Client`.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -16,6 +17,7 @@ use tokio::sync::OnceCell;
 
 pub mod amqp;
 pub mod http;
+pub mod kube_api;
 pub mod process;
 mod sample;
 pub use sample::{sample_order, sample_order_with};

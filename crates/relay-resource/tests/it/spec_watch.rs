@@ -171,8 +171,7 @@ async fn without_the_crd_or_a_resource_the_flags_apply_with_one_warning() {
     );
     let shutdown = CancellationToken::new();
     let watching = tokio::spawn(watch.run(shutdown.clone()));
-    let not_found = json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
-                           "reason": "NotFound", "code": 404, "message": "the server could not find the requested resource"});
+    let not_found = testkit::kube_api::status(404, "NotFound");
 
     // No CRD: every list is a 404, retried with backoff.
     for _ in 0..3 {

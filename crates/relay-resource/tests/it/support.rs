@@ -1,111 +1,23 @@
-//! A scripted API server (`tower_test::mock::pair` behind a `kube::Client`)
+//! The scripted API server (`testkit::kube_api`), the resources it serves
 //! and the relay parts the tests steer.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
-use kube::client::Body;
 use relay::{Controls, ProtectionConfig, RelayMetrics, SinkGuard};
 use serde_json::{json, Value};
 use sink::{Failure, FailureKind, Message, Outcome, Sink};
-use tower_test::mock::{self, Handle, SendResponse};
 use worker::{BreakerConfig, SystemClock};
 
 pub const NAMESPACE: &str = "relays";
 pub const RESOURCES: &str = "/apis/orders-center.io/v1alpha1/namespaces/relays/outboxrelays";
 pub const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/relays/events";
 
-pub struct ApiServer(Handle<Request<Body>, Response<Body>>);
-
-/// One call the client made.
-pub struct Call {
-    pub method: Method,
-    pub path: String,
-    pub query: String,
-    pub content_type: String,
-    pub body: Value,
-    pub send: SendResponse<Response<Body>>,
-}
-
-impl Call {
-    pub fn reply(self, code: StatusCode, body: &Value) {
-        reply(self.send, code, body);
-    }
-
-    pub fn is_watch(&self) -> bool {
-        self.query.split('&').any(|p| p == "watch=true")
-    }
-}
-
-pub fn reply(send: SendResponse<Response<Body>>, code: StatusCode, body: &Value) {
-    send.send_response(
-        Response::builder()
-            .status(code)
-            .header("content-type", "application/json")
-            .body(Body::from(serde_json::to_vec(body).unwrap()))
-            .unwrap(),
-    );
-}
-
-/// A watch's answer: these events, one JSON object a line, then the end of
-/// the stream (the watcher then watches again from the last version).
-pub fn reply_events(send: SendResponse<Response<Body>>, events: &[(&str, Value)]) {
-    let mut body = Vec::new();
-    for (kind, object) in events {
-        serde_json::to_writer(&mut body, &json!({"type": kind, "object": object})).unwrap();
-        body.push(b'\n');
-    }
-    send.send_response(
-        Response::builder()
-            .status(StatusCode::OK)
-            .header("content-type", "application/json")
-            .body(Body::from(body))
-            .unwrap(),
-    );
-}
+pub use testkit::kube_api::{reply_events, ApiServer, Call};
 
 pub fn client() -> (kube::Client, ApiServer) {
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    (kube::Client::new(service, NAMESPACE), ApiServer(handle))
-}
-
-impl ApiServer {
-    /// The next call, within a minute.
-    pub async fn next(&mut self) -> Call {
-        let (request, send) = tokio::time::timeout(Duration::from_secs(60), self.0.next_request())
-            .await
-            .expect("no call came")
-            .expect("the client is gone");
-        let content_type = request
-            .headers()
-            .get("content-type")
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default();
-        let (method, uri) = (request.method().clone(), request.uri().clone());
-        let bytes = request.into_body().collect().await.unwrap().to_bytes();
-        Call {
-            method,
-            path: uri.path().to_owned(),
-            query: uri.query().unwrap_or_default().to_owned(),
-            content_type,
-            body: if bytes.is_empty() {
-                Value::Null
-            } else {
-                serde_json::from_slice(&bytes).unwrap()
-            },
-            send,
-        }
-    }
-
-    /// Fails on any call within `period`.
-    pub async fn silent_for(&mut self, period: Duration) {
-        if let Ok(Some((request, _))) = tokio::time::timeout(period, self.0.next_request()).await {
-            panic!("unexpected call {} {}", request.method(), request.uri());
-        }
-    }
+    testkit::kube_api::client(NAMESPACE)
 }
 
 /// An `OutboxRelay` as the API server returns it.

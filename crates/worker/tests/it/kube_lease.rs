@@ -1,31 +1,23 @@
-//! The `kube` lease backend against a mocked API server: a `kube::Client`
-//! over `tower_test::mock::pair`, and a verifier that fails on any call it
-//! did not expect, on a call that does not come, and on calls left over.
+//! The `kube` lease backend against a scripted API server
+//! (`testkit::kube_api`), which fails on any call it did not expect, on a
+//! call that does not come, and on calls left over.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
-use kube::client::Body;
+use http::{Method, StatusCode};
 use serde_json::{json, Value};
+use testkit::kube_api::{self, reply, status, ApiServer};
 use tokio_util::sync::CancellationToken;
-use tower_test::mock::{self, Handle, SendResponse};
 use worker::{ElectionConfig, Elector, KubeLease, Leader, LeaseLock};
 
 const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/relays/leases/relay";
 const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/relays/leases";
 const ME: &str = "relay-0";
 
-struct ApiServer(Handle<Request<Body>, Response<Body>>);
-
 fn lease_lock(duration: Duration) -> (KubeLease, ApiServer) {
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(service, "relays");
-    (
-        KubeLease::new(client, "relays", "relay", ME, duration),
-        ApiServer(handle),
-    )
+    let (client, api) = kube_api::client("relays");
+    (KubeLease::new(client, "relays", "relay", ME, duration), api)
 }
 
 fn lease(holder: Option<&str>, version: &str, transitions: i32) -> Value {
@@ -39,53 +31,6 @@ fn lease(holder: Option<&str>, version: &str, transitions: i32) -> Value {
     })
 }
 
-fn status(code: u16, reason: &str) -> Value {
-    json!({"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
-           "reason": reason, "code": code, "message": reason})
-}
-
-impl ApiServer {
-    /// The next call, which must be `method` on `path`, with its JSON body.
-    async fn expect(
-        &mut self,
-        method: Method,
-        path: &str,
-    ) -> (Value, SendResponse<Response<Body>>) {
-        let (request, send) = tokio::time::timeout(Duration::from_secs(60), self.0.next_request())
-            .await
-            .unwrap_or_else(|_| panic!("expected {method} {path}, but no call came"))
-            .expect("the client is gone");
-        assert_eq!(
-            request.method(),
-            method,
-            "unexpected call {} {}",
-            request.method(),
-            request.uri()
-        );
-        assert_eq!(
-            request.uri().path(),
-            path,
-            "unexpected call {} {}",
-            request.method(),
-            request.uri()
-        );
-        let bytes = request.into_body().collect().await.unwrap().to_bytes();
-        let body = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap()
-        };
-        (body, send)
-    }
-
-    /// Fails if the client makes any call before it is dropped.
-    async fn no_more_calls(mut self) {
-        if let Some((request, _)) = self.0.next_request().await {
-            panic!("unexpected call {} {}", request.method(), request.uri());
-        }
-    }
-}
-
 /// The scripted API server lets an elector create the Lease and lead.
 async fn win_election(api: &mut ApiServer, leading: &mut tokio::sync::watch::Receiver<bool>) {
     let (_, send) = api.expect(Method::GET, LEASE).await;
@@ -93,16 +38,6 @@ async fn win_election(api: &mut ApiServer, leading: &mut tokio::sync::watch::Rec
     let (created, send) = api.expect(Method::POST, LEASES).await;
     reply(send, StatusCode::CREATED, &created);
     leading.wait_for(|l| *l).await.unwrap();
-}
-
-fn reply(send: SendResponse<Response<Body>>, code: StatusCode, body: &Value) {
-    send.send_response(
-        Response::builder()
-            .status(code)
-            .header("content-type", "application/json")
-            .body(Body::from(serde_json::to_vec(body).unwrap()))
-            .unwrap(),
-    );
 }
 
 #[tokio::test]
@@ -230,10 +165,9 @@ async fn steps_down_when_the_api_fails_past_the_renewal_window() {
     // From now on the API server answers every call with a 500.
     let failing = tokio::spawn(async move {
         let mut calls = 0;
-        while let Some((_, send)) = api.0.next_request().await {
+        while let Some(call) = api.until_gone().await {
             calls += 1;
-            reply(
-                send,
+            call.reply(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 &status(500, "InternalError"),
             );
