@@ -117,13 +117,7 @@ impl ApiServer {
 
 /// Answers a call with `body` as JSON.
 pub fn reply(send: SendResponse<Response<Body>>, code: StatusCode, body: &Value) {
-    send.send_response(
-        Response::builder()
-            .status(code)
-            .header("content-type", "application/json")
-            .body(Body::from(serde_json::to_vec(body).unwrap()))
-            .unwrap(),
-    );
+    respond(send, code, serde_json::to_vec(body).unwrap());
 }
 
 /// A watch's answer: these events, one JSON object a line, then the end of
@@ -134,9 +128,13 @@ pub fn reply_events(send: SendResponse<Response<Body>>, events: &[(&str, Value)]
         serde_json::to_writer(&mut body, &json!({"type": kind, "object": object})).unwrap();
         body.push(b'\n');
     }
+    respond(send, StatusCode::OK, body);
+}
+
+fn respond(send: SendResponse<Response<Body>>, code: StatusCode, body: Vec<u8>) {
     send.send_response(
         Response::builder()
-            .status(StatusCode::OK)
+            .status(code)
             .header("content-type", "application/json")
             .body(Body::from(body))
             .unwrap(),
