@@ -197,15 +197,11 @@ impl StatusWriter {
         let Some(store) = &self.sources.store else {
             return;
         };
-        let states: Vec<(String, String)> = self
+        let states: Vec<(&str, &str)> = self
             .sources
             .controls
             .iter()
-            .map(|c| (c.destination().to_string(), format!("{:?}", c.breaker())))
-            .collect();
-        let states: Vec<(&str, &str)> = states
-            .iter()
-            .map(|(d, s)| (d.as_str(), s.as_str()))
+            .map(|c| (c.destination().as_str(), c.breaker().name()))
             .collect();
         if let Err(e) = store.report_breakers(&self.sources.identity, &states).await {
             tracing::warn!(error = %e, "could not report this relay's breakers; the leader's status may miss them");
@@ -214,13 +210,15 @@ impl StatusWriter {
 
     /// Every relay's breaker per destination, as reported within three
     /// heartbeats, with this relay's own as of now.
-    async fn fleet_breakers(&self) -> BTreeMap<String, BTreeMap<String, String>> {
-        let mut fleet: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    async fn fleet_breakers(&self) -> BTreeMap<String, BTreeMap<String, BreakerState>> {
+        let mut fleet: BTreeMap<String, BTreeMap<String, BreakerState>> = BTreeMap::new();
         if let Some(store) = &self.sources.store {
             match store.breakers(HEARTBEAT * 3).await {
                 Ok(rows) => {
                     for (destination, relay, state) in rows {
-                        fleet.entry(destination).or_default().insert(relay, state);
+                        if let Some(state) = BreakerState::from_name(&state) {
+                            fleet.entry(destination).or_default().insert(relay, state);
+                        }
                     }
                 }
                 Err(e) => {
@@ -232,7 +230,7 @@ impl StatusWriter {
             fleet
                 .entry(c.destination().to_string())
                 .or_default()
-                .insert(self.sources.identity.clone(), format!("{:?}", c.breaker()));
+                .insert(self.sources.identity.clone(), c.breaker());
         }
         fleet
     }
@@ -357,36 +355,34 @@ fn timestamp(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
-/// Who reports: the leader, and each relay's breaker (relay → `Closed`,
-/// `Open` or `HalfOpen`).
+/// Who reports: the leader, and each relay's breaker.
 pub struct Reporters<'a> {
     /// The leader's name.
     pub leader: &'a str,
     /// Each relay's breaker of the destination.
-    pub breakers: BTreeMap<String, String>,
+    pub breakers: BTreeMap<String, BreakerState>,
 }
 
 impl Reporters<'_> {
     /// The worst breaker of any relay: open over half-open over closed.
     fn worst(&self) -> BreakerState {
-        // A state and its severity.
-        let state = |s: &str| match s {
-            "Open" => (BreakerState::Open, 2),
-            "HalfOpen" => (BreakerState::HalfOpen, 1),
-            _ => (BreakerState::Closed, 0),
+        let severity = |s: &BreakerState| match s {
+            BreakerState::Closed => 0,
+            BreakerState::HalfOpen => 1,
+            BreakerState::Open => 2,
         };
         self.breakers
             .values()
-            .map(|s| state(s))
-            .max_by_key(|&(_, severity)| severity)
-            .map_or(BreakerState::Closed, |(s, _)| s)
+            .copied()
+            .max_by_key(severity)
+            .unwrap_or(BreakerState::Closed)
     }
 
     /// The relays whose breaker is not closed.
     fn unwell(&self) -> Vec<&str> {
         self.breakers
             .iter()
-            .filter(|(_, s)| *s != "Closed")
+            .filter(|(_, s)| **s != BreakerState::Closed)
             .map(|(r, _)| r.as_str())
             .collect()
     }
@@ -408,8 +404,12 @@ pub fn status_of(
     let mut status = OutboxRelayStatus {
         observed_generation: resource.metadata.generation,
         leader: Some(reporters.leader.to_owned()),
-        breaker: Some(format!("{:?}", reporters.worst())),
-        breakers: reporters.breakers.clone(),
+        breaker: Some(reporters.worst().name().to_owned()),
+        breakers: reporters
+            .breakers
+            .iter()
+            .map(|(relay, s)| (relay.clone(), s.name().to_owned()))
+            .collect(),
         ..before.clone()
     };
     let stats = backlog.and_then(|b| {

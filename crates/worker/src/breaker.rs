@@ -38,6 +38,22 @@ impl BreakerState {
             Self::HalfOpen => 2,
         }
     }
+
+    /// Its name, as reports and statuses spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Closed => "Closed",
+            Self::Open => "Open",
+            Self::HalfOpen => "HalfOpen",
+        }
+    }
+
+    /// The state [`name`](Self::name) spells, if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Closed, Self::Open, Self::HalfOpen]
+            .into_iter()
+            .find(|s| s.name() == name)
+    }
 }
 
 /// What the breaker says to one delivery.
@@ -219,6 +235,18 @@ mod tests {
             cool_down: Duration::from_secs(10),
         };
         (CircuitBreaker::new(config, clock), offset)
+    }
+
+    #[test]
+    fn a_state_is_read_back_from_its_name() {
+        for state in [
+            BreakerState::Closed,
+            BreakerState::Open,
+            BreakerState::HalfOpen,
+        ] {
+            assert_eq!(BreakerState::from_name(state.name()), Some(state));
+        }
+        assert_eq!(BreakerState::from_name("open"), None);
     }
 
     #[test]

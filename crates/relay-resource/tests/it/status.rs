@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use sink::Message;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use worker::MockLeader;
+use worker::{BreakerState, MockLeader};
 
 use crate::support::{
     client, controls, protection, resource, ApiServer, Switch, EVENTS, RESOURCES,
@@ -313,12 +313,12 @@ fn a_log_destination_reports_its_cursors_lag_who_holds_its_partitions_and_every_
     let reporters = Reporters {
         leader: "relay-1",
         breakers: [
-            ("relay-0", "HalfOpen"),
-            ("relay-1", "Closed"),
-            ("relay-2", "Open"),
+            ("relay-0", BreakerState::HalfOpen),
+            ("relay-1", BreakerState::Closed),
+            ("relay-2", BreakerState::Open),
         ]
         .into_iter()
-        .map(|(r, s)| (r.to_owned(), s.to_owned()))
+        .map(|(r, s)| (r.to_owned(), s))
         .collect(),
     };
     let status = relay_resource::status::status_of(
