@@ -14,6 +14,7 @@ use relay_resource::status::Reporters;
 use relay_resource::{OutboxRelay, Sources, StatusWriter};
 use serde_json::{json, Value};
 use sink::Message;
+use testkit::kube_api::reply;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use worker::{BreakerState, MockLeader};
@@ -135,23 +136,18 @@ async fn the_leader_applies_the_status_under_its_field_manager_and_announces_its
     let (mut r, _) = start(true, Arc::default(), closed_breaker());
 
     // A new leader first says so on the resource.
-    let event = r.api.next().await;
+    let (event, send) = r.api.expect(Method::POST, EVENTS).await;
+    assert_eq!(event["reason"], "LeaderElected");
+    assert_eq!(event["type"], "Normal");
     assert_eq!(
-        (event.method.clone(), event.path.as_str()),
-        (Method::POST, EVENTS)
-    );
-    assert_eq!(event.body["reason"], "LeaderElected");
-    assert_eq!(event.body["type"], "Normal");
-    assert_eq!(
-        event.body["note"],
+        event["note"],
         "relay-0 leads the relays of onec (after relay-9)"
     );
-    assert_eq!(event.body["regarding"]["kind"], "OutboxRelay");
-    assert_eq!(event.body["regarding"]["name"], "orders-center-onec");
-    assert_eq!(event.body["reportingController"], "orders-center-relay");
-    assert_eq!(event.body["reportingInstance"], "relay-0");
-    let body = event.body.clone();
-    event.reply(StatusCode::CREATED, &body);
+    assert_eq!(event["regarding"]["kind"], "OutboxRelay");
+    assert_eq!(event["regarding"]["name"], "orders-center-onec");
+    assert_eq!(event["reportingController"], "orders-center-relay");
+    assert_eq!(event["reportingInstance"], "relay-0");
+    reply(send, StatusCode::CREATED, &event);
 
     // Then applies the status: server-side apply on the status subresource.
     let patch = r.api.next().await;
@@ -247,32 +243,26 @@ async fn each_relay_records_its_breaker_opening_and_closing() {
     let cancel = CancellationToken::new();
     guard.deliver(&message(), &cancel).await;
 
-    let opened = r.api.next().await;
-    assert_eq!(
-        (opened.method.clone(), opened.path.as_str()),
-        (Method::POST, EVENTS)
-    );
-    assert_eq!(opened.body["reason"], "BreakerOpened");
-    assert_eq!(opened.body["type"], "Warning");
-    assert_eq!(opened.body["regarding"]["name"], "orders-center-onec");
-    let note = opened.body["note"].as_str().unwrap();
+    let (opened, send) = r.api.expect(Method::POST, EVENTS).await;
+    assert_eq!(opened["reason"], "BreakerOpened");
+    assert_eq!(opened["type"], "Warning");
+    assert_eq!(opened["regarding"]["name"], "orders-center-onec");
+    let note = opened["note"].as_str().unwrap();
     assert!(
         note.starts_with(
             "relay-0: the circuit breaker to onec opened after 1 consecutive failures"
         ),
         "{note}"
     );
-    let body = opened.body.clone();
-    opened.reply(StatusCode::CREATED, &body);
+    reply(send, StatusCode::CREATED, &opened);
 
     tokio::time::sleep(Duration::from_millis(250)).await;
     sink.failing.store(false, Ordering::SeqCst);
     guard.deliver(&message(), &cancel).await;
-    let closed = r.api.next().await;
-    assert_eq!(closed.body["reason"], "BreakerClosed");
-    assert_eq!(closed.body["type"], "Normal");
-    let body = closed.body.clone();
-    closed.reply(StatusCode::CREATED, &body);
+    let (closed, send) = r.api.expect(Method::POST, EVENTS).await;
+    assert_eq!(closed["reason"], "BreakerClosed");
+    assert_eq!(closed["type"], "Normal");
+    reply(send, StatusCode::CREATED, &closed);
     assert_eq!(sink.count(), 1, "the probe went through");
 
     r.api.silent_for(Duration::from_millis(1500)).await;
