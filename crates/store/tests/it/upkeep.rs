@@ -120,21 +120,13 @@ async fn relay_breakers_are_read_while_fresh_and_deleted_when_gone() {
             ("onec", "relay-1", "HalfOpen"),
         ])
     );
-    sqlx::query("UPDATE relay_breakers SET seen_at = now() - interval '1 minute' WHERE relay_id = 'relay-1'")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    backdate(&db.pool, Some("relay-1"), "1 minute").await;
     assert_eq!(
         store.breakers(fresh).await.unwrap().len(),
         2,
         "a stale report is ignored"
     );
-    sqlx::query(
-        "UPDATE relay_breakers SET seen_at = now() - interval '2 hours' WHERE relay_id = 'relay-1'",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    backdate(&db.pool, Some("relay-1"), "2 hours").await;
     store
         .report_breakers("relay-0", &[("onec", "Closed")])
         .await
@@ -146,10 +138,7 @@ async fn relay_breakers_are_read_while_fresh_and_deleted_when_gone() {
             .unwrap();
     assert_eq!(rows, 0, "the next report deletes a relay gone an hour");
     // A relay back after an hour reports over its own old rows.
-    sqlx::query("UPDATE relay_breakers SET seen_at = now() - interval '2 hours'")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    backdate(&db.pool, None, "2 hours").await;
     store
         .report_breakers("relay-0", &[("onec", "Open")])
         .await
@@ -158,4 +147,17 @@ async fn relay_breakers_are_read_while_fresh_and_deleted_when_gone() {
         store.breakers(fresh).await.unwrap(),
         all(&[("onec", "relay-0", "Open")])
     );
+}
+
+/// Makes the reports of `relay` (of every relay: `None`) look `by` older.
+async fn backdate(pool: &sqlx::PgPool, relay: Option<&str>, by: &str) {
+    sqlx::query(
+        "UPDATE relay_breakers SET seen_at = now() - $2::interval
+         WHERE $1::text IS NULL OR relay_id = $1",
+    )
+    .bind(relay)
+    .bind(by)
+    .execute(pool)
+    .await
+    .unwrap();
 }
