@@ -15,7 +15,7 @@ use ephemeral_infra::KubeApi;
 use futures::StreamExt;
 use serde_json::Value;
 
-use crate::support::{get_text, sample_sum, workspace_root, System};
+use crate::support::{get_text, sample_sum, workspace_root, Role, System};
 
 const NAMESPACE: &str = "orders";
 const RESOURCE: &str = "orders-center-onec";
@@ -148,19 +148,22 @@ async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
+/// A relay's `relay-N` name, from its first log line.
+fn relay_id(relay: &Role) -> String {
+    let first = relay.log.lock().unwrap()[0].clone();
+    first
+        .split("relay_id=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the first line names the relay")
+        .to_owned()
+}
+
 /// Status writes each relay sent, by its `relay-N` name.
 async fn status_writes(system: &System) -> BTreeMap<String, f64> {
     let mut writes = BTreeMap::new();
     for relay in &system.relays {
-        let name = relay.log.lock().unwrap()[0].clone();
-        let name = name
-            .split("relay_id=")
-            .nth(1)
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_owned();
+        let name = relay_id(relay);
         let metrics = get_text(&format!("{}/metrics", relay.url)).await;
         writes.insert(
             name,
@@ -378,7 +381,7 @@ async fn three_relays_are_steered_and_reported_through_the_charts_outbox_relay()
     let index = system
         .relays
         .iter()
-        .position(|r| r.log.lock().unwrap()[0].contains(&format!("relay_id={leader} ")))
+        .position(|r| relay_id(r) == leader)
         .unwrap();
     let mut killed = system.relays.remove(index);
     killed.child.kill().await.unwrap();
