@@ -502,8 +502,8 @@ def leftovers(namespace, release):
 def diagnose():
     """What a failed step needs to be understood from CI's output alone: the
     pods and why any is unscheduled, the node's conditions and taints, recent
-    events, the cluster's processes, the log tails of any that stopped, and
-    the disk the kubelet measures."""
+    events, the cluster's processes, the log tails of the scheduler and of
+    any process that stopped, and the disk the kubelet measures."""
     def show(title, text):
         print(f"\n-- {title}\n{text.rstrip()}", file=sys.stderr)
 
